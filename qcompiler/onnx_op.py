@@ -1,0 +1,89 @@
+"""Building `qcompiler::SpQRMatMul` nodes and their initializers from a `SpQRWeight` (one place for names)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .format import DOMAIN, INPUT_NAMES, OP_TYPE, OPSET_VERSION, SpQRWeight
+
+_NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
+
+
+def spqr_node(
+    weight: SpQRWeight,
+    *,
+    x: str,
+    y: str,
+    prefix: str,
+    bias_dtype=np.float32,
+    doc: Optional[str] = None,
+) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """A `SpQRMatMul` node reading `x`, writing `y`, with initializers named `{prefix}/{input_name}`.
+
+    `prefix` is the module path (e.g. `model.layers.3.mlp.down_proj`), so Netron shows readable names.
+    """
+    inits: list[onnx.TensorProto] = []
+    inputs = [x]
+    for name, arr in zip(INPUT_NAMES[1:], weight.inputs(bias_dtype=bias_dtype)):
+        if arr is None:
+            inputs.append("")
+            continue
+        t = numpy_helper.from_array(np.ascontiguousarray(arr), name=f"{prefix}/{name}")
+        inits.append(t)
+        inputs.append(t.name)
+    while inputs and inputs[-1] == "":
+        inputs.pop()
+    node = helper.make_node(
+        OP_TYPE,
+        inputs,
+        [y],
+        name=f"{prefix}/{OP_TYPE}",
+        domain=DOMAIN,
+        doc_string=doc or describe(weight),
+        **weight.attributes(),
+    )
+    return node, inits
+
+
+def describe(weight: SpQRWeight) -> str:
+    """One-line human summary used as the node's doc_string (shown by Netron)."""
+    parts = [f"W[{weight.N}x{weight.K}] {weight.bits}-bit, group {weight.group_size}"]
+    if weight.stat_bits:
+        parts.append(f"{weight.stat_bits}-bit stats over {weight.stat_group_size} rows")
+    else:
+        parts.append("fp16 stats")
+    if weight.nnz:
+        parts.append(f"{weight.nnz} outliers ({100.0 * weight.nnz / (weight.N * weight.K):.2f}%)")
+    if weight.perm is not None:
+        parts.append("act_order perm")
+    parts.append(f"{weight.avg_bits():.3f} bits/param")
+    return ", ".join(parts)
+
+
+def single_op_model(
+    weight: SpQRWeight,
+    *,
+    x_dtype=np.float32,
+    x_shape: Sequence[object] = ("batch", "seq", None),
+    bias_dtype=None,
+) -> onnx.ModelProto:
+    """A one-node model `Y = SpQRMatMul(X)` for kernel tests and benchmarks. X's last dim is K."""
+    x_dtype = np.dtype(x_dtype)
+    shape = list(x_shape[:-1]) + [weight.K]
+    node, inits = spqr_node(weight, x="X", y="Y", prefix="layer", bias_dtype=bias_dtype or x_dtype)
+    graph = helper.make_graph(
+        [node],
+        "spqr_matmul",
+        [helper.make_tensor_value_info("X", _NP_TO_ONNX[x_dtype], shape)],
+        [helper.make_tensor_value_info("Y", _NP_TO_ONNX[x_dtype], None)],
+        initializer=inits,
+    )
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, OPSET_VERSION)],
+        ir_version=8,
+    )
