@@ -87,3 +87,22 @@ def single_op_model(
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, OPSET_VERSION)],
         ir_version=8,
     )
+
+
+def weight_from_node(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> SpQRWeight:
+    """Read a `SpQRMatMul` node and its initializers back into a `SpQRWeight` (inverse of `spqr_node`)."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    arrays: dict[str, Optional[np.ndarray]] = {}
+    for name, inp in zip(INPUT_NAMES[1:], list(node.input[1:]) + [""] * (len(INPUT_NAMES) - len(node.input))):
+        arrays[name] = numpy_helper.to_array(initializers[inp]) if inp else None
+    bias = arrays.pop("bias")
+    return SpQRWeight(
+        K=int(attrs["K"]),
+        N=int(attrs["N"]),
+        bits=int(attrs["bits"]),
+        group_size=int(attrs["group_size"]),
+        stat_bits=int(attrs["stat_bits"]),
+        stat_group_size=int(attrs["stat_group_size"]),
+        bias=None if bias is None else bias.astype(np.float32),
+        **arrays,
+    )

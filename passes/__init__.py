@@ -1,0 +1,20 @@
+"""ONNX graph-rewrite passes (installed as `qcompiler.passes`).
+
+Each pass is one small file with one concern; `PassManager` runs them with optional verification
+(`verify_each`: onnx.checker + each pass's own postconditions) and dumps (`dump_dir`: the graph after each pass).
+"""
+
+from .base import Pass, PassContext, PassError, PassManager, PassResult, PipelineResult
+from .cleanup import Cleanup
+from .replace_linear import ReplaceLinear
+
+__all__ = [
+    "Cleanup",
+    "Pass",
+    "PassContext",
+    "PassError",
+    "PassManager",
+    "PassResult",
+    "PipelineResult",
+    "ReplaceLinear",
+]

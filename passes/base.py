@@ -1,0 +1,138 @@
+"""Pass contract and the PassManager: run passes in order, verify and dump between them, time each one."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import os
+import time
+from typing import ClassVar, Optional, Sequence
+
+import onnx
+
+log = logging.getLogger("qcompiler.passes")
+
+# protobuf cannot serialize a single message above 2 GiB; larger models are checked/dumped through files.
+_PROTO_LIMIT = 2**31 - 1
+
+
+class PassError(RuntimeError):
+    """A pass failed (or broke a postcondition). The message names the pass and those that ran before it."""
+
+
+@dataclasses.dataclass
+class PassResult:
+    """What one pass did.
+
+    Attributes:
+        model: the model after the pass (may be the same object, modified in place).
+        modified: whether the pass changed anything.
+        counts: named counters for logs and tests (e.g. `{"replaced": 210}`).
+        notes: human-readable remarks (e.g. why a candidate was skipped).
+    """
+
+    model: onnx.ModelProto
+    modified: bool
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class PassContext:
+    """Debugging options shared by all passes (they live here, not inside passes)."""
+
+    verify_each: bool = False
+    dump_dir: Optional[str] = None
+
+
+class Pass(abc.ABC):
+    """One graph rewrite. Subclasses set `name` (kebab-case) and implement `call`; `requires` and `ensures`
+    check pre/postconditions and raise `PassError` (or AssertionError) with the reason."""
+
+    name: ClassVar[str] = "pass"
+
+    def requires(self, model: onnx.ModelProto) -> None:  # noqa: B027 - optional hook
+        """Precondition check, run before `call`."""
+
+    @abc.abstractmethod
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        """Rewrite `model` and report what changed."""
+
+    def ensures(self, model: onnx.ModelProto, result: PassResult) -> None:  # noqa: B027 - optional hook
+        """Postcondition check, run after `call` when verification is on."""
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    """The final model and, per pass in order, `(name, PassResult, seconds)`."""
+
+    model: onnx.ModelProto
+    steps: list[tuple[str, PassResult, float]]
+
+    def summary(self) -> str:
+        lines = []
+        for name, res, secs in self.steps:
+            counts = ", ".join(f"{k}={v}" for k, v in res.counts.items())
+            lines.append(f"{name:<20} {secs:7.2f}s  modified={res.modified}  {counts}")
+        return "\n".join(lines)
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker on a model of any size (through a temporary file above protobuf's 2 GiB limit)."""
+    if model.ByteSize() < _PROTO_LIMIT:
+        onnx.checker.check_model(model)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
+        onnx.checker.check_model(path)
+
+
+def save_model(model: onnx.ModelProto, path: str, *, external_data: bool = True) -> None:
+    """Save `model` to `path` with its tensors in `<path>.data` (small tensors stay inline)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if external_data:
+        data = os.path.basename(path) + ".data"
+        if os.path.exists(path + ".data"):
+            os.remove(path + ".data")
+        model_copy = onnx.ModelProto()
+        model_copy.CopyFrom(model)
+        onnx.save(model_copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                  size_threshold=1024)
+    else:
+        onnx.save(model, path)
+
+
+class PassManager:
+    """Runs passes in order. `verify_each` runs onnx.checker and each pass's `ensures` after it; `dump_dir`
+    writes `NN_<pass-name>.onnx` after each pass."""
+
+    def __init__(self, passes: Sequence[Pass], *, context: Optional[PassContext] = None):
+        self.passes = list(passes)
+        self.context = context or PassContext()
+
+    def run(self, model: onnx.ModelProto) -> PipelineResult:
+        steps: list[tuple[str, PassResult, float]] = []
+        for index, p in enumerate(self.passes, start=1):
+            before = [s[0] for s in steps]
+            start = time.perf_counter()
+            try:
+                p.requires(model)
+                result = p.call(model)
+                if self.context.verify_each:
+                    check_model(result.model)
+                    p.ensures(result.model, result)
+            except PassError as e:
+                raise PassError(f"pass '{p.name}' failed (after {before or 'no passes'}): {e}") from e
+            except (AssertionError, ValueError, onnx.checker.ValidationError) as e:
+                raise PassError(f"pass '{p.name}' failed (after {before or 'no passes'}): {e}") from e
+            secs = time.perf_counter() - start
+            model = result.model
+            steps.append((p.name, result, secs))
+            log.info("pass %-18s %.2fs %s", p.name, secs, result.counts)
+            if self.context.dump_dir:
+                save_model(model, os.path.join(self.context.dump_dir, f"{index:02d}_{p.name}.onnx"))
+        return PipelineResult(model=model, steps=steps)

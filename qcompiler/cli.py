@@ -1,0 +1,185 @@
+"""`qcompiler` command line: export, eval.
+
+Method flags are generated from each registered method's Config dataclass (field `group_size` → `--group-size`),
+so a new method gets its flags without touching this file. Errors the user can fix print one line on stderr and
+exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import typing
+from typing import Any, Optional, Sequence
+
+from . import QCompilerError, __version__
+
+DEFAULT_DATASET = os.path.join("..", "shared", "data", "wikitext2", "test_rows.json")
+
+
+def _method_fields() -> dict[str, list[dataclasses.Field]]:
+    from .methods import available_methods, get_method
+
+    return {name: list(dataclasses.fields(get_method(name).Config)) for name in available_methods()}
+
+
+def _field_type(field: dataclasses.Field):
+    t = field.type
+    if isinstance(t, str):
+        t = {"int": int, "float": float, "bool": bool, "str": str}.get(t.split("|")[0].strip(), str)
+    origin = typing.get_origin(t)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        t = args[0] if args else str
+    return t if t in (int, float, bool, str) else str
+
+
+def _add_method_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Add one flag per Config field of any method; returns {dest: flag}."""
+    group = parser.add_argument_group("method options (each applies to the methods whose config has it)")
+    dests: dict[str, str] = {}
+    for method, fields in _method_fields().items():
+        for f in fields:
+            if f.name in dests:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            t = _field_type(f)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            help_text = (f.metadata or {}).get("help", "") if hasattr(f, "metadata") else ""
+            if t is bool:
+                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                   help=f"{help_text} (default: {default})")
+            else:
+                group.add_argument(flag, dest=f.name, type=t, default=None, help=f"{help_text} (default: {default})")
+            dests[f.name] = flag
+    return dests
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qcompiler", description="Export low-bit quantized LLMs to ONNX.")
+    p.add_argument("--version", action="version", version=f"qcompiler {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="quantize a model and export it to an ONNX folder")
+    e.add_argument("model", help="local HF folder, .gguf file, or hub id")
+    e.add_argument("-o", "--output", required=True, help="output folder (model.onnx, tokenizer, quant_config.json)")
+    e.add_argument("--method", default="spqr", help="quantization method (default: spqr)")
+    e.add_argument("--force", action="store_true", help="replace an existing output folder")
+    cal = e.add_argument_group("calibration (methods that need data)")
+    cal.add_argument("--calibration", default=None,
+                     help="calibration text file (default: ../shared/data/wikitext2/valid.tokens.txt if present)")
+    cal.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
+    cal.add_argument("--seqlen", type=int, default=2048, help="calibration window length (default: 2048)")
+    cal.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
+    adv = e.add_argument_group("advanced")
+    adv.add_argument("--verify-each", action="store_true", help="run onnx.checker and pass postconditions after each pass")
+    adv.add_argument("--dump-dir", default=None, help="write the graph after each pass to this folder")
+    adv.add_argument("--no-validate", dest="validate", action="store_false",
+                     help="skip the ONNX Runtime vs PyTorch logits check after export")
+    adv.add_argument("--atol", type=float, default=1e-3, help="max |Δlogit| accepted by validation (default: 1e-3)")
+    adv.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    e.set_defaults(_method_flags=_add_method_flags(e))
+
+    v = sub.add_parser("eval", help="perplexity of an exported folder (ONNX Runtime + op library, or PyTorch)")
+    v.add_argument("folder", help="folder written by `qcompiler export`")
+    v.add_argument("--dataset", default=DEFAULT_DATASET, help=f"text or JSON rows (default: {DEFAULT_DATASET})")
+    v.add_argument("--seqlen", type=int, default=2048, help="window length (default: 2048)")
+    v.add_argument("--max-windows", type=int, default=None, help="evaluate only the first M windows")
+    v.add_argument("--backend", choices=("ort", "torch"), default="ort",
+                   help="ort: the exported model in ONNX Runtime; torch: the same fake-quant weights in PyTorch")
+    v.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
+    v.add_argument("--model", default=None, help="(torch backend) source model, if it moved since export")
+    v.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .methods import get_method
+    from .pipeline import export
+
+    method_cls = get_method(args.method)
+    accepted = {f.name for f in dataclasses.fields(method_cls.Config)}
+    options: dict[str, Any] = {}
+    for dest, flag in args._method_flags.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if dest not in accepted:
+            raise QCompilerError(f"{flag} does not apply to --method {args.method}")
+        options[dest] = value
+    calibration = args.calibration
+    default_cal = os.path.join("..", "shared", "data", "wikitext2", "valid.tokens.txt")
+    if calibration is None and getattr(method_cls, "needs_calibration", False) and os.path.exists(default_cal):
+        calibration = default_cal
+    export(
+        args.model,
+        output=args.output,
+        method=args.method,
+        method_options=options,
+        force=args.force,
+        calibration=calibration,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        verify_each=args.verify_each,
+        dump_dir=args.dump_dir,
+        validate=args.validate,
+        atol=args.atol,
+        quiet=args.quiet,
+    )
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .pipeline import evaluate_folder
+
+    ppl = evaluate_folder(
+        args.folder,
+        dataset=args.dataset,
+        seqlen=args.seqlen,
+        max_windows=args.max_windows,
+        backend=args.backend,
+        provider=args.provider,
+        model_override=args.model,
+        progress=not args.quiet,
+    )
+    print(f"perplexity ({args.backend}, seqlen {args.seqlen}): {ppl:.4f}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        parser = build_parser()
+    except QCompilerError as e:  # a broken method registration
+        print(f"qcompiler: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        if args.command == "export":
+            return _cmd_export(args)
+        if args.command == "eval":
+            return _cmd_eval(args)
+    except QCompilerError as e:
+        print(f"qcompiler: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - pass failures etc.: one line, details with -v
+        from .passes import PassError
+
+        if not isinstance(e, PassError) or args.verbose:
+            raise
+        print(f"qcompiler: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qcompiler: interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

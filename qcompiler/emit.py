@@ -1,0 +1,55 @@
+"""Writing the output folder atomically: model.onnx (+ model.onnx.data), tokenizer files, quant_config.json,
+manifest.json. Everything is written to a hidden sibling folder first and renamed into place at the end, so an
+error or Ctrl-C never leaves a half-written OUT behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from . import QCompilerError
+
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "quant_config.json"
+MANIFEST_FILE = "manifest.json"
+
+
+def check_output(output: str | os.PathLike, *, force: bool) -> Path:
+    """Fail early (before any work) if OUT exists and `force` is not set."""
+    out = Path(output)
+    if out.exists() and not force:
+        raise QCompilerError(f"output '{out}' already exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise QCompilerError(f"output '{out}' exists and is not a folder")
+    parent = out.resolve().parent
+    if not parent.exists():
+        raise QCompilerError(f"parent folder of output does not exist: {parent}")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output(output: str | os.PathLike, *, force: bool) -> Iterator[Path]:
+    """Yield a temporary folder next to `output`; on success replace `output` with it, on error remove it."""
+    out = check_output(output, force=force).resolve()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,277 @@
+"""The export driver: load → quantize (PyTorch) → export (ONNX) → passes → emit → validate in ONNX Runtime.
+
+Each stage lives in its own module; this file only wires them together in the order data flows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import onnx
+import torch
+
+from . import QCompilerError, __version__
+from .emit import CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, atomic_output, check_output, write_json
+
+log = logging.getLogger("qcompiler")
+
+
+@dataclasses.dataclass
+class ExportReport:
+    """What `export` did.
+
+    Attributes:
+        output: the written folder.
+        avg_bits: average stored bits per quantized parameter (over all quantized layers).
+        n_quantized: number of linears replaced by SpQRMatMul.
+        max_abs_logit_diff: ORT (with the op library) vs PyTorch fake-quant logits on a validation input, or None.
+        seconds: wall time per stage.
+    """
+
+    output: Path
+    avg_bits: float
+    n_quantized: int
+    max_abs_logit_diff: Optional[float]
+    seconds: dict[str, float]
+
+
+def _echo(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, flush=True)
+
+
+def export(
+    source: str,
+    *,
+    output: str,
+    method: str,
+    method_options: dict[str, Any],
+    force: bool = False,
+    calibration: Optional[str] = None,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    verify_each: bool = False,
+    dump_dir: Optional[str] = None,
+    validate: bool = True,
+    atol: float = 1e-3,
+    quiet: bool = False,
+) -> ExportReport:
+    """Quantize `source` with `method` and write an ONNX folder to `output`. See `qcompiler export --help`."""
+    from .families import family_for
+    from .loading import load_model
+    from .methods import get_method
+    from .passes import Cleanup, PassContext, PassManager, ReplaceLinear
+    from .passes.base import save_model
+
+    # Fail fast on everything that can be checked before loading a model.
+    check_output(output, force=force)
+    method_cls = get_method(method)
+    config = method_cls.Config(**method_options)
+    secs: dict[str, float] = {}
+
+    t = time.perf_counter()
+    _echo(f"loading {source}", quiet)
+    model, tokenizer = load_model(source)
+    family = family_for(model.config)
+    secs["load"] = time.perf_counter() - t
+
+    calib = None
+    if getattr(method_cls, "needs_calibration", False):
+        from .data import calibration_windows
+
+        if calibration is None:
+            raise QCompilerError(f"method '{method}' needs calibration text: pass --calibration PATH")
+        calib = calibration_windows(calibration, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
+
+    t = time.perf_counter()
+    _echo(f"quantizing with {method} ({config})", quiet)
+    quantizer = method_cls(config) if _takes_config(method_cls) else method_cls()
+    result = quantizer.quantize(model, family, calibration=calib, progress=not quiet)
+    secs["quantize"] = time.perf_counter() - t
+    if not result.layers:
+        raise QCompilerError("no linear layer was quantized (nothing to export)")
+
+    t = time.perf_counter()
+    _echo("exporting to ONNX", quiet)
+    from .export import export_model
+
+    exported = export_model(model)
+    secs["export"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ctx = PassContext(verify_each=verify_each, dump_dir=dump_dir)
+    pipeline = PassManager([ReplaceLinear(result.layers, exported.manifest), Cleanup()], context=ctx)
+    run = pipeline.run(exported.model)
+    proto = run.model
+    secs["passes"] = time.perf_counter() - t
+    if not quiet:
+        print(run.summary())
+
+    total_bits = sum(sum(w.stored_bits().values()) for w in result.layers.values())
+    total_params = sum(w.N * w.K for w in result.layers.values())
+    avg_bits = total_bits / total_params
+    quant_config = {
+        "qcompiler_version": __version__,
+        "source": str(Path(source).resolve()) if Path(source).exists() else source,
+        "family": family.name,
+        "method": method,
+        "config": _jsonable(dataclasses.asdict(config)) if dataclasses.is_dataclass(config) else dict(method_options),
+        "avg_bits": avg_bits,
+        "quantized_params": total_params,
+        "n_quantized_layers": len(result.layers),
+        "kv": exported.manifest["kv"],
+        "dtype": exported.manifest["dtype"],
+        "layers": _jsonable(result.report) if getattr(result, "report", None) else {},
+    }
+    if calib is not None:
+        quant_config["calibration"] = {"path": str(calibration), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    _set_metadata(proto, {"qcompiler.method": method, "qcompiler.version": __version__,
+                          "qcompiler.config": json.dumps(quant_config["config"]),
+                          "qcompiler.avg_bits": f"{avg_bits:.4f}"})
+
+    t = time.perf_counter()
+    with atomic_output(output, force=force) as tmp:
+        save_model(proto, str(tmp / MODEL_FILE))
+        tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / MANIFEST_FILE, exported.manifest)
+        diff = None
+        if validate:
+            diff = validate_logits(tmp, model, exported.manifest["kv"])
+            quant_config["validation"] = {"max_abs_logit_diff": diff, "atol": atol}
+            if diff > atol:
+                raise QCompilerError(
+                    f"validation failed: ONNX Runtime logits differ from PyTorch by {diff:.3g} (> --atol {atol:g})"
+                )
+        write_json(tmp / CONFIG_FILE, quant_config)
+    secs["emit"] = time.perf_counter() - t
+    out = Path(output)
+    _echo(
+        f"wrote {out}: {len(result.layers)} SpQRMatMul layers, {avg_bits:.3f} bits/param"
+        + (f", ORT vs PyTorch max |Δlogit| = {diff:.2e}" if diff is not None else ""),
+        quiet,
+    )
+    return ExportReport(output=out, avg_bits=avg_bits, n_quantized=len(result.layers), max_abs_logit_diff=diff,
+                        seconds=secs)
+
+
+def _takes_config(cls) -> bool:
+    import inspect
+
+    return len(inspect.signature(cls).parameters) > 0
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return obj
+
+
+def _set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
+    existing = {p.key: p for p in model.metadata_props}
+    for k, v in props.items():
+        if k in existing:
+            existing[k].value = v
+        else:
+            model.metadata_props.add(key=k, value=v)
+
+
+def validate_logits(folder: Path, model: torch.nn.Module, kv: dict, *, seq: int = 16, seed: int = 0) -> float:
+    """Max |logits_ORT − logits_PyTorch| on a random token sequence (ORT with the op library, CPU EP)."""
+    from .export import KVLayout
+    from .ops import session
+
+    layout = KVLayout(**kv)
+    sess = session(str(folder / MODEL_FILE))
+    vocab = sess.get_outputs()[0].shape[-1]
+    vocab = vocab if isinstance(vocab, int) else model.get_output_embeddings().weight.shape[0]
+    ids = np.random.default_rng(seed).integers(0, vocab, size=(1, seq)).astype(np.int64)
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": np.ones((1, seq), np.int64),
+        "position_ids": np.arange(seq, dtype=np.int64)[None],
+        **layout.empty_past(1),
+    }
+    got = sess.run(["logits"], feeds)[0]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.float().numpy()
+    return float(np.max(np.abs(got.astype(np.float32) - ref)))
+
+
+def torch_model_from_folder(folder: str | Path, *, model_override: Optional[str] = None):
+    """The PyTorch fake-quant model of an exported folder: the source model with each quantized linear's weight
+    replaced by the decoded SpQRMatMul weight (read back from model.onnx). Returns (model, tokenizer)."""
+    from .loading import load_model
+    from .onnx_op import weight_from_node
+    from .format import DOMAIN, OP_TYPE
+
+    folder = Path(folder)
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    source = model_override or cfg["source"]
+    model, tokenizer = load_model(source)
+    proto = onnx.load(str(folder / MODEL_FILE), load_external_data=True)
+    inits = {t.name: t for t in proto.graph.initializer}
+    modules = dict(model.named_modules())
+    n = 0
+    for node in proto.graph.node:
+        if node.op_type != OP_TYPE or node.domain != DOMAIN:
+            continue
+        module = node.name.rsplit("/", 1)[0]
+        if module not in modules:
+            raise QCompilerError(f"{folder}: node {node.name} names no module of {source}")
+        w = weight_from_node(node, inits)
+        with torch.no_grad():
+            modules[module].weight.copy_(torch.from_numpy(w.dequantize()))
+        n += 1
+    log.info("loaded %d quantized linears into %s", n, source)
+    return model, tokenizer
+
+
+def evaluate_folder(
+    folder: str | Path,
+    *,
+    dataset: str,
+    seqlen: int = 2048,
+    max_windows: Optional[int] = None,
+    backend: str = "ort",
+    provider: str = "cpu",
+    model_override: Optional[str] = None,
+    progress: bool = True,
+) -> float:
+    """Perplexity of an exported folder on `dataset` (non-overlapping windows), in ONNX Runtime or PyTorch."""
+    from transformers import AutoTokenizer
+
+    from .data import eval_windows, load_text_tokens
+    from .evaluate import perplexity_ort, perplexity_torch
+
+    folder = Path(folder)
+    if not (folder / MODEL_FILE).exists() or not (folder / CONFIG_FILE).exists():
+        raise QCompilerError(f"not an exported folder (no {MODEL_FILE} / {CONFIG_FILE}): {folder}")
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokens = load_text_tokens(dataset, tokenizer)
+    windows = eval_windows(tokens, seqlen, max_windows)
+    if backend == "torch":
+        model, _ = torch_model_from_folder(folder, model_override=model_override)
+        res = perplexity_torch(model, windows, progress=progress)
+    else:
+        from .ops import session
+
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else None
+        sess = session(str(folder / MODEL_FILE), providers=providers)
+        kv = cfg["kv"]
+        res = perplexity_ort(sess, windows, num_layers=kv["num_layers"], num_kv_heads=kv["num_kv_heads"],
+                             head_dim=kv["head_dim"], progress=progress)
+    return float(getattr(res, "ppl", res))
