@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="quantize a model and export it to an ONNX folder")
     e.add_argument("model", help="local HF folder, .gguf file, or hub id")
     e.add_argument("-o", "--output", required=True, help="output folder (model.onnx, tokenizer, quant_config.json)")
-    e.add_argument("--method", default="spqr", help="quantization method (default: spqr)")
+    e.add_argument("--method", default="rtn", help="quantization method (default: rtn; see --help for the list)")
     e.add_argument("--force", action="store_true", help="replace an existing output folder")
     cal = e.add_argument_group("calibration (methods that need data)")
     cal.add_argument("--calibration", default=None,

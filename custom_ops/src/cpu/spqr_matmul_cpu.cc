@@ -1,0 +1,230 @@
+// CPU kernel of qcompiler::SpQRMatMul: Y[m, n] = sum_k X[m, k] * W[n, k] + bias[n], W decoded on the fly.
+//
+// Work is split over output rows n with ORT's intra-op thread pool. Each task decodes one row of W at a time into a
+// K-float buffer (codes -> s*(q - z) with that row's group statistics, then the row's outliers added), in stored
+// (permuted) column order, and dots it with every row of X. X is converted to fp32 and permuted once per call
+// (Xp[m, j] = X[m, perm[j]]), so the permutation costs nothing inside the loop. No dense copy of W is kept.
+#include "cpu/spqr_matmul_cpu.h"
+
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+namespace qcompiler {
+namespace Cpu {
+namespace {
+
+using spqr::Attributes;
+using spqr::BoundInputs;
+
+inline float HalfToFloat(uint16_t bits) { return Ort::Float16_t::FromBits(bits).ToFloat(); }
+
+// fp32 dot product with 8 independent accumulators (vectorizable without -ffast-math).
+inline float Dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
+  }
+  float tail = 0.f;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+}
+
+// Everything one ParallelFor task needs (read-only, shared by all tasks).
+struct Job {
+  Attributes a;
+  int64_t M = 0;
+  int64_t rows_per_task = 1;
+  const uint8_t* qweight = nullptr;
+  const void* scales = nullptr;  // fp16 [G, N] or packed uint8 [G, ceil(N/32)*4*stat_bits]
+  const void* zeros = nullptr;
+  const uint16_t* stats2 = nullptr;  // fp16 [G, N2, 4]
+  const int32_t* row_ptr = nullptr;  // nullptr: no outliers
+  const uint16_t* col_idx = nullptr;
+  const uint16_t* values = nullptr;
+  const float* bias_f32 = nullptr;
+  const uint16_t* bias_f16 = nullptr;
+  const float* xp = nullptr;  // [M, K] fp32, permuted to stored column order
+  float* y_f32 = nullptr;     // exactly one of y_f32 / y_f16
+  uint16_t* y_f16 = nullptr;
+};
+
+// First-level (scale, zero) of row n for all G groups.
+void RowStats(const Job& j, int64_t n, float* s, float* z) {
+  const Attributes& a = j.a;
+  const int64_t G = a.n_groups();
+  if (a.stat_bits == 0) {
+    const auto* sc = static_cast<const uint16_t*>(j.scales);
+    const auto* zc = static_cast<const uint16_t*>(j.zeros);
+    for (int64_t g = 0; g < G; ++g) {
+      s[g] = HalfToFloat(sc[g * a.N + n]);
+      z[g] = HalfToFloat(zc[g * a.N + n]);
+    }
+    return;
+  }
+  const int sb = static_cast<int>(a.stat_bits);
+  const int64_t row_bytes = spqr::PackedRowBytes(a.N, a.stat_bits);
+  const int64_t N2 = a.n_stat_groups();
+  const int64_t t = n / a.stat_group_size;
+  const auto* sc = static_cast<const uint8_t*>(j.scales);
+  const auto* zc = static_cast<const uint8_t*>(j.zeros);
+  for (int64_t g = 0; g < G; ++g) {
+    const uint16_t* st = j.stats2 + (g * N2 + t) * 4;
+    const float ss = HalfToFloat(st[0]), sz = HalfToFloat(st[1]), zs = HalfToFloat(st[2]), zz = HalfToFloat(st[3]);
+    s[g] = ss * (static_cast<float>(spqr::ExtractCode(sc + g * row_bytes, sb, n)) - sz);
+    z[g] = zs * (static_cast<float>(spqr::ExtractCode(zc + g * row_bytes, sb, n)) - zz);
+  }
+}
+
+// Decoded row n of W in stored column order, outliers included: w[j] = s_g * (q - z_g) (+ delta).
+void DecodeRow(const Job& j, int64_t n, float* w, uint8_t* codes, float* s, float* z) {
+  const Attributes& a = j.a;
+  const int bits = static_cast<int>(a.bits);
+  const int64_t chunks = (a.K + spqr::kChunk - 1) / spqr::kChunk;
+  const uint8_t* qrow = j.qweight + n * spqr::PackedRowBytes(a.K, a.bits);
+  for (int64_t c = 0; c < chunks; ++c) spqr::DecodeChunk(qrow + c * 4 * bits, bits, codes + c * spqr::kChunk);
+  RowStats(j, n, s, z);
+  const int64_t G = a.n_groups();
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t begin = g * a.group_size, end = std::min(a.K, begin + a.group_size);
+    const float sg = s[g], zg = z[g];
+    for (int64_t k = begin; k < end; ++k) w[k] = sg * (static_cast<float>(codes[k]) - zg);
+  }
+  if (j.row_ptr != nullptr) {
+    for (int32_t p = j.row_ptr[n]; p < j.row_ptr[n + 1]; ++p) w[j.col_idx[p]] += HalfToFloat(j.values[p]);
+  }
+}
+
+void RowBlockTask(void* user, size_t task) {
+  const Job& j = *static_cast<const Job*>(user);
+  const Attributes& a = j.a;
+  const int64_t n_begin = static_cast<int64_t>(task) * j.rows_per_task;
+  const int64_t n_end = std::min(a.N, n_begin + j.rows_per_task);
+  const int64_t G = a.n_groups();
+  const int64_t k_pad = (a.K + spqr::kChunk - 1) / spqr::kChunk * spqr::kChunk;
+  std::unique_ptr<float[]> w(new float[a.K + 2 * G]);
+  std::unique_ptr<uint8_t[]> codes(new uint8_t[k_pad]);
+  float* s = w.get() + a.K;
+  float* z = s + G;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    DecodeRow(j, n, w.get(), codes.get(), s, z);
+    const float b = j.bias_f32 ? j.bias_f32[n] : (j.bias_f16 ? HalfToFloat(j.bias_f16[n]) : 0.f);
+    for (int64_t m = 0; m < j.M; ++m) {
+      const float y = Dot(w.get(), j.xp + m * a.K, a.K) + b;
+      if (j.y_f32) {
+        j.y_f32[m * a.N + n] = y;
+      } else {
+        j.y_f16[m * a.N + n] = Ort::Float16_t(y).val;
+      }
+    }
+  }
+}
+
+// O(N + nnz + K) checks of index inputs that the decode loop trusts (out-of-range indices would read out of bounds).
+void CheckIndices(const BoundInputs& b, const Attributes& a, const std::string& prefix) {
+  if (b.in[spqr::kRowPtr].present()) {
+    const int32_t* rp = b.in[spqr::kRowPtr].as<int32_t>();
+    for (int64_t n = 0; n < a.N; ++n) {
+      if (rp[n + 1] < rp[n]) {
+        throw Ort::Exception(prefix + "outlier_row_ptr must be non-decreasing (row " + std::to_string(n) + ")",
+                             ORT_INVALID_ARGUMENT);
+      }
+    }
+    const uint16_t* ci = b.in[spqr::kColIdx].as<uint16_t>();
+    for (int64_t p = 0; p < b.nnz; ++p) {
+      if (ci[p] >= a.K) {
+        throw Ort::Exception(prefix + "outlier_col_idx[" + std::to_string(p) + "]=" + std::to_string(ci[p]) +
+                                 " is out of range for K=" + std::to_string(a.K),
+                             ORT_INVALID_ARGUMENT);
+      }
+    }
+  }
+  if (b.in[spqr::kPerm].present()) {
+    const int32_t* perm = b.in[spqr::kPerm].as<int32_t>();
+    for (int64_t k = 0; k < a.K; ++k) {
+      if (perm[k] < 0 || perm[k] >= a.K) {
+        throw Ort::Exception(prefix + "perm[" + std::to_string(k) + "]=" + std::to_string(perm[k]) +
+                                 " is out of range for K=" + std::to_string(a.K),
+                             ORT_INVALID_ARGUMENT);
+      }
+    }
+  }
+}
+
+struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
+  SpQRMatMulCpuKernel(const OrtKernelInfo* info, ONNXTensorElementDataType x_type)
+      : prefix_(spqr::ErrorPrefix(info)), attrs_(spqr::ReadAttributes(info, prefix_)), x_type_(x_type) {}
+
+  void Compute(OrtKernelContext* context) {
+    const Attributes& a = attrs_;
+    BoundInputs b = spqr::BindInputs(context, a, x_type_, prefix_, /*host_data=*/true);
+    CheckIndices(b, a, prefix_);
+    Ort::KernelContext ctx(context);
+    Ort::UnownedValue y = ctx.GetOutput(0, b.y_shape);
+    if (b.M == 0) return;
+
+    // X -> fp32 in stored column order.
+    const int64_t M = b.M, K = a.K;
+    std::vector<float> xp(static_cast<size_t>(M * K));
+    const bool half_x = x_type_ == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    const float* xf = b.in[spqr::kX].as<float>();
+    const uint16_t* xh = b.in[spqr::kX].as<uint16_t>();
+    const int32_t* perm = b.in[spqr::kPerm].present() ? b.in[spqr::kPerm].as<int32_t>() : nullptr;
+    for (int64_t m = 0; m < M; ++m) {
+      float* dst = xp.data() + m * K;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t src = m * K + (perm ? perm[k] : k);
+        dst[k] = half_x ? HalfToFloat(xh[src]) : xf[src];
+      }
+    }
+
+    Job j;
+    j.a = a;
+    j.M = M;
+    j.qweight = b.in[spqr::kQWeight].as<uint8_t>();
+    j.scales = b.in[spqr::kScales].data;
+    j.zeros = b.in[spqr::kZeros].data;
+    j.stats2 = b.in[spqr::kStats2].present() ? b.in[spqr::kStats2].as<uint16_t>() : nullptr;
+    if (b.in[spqr::kRowPtr].present()) {
+      j.row_ptr = b.in[spqr::kRowPtr].as<int32_t>();
+      j.col_idx = b.in[spqr::kColIdx].as<uint16_t>();
+      j.values = b.in[spqr::kValues].as<uint16_t>();
+    }
+    if (b.in[spqr::kBias].present()) {
+      if (b.in[spqr::kBias].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+        j.bias_f32 = b.in[spqr::kBias].as<float>();
+      } else {
+        j.bias_f16 = b.in[spqr::kBias].as<uint16_t>();
+      }
+    }
+    j.xp = xp.data();
+    if (half_x) {
+      j.y_f16 = reinterpret_cast<uint16_t*>(y.GetTensorMutableData<Ort::Float16_t>());
+    } else {
+      j.y_f32 = y.GetTensorMutableData<float>();
+    }
+    // ~64 rows of work per task for GEMV-sized calls, fewer rows when each row serves many X rows.
+    j.rows_per_task = std::max<int64_t>(1, std::min<int64_t>(64, a.N / 64) / std::max<int64_t>(1, M / 8));
+    const int64_t tasks = (a.N + j.rows_per_task - 1) / j.rows_per_task;
+    ctx.ParallelFor(&RowBlockTask, static_cast<size_t>(tasks), 0, &j);
+  }
+
+ private:
+  std::string prefix_;
+  Attributes attrs_;
+  ONNXTensorElementDataType x_type_;
+};
+
+}  // namespace
+
+void RegisterOps(Ort::CustomOpDomain& domain) {
+  static const spqr::SpQRMatMulOp<SpQRMatMulCpuKernel> op_f32("CPUExecutionProvider", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  static const spqr::SpQRMatMulOp<SpQRMatMulCpuKernel> op_f16("CPUExecutionProvider",
+                                                               ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+  domain.Add(&op_f32);
+  domain.Add(&op_f16);
+}
+
+}  // namespace Cpu
+}  // namespace qcompiler

@@ -1,0 +1,41 @@
+// Launcher of the SpQRMatMul CUDA kernel. Plain types only: included by the g++-compiled ORT kernel
+// (spqr_matmul_cuda.cc) and by the nvcc-compiled device code (spqr_matmul_cuda_impl.cu).
+#pragma once
+
+#include <cstdint>
+
+namespace qcompiler {
+namespace Cuda {
+
+// Device pointers and sizes of one SpQRMatMul call (layout: docs/spqr-format.md). Optional inputs are nullptr.
+struct SpQRMatMulArgs {
+  int64_t M = 0;  // rows of X (leading dims flattened)
+  int64_t K = 0;
+  int64_t N = 0;
+  int bits = 0;
+  int64_t group_size = 0;
+  int stat_bits = 0;
+  int64_t stat_group_size = 0;
+  const void* x = nullptr;  // [M, K] float or half
+  bool x_is_half = false;
+  const uint8_t* qweight = nullptr;  // [N, ceil(K/32)*4*bits]
+  const void* scales = nullptr;      // half [G, N] or packed uint8 [G, ceil(N/32)*4*stat_bits]
+  const void* zeros = nullptr;
+  const uint16_t* stats2 = nullptr;  // half bits [G, N2, 4]
+  const int32_t* row_ptr = nullptr;  // [N+1]
+  const uint16_t* col_idx = nullptr;  // [nnz]
+  const uint16_t* values = nullptr;   // half bits [nnz]
+  const int32_t* perm = nullptr;      // [K]
+  const void* bias = nullptr;         // [N] float or half
+  bool bias_is_half = false;
+  void* y = nullptr;  // [M, N], same type as x
+};
+
+// Enqueues Y = X * W^T + bias on `stream` (a cudaStream_t). Returns a cudaError_t value (0 = success).
+int LaunchSpQRMatMul(const SpQRMatMulArgs& args, void* stream);
+
+// cudaGetErrorString for a value returned by LaunchSpQRMatMul.
+const char* CudaErrorString(int error);
+
+}  // namespace Cuda
+}  // namespace qcompiler

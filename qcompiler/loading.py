@@ -1,0 +1,108 @@
+"""Loading a causal LM and its tokenizer from a local HF folder, a local GGUF file, or a hub id.
+
+GGUF files are dequantized to `dtype` by transformers (needs the `gguf` package). Models are loaded with eager
+attention: it exports cleanly with `torch.onnx.export(dynamo=True)` and matches ONNX Runtime most closely.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import QCompilerError
+
+log = logging.getLogger(__name__)
+
+ATTN_IMPLEMENTATION = "eager"
+GGUF_SUFFIX = ".gguf"
+
+
+def _looks_like_path(source: str) -> bool:
+    """True if `source` cannot be a hub id ("org/name" or "name") and must be a local path."""
+    return (
+        os.path.isabs(source)
+        or source.startswith((".", "~"))
+        or "\\" in source
+        or source.count("/") > 1
+        or source.lower().endswith((GGUF_SUFFIX, ".json", ".safetensors", ".bin"))
+    )
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, **kwargs: Any):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, **kwargs
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    return model, tokenizer
+
+
+def load_model(source: str, *, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+    """Load `(model, tokenizer)` from `source`, in eval mode with weights in `dtype`.
+
+    `source` is, in this order: a local folder with `config.json` (HF layout); a local `.gguf` file (or a folder
+    holding exactly one); otherwise a hub id. Raises QCompilerError for a missing local path, a folder that holds no
+    model, or a hub id that cannot be fetched.
+    """
+    source = str(source)
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir():
+            if (path / "config.json").is_file():
+                model, tokenizer = _from_pretrained(str(path), dtype)
+            else:
+                ggufs = sorted(path.glob(f"*{GGUF_SUFFIX}"))
+                if len(ggufs) != 1:
+                    what = "no config.json and no .gguf file" if not ggufs else f"{len(ggufs)} .gguf files"
+                    raise QCompilerError(f"not a model folder ({what}): {source}")
+                model, tokenizer = _from_pretrained(str(path), dtype, gguf_file=ggufs[0].name)
+        elif path.is_file():
+            if path.suffix.lower() != GGUF_SUFFIX:
+                raise QCompilerError(f"not a model: {source} (expected a folder with config.json or a .gguf file)")
+            model, tokenizer = _from_pretrained(str(path.parent), dtype, gguf_file=path.name)
+        elif _looks_like_path(source):
+            raise QCompilerError(f"model path not found: {source}")
+        else:
+            try:
+                model, tokenizer = _from_pretrained(source, dtype)
+            except Exception as e:  # noqa: BLE001 - network, auth, missing repo: all reported on one line
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise QCompilerError(
+                    f"could not load model '{source}': not a local folder/GGUF file and the hub is unreachable "
+                    f"({type(e).__name__}: {reason[:200]})"
+                ) from e
+    except QCompilerError:
+        raise
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QCompilerError(f"could not load model '{source}': {first[:300]}") from e
+    model.eval()
+    log.info("loaded %s: %s, %s", source, type(model).__name__, dtype)
+    return model, tokenizer
+
+
+def save_pretrained_safe(model: torch.nn.Module, tokenizer: Any, out_dir: str | os.PathLike, *,
+                         weights: bool = False) -> Path:
+    """Write the tokenizer files to `out_dir` (created if needed); with `weights=True` also `config.json` and
+    `model.safetensors` (works for GGUF-loaded models, whose `save_pretrained` fails in transformers 5; tied
+    weights are stored once). Returns the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out))
+    if weights:
+        from safetensors.torch import save_model
+
+        model.config.save_pretrained(str(out))
+        save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+        if getattr(model, "generation_config", None) is not None:
+            try:
+                model.generation_config.save_pretrained(str(out))
+            except Exception:  # noqa: BLE001 - optional file
+                pass
+    return out

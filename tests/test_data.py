@@ -1,0 +1,154 @@
+"""Text → token windows: JSON rows protocol, eval window counting, calibration determinism, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SHARED_DATA, make_tokenizer
+
+from qcompiler import QCompilerError
+from qcompiler.data import calibration_windows, eval_windows, load_text, load_text_tokens, sample_windows
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def test_json_rows_joined(tmp_path, tok):
+    p = tmp_path / "rows.json"
+    p.write_text(json.dumps(["w1 w2", "", "w3"]))
+    assert load_text(p) == "w1 w2\n\n\n\nw3"
+    ids = load_text_tokens(p, tok)
+    assert ids.dtype == torch.long and ids.shape == (1, 3)
+    assert ids[0].tolist() == tok("w1 w2 w3").input_ids
+
+
+def test_bad_json(tmp_path):
+    p = tmp_path / "rows.json"
+    p.write_text(json.dumps({"a": 1}))
+    with pytest.raises(QCompilerError, match="JSON list of strings"):
+        load_text(p)
+
+
+def test_eval_window_counting():
+    tokens = torch.arange(1000).reshape(1, -1)
+    wins = eval_windows(tokens, 128)
+    assert len(wins) == 1000 // 128 == 7
+    assert all(w.shape == (1, 128) for w in wins)
+    assert torch.equal(torch.cat(wins, dim=1), tokens[:, : 7 * 128])  # non-overlapping, in order
+    assert len(eval_windows(tokens, 128, max_windows=3)) == 3
+    assert len(eval_windows(tokens, 128, max_windows=100)) == 7
+    assert len(eval_windows(tokens, 1000)) == 1
+
+
+def test_eval_too_short():
+    with pytest.raises(QCompilerError, match="too short: 100 tokens"):
+        eval_windows(torch.arange(100).reshape(1, -1), 128)
+
+
+def test_calibration_deterministic(text_file, tok):
+    a = calibration_windows(text_file, tok, nsamples=8, seqlen=64, seed=0)
+    b = calibration_windows(text_file, tok, nsamples=8, seqlen=64, seed=0)
+    c = calibration_windows(text_file, tok, nsamples=8, seqlen=64, seed=1)
+    assert len(a) == 8 and all(w.shape == (1, 64) and w.dtype == torch.long for w in a)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    tokens = load_text_tokens(text_file, tok)
+    flat = tokens[0].tolist()
+    for w in a:  # each window is a contiguous slice of the text
+        seq = w[0].tolist()
+        assert any(flat[i : i + 64] == seq for i in range(len(flat) - 63))
+
+
+def test_sample_windows_start_range():
+    tokens = torch.arange(65).reshape(1, -1)  # exactly seqlen + 1 tokens: only start 0 is valid
+    wins = sample_windows(tokens, nsamples=5, seqlen=64, seed=3)
+    assert all(torch.equal(w, tokens[:, :64]) for w in wins)
+
+
+def test_calibration_too_short(tmp_path, tok):
+    p = tmp_path / "short.txt"
+    p.write_text("w1 w2 w3 w4")
+    with pytest.raises(QCompilerError, match=r"too short for calibration: 4 tokens"):
+        calibration_windows(p, tok, nsamples=2, seqlen=16)
+
+
+def test_missing_file(tok):
+    with pytest.raises(QCompilerError, match="text file not found: /nonexistent/x.txt"):
+        load_text_tokens("/nonexistent/x.txt", tok)
+
+
+def test_hub_fallback_without_datasets(tok, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no local file named "wikitext2"
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(QCompilerError, match="pass a path"):
+        load_text_tokens("wikitext2", tok)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "wikitext2" / "test_rows.json").exists(), reason="shared data absent")
+def test_shared_test_rows_protocol():
+    rows = json.loads((SHARED_DATA / "wikitext2" / "test_rows.json").read_text())
+    assert len(rows) == 4358
+    assert load_text(SHARED_DATA / "wikitext2" / "test_rows.json") == "\n\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------- perplexity
+def test_perplexity_torch_matches_manual(text_file, tok):
+    from conftest import tiny_model
+
+    from qcompiler.evaluate import perplexity_torch
+
+    model = tiny_model("llama")
+    wins = eval_windows(load_text_tokens(text_file, tok), 32, max_windows=3)
+    res = perplexity_torch(model, wins, progress=False)
+    with torch.no_grad():
+        losses = [model(w, labels=w).loss for w in wins]  # HF mean loss per window
+    assert res.windows == 3 and res.tokens == 3 * 31
+    assert res.window_nll == pytest.approx([float(x) for x in losses], rel=1e-5)
+    assert res.ppl == pytest.approx(float(torch.exp(torch.stack(losses).mean())), rel=1e-5)
+
+
+def _table_model(table, num_layers, kv_heads, head_dim, past_type):
+    """ONNX model with the exported interface whose logits are a lookup `table[input_ids]`."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    B, S, P = "batch", "seq", "past"
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [B, S]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, "total"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, [B, S]),
+    ] + [
+        helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", past_type, [B, kv_heads, P, head_dim])
+        for i in range(num_layers) for kv in ("key", "value")
+    ]
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["logits"], axis=0)]
+    out = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, S, table.shape[1]])]
+    graph = helper.make_graph(nodes, "t", inputs, out, [numpy_helper.from_array(table.astype(np.float32), "table")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+@pytest.mark.parametrize("past_type", ["float", "float16"])
+def test_perplexity_ort_feeds_and_matches_torch(past_type):
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from qcompiler.evaluate import perplexity_ort, window_nll
+
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(50, 50)).astype(np.float32)
+    ptype = TensorProto.FLOAT if past_type == "float" else TensorProto.FLOAT16
+    proto = _table_model(table, 2, 2, 8, ptype)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    wins = eval_windows(torch.from_numpy(rng.integers(0, 50, size=(1, 100))), 20)
+    res = perplexity_ort(sess, wins, num_layers=2, num_kv_heads=2, head_dim=8, progress=False)
+    nll = sum(window_nll(torch.from_numpy(table)[w], w)[0] for w in wins)
+    assert res.tokens == 5 * 19 and res.nll == pytest.approx(nll, rel=1e-6)
+    with pytest.raises(QCompilerError, match="lacks expected inputs: past_key_values.2.key"):
+        perplexity_ort(sess, wins, num_layers=3, num_kv_heads=2, head_dim=8, progress=False)

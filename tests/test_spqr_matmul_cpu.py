@@ -1,0 +1,185 @@
+"""CPU kernel of `qcompiler::SpQRMatMul` (libqcompiler_ops.so) against the NumPy reference `SpQRWeight.matmul`."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from qcompiler import ops
+from qcompiler.format import DOMAIN, OPSET_VERSION, SpQRWeight, random_weight
+from qcompiler.onnx_op import single_op_model, spqr_node
+
+_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
+
+
+def _run(weight: SpQRWeight, x: np.ndarray, **model_kw) -> np.ndarray:
+    shape = [f"d{i}" for i in range(x.ndim - 1)] + [None]
+    model = single_op_model(weight, x_dtype=x.dtype, x_shape=shape, **model_kw)
+    return ops.session(model.SerializeToString()).run(None, {"X": x})[0]
+
+
+def _check(weight: SpQRWeight, x: np.ndarray, **model_kw) -> None:
+    y = _run(weight, x, **model_kw)
+    ref = weight.matmul(x)
+    assert y.dtype == x.dtype and y.shape == x.shape[:-1] + (weight.N,)
+    scale = float(np.abs(ref.astype(np.float32)).max())
+    rel = 1e-4 if x.dtype == np.float32 else 2e-3  # fp16: output rounding (1 ulp = 2^-10 relative) dominates
+    err = float(np.abs(y.astype(np.float32) - ref.astype(np.float32)).max())
+    assert err <= rel * scale, f"max |err| {err:.3g} > {rel} * {scale:.3g}"
+
+
+def _x(shape, dtype=np.float32, seed=1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=shape).astype(dtype)
+
+
+# --------------------------------------------------------------------------------------------- numerics vs reference
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [8, 16, 32, 64, 128])
+def test_bits_and_group_sizes(bits, group_size):
+    # K=576: β1=128 leaves a ragged last group of 64; outliers/perm/bias vary with the case.
+    case = bits * 7 + group_size
+    w = random_weight(N=40, K=576, bits=bits, group_size=group_size, outlier_rate=0.01 * (case % 2),
+                      permute=bool(case % 3), bias=bool(case % 5), seed=case)
+    _check(w, _x((2, 3, 576), seed=case))
+
+
+@pytest.mark.parametrize("stat_bits", [0, 2, 3, 4])
+@pytest.mark.parametrize("stat_group_size", [16, 32])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_bilevel_stats_ragged(stat_bits, stat_group_size, bits):
+    # K=100 is not a multiple of 32 (padded last chunk) nor of β1=16; N=40 is ragged for β2 and for the packed stats.
+    w = random_weight(N=40, K=100, bits=bits, group_size=16, stat_bits=stat_bits, stat_group_size=stat_group_size,
+                      outlier_rate=0.02, permute=True, bias=True, seed=stat_bits * 10 + stat_group_size + bits)
+    _check(w, _x((4, 100)))
+
+
+@pytest.mark.parametrize("outliers", [False, True])
+@pytest.mark.parametrize("permute", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("stat_bits", [0, 3])
+def test_optional_inputs(outliers, permute, bias, stat_bits):
+    w = random_weight(N=48, K=160, bits=3, group_size=32, stat_bits=stat_bits, stat_group_size=16,
+                      outlier_rate=0.05 if outliers else 0.0, permute=permute, bias=bias, seed=3)
+    assert (w.nnz > 0) == outliers
+    _check(w, _x((1, 1, 160)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("lead", [(1, 1), (3,), (2, 5), (1, 1, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_x_dtypes_and_batch_shapes(dtype, lead):
+    w = random_weight(N=40, K=96, bits=4, group_size=32, stat_bits=3, stat_group_size=16, outlier_rate=0.02,
+                      permute=True, bias=True, seed=7)
+    _check(w, _x(lead + (96,), dtype))
+
+
+@pytest.mark.parametrize("x_dtype,bias_dtype", [(np.float32, np.float16), (np.float16, np.float32)])
+def test_bias_dtype_independent_of_x(x_dtype, bias_dtype):
+    w = random_weight(N=24, K=64, bits=4, group_size=16, bias=True, seed=11)
+    w.bias = w.bias.astype(np.float16).astype(np.float32)  # what a float16 bias input can represent
+    _check(w, _x((2, 64), x_dtype), bias_dtype=bias_dtype)
+
+
+def test_larger_layer_multithreaded():
+    # Many row blocks across ORT's thread pool, prefill-like M.
+    w = random_weight(N=512, K=1024, bits=3, group_size=128, stat_bits=3, stat_group_size=16, outlier_rate=0.005,
+                      permute=True, bias=True, seed=5)
+    _check(w, _x((1, 17, 1024)))
+
+
+def test_kernel_is_not_trivially_zero():
+    # Guards the tolerance checks above: a wrong weight must be caught.
+    w = random_weight(N=16, K=64, bits=4, group_size=16, seed=2)
+    y = _run(w, _x((1, 64)))
+    w2 = random_weight(N=16, K=64, bits=4, group_size=16, seed=3)
+    assert np.abs(y - w2.matmul(_x((1, 64)))).max() > 1e-2 * np.abs(y).max()
+
+
+# ------------------------------------------------------------------------------------------- type/shape inference
+def test_dynamic_batch_runs_with_different_batch_sizes():
+    w = random_weight(N=40, K=64, bits=2, group_size=32, seed=4)
+    sess = ops.session(single_op_model(w, x_shape=("batch", "seq", None)).SerializeToString())
+    out = sess.get_outputs()[0]
+    assert out.type == "tensor(float)" and out.shape == ["batch", "seq", 40]  # inferred by the op (Y has no shape)
+    for shape in [(1, 1, 64), (4, 7, 64), (2, 0, 64)]:
+        x = _x(shape)
+        y = sess.run(None, {"X": x})[0]
+        assert y.shape == shape[:-1] + (40,)
+        np.testing.assert_allclose(y, w.matmul(x), rtol=0, atol=1e-4 * max(1.0, float(np.abs(y).max(initial=0))))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_inferred_type_and_shape_feed_standard_ops(dtype):
+    """Y is an intermediate value with no value_info: ORT must infer its type and shape for the ops after it."""
+    w = random_weight(N=40, K=64, bits=4, group_size=16, stat_bits=2, outlier_rate=0.02, bias=True, seed=6)
+    node, inits = spqr_node(w, x="X", y="Y", prefix="layer", bias_dtype=dtype)
+    graph = helper.make_graph(
+        [node, helper.make_node("Relu", ["Y"], ["Z"]), helper.make_node("Shape", ["Y"], ["S"])],
+        "g",
+        [helper.make_tensor_value_info("X", _ONNX[np.dtype(dtype)], ["batch", 64])],
+        [helper.make_tensor_value_info("Z", _ONNX[np.dtype(dtype)], None),
+         helper.make_tensor_value_info("S", TensorProto.INT64, None)],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid(DOMAIN, OPSET_VERSION)], ir_version=8)
+    sess = ops.session(model.SerializeToString())
+    # Z and S are declared without shape: ORT derives them from the shape/type the op inferred for Y.
+    z_info, s_info = sess.get_outputs()
+    assert z_info.type == ("tensor(float)" if dtype == np.float32 else "tensor(float16)")
+    assert z_info.shape == ["batch", 40]
+    assert s_info.shape == [2]
+    x = _x((3, 64), dtype)
+    z, s = sess.run(None, {"X": x})
+    assert s.tolist() == [3, 40]
+    ref = np.maximum(w.matmul(x).astype(np.float32), 0)
+    np.testing.assert_allclose(z.astype(np.float32), ref, rtol=0, atol=2e-3 * float(np.abs(ref).max()))
+
+
+# ---------------------------------------------------------------------------------------------------------- errors
+def _with_dynamic_last_dim(model: onnx.ModelProto) -> onnx.ModelProto:
+    dim = model.graph.input[0].type.tensor_type.shape.dim[-1]
+    dim.Clear()
+    dim.dim_param = "k"
+    return model
+
+
+def test_x_last_dim_not_k_is_an_ort_error():
+    w = random_weight(N=8, K=100, bits=4, group_size=32, seed=0)
+    sess = ops.session(_with_dynamic_last_dim(single_op_model(w, x_shape=("m", None))).SerializeToString())
+    with pytest.raises(Exception, match=r"SpQRMatMul node 'layer/SpQRMatMul'.*last dim must equal K=100"):
+        sess.run(None, {"X": _x((2, 99))})
+
+
+def test_missing_stats2_is_an_ort_error():
+    w = random_weight(N=8, K=64, bits=4, group_size=32, stat_bits=3, seed=0)
+    model = single_op_model(w, x_shape=("m", None))
+    model.graph.node[0].input[4] = ""
+    sess = ops.session(model.SerializeToString())
+    with pytest.raises(Exception, match="stats2 is required when stat_bits > 0"):
+        sess.run(None, {"X": _x((1, 64))})
+
+
+def test_wrong_qweight_shape_is_an_ort_error():
+    w = random_weight(N=8, K=64, bits=4, group_size=32, seed=0)
+    w.bits = 3  # attribute no longer matches the packed rows (64 codes of 4 bits = 32 bytes, 3 bits needs 24)
+    sess = ops.session(single_op_model(w, x_shape=("m", None)).SerializeToString())
+    with pytest.raises(Exception, match=r"qweight has shape \[8, 32\], expected \[8, 24\]"):
+        sess.run(None, {"X": _x((1, 64))})
+
+
+def test_bad_outlier_index_is_an_ort_error():
+    w = random_weight(N=8, K=64, bits=4, group_size=32, outlier_rate=0.1, seed=0)
+    w.outlier_col_idx = w.outlier_col_idx.copy()
+    w.outlier_col_idx[0] = 64
+    sess = ops.session(single_op_model(w, x_shape=("m", None)).SerializeToString())
+    with pytest.raises(Exception, match=r"outlier_col_idx\[0\]=64 is out of range for K=64"):
+        sess.run(None, {"X": _x((1, 64))})
+
+
+def test_bad_attribute_fails_at_session_creation():
+    w = random_weight(N=8, K=64, bits=4, group_size=32, seed=0)
+    w.bits = 5
+    with pytest.raises(Exception, match="bits must be 2, 3 or 4, got 5"):
+        ops.session(single_op_model(w).SerializeToString())
