@@ -154,6 +154,8 @@ def export_model(
     }
     input_names = ["input_ids", "attention_mask", "position_ids", *layout.input_names()]
     output_names = ["logits", *layout.output_names()]
+    # "torchvision is not installed. Skipping torchvision::nms" etc.: irrelevant to LLMs, printed on every export.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="qcompiler-export-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = os.path.join(tmp, "model.onnx")

@@ -6,7 +6,6 @@ attention: it exports cleanly with `torch.onnx.export(dynamo=True)` and matches 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -43,6 +42,51 @@ def _from_pretrained(source: str, dtype: torch.dtype, **kwargs: Any):
     return model, tokenizer
 
 
+def _resolve(source: str) -> tuple[str, dict[str, Any]]:
+    """Map `source` to `(path_or_hub_id, from_pretrained kwargs)`; raises QCompilerError for bad local paths."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return str(path), {}
+        ggufs = sorted(path.glob(f"*{GGUF_SUFFIX}"))
+        if len(ggufs) != 1:
+            what = "no config.json and no .gguf file" if not ggufs else f"{len(ggufs)} .gguf files"
+            raise QCompilerError(f"not a model folder ({what}): {source}")
+        return str(path), {"gguf_file": ggufs[0].name}
+    if path.is_file():
+        if path.suffix.lower() != GGUF_SUFFIX:
+            raise QCompilerError(f"not a model: {source} (expected a folder with config.json or a .gguf file)")
+        return str(path.parent), {"gguf_file": path.name}
+    if _looks_like_path(source):
+        raise QCompilerError(f"model path not found: {source}")
+    return source, {}
+
+
+def _load(source: str, loader):
+    """Run `loader(path_or_id, **kwargs)` with every load failure turned into one-line QCompilerError."""
+    source = str(source)
+    where, kwargs = _resolve(source)
+    try:
+        return loader(where, **kwargs)
+    except QCompilerError:
+        raise
+    except Exception as e:  # noqa: BLE001 - network, auth, bad files: all reported on one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if where == source and not kwargs and not Path(source).exists():
+            raise QCompilerError(
+                f"could not load model '{source}': not a local folder/GGUF file and the hub is unreachable "
+                f"({type(e).__name__}: {first[:200]})"
+            ) from e
+        raise QCompilerError(f"could not load model '{source}': {first[:300]}") from e
+
+
+def load_config(source: str) -> Any:
+    """The model's `PretrainedConfig` only (no weights): checks the architecture before a long load."""
+    from transformers import AutoConfig
+
+    return _load(source, lambda where, **kw: AutoConfig.from_pretrained(where, **kw))
+
+
 def load_model(source: str, *, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
     """Load `(model, tokenizer)` from `source`, in eval mode with weights in `dtype`.
 
@@ -50,38 +94,7 @@ def load_model(source: str, *, dtype: torch.dtype = torch.float32) -> tuple[torc
     holding exactly one); otherwise a hub id. Raises QCompilerError for a missing local path, a folder that holds no
     model, or a hub id that cannot be fetched.
     """
-    source = str(source)
-    path = Path(source).expanduser()
-    try:
-        if path.is_dir():
-            if (path / "config.json").is_file():
-                model, tokenizer = _from_pretrained(str(path), dtype)
-            else:
-                ggufs = sorted(path.glob(f"*{GGUF_SUFFIX}"))
-                if len(ggufs) != 1:
-                    what = "no config.json and no .gguf file" if not ggufs else f"{len(ggufs)} .gguf files"
-                    raise QCompilerError(f"not a model folder ({what}): {source}")
-                model, tokenizer = _from_pretrained(str(path), dtype, gguf_file=ggufs[0].name)
-        elif path.is_file():
-            if path.suffix.lower() != GGUF_SUFFIX:
-                raise QCompilerError(f"not a model: {source} (expected a folder with config.json or a .gguf file)")
-            model, tokenizer = _from_pretrained(str(path.parent), dtype, gguf_file=path.name)
-        elif _looks_like_path(source):
-            raise QCompilerError(f"model path not found: {source}")
-        else:
-            try:
-                model, tokenizer = _from_pretrained(source, dtype)
-            except Exception as e:  # noqa: BLE001 - network, auth, missing repo: all reported on one line
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise QCompilerError(
-                    f"could not load model '{source}': not a local folder/GGUF file and the hub is unreachable "
-                    f"({type(e).__name__}: {reason[:200]})"
-                ) from e
-    except QCompilerError:
-        raise
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QCompilerError(f"could not load model '{source}': {first[:300]}") from e
+    model, tokenizer = _load(str(source), lambda where, **kw: _from_pretrained(where, dtype, **kw))
     model.eval()
     log.info("loaded %s: %s, %s", source, type(model).__name__, dtype)
     return model, tokenizer

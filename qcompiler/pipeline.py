@@ -65,7 +65,7 @@ def export(
 ) -> ExportReport:
     """Quantize `source` with `method` and write an ONNX folder to `output`. See `qcompiler export --help`."""
     from .families import family_for
-    from .loading import load_model
+    from .loading import load_config, load_model
     from .methods import get_method
     from .passes import Cleanup, PassContext, PassManager, ReplaceLinear
     from .passes.base import save_model
@@ -74,12 +74,16 @@ def export(
     check_output(output, force=force)
     method_cls = get_method(method)
     config = method_cls.Config(**method_options)
+    family = family_for(load_config(source))
     secs: dict[str, float] = {}
 
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     t = time.perf_counter()
     _echo(f"loading {source}", quiet)
     model, tokenizer = load_model(source)
-    family = family_for(model.config)
     secs["load"] = time.perf_counter() - t
 
     calib = None
@@ -213,7 +217,7 @@ def validate_logits(folder: Path, model: torch.nn.Module, kv: dict, *, seq: int 
 def torch_model_from_folder(folder: str | Path, *, model_override: Optional[str] = None):
     """The PyTorch fake-quant model of an exported folder: the source model with each quantized linear's weight
     replaced by the decoded SpQRMatMul weight (read back from model.onnx). Returns (model, tokenizer)."""
-    from .loading import load_model
+    from .loading import load_config, load_model
     from .onnx_op import weight_from_node
     from .format import DOMAIN, OP_TYPE
 

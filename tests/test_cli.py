@@ -1,0 +1,128 @@
+"""`qcompiler` CLI end to end on tiny random models, and its behaviour on bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import onnx
+import pytest
+
+from qcompiler.cli import main
+from qcompiler.format import DOMAIN, OP_TYPE
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith("qcompiler: error: "), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_export_then_eval_ort_equals_torch(kind, tiny_dirs, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "export", tiny_dirs(kind), "--method", "rtn", "--bits", "3", "--group-size", "16",
+                        "-o", out, "-q")
+    assert code == 0, err
+    for name in ("model.onnx", "quant_config.json", "manifest.json", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    model = onnx.load(out / "model.onnx", load_external_data=False)
+    ops = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+    n_linears = 12 if kind == "opt" else 14
+    assert len(ops) == n_linears
+    assert not any(n.op_type in ("MatMul", "Gemm") and "layers" in n.name for n in model.graph.node)
+    cfg = json.loads((out / "quant_config.json").read_text())
+    assert cfg["method"] == "rtn" and cfg["config"]["bits"] == 3 and cfg["config"]["group_size"] == 16
+
+    ppl = {}
+    for backend in ("ort", "torch"):
+        code, stdout, err = _run(capsys, "eval", out, "--dataset", text_file, "--seqlen", 64, "--max-windows", 4,
+                                 "--backend", backend, "-q")
+        assert code == 0, err
+        ppl[backend] = float(re.search(r":\s*([0-9.]+)\s*$", stdout.strip()).group(1))
+    # random weights over a 128-word vocabulary: perplexity near the vocabulary size, far from 1
+    assert 20 < ppl["torch"] < 1000
+    assert ppl["ort"] == pytest.approx(ppl["torch"], rel=1e-4)
+
+
+def _assert_no_output(path):
+    assert not path.exists(), f"partial output left behind: {sorted(p.name for p in path.iterdir())}"
+
+
+def test_missing_model_path(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "export", tmp_path / "no-such-model", "-o", out)
+    assert code != 0
+    assert "not found" in _one_error_line(err)
+    _assert_no_output(out)
+
+
+def test_unknown_architecture(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    src = tmp_path / "gpt2"
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(src)
+    capsys.readouterr()  # drop the save's own progress output
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "export", src, "-o", out)
+    assert code != 0
+    line = _one_error_line(err)
+    assert "gpt2" in line and "llama" in line  # names what it got and what is supported
+    _assert_no_output(out)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (("--bits", "5"), ("bits", "5")),
+    (("--group-size", "0"), ("group", "0")),
+    (("--method", "nosuch"), ("nosuch", "rtn")),
+])
+def test_bad_method_options(flags, words, tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "export", tiny_dirs("llama"), "-o", out, *flags)
+    assert code != 0
+    line = _one_error_line(err)
+    for w in words:
+        assert w in line, line
+    _assert_no_output(out)
+
+
+def test_existing_output_needs_force(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    code, _, err = _run(capsys, "export", tiny_dirs("llama"), "-o", out)
+    assert code != 0
+    assert "--force" in _one_error_line(err)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # untouched
+
+
+def test_failed_export_leaves_nothing(tiny_dirs, tmp_path, capsys, monkeypatch):
+    """A failure after files started being written (here: the validation step) removes the staging folder."""
+    import qcompiler.pipeline as pipeline
+
+    def boom(*a, **k):
+        raise pipeline.QCompilerError("validation failed (injected)")
+
+    monkeypatch.setattr(pipeline, "validate_logits", boom)
+    src = tiny_dirs("llama")
+    capsys.readouterr()
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "export", src, "-o", out, "-q")
+    assert code != 0
+    assert "injected" in _one_error_line(err)
+    _assert_no_output(out)
+    assert list(tmp_path.iterdir()) == [], "staging folder left behind"
+
+
+def test_eval_on_non_export_folder(tmp_path, capsys):
+    code, _, err = _run(capsys, "eval", tmp_path)
+    assert code != 0
+    assert "not an exported folder" in _one_error_line(err)
