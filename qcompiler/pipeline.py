@@ -99,7 +99,7 @@ def export(
     quantizer = method_cls(config) if _takes_config(method_cls) else method_cls()
     result = quantizer.quantize(model, family, calibration=calib, progress=not quiet)
     secs["quantize"] = time.perf_counter() - t
-    if not result.layers:
+    if not result.layers and getattr(method_cls, "quantizes", True):
         raise QCompilerError("no linear layer was quantized (nothing to export)")
 
     t = time.perf_counter()
@@ -120,7 +120,7 @@ def export(
 
     total_bits = sum(sum(w.stored_bits().values()) for w in result.layers.values())
     total_params = sum(w.N * w.K for w in result.layers.values())
-    avg_bits = total_bits / total_params
+    avg_bits = total_bits / total_params if total_params else float(torch.finfo(next(model.parameters()).dtype).bits)
     quant_config = {
         "qcompiler_version": __version__,
         "source": str(Path(source).resolve()) if Path(source).exists() else source,

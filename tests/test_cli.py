@@ -25,21 +25,25 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("kind", ["llama", "opt"])
-def test_export_then_eval_ort_equals_torch(kind, tiny_dirs, text_file, tmp_path, capsys):
+@pytest.mark.parametrize("kind, method", [("llama", "rtn"), ("opt", "rtn"), ("llama", "none")])
+def test_export_then_eval_ort_equals_torch(kind, method, tiny_dirs, text_file, tmp_path, capsys):
     out = tmp_path / "out"
-    code, _, err = _run(capsys, "export", tiny_dirs(kind), "--method", "rtn", "--bits", "3", "--group-size", "16",
-                        "-o", out, "-q")
+    flags = ("--bits", "3", "--group-size", "16") if method == "rtn" else ()
+    code, _, err = _run(capsys, "export", tiny_dirs(kind), "--method", method, *flags, "-o", out, "-q")
     assert code == 0, err
     for name in ("model.onnx", "quant_config.json", "manifest.json", "tokenizer_config.json"):
         assert (out / name).is_file(), name
     model = onnx.load(out / "model.onnx", load_external_data=False)
     ops = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
-    n_linears = 12 if kind == "opt" else 14
-    assert len(ops) == n_linears
-    assert not any(n.op_type in ("MatMul", "Gemm") and "layers" in n.name for n in model.graph.node)
     cfg = json.loads((out / "quant_config.json").read_text())
-    assert cfg["method"] == "rtn" and cfg["config"]["bits"] == 3 and cfg["config"]["group_size"] == 16
+    assert cfg["method"] == method
+    if method == "rtn":
+        assert len(ops) == (12 if kind == "opt" else 14)
+        assert not any(n.op_type in ("MatMul", "Gemm") and "layers" in n.name for n in model.graph.node)
+        assert cfg["config"]["bits"] == 3 and cfg["config"]["group_size"] == 16
+        assert 3 < cfg["avg_bits"] < 6  # 3-bit codes + fp16 scale and zero per 16 weights = 5 bits
+    else:
+        assert ops == [] and cfg["avg_bits"] == 32
 
     ppl = {}
     for backend in ("ort", "torch"):

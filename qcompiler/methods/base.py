@@ -87,6 +87,7 @@ class Method(abc.ABC):
     name: ClassVar[str] = ""
     Config: ClassVar[type]
     needs_calibration: ClassVar[bool] = False
+    quantizes: ClassVar[bool] = True  # False only for `none` (an empty result is then not an error)
 
     def __init__(self, config: Optional[Any] = None):
         self.config = config if config is not None else self.Config()
