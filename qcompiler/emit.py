@@ -27,8 +27,8 @@ def check_output(output: str | os.PathLike, *, force: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise QCompilerError(f"output '{out}' exists and is not a folder")
     parent = out.resolve().parent
-    if not parent.exists():
-        raise QCompilerError(f"parent folder of output does not exist: {parent}")
+    if parent.exists() and not parent.is_dir():
+        raise QCompilerError(f"parent of output is not a folder: {parent}")
     return out
 
 
@@ -36,6 +36,7 @@ def check_output(output: str | os.PathLike, *, force: bool) -> Path:
 def atomic_output(output: str | os.PathLike, *, force: bool) -> Iterator[Path]:
     """Yield a temporary folder next to `output`; on success replace `output` with it, on error remove it."""
     out = check_output(output, force=force).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)  # like `mkdir -p`: `-o out/run1` works on a fresh clone
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
