@@ -161,6 +161,7 @@ def export(
         + (f", ORT vs PyTorch max |Δlogit| = {diff:.2e}" if diff is not None else ""),
         quiet,
     )
+    _echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in secs.items()), quiet)
     return ExportReport(output=out, avg_bits=avg_bits, n_quantized=len(result.layers), max_abs_logit_diff=diff,
                         seconds=secs)
 
