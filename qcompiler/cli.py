@@ -40,21 +40,24 @@ def _field_type(field: dataclasses.Field):
 def _add_method_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Add one flag per Config field of any method; returns {dest: flag}."""
     group = parser.add_argument_group("method options (each applies to the methods whose config has it)")
-    dests: dict[str, str] = {}
+    by_name: dict[str, list[tuple[str, dataclasses.Field]]] = {}
     for method, fields in _method_fields().items():
         for f in fields:
-            if f.name in dests:
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            t = _field_type(f)
-            default = f.default if f.default is not dataclasses.MISSING else None
-            help_text = (f.metadata or {}).get("help", "") if hasattr(f, "metadata") else ""
-            if t is bool:
-                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                   help=f"{help_text} (default: {default})")
-            else:
-                group.add_argument(flag, dest=f.name, type=t, default=None, help=f"{help_text} (default: {default})")
-            dests[f.name] = flag
+            by_name.setdefault(f.name, []).append((method, f))
+    dests: dict[str, str] = {}
+    for name, users in by_name.items():
+        f = users[0][1]
+        flag = "--" + name.replace("_", "-")
+        t = _field_type(f)
+        help_text = (f.metadata or {}).get("help", "")
+        # each method has its own default for a shared flag (e.g. --group-size: rtn 128, spqr 16): list them all
+        defaults = ", ".join(f"{m} {fld.default}" for m, fld in users if fld.default is not dataclasses.MISSING)
+        help_text = f"{help_text} (default: {defaults})"
+        if t is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=name, type=t, default=None, help=help_text)
+        dests[name] = flag
     return dests
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -173,12 +174,15 @@ def _takes_config(cls) -> bool:
 
 
 def _jsonable(obj):
+    """Plain JSON (RFC 8259): numpy/torch scalars to Python, non-finite floats to the strings "inf"/"-inf"/"nan"."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
+        return _jsonable(obj.item())
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     return obj
