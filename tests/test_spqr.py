@@ -250,7 +250,7 @@ def test_registry_and_defaults():
     assert get_method("spqr") is SpQR and SpQR.Config is SpQRConfig and SpQR.needs_calibration
     c = SpQRConfig()
     assert (c.bits, c.group_size, c.stat_bits, c.stat_group_size, c.outlier_threshold) == (4, 16, 3, 16, 0.2)
-    assert c.act_order and c.percdamp == 1.0 and c.block_size == 128 and c.true_sequential
+    assert c.act_order and c.percdamp == 1.0 and c.block_size == 128 and not c.true_sequential
     assert not c.simplified_outliers
     with pytest.raises(TypeError):
         SpQRConfig(3, 16)  # noqa

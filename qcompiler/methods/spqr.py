@@ -91,7 +91,8 @@ class SpQRConfig:
         block_size: columns per lazy-batch block of the error feedback (speed only, up to groups that straddle
             blocks).
         true_sequential: quantize the linears of a decoder layer group by group, each group calibrated on the
-            outputs of the already quantized ones.
+            outputs of the already quantized ones. Off by default like the reference preset (its README command
+            does not pass `--true-sequential`): one calibration forward per layer instead of one per group.
         simplified_outliers: skip the leave-one-out outlier pre-detection when fitting a group's quantizer
             (faster, usually worse).
     """
@@ -117,7 +118,7 @@ class SpQRConfig:
     )
     block_size: int = dataclasses.field(default=128, metadata={"help": "columns per lazy-batch update block"})
     true_sequential: bool = dataclasses.field(
-        default=True, metadata={"help": "quantize a layer's linears group by group on already-quantized inputs"}
+        default=False, metadata={"help": "quantize a layer's linears group by group on already-quantized inputs"}
     )
     simplified_outliers: bool = dataclasses.field(
         default=False, metadata={"help": "(spqr) skip leave-one-out outlier detection when fitting groups"}
