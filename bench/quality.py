@@ -661,6 +661,8 @@ def ort_quantize(proto: onnx.ModelProto, manifest: dict, options: dict, *, calib
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stderr if progress else devnull):
         with _memoized_gptq_sessions() if algorithm == "GPTQ" else contextlib.nullcontext():
             quantizer.process()  # (its RTN/GPTQ paths print a progress bar on stdout)
+    if progress and algorithm in ("RTN", "GPTQ"):
+        print(file=sys.stderr)  # end its progress bar's line
     out = quantizer.model.model
     if not any(o.domain == "com.microsoft" for o in out.opset_import):  # the RTN/GPTQ paths do not add it
         out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
