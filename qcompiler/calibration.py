@@ -40,7 +40,9 @@ from .methods.base import QuantizationResult
 
 log = logging.getLogger(__name__)
 
-CHUNK_TOKENS = 16384  # tokens per forward call (windows per chunk = max(1, CHUNK_TOKENS // seqlen))
+CHUNK_TOKENS = 2048  # tokens per forward call (windows per chunk = max(1, CHUNK_TOKENS // seqlen)); small chunks keep
+# the elementwise work in cache (measured faster than 16384 at seqlen 2048)
+HESSIAN_BLOCK = 512  # row-block width of the lower-triangular Hessian accumulation
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # forced to None: no KV cache
 
 
@@ -174,7 +176,12 @@ def capture_layer_inputs(model: torch.nn.Module, family: Family, calibration: Se
 
 # ---------------------------------------------------------------------------------------------------- hessians
 class Hessian:
-    """Running `H = 2/n Σ x xᵀ` over calibration windows (GPTQ's `add_batch`), float32 `[K, K]`."""
+    """Running `H = 2/n Σ x xᵀ` over calibration windows (GPTQ's `add_batch`), float32 `[K, K]`.
+
+    Only the lower triangle is accumulated (row blocks of `HESSIAN_BLOCK` features: `H[i:j, :j] += x[:, i:j]ᵀ x[:, :j]`),
+    which saves about a third of the work for wide inputs (measured 476 → 314 ms for 16384 tokens × 1536); `value()`
+    mirrors it into the upper triangle, so the result is exactly symmetric.
+    """
 
     def __init__(self, K: int, device=None):
         self.H = torch.zeros((K, K), dtype=torch.float32, device=device)
@@ -185,7 +192,18 @@ class Hessian:
         x = x.reshape(-1, x.shape[-1]).float()
         self.n += windows
         self.H.mul_((self.n - windows) / self.n)
-        self.H.addmm_(x.T, x, alpha=2.0 / self.n)
+        K = x.shape[1]
+        step = max(1, -(-K // max(1, -(-K // HESSIAN_BLOCK))))  # equal row blocks of at most HESSIAN_BLOCK
+        for i in range(0, K, step):
+            j = min(K, i + step)
+            self.H[i:j, :j].addmm_(x[:, i:j].T, x[:, :j], alpha=2.0 / self.n)
+
+    def value(self) -> torch.Tensor:
+        """The symmetric `[K, K]` Hessian (the lower triangle mirrored; the accumulator is consumed)."""
+        H = self.H
+        upper = torch.triu(torch.ones_like(H, dtype=torch.bool), diagonal=1)
+        H[upper] = H.T[upper]
+        return H
 
 
 def _layer_output(y: Any) -> torch.Tensor:
@@ -246,7 +264,7 @@ def collect_hessians(
     finally:
         for h in handles:
             h.remove()
-    return [h.H for h in hessians]
+    return [h.value() for h in hessians]
 
 
 # ---------------------------------------------------------------------------------------------------- engine

@@ -214,3 +214,20 @@ def test_bad_inputs_and_solver_results():
     assert model.config._attn_implementation == "eager"  # restored after an error too
     with pytest.raises(QCompilerError, match="not LayerQuantization"):
         quantize_blockwise(model, family, _windows(n=2), lambda p, m, H: (m.weight, None), progress=False)
+
+
+@pytest.mark.parametrize("K", [1, 7, 512, 513, 1200])
+def test_hessian_lower_triangle_accumulation_equals_full(K, monkeypatch):
+    """The blocked lower-triangle accumulation (several row blocks for K > HESSIAN_BLOCK) equals 2/n Σ x xᵀ and is
+    exactly symmetric; the running average over unequal batches weighs windows, not batches."""
+    monkeypatch.setattr(cal, "HESSIAN_BLOCK", 256)
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(5, 33, K, generator=g)
+    h = cal.Hessian(K)
+    h.add(x[:2], 2)
+    h.add(x[2:], 3)
+    H = h.value()
+    flat = x.reshape(-1, K).double()
+    ref = 2.0 / 5 * flat.T @ flat
+    assert torch.equal(H, H.T)
+    torch.testing.assert_close(H.double(), ref, rtol=1e-5, atol=1e-4)

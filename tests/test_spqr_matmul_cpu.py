@@ -81,6 +81,16 @@ def test_bias_dtype_independent_of_x(x_dtype, bias_dtype):
     _check(w, _x((2, 64), x_dtype), bias_dtype=bias_dtype)
 
 
+@pytest.mark.parametrize("N", [1, 3, 37, 130])
+@pytest.mark.parametrize("M", [1, 5, 70])
+def test_row_blocks_with_ragged_tails(N, M):
+    # The kernel decodes W in blocks of 4 rows and takes dot products 8 lanes at a time: N not a multiple of 4 leaves
+    # a partial row block, K=99 a scalar tail of 3; M=70 gives the many-rows task split.
+    w = random_weight(N=N, K=99, bits=3, group_size=16, stat_bits=3, stat_group_size=16, outlier_rate=0.03,
+                      permute=True, bias=True, seed=N + M)
+    _check(w, _x((M, 99), seed=M))
+
+
 def test_larger_layer_multithreaded():
     # Many row blocks across ORT's thread pool, prefill-like M.
     w = random_weight(N=512, K=1024, bits=3, group_size=128, stat_bits=3, stat_group_size=16, outlier_rate=0.005,

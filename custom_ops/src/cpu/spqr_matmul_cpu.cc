@@ -7,6 +7,7 @@
 #include "cpu/spqr_matmul_cpu.h"
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -19,16 +20,39 @@ using spqr::BoundInputs;
 
 inline float HalfToFloat(uint16_t bits) { return Ort::Float16_t::FromBits(bits).ToFloat(); }
 
-// fp32 dot product with 8 independent accumulators (vectorizable without -ffast-math).
-inline float Dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+// Rows of W decoded together; each X row is loaded once per block and multiplied with all of them.
+constexpr int kRowBlock = 4;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// A second copy compiled for AVX2 + FMA, picked at load time on CPUs that have them (GCC function multiversioning).
+#define SPQR_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define SPQR_CPU_CLONES
+#endif
+
+typedef float V8 __attribute__((vector_size(32)));  // 8 fp32 lanes: one AVX register, or two SSE/NEON ones
+
+inline V8 Load8(const float* p) {
+  V8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// out[r] = dot(w + r*K, x) for r < kRowBlock: 8 lanes per row, each x vector loaded once for all rows.
+SPQR_CPU_CLONES
+void DotRows(const float* __restrict w, const float* __restrict x, int64_t K, float* __restrict out) {
+  V8 acc[kRowBlock] = {};
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
+  for (; i + 8 <= K; i += 8) {
+    const V8 xv = Load8(x + i);
+    for (int r = 0; r < kRowBlock; ++r) acc[r] += Load8(w + r * K + i) * xv;
   }
-  float tail = 0.f;
-  for (; i < n; ++i) tail += a[i] * b[i];
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+  for (int r = 0; r < kRowBlock; ++r) {
+    float tail = 0.f;
+    for (int64_t k = i; k < K; ++k) tail += w[r * K + k] * x[k];
+    const V8& a = acc[r];
+    out[r] = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])) + tail;
+  }
 }
 
 // Everything one ParallelFor task needs (read-only, shared by all tasks).
@@ -102,20 +126,32 @@ void RowBlockTask(void* user, size_t task) {
   const int64_t n_begin = static_cast<int64_t>(task) * j.rows_per_task;
   const int64_t n_end = std::min(a.N, n_begin + j.rows_per_task);
   const int64_t G = a.n_groups();
-  const int64_t k_pad = (a.K + spqr::kChunk - 1) / spqr::kChunk * spqr::kChunk;
-  std::unique_ptr<float[]> w(new float[a.K + 2 * G]);
+  const int64_t K = a.K;
+  const int64_t k_pad = (K + spqr::kChunk - 1) / spqr::kChunk * spqr::kChunk;
+  // kRowBlock decoded rows (rows past n_end stay zero), then the first-level statistics of one row.
+  std::unique_ptr<float[]> w(new float[kRowBlock * K + 2 * G]());
   std::unique_ptr<uint8_t[]> codes(new uint8_t[k_pad]);
-  float* s = w.get() + a.K;
+  float* s = w.get() + kRowBlock * K;
   float* z = s + G;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    DecodeRow(j, n, w.get(), codes.get(), s, z);
-    const float b = j.bias_f32 ? j.bias_f32[n] : (j.bias_f16 ? HalfToFloat(j.bias_f16[n]) : 0.f);
+  float dots[kRowBlock];
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kRowBlock) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, n_end - n0));
+    for (int r = 0; r < rows; ++r) DecodeRow(j, n0 + r, w.get() + r * K, codes.get(), s, z);
+    if (rows < kRowBlock) std::fill(w.get() + rows * K, w.get() + kRowBlock * K, 0.f);
+    float b[kRowBlock];
+    for (int r = 0; r < rows; ++r) {
+      const int64_t n = n0 + r;
+      b[r] = j.bias_f32 ? j.bias_f32[n] : (j.bias_f16 ? HalfToFloat(j.bias_f16[n]) : 0.f);
+    }
     for (int64_t m = 0; m < j.M; ++m) {
-      const float y = Dot(w.get(), j.xp + m * a.K, a.K) + b;
-      if (j.y_f32) {
-        j.y_f32[m * a.N + n] = y;
-      } else {
-        j.y_f16[m * a.N + n] = Ort::Float16_t(y).val;
+      DotRows(w.get(), j.xp + m * K, K, dots);
+      for (int r = 0; r < rows; ++r) {
+        const float y = dots[r] + b[r];
+        if (j.y_f32) {
+          j.y_f32[m * a.N + n0 + r] = y;
+        } else {
+          j.y_f16[m * a.N + n0 + r] = Ort::Float16_t(y).val;
+        }
       }
     }
   }
@@ -205,7 +241,9 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       j.y_f32 = y.GetTensorMutableData<float>();
     }
     // ~64 rows of work per task for GEMV-sized calls, fewer rows when each row serves many X rows.
-    j.rows_per_task = std::max<int64_t>(1, std::min<int64_t>(64, a.N / 64) / std::max<int64_t>(1, M / 8));
+    // (a multiple of kRowBlock).
+    const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(64, a.N / 64) / std::max<int64_t>(1, M / 8));
+    j.rows_per_task = (rows + kRowBlock - 1) / kRowBlock * kRowBlock;
     const int64_t tasks = (a.N + j.rows_per_task - 1) / j.rows_per_task;
     ctx.ParallelFor(&RowBlockTask, static_cast<size_t>(tasks), 0, &j);
   }
