@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="local HF folder, .gguf file, or hub id")
     e.add_argument("-o", "--output", required=True, help="output folder (model.onnx, tokenizer, quant_config.json)")
     e.add_argument("--method", default="rtn", help="quantization method (default: rtn; see --help for the list)")
+    e.add_argument("--preset", default=None,
+                   help="named settings of the method, overridden by explicit flags (spqr: near-lossless = the "
+                        "defaults, sub4 = 3-bit codes under 3.9 bits/param)")
     e.add_argument("--force", action="store_true", help="replace an existing output folder")
     cal = e.add_argument_group("calibration (methods that need data)")
     cal.add_argument("--calibration", default=None,
@@ -107,6 +110,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     method_cls = get_method(args.method)
     accepted = {f.name for f in dataclasses.fields(method_cls.Config)}
     options: dict[str, Any] = {}
+    if args.preset is not None:
+        presets = getattr(method_cls, "presets", {})
+        if args.preset not in presets:
+            known = ", ".join(presets) or "none"
+            raise QCompilerError(f"--method {args.method} has no preset {args.preset!r} (presets: {known})")
+        options.update(presets[args.preset])
     for dest, flag in args._method_flags.items():
         value = getattr(args, dest)
         if value is None:

@@ -13,6 +13,7 @@ from qcompiler.format import DOMAIN, OP_TYPE
 
 
 def _run(capsys, *argv):
+    capsys.readouterr()  # drop what building the arguments printed (e.g. a fixture saving a tiny model)
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
@@ -87,6 +88,8 @@ def test_unknown_architecture(tmp_path, capsys):
     (("--bits", "5"), ("bits", "5")),
     (("--group-size", "0"), ("group", "0")),
     (("--method", "nosuch"), ("nosuch", "rtn")),
+    (("--preset", "sub4"), ("rtn", "sub4", "presets: none")),
+    (("--method", "spqr", "--preset", "bogus"), ("bogus", "near-lossless", "sub4")),
 ])
 def test_bad_method_options(flags, words, tiny_dirs, tmp_path, capsys):
     out = tmp_path / "out"
@@ -130,3 +133,18 @@ def test_eval_on_non_export_folder(tmp_path, capsys):
     code, _, err = _run(capsys, "eval", tmp_path)
     assert code != 0
     assert "not an exported folder" in _one_error_line(err)
+
+
+def test_preset_expands_to_options_and_flags_override(monkeypatch, tiny_dirs, tmp_path):
+    seen = {}
+
+    def fake_export(model, **kw):
+        seen.update(kw["method_options"])
+
+    monkeypatch.setattr("qcompiler.pipeline.export", fake_export)
+    out = tmp_path / "out"
+    assert main(["export", str(tiny_dirs("llama")), "-o", str(out), "--method", "spqr", "--preset", "sub4",
+                     "--outlier-threshold", "0.5"]) == 0
+    assert seen == {"bits": 3, "stat_group_size": 32, "outlier_threshold": 0.5}
+    from qcompiler.methods.spqr import SpQRConfig
+    SpQRConfig(**seen)  # a valid config

@@ -88,6 +88,7 @@ class Method(abc.ABC):
     Config: ClassVar[type]
     needs_calibration: ClassVar[bool] = False
     quantizes: ClassVar[bool] = True  # False only for `none` (an empty result is then not an error)
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}  # `--preset NAME` → Config fields (explicit flags override)
 
     def __init__(self, config: Optional[Any] = None):
         self.config = config if config is not None else self.Config()

@@ -432,6 +432,13 @@ class SpQR(Method):
 
     Config = SpQRConfig
     needs_calibration = True
+    presets = {
+        # the reference's near-lossless setting (the defaults): 4-bit codes, β1=β2=16, 3-bit statistics, τ=0.2
+        "near-lossless": {"bits": 4},
+        # 3-bit codes under 3.9 stored bits/parameter: the reference's w3 setting (τ=0.2, β2=16) keeps ~1.8 %
+        # outliers on SmolLM2-135M, 4.29 bits; β2=32 and τ=0.3 keep ~0.86 %, 3.87 bits (bench/results)
+        "sub4": {"bits": 3, "stat_group_size": 32, "outlier_threshold": 0.3},
+    }
 
     def __init__(self, config: Optional[SpQRConfig] = None):
         super().__init__(config)
