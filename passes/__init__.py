@@ -6,10 +6,14 @@ Each pass is one small file with one concern; `PassManager` runs them with optio
 
 from .base import Pass, PassContext, PassError, PassManager, PassResult, PipelineResult
 from .cleanup import Cleanup
+from .fold_affine_linear import FoldAffineIntoLinear
+from .fold_affine_norm import FoldAffineIntoNorm
 from .replace_linear import ReplaceLinear
 
 __all__ = [
     "Cleanup",
+    "FoldAffineIntoLinear",
+    "FoldAffineIntoNorm",
     "Pass",
     "PassContext",
     "PassError",

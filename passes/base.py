@@ -44,6 +44,10 @@ class PassContext:
 
     verify_each: bool = False
     dump_dir: Optional[str] = None
+    # with verify_each: inputs on which passes that claim `preserves_outputs` are run in ONNX Runtime before and
+    # after (the pass fails if any output moves by more than `verify_atol`)
+    verify_feeds: Optional[dict] = None
+    verify_atol: float = 1e-4
 
 
 class Pass(abc.ABC):
@@ -51,6 +55,7 @@ class Pass(abc.ABC):
     check pre/postconditions and raise `PassError` (or AssertionError) with the reason."""
 
     name: ClassVar[str] = "pass"
+    preserves_outputs: ClassVar[bool] = False  # exact rewrite: `verify_each` checks outputs in ONNX Runtime
 
     def requires(self, model: onnx.ModelProto) -> None:  # noqa: B027 - optional hook
         """Precondition check, run before `call`."""
@@ -106,6 +111,29 @@ def save_model(model: onnx.ModelProto, path: str, *, external_data: bool = True)
         onnx.save(model, path)
 
 
+def _run_ort(model: onnx.ModelProto, feeds: dict) -> dict:
+    """All graph outputs of `model` on `feeds` in ONNX Runtime (CPU, with the SpQRMatMul library)."""
+    from qcompiler.ops import session
+
+    if model.ByteSize() >= _PROTO_LIMIT:
+        raise PassError("verify-each: model above 2 GiB cannot be run from memory")
+    sess = session(model.SerializeToString())
+    names = [o.name for o in sess.get_outputs()]
+    wanted = {i.name for i in sess.get_inputs()}
+    return dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted})))
+
+
+def _check_same(before: dict, after: dict, atol: float) -> None:
+    import numpy as np
+
+    if set(before) != set(after):
+        raise PassError(f"outputs changed: {sorted(set(before) ^ set(after))}")
+    worst = max((float(np.max(np.abs(before[k].astype(np.float64) - after[k]))) if before[k].size else 0.0, k)
+                for k in before)
+    if not worst[0] <= atol:
+        raise PassError(f"output {worst[1]} moved by {worst[0]:.3g} (> {atol:g}) on the verify-each inputs")
+
+
 class PassManager:
     """Runs passes in order. `verify_each` runs onnx.checker and each pass's `ensures` after it; `dump_dir`
     writes `NN_<pass-name>.onnx` after each pass."""
@@ -119,12 +147,16 @@ class PassManager:
         for index, p in enumerate(self.passes, start=1):
             before = [s[0] for s in steps]
             start = time.perf_counter()
+            compare = self.context.verify_each and p.preserves_outputs and self.context.verify_feeds is not None
             try:
                 p.requires(model)
+                reference = _run_ort(model, self.context.verify_feeds) if compare else None
                 result = p.call(model)
                 if self.context.verify_each:
                     check_model(result.model)
                     p.ensures(result.model, result)
+                if compare:
+                    _check_same(reference, _run_ort(result.model, self.context.verify_feeds), self.context.verify_atol)
             except PassError as e:
                 raise PassError(f"pass '{p.name}' failed (after {before or 'no passes'}): {e}") from e
             except (AssertionError, ValueError, onnx.checker.ValidationError) as e:

@@ -19,6 +19,7 @@ class Cleanup(Pass):
     """Remove nodes whose outputs reach no graph output, initializers nobody reads, and exporter debug props."""
 
     name = "cleanup"
+    preserves_outputs = True
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         graph = model.graph

@@ -26,15 +26,23 @@ class ReplaceLinear(Pass):
     Args:
         layers: module path → op representation (what the quantizer produced).
         manifest: the exporter's manifest (`manifest["linears"][module]` names the weight/bias initializers).
-        atol: largest allowed |initializer − decoded weight| (0: exact; the exporter writes fake-quant weights).
+        atol: largest allowed |initializer − expected weight| (0: exact; the exporter writes fake-quant weights).
+        expected: module path → `[N, K]` float32 weight the graph must hold before replacement, when it is not the
+            decoded weight: AffineQuant exports the full-precision model and folds its transforms, so the graph then
+            holds the transformed weight PyTorch quantized (the same fold functions: equal up to `atol`).
+        expected_bias: module path → `[N]` float32 bias the graph must hold (checked like `expected`).
     """
 
     name = "replace-linear"
 
-    def __init__(self, layers: Mapping[str, SpQRWeight], manifest: dict, *, atol: float = 0.0):
+    def __init__(self, layers: Mapping[str, SpQRWeight], manifest: dict, *, atol: float = 0.0,
+                 expected: Optional[Mapping[str, np.ndarray]] = None,
+                 expected_bias: Optional[Mapping[str, np.ndarray]] = None):
         self.layers = dict(layers)
         self.manifest = manifest
         self.atol = atol
+        self.expected = dict(expected or {})
+        self.expected_bias = dict(expected_bias or {})
 
     def requires(self, model: onnx.ModelProto) -> None:
         missing = [m for m in self.layers if m not in self.manifest.get("linears", {})]
@@ -65,7 +73,7 @@ class ReplaceLinear(Pass):
             stored = numpy_helper.to_array(w_init).astype(np.float32)
             if entry["weight_layout"] == "KxN":
                 stored = stored.T
-            decoded = weight.dequantize()
+            decoded = self.expected[module] if module in self.expected else weight.dequantize()
             if decoded.dtype != w_dtype:
                 decoded = decoded.astype(w_dtype).astype(np.float32)
             if stored.shape != decoded.shape:
@@ -73,9 +81,10 @@ class ReplaceLinear(Pass):
             err = float(np.max(np.abs(stored - decoded))) if stored.size else 0.0
             max_err = max(max_err, err)
             if err > self.atol:
+                what = "the weight PyTorch quantized" if module in self.expected else "the quantizer's evaluated weight"
                 raise PassError(
-                    f"{module}: graph weight differs from the quantizer's evaluated weight by {err:.3g} "
-                    f"(> atol {self.atol:g}); the model must be exported after quantization"
+                    f"{module}: graph weight differs from {what} by {err:.3g} (> atol {self.atol:g})"
+                    + ("" if module in self.expected else "; the model must be exported after quantization")
                 )
             out_name = node.output[0]
             bias_name: Optional[str] = entry.get("bias")
@@ -90,6 +99,11 @@ class ReplaceLinear(Pass):
                     out_name = add[0].output[0]
                 else:
                     bias_name = None
+            if bias_name is not None and module in self.expected_bias:
+                graph_b = numpy_helper.to_array(inits[bias_name]).astype(np.float32)
+                berr = float(np.max(np.abs(graph_b - self.expected_bias[module]))) if graph_b.size else 0.0
+                if graph_b.shape != self.expected_bias[module].shape or berr > self.atol:
+                    raise PassError(f"{module}: graph bias differs from the bias PyTorch computed by {berr:.3g}")
             if bias_name is None:
                 with_bias = _without_bias(weight)
             elif weight.bias is None:

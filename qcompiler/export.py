@@ -128,8 +128,13 @@ def export_model(
     opset: int = 18,
     sample_seq: int = 4,
     sample_past: int = 3,
+    transforms: Optional[list] = None,
 ) -> ExportResult:
-    """Export `model` (a HF causal LM, eval mode, fp32 or fp16) with KV cache; rename linear weights; build manifest."""
+    """Export `model` (a HF causal LM, eval mode, fp32 or fp16) with KV cache; rename linear weights; build manifest.
+
+    `transforms`: `AffineTransforms.manifest()` of transforms installed on `model` (`AffineTransforms.install`); their
+    nodes are found, named `{module}/affine/...` and listed in `manifest["affine"]` for the fold passes.
+    """
     layout = KVLayout.from_config(model.config)
     wrapper = KVCacheWrapper(model, layout).eval()
     dtype = next(model.parameters()).dtype
@@ -179,6 +184,10 @@ def export_model(
         proto = onnx.load(path, load_external_data=True)
     _name_dims(proto, layout)
     manifest = _build_manifest(proto, model)
+    if transforms:
+        from .export_affine import tag_transforms
+
+        manifest["affine"] = tag_transforms(proto, manifest, transforms)
     manifest["kv"] = dataclasses.asdict(layout)
     manifest["dtype"] = str(dtype).replace("torch.", "")
     return ExportResult(model=proto, manifest=manifest)
@@ -210,6 +219,7 @@ def _build_manifest(proto: onnx.ModelProto, model: torch.nn.Module) -> dict:
             consumers.setdefault(i, []).append(node)
     renames: dict[str, str] = {}
     entries: dict[str, dict] = {}
+    mismatched: dict[str, str] = {}
     for node in proto.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
             continue
@@ -233,7 +243,8 @@ def _build_manifest(proto: onnx.ModelProto, model: torch.nn.Module) -> dict:
         w_name = node.input[1]
         w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
         if w.shape != ref.shape or not np.array_equal(w, ref.astype(inits_dtype(inits[w_name])).astype(np.float32)):
-            raise QCompilerError(f"export: the {node.op_type} weight for {module} does not match the PyTorch weight")
+            mismatched.setdefault(module, node.op_type)  # another node of the module (e.g. a transform) may match
+            continue
         entry = {
             "op": node.op_type,
             "node": node.name,
@@ -254,6 +265,9 @@ def _build_manifest(proto: onnx.ModelProto, model: torch.nn.Module) -> dict:
                     if len(consumers.get(bias_name, [])) == 1:
                         entry["bias"] = renames[bias_name] = module + BIAS_SUFFIX
         entries[module] = entry
+    for module, op in mismatched.items():
+        if module not in entries:
+            raise QCompilerError(f"export: the {op} weight for {module} does not match the PyTorch weight")
     _rename_tensors(proto, renames)
     return {"linears": entries}
 
