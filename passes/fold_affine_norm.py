@@ -77,9 +77,11 @@ class FoldAffineIntoNorm(Pass):
                     del roles["pre"]
                 elif shift is not None:
                     pre.name = f"{norm}/affine/shift"
+                    _own_const(index, pre, f"{norm}.affine_shift", shift)
                     roles["shift"] = roles.pop("pre")
                     counts["shift_kept"] += 1
                 inv.name = f"{norm}/affine/matrix"
+                _own_const(index, inv, f"{norm}.affine_matrix", P)
                 roles["matrix"] = roles.pop("inv")
                 counts["matrices_kept"] += 1
                 notes.append(f"{norm}: {P.shape[0]}x{P.shape[1]} matrix kept ({P.nbytes / 1e6:.2f} MB)")
@@ -115,6 +117,14 @@ class FoldAffineIntoNorm(Pass):
                 for role in ("pre", "inv"):
                     if role in t["nodes"] or f"{t['norm']}/affine/{role}" in names:
                         raise PassError(f"{t['norm']}: transform node '{role}' left after folding")
+
+
+def _own_const(index: GraphIndex, node: onnx.NodeProto, name: str, value: np.ndarray) -> None:
+    """Point `node`'s constant input at an initializer of its own called `name` (what the loaders look for)."""
+    k, _ = index.const_input(node)
+    if node.input[k] != name:
+        node.input[k] = index.set_const(name, value)
+        index.refresh()
 
 
 def _t(a):

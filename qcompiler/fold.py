@@ -6,7 +6,8 @@ Conventions (the ONNX layout: a linear is `z = x @ W + b` with `W [K, N]`; PyTor
   norm → linears transform is `pre = −δ`, `post = +δ`, `P = A⁻¹` (diagonal: `1 / s`), `Q = A`;
 - `P` and `Q` are either a vector (a diagonal matrix) or a `[K, K]` matrix.
 
-Every function computes in float64 and returns float32 (the stored dtype). The merge (qcompiler/transforms.py) calls
+Every function computes in float64 and returns float32 (the stored dtype), and is differentiable (AffineQuant's
+training builds its temporary weights with them). The merge (qcompiler/transforms.py) calls
 them with the same float32 tensors the exported graph holds, so the folded graph and the merged PyTorch model hold
 bit-identical weights (tests/test_fold.py holds the two against each other).
 """
@@ -26,7 +27,7 @@ def _t64(x) -> Optional[Tensor]:
         return None
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
-    return x.detach().to(torch.float64).contiguous()
+    return x.to(torch.float64).contiguous()  # differentiable: AffineQuant trains through these functions
 
 
 def _f32(x: Optional[Tensor]) -> Optional[Tensor]:

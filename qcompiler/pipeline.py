@@ -68,7 +68,7 @@ def export(
     from .families import family_for
     from .loading import load_config, load_model
     from .methods import get_method
-    from .passes import Cleanup, PassContext, PassManager, ReplaceLinear
+    from .passes import Cleanup, FoldAffineIntoLinear, FoldAffineIntoNorm, PassContext, PassManager, ReplaceLinear
     from .passes.base import save_model
 
     # Fail fast on everything that can be checked before loading a model.
@@ -107,12 +107,26 @@ def export(
     _echo("exporting to ONNX", quiet)
     from .export import export_model
 
-    exported = export_model(model)
+    if result.transforms:
+        # the full-precision model with the transforms as explicit nodes; the fold passes fold them
+        fp_model = full_precision_copy(model, result)
+        handles = result.transforms.install(fp_model)
+        exported = export_model(fp_model, transforms=result.transforms.manifest())
+        for h in handles:
+            h.remove()
+        del fp_model
+        passes = [FoldAffineIntoNorm(exported.manifest), FoldAffineIntoLinear(exported.manifest),
+                  ReplaceLinear(result.layers, exported.manifest, expected=result.expected,
+                                expected_bias=result.expected_bias)]
+    else:
+        exported = export_model(model)
+        passes = [ReplaceLinear(result.layers, exported.manifest)]
     secs["export"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    ctx = PassContext(verify_each=verify_each, dump_dir=dump_dir)
-    pipeline = PassManager([ReplaceLinear(result.layers, exported.manifest), Cleanup()], context=ctx)
+    ctx = PassContext(verify_each=verify_each, dump_dir=dump_dir,
+                      verify_feeds=random_feeds(model, exported.manifest["kv"]) if verify_each else None)
+    pipeline = PassManager([*passes, Cleanup()], context=ctx)
     run = pipeline.run(exported.model)
     proto = run.model
     secs["passes"] = time.perf_counter() - t
@@ -165,6 +179,48 @@ def export(
     _echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in secs.items()), quiet)
     return ExportReport(output=out, avg_bits=avg_bits, n_quantized=len(result.layers), max_abs_logit_diff=diff,
                         seconds=secs)
+
+
+def full_precision_copy(model: torch.nn.Module, result) -> torch.nn.Module:
+    """A copy of a merged (AffineQuant) model with its full-precision parameters back and the merge's hooks and
+    buffers removed: the model the transforms are installed on for export."""
+    import copy
+
+    from .transforms import NORM_MATRIX, NORM_SHIFT
+
+    fp = copy.deepcopy(model)
+    modules = dict(fp.named_modules())
+    with torch.no_grad():
+        for name, value in result.fp_state.items():
+            module_path, _, attr = name.rpartition(".")
+            module = modules[module_path]
+            if value is None:
+                setattr(module, attr, None)
+            else:
+                getattr(module, attr).copy_(value)
+    for t in result.transforms.norms:
+        norm = modules[t.norm]
+        norm._forward_hooks.clear()
+        for buf in (NORM_MATRIX, NORM_SHIFT):
+            norm._buffers.pop(buf, None)
+    return fp
+
+
+def random_feeds(model: torch.nn.Module, kv: dict, *, seq: int = 8, past: int = 3, seed: int = 0) -> dict:
+    """Random graph inputs (tokens, a random KV past) for `verify_each`'s before/after runs."""
+    from .export import KVLayout
+
+    layout = KVLayout(**kv)
+    rng = np.random.default_rng(seed)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    feeds = {
+        "input_ids": rng.integers(0, vocab, size=(1, seq)).astype(np.int64),
+        "attention_mask": np.ones((1, past + seq), np.int64),
+        "position_ids": np.arange(past, past + seq, dtype=np.int64)[None],
+    }
+    for name in layout.input_names():
+        feeds[name] = rng.standard_normal((1, layout.num_kv_heads, past, layout.head_dim)).astype(np.float32)
+    return feeds
 
 
 def _takes_config(cls) -> bool:
@@ -241,11 +297,40 @@ def torch_model_from_folder(folder: str | Path, *, model_override: Optional[str]
         if module not in modules:
             raise QCompilerError(f"{folder}: node {node.name} names no module of {source}")
         w = weight_from_node(node, inits)
+        lin = modules[module]
         with torch.no_grad():
-            modules[module].weight.copy_(torch.from_numpy(w.dequantize()))
+            lin.weight.copy_(torch.from_numpy(w.dequantize()))
+            if w.bias is not None:  # AffineQuant folds may give a linear a bias it did not have
+                if lin.bias is None:
+                    lin.bias = torch.nn.Parameter(torch.from_numpy(w.bias.copy()), requires_grad=False)
+                else:
+                    lin.bias.copy_(torch.from_numpy(w.bias))
         n += 1
+    _load_folded_norms(model, inits, modules)
     log.info("loaded %d quantized linears into %s", n, source)
     return model, tokenizer
+
+
+def _load_folded_norms(model: torch.nn.Module, inits: dict, modules: dict) -> None:
+    """Norm parameters the fold passes rewrote (initializers named `{norm}.weight` / `.bias`) and what stays after
+    a norm (`{norm}.affine_matrix`, `{norm}.affine_shift`: re-attached as a hook), into the source model."""
+    from onnx import numpy_helper
+
+    from .transforms import NORM_MATRIX, NORM_SHIFT, attach_norm_residue
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in params.items():
+            if name in inits and not name.endswith((".weight_t",)) and p.dim() == 1:
+                p.copy_(torch.from_numpy(numpy_helper.to_array(inits[name]).copy()))
+    for path, module in modules.items():
+        matrix, shift = inits.get(f"{path}.{NORM_MATRIX}"), inits.get(f"{path}.{NORM_SHIFT}")
+        if matrix is not None or shift is not None:
+            attach_norm_residue(
+                module,
+                matrix=None if matrix is None else torch.from_numpy(numpy_helper.to_array(matrix).copy()),
+                shift=None if shift is None else torch.from_numpy(numpy_helper.to_array(shift).copy()),
+            )
 
 
 def evaluate_folder(

@@ -34,12 +34,22 @@ class QuantizationResult:
             "outlier_share": outliers / parameters, "N": out_features, "K": in_features}.
         totals: over all layers: {"layers", "params", "avg_bits" (parameter-weighted), "rel_error" (mean over
             layers), "outlier_share" (parameter-weighted)}.
+        transforms: learned transforms (AffineQuant, `qcompiler.transforms.AffineTransforms`); the model was merged
+            in place, and the export carries them as nodes on the full-precision weights for the fold passes.
+        fp_state: with transforms: parameter path → full-precision value before the merge (None: a bias the merge
+            added), to rebuild the full-precision model for export.
+        expected / expected_bias: with transforms: module path → `[N, K]` weight / `[N]` bias the graph holds after
+            folding (the weight the quantizer was given), checked by replace-linear.
     """
 
     layers: dict[str, SpQRWeight]
     config: dict[str, Any]
     report: dict[str, dict[str, float]]
     totals: dict[str, float] = dataclasses.field(default_factory=dict)
+    transforms: Optional[Any] = None
+    fp_state: dict[str, Optional[torch.Tensor]] = dataclasses.field(default_factory=dict)
+    expected: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    expected_bias: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.totals:
