@@ -47,7 +47,7 @@ import onnx
 REPO = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------------------------- presets
-# One dict per row, in table order. `method`: a qcompiler method ("none", "rtn", "gptq", "spqr": `options` are the
+# One dict per row, in table order. `method`: a qcompiler method ("none", "rtn", "gptq", "spqr", "affinequant": `options` are the
 # fields of its Config dataclass, i.e. the `qcompiler export` flags), or "ort": ONNX Runtime's MatMulNBitsQuantizer
 # on the fp32 export (`options`: algorithm DEFAULT | RTN | GPTQ, bits, block_size, is_symmetric, accuracy_level,
 # and for GPTQ actorder/percdamp). `note` goes into the table.
@@ -66,6 +66,11 @@ PRESETS: list[dict[str, Any]] = [
      "options": {"bits": 3, "group_size": 16, "act_order": True, "percdamp": 0.01}},
     {"name": "gptq-w3g32", "method": "gptq",
      "options": {"bits": 3, "group_size": 32, "act_order": True, "percdamp": 0.01}},
+    {"name": "rtn-w2g64", "method": "rtn", "options": {"bits": 2, "group_size": 64}},
+    {"name": "gptq-w3g64", "method": "gptq",
+     "options": {"bits": 3, "group_size": 64, "act_order": True, "percdamp": 0.01}},
+    {"name": "gptq-w2g64", "method": "gptq",
+     "options": {"bits": 2, "group_size": 64, "act_order": True, "percdamp": 0.01}},
     {"name": "spqr-w4", "method": "spqr", "note": "near-lossless preset (`--method spqr`)",
      "options": {"bits": 4, "group_size": 16, "stat_bits": 3, "stat_group_size": 16, "outlier_threshold": 0.2,
                  "act_order": True, "percdamp": 1.0}},
@@ -73,6 +78,15 @@ PRESETS: list[dict[str, Any]] = [
      "note": "3-bit preset (β2=32, τ=0.3: ≤ 3.9 bits; the reference's τ=0.2, β2=16 stores 4.29 bits here)",
      "options": {"bits": 3, "group_size": 16, "stat_bits": 3, "stat_group_size": 32, "outlier_threshold": 0.3,
                  "act_order": True, "percdamp": 1.0}},
+    # AffineQuant: the reference's LLaMA w*a16 settings (diagonal norm transforms, per-KV-head v→o blocks, LWC,
+    # let_lr 5e-3, lwc_lr 1e-2), with 4 windows of 512 tokens per step (the reference: 1 × 2048) and half its epochs
+    # (10; 20 at 2 bits, with aug_loss) to fit a 2-core CPU
+    {"name": "affinequant-w4g64", "method": "affinequant",
+     "options": {"bits": 4, "group_size": 64, "epochs": 10, "batch_size": 4}},
+    {"name": "affinequant-w3g64", "method": "affinequant",
+     "options": {"bits": 3, "group_size": 64, "epochs": 10, "batch_size": 4}},
+    {"name": "affinequant-w2g64", "method": "affinequant",
+     "options": {"bits": 2, "group_size": 64, "epochs": 20, "batch_size": 4, "aug_loss": True}},
     {"name": "ort-default-w4b32", "method": "ort",
      "options": {"algorithm": "DEFAULT", "bits": 4, "block_size": 32, "is_symmetric": False}},
     {"name": "ort-default-w4b64", "method": "ort",
@@ -777,7 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation text (default: $QCOMPILER_DATA or ../shared/data/wikitext2/test_rows.json)")
     p.add_argument("--seqlen", type=int, default=512, help="evaluation window length (default: 512)")
     p.add_argument("--max-windows", type=int, default=40, help="evaluate the first M windows (default: 40)")
-    cal = p.add_argument_group("calibration (gptq, spqr, ORT GPTQ)")
+    cal = p.add_argument_group("calibration (gptq, spqr, affinequant, ORT GPTQ)")
     cal.add_argument("--calibration", default=str(shared / "valid.tokens.txt"),
                      help="calibration text (default: ../shared/data/wikitext2/valid.tokens.txt)")
     cal.add_argument("--nsamples", type=int, default=16, help="calibration windows (default: 16)")
@@ -807,7 +821,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise BenchError(f"{what} {path} not found"
                                  + (" (bash examples/smollm2.sh downloads the model into ./models)"
                                     if what == "--model" else ""))
-        if any(p["method"] in ("gptq", "spqr") or p["options"].get("algorithm") == "GPTQ" for p in presets) \
+        if any(p["method"] in ("gptq", "spqr", "affinequant") or p["options"].get("algorithm") == "GPTQ" for p in presets) \
                 and not Path(args.calibration).exists():
             raise BenchError(f"--calibration {args.calibration} not found")
     except BenchError as e:

@@ -161,14 +161,18 @@ def lwc_params(w: torch.Tensor, up: torch.Tensor, low: torch.Tensor, bits: int, 
 
 
 def lwc_fake_quant(w: torch.Tensor, up: torch.Tensor, low: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """Differentiable fake quantization of `w [N, K]` with learned clipping (STE through the rounding)."""
+    """Differentiable fake quantization of `w [N, K]` with learned clipping (STE through the rounding); computed on
+    `[N, G, group_size]` views (no gathers: this runs on every weight at every training step)."""
     maxq = 2**bits - 1
-    scale, zero = lwc_params(w, up, low, bits, group_size)
-    gi = torch.arange(w.shape[1]) // group_size
-    s, z = scale[:, gi], zero[:, gi]
-    x = w / s
+    N, K = w.shape
+    g, G = _grouped(w, group_size)
+    xmax = torch.sigmoid(up) * g.amax(-1)
+    xmin = torch.sigmoid(low) * g.amin(-1)
+    s = ((xmax - xmin) / maxq).clamp(1e-5, 1e4).unsqueeze(-1)
+    z = torch.round(-xmin.unsqueeze(-1) / s).clamp(0, maxq).detach()
+    x = g / s
     q = torch.clamp(x + (torch.round(x) - x).detach() + z, 0, maxq)
-    return (q - z) * s
+    return ((q - z) * s).reshape(N, G * group_size)[:, :K]
 
 
 # ---------------------------------------------------------------------------------------------------- one layer
@@ -273,6 +277,7 @@ class _LayerState:
         (differentiable), for `functional_call`; plus norm hooks (ln_matrix) to install for the forward."""
         cfg = self.cfg
         fp = self.fp
+        c = torch.float32  # training precision; the merge recomputes the weights in float64 (qcompiler.fold)
         out: dict[str, torch.Tensor] = {}
         hooks = []
         norms, heads = self.masked()
@@ -284,25 +289,26 @@ class _LayerState:
             bias_key = f"{norm}.bias"
             b = fp.get(bias_key)
             if A.dim() == 1:
-                P = fold.inverse64(A)
-                w2, b2, _ = fold.fold_into_norm(fp[f"{norm}.weight"], b, P, pre)
+                P = fold.inverse64(A, compute=c)
+                w2, b2, _ = fold.fold_into_norm(fp[f"{norm}.weight"], b, P, pre, compute=c)
                 out[f"{norm}.weight"] = w2
                 if b2 is not None:
                     out[bias_key] = b2
             else:
-                P = fold.inverse64(A)
+                P = fold.inverse64(A, compute=c)
                 if pre is not None and b is not None:
-                    _, out[bias_key], _ = fold.fold_into_norm(fp[f"{norm}.weight"], b, torch.ones_like(b), pre)
+                    _, out[bias_key], _ = fold.fold_into_norm(fp[f"{norm}.weight"], b, torch.ones_like(b), pre,
+                                                              compute=c)
                 hooks.append((norm, P))
             for name in n["linears"]:
                 W, bb = fold.fold_linear_input(fp[f"{name}.weight"].T, fp.get(f"{name}.bias"), A,
-                                               post=None if shift is None else shift)
+                                               post=None if shift is None else shift, compute=c)
                 Wt[name] = (W.T, bb)
-        inv = fold.block_diag_heads(fold.blocks_inverse64(heads))
-        W, bb = fold.fold_linear_output(fp[f"{self.v}.weight"].T, fp.get(f"{self.v}.bias"), inv)
+        inv = fold.block_diag_heads(fold.blocks_inverse64(heads, compute=c))
+        W, bb = fold.fold_linear_output(fp[f"{self.v}.weight"].T, fp.get(f"{self.v}.bias"), inv, compute=c)
         Wt[self.v] = (W.T, bb)
         W, bb = fold.fold_linear_input(fp[f"{self.o}.weight"].T, fp.get(f"{self.o}.bias"),
-                                       fold.block_diag_heads(heads, self.repeat))
+                                       fold.block_diag_heads(heads, self.repeat), compute=c)
         Wt[self.o] = (W.T, bb)
         for name, lin in self.linears.items():
             W, bb = Wt.get(name, (fp[f"{name}.weight"], fp.get(f"{name}.bias")))
