@@ -8,6 +8,7 @@ from .base import Pass, PassContext, PassError, PassManager, PassResult, Pipelin
 from .cleanup import Cleanup
 from .fold_affine_linear import FoldAffineIntoLinear
 from .fold_affine_norm import FoldAffineIntoNorm
+from .quantize_activations import QuantizeActivations
 from .replace_linear import ReplaceLinear
 
 __all__ = [
@@ -20,5 +21,6 @@ __all__ = [
     "PassManager",
     "PassResult",
     "PipelineResult",
+    "QuantizeActivations",
     "ReplaceLinear",
 ]

@@ -68,7 +68,8 @@ def export(
     from .families import family_for
     from .loading import load_config, load_model
     from .methods import get_method
-    from .passes import Cleanup, FoldAffineIntoLinear, FoldAffineIntoNorm, PassContext, PassManager, ReplaceLinear
+    from .passes import (Cleanup, FoldAffineIntoLinear, FoldAffineIntoNorm, PassContext, PassManager,
+                         QuantizeActivations, ReplaceLinear)
     from .passes.base import save_model
 
     # Fail fast on everything that can be checked before loading a model.
@@ -126,6 +127,9 @@ def export(
     t = time.perf_counter()
     ctx = PassContext(verify_each=verify_each, dump_dir=dump_dir,
                       verify_feeds=random_feeds(model, exported.manifest["kv"]) if verify_each else None)
+    abits = result.config.get("abits", 16) if isinstance(result.config, dict) else 16
+    if abits < 16:
+        passes.append(QuantizeActivations(result.layers, abits))
     pipeline = PassManager([*passes, Cleanup()], context=ctx)
     run = pipeline.run(exported.model)
     proto = run.model
@@ -198,6 +202,8 @@ def full_precision_copy(model: torch.nn.Module, result) -> torch.nn.Module:
                 setattr(module, attr, None)
             else:
                 getattr(module, attr).copy_(value)
+    for path in result.layers:  # activation fake-quant hooks (w4a4): the graph gets them from a pass
+        modules[path]._forward_pre_hooks.clear()
     for t in result.transforms.norms:
         norm = modules[t.norm]
         norm._forward_hooks.clear()
@@ -307,6 +313,12 @@ def torch_model_from_folder(folder: str | Path, *, model_override: Optional[str]
                     lin.bias.copy_(torch.from_numpy(w.bias))
         n += 1
     _load_folded_norms(model, inits, modules)
+    abits = (cfg.get("config") or {}).get("abits", 16)
+    if abits < 16:
+        from .actquant import install_act_quant
+
+        install_act_quant([modules[n.name.rsplit("/", 1)[0]] for n in proto.graph.node
+                           if n.op_type == OP_TYPE and n.domain == DOMAIN], abits)
     log.info("loaded %d quantized linears into %s", n, source)
     return model, tokenizer
 

@@ -100,7 +100,8 @@ def test_training_lowers_the_block_loss():
 
 
 @pytest.mark.parametrize("kind,flags", [("llama", []), ("opt", []), ("llama", ["--ln-matrix"]),
-                                        ("opt", ["--ln-matrix", "--bits", "2", "--group-size", "16"])])
+                                        ("opt", ["--ln-matrix", "--bits", "2", "--group-size", "16"]),
+                                        ("llama", ["--preset", "w4a4"])])
 def test_export_end_to_end_matches_pytorch(kind, flags, tiny_dirs, tmp_path):
     from qcompiler.cli import main
     from qcompiler.pipeline import evaluate_folder
@@ -121,6 +122,35 @@ def test_export_end_to_end_matches_pytorch(kind, flags, tiny_dirs, tmp_path):
     left = [n.name for n in proto.graph.node if "/affine/" in n.name]
     assert all(n.endswith("/affine/matrix") for n in left)
     assert len(left) == (4 if "--ln-matrix" in flags else 0)
+    act = [n for n in proto.graph.node if n.op_type.startswith("ActQuantPerToken")]
+    # w4a4: one per distinct linear input: q/k/v share one, o, gate/up share one, down → 4 per layer
+    assert len(act) == (4 * 2 if "w4a4" in flags else 0)
     ppl = {b: evaluate_folder(out, dataset=str(calib), seqlen=32, max_windows=3, backend=b, progress=False)
            for b in ("ort", "torch")}
     assert abs(ppl["ort"] / ppl["torch"] - 1) < 1e-4
+
+
+def test_act_fake_quant_onnx_function_matches_pytorch_exactly():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from qcompiler.actquant import FUNCTION_DOMAIN, act_fake_quant, act_quant_function, function_name
+    from qcompiler.ops import session
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 5, 64)) * rng.uniform(0.01, 10, (3, 5, 1))).astype(np.float32)
+    x[0, 0] = 0.0  # constant row: scale clamps to 1e-5
+    x[1, 1, :4] = [0.5, 1.5, 2.5, -0.5]  # ties for round-half-to-even
+    for bits in (4, 8):
+        node = helper.make_node(function_name(bits), ["x"], ["y"], domain=FUNCTION_DOMAIN)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5, 64])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5, 64])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                        helper.make_opsetid(FUNCTION_DOMAIN, 1)],
+                                  functions=[act_quant_function(bits)], ir_version=10)
+        onnx.checker.check_model(model)
+        got = session(model.SerializeToString()).run(["y"], {"x": x})[0]
+        ref = act_fake_quant(torch.from_numpy(x), bits).numpy()
+        assert np.array_equal(got, ref)
+        # at most 2^bits distinct values per token
+        assert max(len(np.unique(r)) for r in ref.reshape(-1, 64)) <= 2**bits

@@ -45,6 +45,7 @@ import torch
 from torch.func import functional_call
 
 from .. import QCompilerError, fold
+from ..actquant import install_act_quant
 from ..calibration import _calibration_mode, _layer_output, capture_layer_inputs
 from ..families import Family, get_module, iter_layers, layer_linears
 from ..transforms import AffineTransforms, HeadTransform, NormTransform, attach_norm_residue
@@ -84,6 +85,8 @@ class AffineQuantConfig:
         batch_size: calibration windows per optimizer step.
         let: learn the transforms (False: LWC only, identity transforms).
         lwc: learn the clipping (False: plain min-max grid).
+        abits: activation bits: 16 = weights only; 4 or 8 = dynamic per-token asymmetric fake quantization of every
+            quantized linear's input (w4a4), in training, in the merged model and in the graph (qcompiler/actquant.py).
     """
 
     bits: int = dataclasses.field(default=4, metadata={"help": "weight code width: 2, 3 or 4"})
@@ -99,6 +102,7 @@ class AffineQuantConfig:
     batch_size: int = dataclasses.field(default=1, metadata={"help": "calibration windows per optimizer step"})
     let: bool = dataclasses.field(default=True, metadata={"help": "learn the affine transforms"})
     lwc: bool = dataclasses.field(default=True, metadata={"help": "learn the weight clipping"})
+    abits: int = dataclasses.field(default=16, metadata={"help": "activation bits (16: off; 4: w4a4, per token)"})
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -110,6 +114,8 @@ class AffineQuantConfig:
             raise QCompilerError(f"batch size must be ≥ 1 (got {self.batch_size})")
         if not self.sf > 0:
             raise QCompilerError(f"sf must be > 0 (got {self.sf})")
+        if self.abits not in (4, 8, 16):
+            raise QCompilerError(f"abits must be 4, 8 or 16 (off) (got {self.abits})")
 
 
 # ---------------------------------------------------------------------------------------------------- pieces
@@ -375,6 +381,8 @@ class AffineQuant(Method):
         "w4a16g64": {"bits": 4, "group_size": 64, "epochs": 20},
         "w3a16g64": {"bits": 3, "group_size": 64, "epochs": 20},
         "w2a16g64": {"bits": 2, "group_size": 64, "epochs": 40, "aug_loss": True},
+        # the reference's llama w4a4 script: per-channel weights, aug_loss, sf 0.1 (its q/k matrix is not used here)
+        "w4a4": {"bits": 4, "group_size": 0, "abits": 4, "epochs": 20, "aug_loss": True, "sf": 0.1},
     }
 
     def quantize(self, model, family, *, calibration=None, progress=True) -> QuantizationResult:
@@ -423,6 +431,8 @@ class AffineQuant(Method):
                         fp_state[f"{path}.{name}.bias"] = None
                 groups = state.params()
                 loss_value = float("nan")
+                act_hooks = (install_act_quant(state.linears.values(), cfg.abits, ste=True) if cfg.abits < 16
+                             else [])
                 if cfg.epochs > 0 and groups:
                     opt = torch.optim.AdamW(groups, weight_decay=cfg.wd)
                     steps = math.ceil(n / cfg.batch_size)
@@ -449,6 +459,8 @@ class AffineQuant(Method):
                         outer.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss_value:.3g}")
                 else:
                     state.set_epoch(max(cfg.epochs - 1, 0))
+                for h in act_hooks:
+                    h.remove()
                 # merge: transformed fp weights (qcompiler.fold, as the passes), quantized with the learned clipping
                 layer_t = state.transforms()
                 with torch.no_grad():
@@ -476,6 +488,8 @@ class AffineQuant(Method):
                             else:
                                 lin.bias.copy_(b)
                     layer_t.merge_norms(model)
+                    if cfg.abits < 16:  # the merged model quantizes activations as the graph will
+                        install_act_quant(state.linears.values(), cfg.abits)
                     transforms.norms += layer_t.norms
                     transforms.heads += layer_t.heads
                     if index + 1 < len(layers):
