@@ -87,6 +87,10 @@ PRESETS: list[dict[str, Any]] = [
      "options": {"bits": 3, "group_size": 64, "epochs": 10, "batch_size": 4}},
     {"name": "affinequant-w2g64", "method": "affinequant",
      "options": {"bits": 2, "group_size": 64, "epochs": 20, "batch_size": 4, "aug_loss": True}},
+    {"name": "affinequant+spqr-w3", "method": "affinequant+spqr",
+     "note": "AffineQuant transforms (as affinequant-w3g64's training), then SpQR's 3-bit preset on the transformed weights",
+     "options": {"bits": 3, "group_size": 16, "stat_bits": 3, "stat_group_size": 32, "outlier_threshold": 0.3,
+                 "act_order": True, "percdamp": 1.0, "epochs": 10, "batch_size": 4}},
     {"name": "ort-default-w4b32", "method": "ort",
      "options": {"algorithm": "DEFAULT", "bits": 4, "block_size": 32, "is_symmetric": False}},
     {"name": "ort-default-w4b64", "method": "ort",
@@ -821,7 +825,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise BenchError(f"{what} {path} not found"
                                  + (" (bash examples/smollm2.sh downloads the model into ./models)"
                                     if what == "--model" else ""))
-        if any(p["method"] in ("gptq", "spqr", "affinequant") or p["options"].get("algorithm") == "GPTQ" for p in presets) \
+        if any(p["method"] in ("gptq", "spqr", "affinequant", "affinequant+spqr") or p["options"].get("algorithm") == "GPTQ" for p in presets) \
                 and not Path(args.calibration).exists():
             raise BenchError(f"--calibration {args.calibration} not found")
     except BenchError as e:

@@ -103,6 +103,18 @@ def test_training_lowers_the_block_loss():
                                         ("opt", ["--ln-matrix", "--bits", "2", "--group-size", "16"]),
                                         ("llama", ["--preset", "w4a4"])])
 def test_export_end_to_end_matches_pytorch(kind, flags, tiny_dirs, tmp_path):
+    _export_and_compare(kind, ["--method", "affinequant", *flags], tiny_dirs, tmp_path)
+
+
+def test_affinequant_then_spqr_exports_spqr_layers_on_transformed_weights(tiny_dirs, tmp_path):
+    cfg = _export_and_compare("llama", ["--method", "affinequant+spqr", "--bits", "3", "--outlier-threshold", "0.1"],
+                              tiny_dirs, tmp_path)
+    assert cfg["method"] == "affinequant+spqr" and cfg["config"]["stat_bits"] == 3
+    shares = [layer["outlier_share"] for layer in cfg["layers"].values()]
+    assert any(s > 0 for s in shares)  # SpQR's outliers, not AffineQuant's plain grid
+
+
+def _export_and_compare(kind, flags, tiny_dirs, tmp_path):
     from qcompiler.cli import main
     from qcompiler.pipeline import evaluate_folder
 
@@ -111,11 +123,11 @@ def test_export_end_to_end_matches_pytorch(kind, flags, tiny_dirs, tmp_path):
     rng = np.random.default_rng(0)
     calib.write_text(" ".join(f"w{i}" for i in rng.integers(0, 120, 4000)))
     out = tmp_path / "out"
-    rc = main(["export", str(src), "--method", "affinequant", "--epochs", "2", "--nsamples", "3", "--seqlen", "32",
+    rc = main(["export", str(src), "--epochs", "2", "--nsamples", "3", "--seqlen", "32",
                "--calibration", str(calib), "-o", str(out), "--verify-each", "--quiet", *flags])
     assert rc == 0
     cfg = json.loads((out / "quant_config.json").read_text())
-    assert cfg["method"] == "affinequant" and cfg["validation"]["max_abs_logit_diff"] < 1e-4
+    assert cfg["method"] == flags[1] and cfg["validation"]["max_abs_logit_diff"] < 1e-4
     import onnx
 
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
@@ -128,6 +140,7 @@ def test_export_end_to_end_matches_pytorch(kind, flags, tiny_dirs, tmp_path):
     ppl = {b: evaluate_folder(out, dataset=str(calib), seqlen=32, max_windows=3, backend=b, progress=False)
            for b in ("ort", "torch")}
     assert abs(ppl["ort"] / ppl["torch"] - 1) < 1e-4
+    return cfg
 
 
 def test_act_fake_quant_onnx_function_matches_pytorch_exactly():

@@ -13,7 +13,7 @@ from .. import QCompilerError
 _REGISTRY: dict[str, type] = {}
 
 # Modules of this package that define methods, imported on first use of the registry.
-_BUILTIN_MODULES = ("none", "rtn", "gptq", "spqr", "affinequant")
+_BUILTIN_MODULES = ("none", "rtn", "gptq", "spqr", "affinequant", "affinequant_spqr")
 _loaded = False
 
 
