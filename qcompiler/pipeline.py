@@ -153,6 +153,16 @@ def export(
         "dtype": exported.manifest["dtype"],
         "layers": _jsonable(result.report) if getattr(result, "report", None) else {},
     }
+    if result.transforms:
+        kept = [t for t in proto.graph.initializer if t.name.endswith((".affine_matrix", ".affine_shift"))]
+        quant_config["affine"] = {
+            "norm_transforms": len(result.transforms.norms),
+            "head_transforms": len(result.transforms.heads),
+            "matrices": any(t.matrix for t in result.transforms.norms),
+            # what stays in the graph after folding (--ln-matrix): fp32 MatMul weights next to the norms
+            "kept_tensors": len(kept),
+            "kept_bytes": sum(int(np.prod(t.dims)) * 4 for t in kept),
+        }
     if calib is not None:
         quant_config["calibration"] = {"path": str(calibration), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     _set_metadata(proto, {"qcompiler.method": method, "qcompiler.version": __version__,

@@ -134,6 +134,8 @@ def _export_and_compare(kind, flags, tiny_dirs, tmp_path):
     left = [n.name for n in proto.graph.node if "/affine/" in n.name]
     assert all(n.endswith("/affine/matrix") for n in left)
     assert len(left) == (4 if "--ln-matrix" in flags else 0)
+    if "--method" in flags and flags[1] == "affinequant":  # the size cost of what stays: 4 norms × 64² fp32
+        assert cfg["affine"]["kept_bytes"] == (4 * 64 * 64 * 4 if "--ln-matrix" in flags else 0)
     act = [n for n in proto.graph.node if n.op_type.startswith("ActQuantPerToken")]
     # w4a4: one per distinct linear input: q/k/v share one, o, gate/up share one, down → 4 per layer
     assert len(act) == (4 * 2 if "w4a4" in flags else 0)
