@@ -169,3 +169,20 @@ def test_act_fake_quant_onnx_function_matches_pytorch_exactly():
         assert np.array_equal(got, ref)
         # at most 2^bits distinct values per token
         assert max(len(np.unique(r)) for r in ref.reshape(-1, 64)) <= 2**bits
+
+
+def test_lwc_grid_of_an_all_positive_group_has_a_negative_zero_and_packs_exactly():
+    from qcompiler.methods.affinequant import lwc_params
+    from qcompiler.methods.base import dequantize_groups, quantize_codes, to_fp16_grid, to_spqr_weight
+
+    w = torch.linspace(1.0, 2.0, 32).reshape(2, 16)  # every group positive: the clipped range excludes 0
+    up = low = torch.full((2, 1), 4.0)
+    scale, zero = lwc_params(w, up, low, 3, 16)
+    assert torch.all(zero < 0)
+    q = lwc_fake_quant(w, up, low, 3, 16)
+    assert float((q - w).abs().max()) < float(scale.max())  # the grid covers the group, nothing collapses to 0
+    scale = to_fp16_grid(scale)
+    codes = quantize_codes(w, scale, zero, bits=3)
+    evaluated = dequantize_groups(codes, scale, zero, 16)
+    packed = to_spqr_weight(codes, scale, zero, bits=3, group_size=16)
+    assert np.array_equal(packed.dequantize(), evaluated.numpy())

@@ -65,6 +65,9 @@ from .base import (
 log = logging.getLogger("qcompiler.affinequant")
 DOMINANCE = 0.99  # off-diagonal row sum ≤ DOMINANCE · |diagonal|
 MIN_DIAG = 1e-2
+# LWC zero points are integers but not limited to [0, maxq] (a clipped range need not contain 0: an all-positive group
+# has a negative zero), as the reference's clamp to ±1e4; ±2048 keeps them exact in the op's fp16 zeros.
+ZERO_LIMIT = 2048.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -162,7 +165,7 @@ def lwc_params(w: torch.Tensor, up: torch.Tensor, low: torch.Tensor, bits: int, 
     xmax = torch.sigmoid(up) * g.amax(-1)
     xmin = torch.sigmoid(low) * g.amin(-1)
     scale = ((xmax - xmin) / maxq).clamp(1e-5, 1e4)
-    zero = torch.round(-xmin / scale).clamp(0, maxq).detach()
+    zero = torch.round(-xmin / scale).clamp(-ZERO_LIMIT, ZERO_LIMIT).detach()
     return scale, zero
 
 
@@ -175,7 +178,7 @@ def lwc_fake_quant(w: torch.Tensor, up: torch.Tensor, low: torch.Tensor, bits: i
     xmax = torch.sigmoid(up) * g.amax(-1)
     xmin = torch.sigmoid(low) * g.amin(-1)
     s = ((xmax - xmin) / maxq).clamp(1e-5, 1e4).unsqueeze(-1)
-    z = torch.round(-xmin.unsqueeze(-1) / s).clamp(0, maxq).detach()
+    z = torch.round(-xmin.unsqueeze(-1) / s).clamp(-ZERO_LIMIT, ZERO_LIMIT).detach()
     x = g / s
     q = torch.clamp(x + (torch.round(x) - x).detach() + z, 0, maxq)
     return ((q - z) * s).reshape(N, G * group_size)[:, :K]
