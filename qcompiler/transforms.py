@@ -163,8 +163,9 @@ class AffineTransforms:
             bias = getattr(norm, "bias", None)
             with torch.no_grad():
                 if t.matrix:
-                    if f[PRE] is not None and bias is not None:
-                        bias.copy_((bias.double() + f[PRE].double()).float())
+                    if f[PRE] is not None and bias is not None:  # the shift into the bias; P stays a matrix
+                        _, b, _ = fold.fold_into_norm(norm.weight, bias, torch.ones_like(bias), f[PRE])
+                        bias.copy_(b)
                         pre = None
                     else:
                         pre = f[PRE]

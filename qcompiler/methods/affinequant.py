@@ -345,8 +345,9 @@ def _forward(layer, params, hooks, x, args, kwargs):
             h.remove()
 
 
-def _collect_stats(layer, family: Family, x: torch.Tensor, args, kwargs, stats: dict) -> None:
-    """Per-channel max |x| (and (max+min)/2 for shifts) of the inputs of the transformed linears."""
+def _watch_stats(layer, family: Family, stats: dict) -> list:
+    """Hooks recording, over the forwards that follow, the per-channel max |x| (and the reference's EMA of
+    (max+min)/2, for shifts) of the inputs of the transformed linears. Returns the handles."""
     linears = layer_linears(layer, family)
     handles = []
 
@@ -365,11 +366,7 @@ def _collect_stats(layer, family: Family, x: torch.Tensor, args, kwargs, stats: 
     for norm, names in family.norm_linears:
         handles.append(linears[names[0]].register_forward_pre_hook(watch(norm)))
     handles.append(linears[family.v_o[1]].register_forward_pre_hook(watch("o")))
-    try:
-        layer(x, *args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    return handles
 
 
 @register_method("affinequant")
@@ -422,8 +419,12 @@ class AffineQuant(Method):
                 with torch.no_grad():
                     for a in range(n):
                         args, kwargs = call(a)
-                        _collect_stats(layer, family, fp_x[a:a + 1], args, kwargs, stats)
-                        fp_x[a:a + 1] = _layer_output(layer(fp_x[a:a + 1], *args, **kwargs))
+                        watch = _watch_stats(layer, family, stats)
+                        try:
+                            fp_x[a:a + 1] = _layer_output(layer(fp_x[a:a + 1], *args, **kwargs))
+                        finally:
+                            for h in watch:
+                                h.remove()
                         if aug is not None:
                             aug[a:a + 1] = _layer_output(layer(quant_x[a:a + 1], *args, **kwargs))
                 state = _LayerState(layer, path, family, cfg, stats, (kv, heads // kv, head_dim))
