@@ -86,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--dump-dir", default=None, help="write the graph after each pass to this folder")
     adv.add_argument("--no-validate", dest="validate", action="store_false",
                      help="skip the ONNX Runtime vs PyTorch logits check after export")
-    adv.add_argument("--atol", type=float, default=1e-3, help="max |Δlogit| accepted by validation (default: 1e-3)")
+    adv.add_argument("--atol", type=float, default=1e-3,
+                     help="validation accepts max |Δlogit| ≤ atol + rtol · max |logit| (default: 1e-3)")
+    adv.add_argument("--rtol", type=float, default=1e-4,
+                     help="relative part of the validation tolerance, see --atol (default: 1e-4)")
     adv.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     e.set_defaults(_method_flags=_add_method_flags(e))
 
@@ -141,6 +144,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         dump_dir=args.dump_dir,
         validate=args.validate,
         atol=args.atol,
+        rtol=args.rtol,
         quiet=args.quiet,
     )
     return 0

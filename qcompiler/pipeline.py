@@ -62,6 +62,7 @@ def export(
     dump_dir: Optional[str] = None,
     validate: bool = True,
     atol: float = 1e-3,
+    rtol: float = 1e-4,
     quiet: bool = False,
 ) -> ExportReport:
     """Quantize `source` with `method` and write an ONNX folder to `output`. See `qcompiler export --help`."""
@@ -176,11 +177,14 @@ def export(
         write_json(tmp / MANIFEST_FILE, exported.manifest)
         diff = None
         if validate:
-            diff = validate_logits(tmp, model, exported.manifest["kv"])
-            quant_config["validation"] = {"max_abs_logit_diff": diff, "atol": atol}
-            if diff > atol:
+            diff, scale = validate_logits(tmp, model, exported.manifest["kv"])
+            limit = atol + rtol * scale
+            quant_config["validation"] = {"max_abs_logit_diff": diff, "max_abs_logit": scale, "atol": atol,
+                                          "rtol": rtol, "limit": limit}
+            if diff > limit:
                 raise QCompilerError(
-                    f"validation failed: ONNX Runtime logits differ from PyTorch by {diff:.3g} (> --atol {atol:g})"
+                    f"validation failed: ONNX Runtime logits differ from PyTorch by {diff:.3g} (> --atol {atol:g} "
+                    f"+ --rtol {rtol:g} × max |logit| {scale:.3g} = {limit:.3g})"
                 )
         write_json(tmp / CONFIG_FILE, quant_config)
     secs["emit"] = time.perf_counter() - t
@@ -269,8 +273,16 @@ def _set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
             model.metadata_props.add(key=k, value=v)
 
 
-def validate_logits(folder: Path, model: torch.nn.Module, kv: dict, *, seq: int = 16, seed: int = 0) -> float:
-    """Max |logits_ORT − logits_PyTorch| on a random token sequence (ORT with the op library, CPU EP)."""
+def validate_logits(
+    folder: Path, model: torch.nn.Module, kv: dict, *, seq: int = 16, seed: int = 0
+) -> tuple[float, float]:
+    """`(max |logits_ORT − logits_PyTorch|, max |logits_PyTorch|)` on a random token sequence (ORT with the op
+    library, CPU EP).
+
+    Both sides compute in fp32 with different summation orders, so their difference grows with the logits' scale
+    and the depth of the model: on SmolLM2-135M GPTQ 3-bit, PyTorch fp32 itself is 1.6e-3 from a float64 run of the
+    same model while ONNX Runtime is 6e-4 from it (max |logit| 34). The caller therefore accepts
+    `diff ≤ atol + rtol · max |logit|`; a decoding bug moves logits by orders of magnitude more."""
     from .export import KVLayout
     from .ops import session
 
@@ -288,7 +300,7 @@ def validate_logits(folder: Path, model: torch.nn.Module, kv: dict, *, seq: int 
     got = sess.run(["logits"], feeds)[0]
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.float().numpy()
-    return float(np.max(np.abs(got.astype(np.float32) - ref)))
+    return float(np.max(np.abs(got.astype(np.float32) - ref))), float(np.max(np.abs(ref)))
 
 
 def torch_model_from_folder(folder: str | Path, *, model_override: Optional[str] = None):

@@ -148,3 +148,20 @@ def test_preset_expands_to_options_and_flags_override(monkeypatch, tiny_dirs, tm
     assert seen == {"bits": 3, "stat_group_size": 32, "outlier_threshold": 0.5}
     from qcompiler.methods.spqr import SpQRConfig
     SpQRConfig(**seen)  # a valid config
+
+
+@pytest.mark.parametrize("diff,ok", [(3.9e-3, True), (4.1e-3, False)])
+def test_validation_tolerance_scales_with_logits(tiny_dirs, tmp_path, capsys, monkeypatch, diff, ok):
+    """Validation accepts |Δlogit| ≤ atol + rtol · max|logit| (here 1e-3 + 1e-4 · 30 = 4e-3) and records it."""
+    import qcompiler.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "validate_logits", lambda *a, **k: (diff, 30.0))
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "export", tiny_dirs("llama"), "-o", out, "-q")
+    if ok:
+        assert code == 0, err
+        v = json.loads((out / "quant_config.json").read_text())["validation"]
+        assert v["max_abs_logit_diff"] == diff and v["limit"] == pytest.approx(4e-3)
+    else:
+        assert code != 0 and "--rtol" in _one_error_line(err)
+        _assert_no_output(out)
