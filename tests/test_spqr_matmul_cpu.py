@@ -91,6 +91,16 @@ def test_row_blocks_with_ragged_tails(N, M):
     _check(w, _x((M, 99), seed=M))
 
 
+@pytest.mark.parametrize("M", [7, 8, 13, 64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_gemm_path_tiles_and_k_blocks(M, dtype):
+    # M >= 8 takes the GEMM path: tiles of 16 W rows (N=37: a ragged last tile), micro-tiles of 6 X rows (ragged for
+    # every M here), K in blocks of 256 (K=600: two full blocks and a ragged one). M=7 is the row path's largest M.
+    w = random_weight(N=37, K=600, bits=3, group_size=16, stat_bits=3, stat_group_size=16, outlier_rate=0.02,
+                      permute=True, bias=True, seed=M)
+    _check(w, _x((M, 600), dtype, seed=M))
+
+
 def test_larger_layer_multithreaded():
     # Many row blocks across ORT's thread pool, prefill-like M.
     w = random_weight(N=512, K=1024, bits=3, group_size=128, stat_bits=3, stat_group_size=16, outlier_rate=0.005,

@@ -1,9 +1,13 @@
 // CPU kernel of qcompiler::SpQRMatMul: Y[m, n] = sum_k X[m, k] * W[n, k] + bias[n], W decoded on the fly.
 //
-// Work is split over output rows n with ORT's intra-op thread pool. Each task decodes one row of W at a time into a
-// K-float buffer (codes -> s*(q - z) with that row's group statistics, then the row's outliers added), in stored
-// (permuted) column order, and dots it with every row of X. X is converted to fp32 and permuted once per call
-// (Xp[m, j] = X[m, perm[j]]), so the permutation costs nothing inside the loop. No dense copy of W is kept.
+// X is converted to fp32 and permuted once per call (Xp[m, j] = X[m, perm[j]]), so the permutation costs nothing
+// inside the loops; W is decoded row by row (codes -> s*(q - z) with that row's group statistics, then the row's
+// outliers added) in stored (permuted) column order. No dense copy of W is kept between calls. Two paths, both split
+// over output rows n with ORT's intra-op thread pool:
+// - rows (M < kGemmMinRows, decode): each task decodes kRowBlock rows of W at a time and dots them with each X row;
+// - GEMM (prefill): each task decodes a tile of kNr rows of W once, transposed to [K, kNr], and multiplies it with
+//   all of X by a kMr x kNr register-blocked micro-kernel (X values broadcast, W rows as vectors), K in blocks of
+//   kKc so the tile block stays in L1; partial sums live in an [M, kNr] fp32 buffer of the task.
 #include "cpu/spqr_matmul_cpu.h"
 
 #include <algorithm>
@@ -32,6 +36,13 @@ constexpr int kRowBlock = 4;
 
 typedef float V8 __attribute__((vector_size(32)));  // 8 fp32 lanes: one AVX register, or two SSE/NEON ones
 
+// GEMM path: X rows per micro-tile, W rows per tile (two V8 per X row: 12 accumulators fit AVX2's 16 registers),
+// K per cache block, and the smallest M that takes it.
+constexpr int kMr = 6;
+constexpr int kNr = 16;
+constexpr int64_t kKc = 256;
+constexpr int64_t kGemmMinRows = 8;
+
 inline V8 Load8(const float* p) {
   V8 v;
   std::memcpy(&v, p, sizeof(v));
@@ -52,6 +63,28 @@ void DotRows(const float* __restrict w, const float* __restrict x, int64_t K, fl
     for (int64_t k = i; k < K; ++k) tail += w[r * K + k] * x[k];
     const V8& a = acc[r];
     out[r] = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])) + tail;
+  }
+}
+
+// c[i, 0:kNr] += sum_{k < kc} x[i][k] * wt[k, 0:kNr] for i < kMr (x[i] points at row i's first column of the block).
+SPQR_CPU_CLONES
+void MicroKernel(const float* const* __restrict x, const float* __restrict wt, int64_t kc, float* __restrict c) {
+  V8 acc[kMr][2];
+  for (int i = 0; i < kMr; ++i) {
+    acc[i][0] = Load8(c + i * kNr);
+    acc[i][1] = Load8(c + i * kNr + 8);
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const V8 w0 = Load8(wt + k * kNr), w1 = Load8(wt + k * kNr + 8);
+    for (int i = 0; i < kMr; ++i) {
+      const V8 xb = V8{} + x[i][k];
+      acc[i][0] += xb * w0;
+      acc[i][1] += xb * w1;
+    }
+  }
+  for (int i = 0; i < kMr; ++i) {
+    std::memcpy(c + i * kNr, &acc[i][0], sizeof(V8));
+    std::memcpy(c + i * kNr + 8, &acc[i][1], sizeof(V8));
   }
 }
 
@@ -120,6 +153,18 @@ void DecodeRow(const Job& j, int64_t n, float* w, uint8_t* codes, float* s, floa
   }
 }
 
+inline float BiasOf(const Job& j, int64_t n) {
+  return j.bias_f32 ? j.bias_f32[n] : (j.bias_f16 ? HalfToFloat(j.bias_f16[n]) : 0.f);
+}
+
+inline void Store(const Job& j, int64_t m, int64_t n, float y) {
+  if (j.y_f32) {
+    j.y_f32[m * j.a.N + n] = y;
+  } else {
+    j.y_f16[m * j.a.N + n] = Ort::Float16_t(y).val;
+  }
+}
+
 void RowBlockTask(void* user, size_t task) {
   const Job& j = *static_cast<const Job*>(user);
   const Attributes& a = j.a;
@@ -139,21 +184,47 @@ void RowBlockTask(void* user, size_t task) {
     for (int r = 0; r < rows; ++r) DecodeRow(j, n0 + r, w.get() + r * K, codes.get(), s, z);
     if (rows < kRowBlock) std::fill(w.get() + rows * K, w.get() + kRowBlock * K, 0.f);
     float b[kRowBlock];
-    for (int r = 0; r < rows; ++r) {
-      const int64_t n = n0 + r;
-      b[r] = j.bias_f32 ? j.bias_f32[n] : (j.bias_f16 ? HalfToFloat(j.bias_f16[n]) : 0.f);
-    }
+    for (int r = 0; r < rows; ++r) b[r] = BiasOf(j, n0 + r);
     for (int64_t m = 0; m < j.M; ++m) {
       DotRows(w.get(), j.xp + m * K, K, dots);
-      for (int r = 0; r < rows; ++r) {
-        const float y = dots[r] + b[r];
-        if (j.y_f32) {
-          j.y_f32[m * a.N + n0 + r] = y;
-        } else {
-          j.y_f16[m * a.N + n0 + r] = Ort::Float16_t(y).val;
-        }
-      }
+      for (int r = 0; r < rows; ++r) Store(j, m, n0 + r, dots[r] + b[r]);
     }
+  }
+}
+
+// GEMM path, one task = rows [n0, n0 + kNr) of W (Y columns) for all M rows of X.
+void TileTask(void* user, size_t task) {
+  const Job& j = *static_cast<const Job*>(user);
+  const Attributes& a = j.a;
+  const int64_t K = a.K, M = j.M, G = a.n_groups();
+  const int64_t n0 = static_cast<int64_t>(task) * kNr;
+  const int rows = static_cast<int>(std::min<int64_t>(kNr, a.N - n0));
+  const int64_t k_pad = (K + spqr::kChunk - 1) / spqr::kChunk * spqr::kChunk;
+  const int64_t m_pad = (M + kMr - 1) / kMr * kMr;
+  // wt [K, kNr] (rows past N stay zero), acc [m_pad, kNr], one decoded row, its statistics.
+  std::unique_ptr<float[]> buf(new float[K * kNr + m_pad * kNr + K + 2 * G]());
+  float* wt = buf.get();
+  float* acc = wt + K * kNr;
+  float* row = acc + m_pad * kNr;
+  float* s = row + K;
+  float* z = s + G;
+  std::unique_ptr<uint8_t[]> codes(new uint8_t[k_pad]);
+  for (int r = 0; r < rows; ++r) {
+    DecodeRow(j, n0 + r, row, codes.get(), s, z);
+    for (int64_t k = 0; k < K; ++k) wt[k * kNr + r] = row[k];
+  }
+  const float* x[kMr];
+  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+    const int64_t kc = std::min(kKc, K - k0);
+    for (int64_t m0 = 0; m0 < M; m0 += kMr) {
+      // Rows past M repeat the last row; their sums land in acc's padding and are never stored.
+      for (int i = 0; i < kMr; ++i) x[i] = j.xp + std::min(m0 + i, M - 1) * K + k0;
+      MicroKernel(x, wt + k0 * kNr, kc, acc + m0 * kNr);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    const float b = BiasOf(j, n0 + r);
+    for (int64_t m = 0; m < M; ++m) Store(j, m, n0 + r, acc[m * kNr + r] + b);
   }
 }
 
@@ -239,6 +310,10 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       j.y_f16 = reinterpret_cast<uint16_t*>(y.GetTensorMutableData<Ort::Float16_t>());
     } else {
       j.y_f32 = y.GetTensorMutableData<float>();
+    }
+    if (M >= kGemmMinRows) {
+      ctx.ParallelFor(&TileTask, static_cast<size_t>((a.N + kNr - 1) / kNr), 0, &j);
+      return;
     }
     // ~64 rows of work per task for GEMV-sized calls, fewer rows when each row serves many X rows.
     // (a multiple of kRowBlock).
