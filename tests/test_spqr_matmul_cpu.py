@@ -91,6 +91,15 @@ def test_row_blocks_with_ragged_tails(N, M):
     _check(w, _x((M, 99), seed=M))
 
 
+@pytest.mark.parametrize("group_size", [12, 20])
+@pytest.mark.parametrize("M", [1, 3])
+def test_row_path_for_group_sizes_not_multiple_of_8(group_size, M):
+    # The vectorized GEMV reads codes 8 at a time within a group; other group sizes take the row-decode fallback.
+    w = random_weight(N=45, K=130, bits=3, group_size=group_size, stat_bits=3, stat_group_size=16,
+                      outlier_rate=0.03, permute=True, bias=True, seed=group_size + M)
+    _check(w, _x((M, 130), seed=M))
+
+
 @pytest.mark.parametrize("M", [7, 8, 13, 64])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_gemm_path_tiles_and_k_blocks(M, dtype):

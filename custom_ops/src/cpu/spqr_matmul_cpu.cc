@@ -4,7 +4,13 @@
 // inside the loops; W is decoded row by row (codes -> s*(q - z) with that row's group statistics, then the row's
 // outliers added) in stored (permuted) column order. No dense copy of W is kept between calls. Two paths, both split
 // over output rows n with ORT's intra-op thread pool:
-// - rows (M < kGemmMinRows, decode): each task decodes kRowBlock rows of W at a time and dots them with each X row;
+// - GEMV (M < kGemmMinRows, decode; group_size a multiple of 8): each task takes kGemvRows rows of W (one packed
+//   statistics chunk along N) and K in blocks of whole groups. It decodes the block's first-level statistics for its
+//   rows once (vectorized over the 32 rows of a packed chunk), then streams each row's packed codes 8 at a time
+//   (u8 -> fp32 lanes), computing sum_g s_g * sum_k (q_k - z_g) x_k with vector accumulators; outliers are added
+//   from their CSR rows afterwards. Nothing of W is materialized;
+// - rows (the fallback for other group sizes): each task decodes kRowBlock rows of W at a time and dots them with
+//   each X row;
 // - GEMM (prefill): each task decodes a tile of kNr rows of W once, transposed to [K, kNr], and multiplies it with
 //   all of X by a kMr x kNr register-blocked micro-kernel (X values broadcast, W rows as vectors), K in blocks of
 //   kKc so the tile block stays in L1; partial sums live in an [M, kNr] fp32 buffer of the task.
@@ -22,7 +28,17 @@ namespace {
 using spqr::Attributes;
 using spqr::BoundInputs;
 
-inline float HalfToFloat(uint16_t bits) { return Ort::Float16_t::FromBits(bits).ToFloat(); }
+// fp16 bits -> fp32, exact. With compiler _Float16 support one instruction where the target has it (F16C in the
+// AVX2 clones, FP16 on aarch64).
+inline float HalfToFloat(uint16_t bits) {
+#if defined(__FLT16_MAX__)
+  _Float16 h;
+  std::memcpy(&h, &bits, sizeof(h));
+  return static_cast<float>(h);
+#else
+  return Ort::Float16_t::FromBits(bits).ToFloat();
+#endif
+}
 
 // Rows of W decoded together; each X row is loaded once per block and multiplied with all of them.
 constexpr int kRowBlock = 4;
@@ -42,6 +58,60 @@ constexpr int kMr = 6;
 constexpr int kNr = 16;
 constexpr int64_t kKc = 256;
 constexpr int64_t kGemmMinRows = 8;
+
+// GEMV path: W rows per task (= spqr::kChunk, so a task's packed statistics are whole chunks), and about this many
+// K columns per block (rounded to whole groups; the block's statistics, 2 x 32 floats per group, stay in L1).
+constexpr int64_t kGemvRows = spqr::kChunk;
+constexpr int64_t kGemvCols = 1024;
+
+typedef int32_t I8 __attribute__((vector_size(32)));
+typedef uint32_t U8 __attribute__((vector_size(32)));
+typedef uint64_t Q4 __attribute__((vector_size(32)));
+
+// The codes of one packed chunk (docs/spqr-format.md) as fp32 lanes, 8 at a time. Load() broadcasts 8 packed bytes
+// (one vpbroadcastq) to the lanes as 32-bit words {w0, w1, w0, w1, ...}; Lanes(s) shifts each lane by its own
+// amount (vpsrlvd on AVX2) and masks. Lane i of lane group s therefore holds code 8*s + kLaneCode[i], not 8*s + i:
+// the GEMV path stores X in the same lane order (LanePos), so the dot products need no shuffle.
+constexpr int kLaneCode[8] = {0, 4, 1, 5, 2, 6, 3, 7};  // lane i reads byte i/2 of word i%2
+constexpr int kCodeLane[8] = {0, 2, 4, 6, 1, 3, 5, 7};  // its inverse
+
+// Position of stored column k in the GEMV path's lane-ordered X.
+inline int64_t LanePos(int64_t k) { return (k & ~int64_t{7}) | kCodeLane[k & 7]; }
+
+template <int BITS>
+struct ChunkDecoder {
+  U8 lo, hi;  // BITS=4: bytes 0..7 and 8..15; else lo = the 2-bit plane (bytes 0..7), hi = the high-bit word
+
+  static U8 Words(const uint8_t* p) {
+    uint64_t q;
+    std::memcpy(&q, p, sizeof(q));
+    const Q4 v = Q4{} + q;
+    return reinterpret_cast<const U8&>(v);
+  }
+  void Load(const uint8_t* chunk) {
+    lo = Words(chunk);
+    if (BITS == 4) {
+      hi = Words(chunk + 8);
+    } else if (BITS == 3) {
+      const U8 word1 = {1, 1, 1, 1, 1, 1, 1, 1};  // bytes 4..11 = {w1, w2}: w2, the high bits, to every lane
+      hi = __builtin_shuffle(Words(chunk + 4), word1);
+    }
+  }
+  V8 Lanes(int s) const {
+    const U8 byte_shift = {0, 0, 8, 8, 16, 16, 24, 24};
+    U8 v;
+    if (BITS == 4) {
+      v = ((s & 1 ? hi : lo) >> (byte_shift + 4 * (s >> 1))) & 15u;
+    } else {
+      v = (lo >> (byte_shift + 2 * s)) & 3u;
+      if (BITS == 3) {
+        const U8 code = {0, 4, 1, 5, 2, 6, 3, 7};  // kLaneCode
+        v |= ((hi >> (code + 8 * s)) << 2) & 4u;
+      }
+    }
+    return __builtin_convertvector(reinterpret_cast<const I8&>(v), V8);
+  }
+};
 
 inline V8 Load8(const float* p) {
   V8 v;
@@ -102,7 +172,8 @@ struct Job {
   const uint16_t* values = nullptr;
   const float* bias_f32 = nullptr;
   const uint16_t* bias_f16 = nullptr;
-  const float* xp = nullptr;  // [M, K] fp32, permuted to stored column order
+  const float* xp = nullptr;  // [M, xstride] fp32, permuted to stored column order (GEMV: LanePos), zero past K
+  int64_t xstride = 0;        // K rounded up to whole chunks
   float* y_f32 = nullptr;     // exactly one of y_f32 / y_f16
   uint16_t* y_f16 = nullptr;
 };
@@ -186,7 +257,7 @@ void RowBlockTask(void* user, size_t task) {
     float b[kRowBlock];
     for (int r = 0; r < rows; ++r) b[r] = BiasOf(j, n0 + r);
     for (int64_t m = 0; m < j.M; ++m) {
-      DotRows(w.get(), j.xp + m * K, K, dots);
+      DotRows(w.get(), j.xp + m * j.xstride, K, dots);
       for (int r = 0; r < rows; ++r) Store(j, m, n0 + r, dots[r] + b[r]);
     }
   }
@@ -218,13 +289,177 @@ void TileTask(void* user, size_t task) {
     const int64_t kc = std::min(kKc, K - k0);
     for (int64_t m0 = 0; m0 < M; m0 += kMr) {
       // Rows past M repeat the last row; their sums land in acc's padding and are never stored.
-      for (int i = 0; i < kMr; ++i) x[i] = j.xp + std::min(m0 + i, M - 1) * K + k0;
+      for (int i = 0; i < kMr; ++i) x[i] = j.xp + std::min(m0 + i, M - 1) * j.xstride + k0;
       MicroKernel(x, wt + k0 * kNr, kc, acc + m0 * kNr);
     }
   }
   for (int r = 0; r < rows; ++r) {
     const float b = BiasOf(j, n0 + r);
     for (int64_t m = 0; m < M; ++m) Store(j, m, n0 + r, acc[m * kNr + r] + b);
+  }
+}
+
+// Whether BlockStats writes row r's statistics at LanePos(r) (quantized statistics decoded 8 rows at a time, which
+// needs each 8 rows to share their second-level statistics) rather than at r.
+inline bool StatsInLaneOrder(const Attributes& a) { return a.stat_bits != 0 && a.stat_group_size % 8 == 0; }
+
+// BlockStats for quantized statistics with stat_group_size % 8 == 0: 8 rows per vector, in lane order.
+template <int SB>
+SPQR_CPU_CLONES void BlockStatsLanes(const Job& j, int64_t n0, int64_t g0, int64_t g1, float* s, float* z) {
+  const Attributes& a = j.a;
+  const int64_t row_bytes = spqr::PackedRowBytes(a.N, SB);
+  const int64_t N2 = a.n_stat_groups();
+  const int64_t chunk = (n0 / spqr::kChunk) * 4 * SB;
+  const int lane_groups = static_cast<int>((std::min(kGemvRows, a.N - n0) + 7) / 8);
+  int64_t t[4];  // second-level group of each 8 rows (clamped: rows past N read a valid group, never stored)
+  for (int lg = 0; lg < 4; ++lg) t[lg] = std::min(N2 - 1, (n0 + 8 * lg) / a.stat_group_size);
+  const auto* sc = static_cast<const uint8_t*>(j.scales);
+  const auto* zc = static_cast<const uint8_t*>(j.zeros);
+  ChunkDecoder<SB> ds, dz;
+  for (int64_t g = g0; g < g1; ++g) {
+    ds.Load(sc + g * row_bytes + chunk);
+    dz.Load(zc + g * row_bytes + chunk);
+    float* sg = s + (g - g0) * kGemvRows;
+    float* zg = z + (g - g0) * kGemvRows;
+    for (int lg = 0; lg < lane_groups; ++lg) {
+      const uint16_t* st = j.stats2 + (g * N2 + t[lg]) * 4;
+      const V8 sv = HalfToFloat(st[0]) * (ds.Lanes(lg) - HalfToFloat(st[1]));
+      const V8 zv = HalfToFloat(st[2]) * (dz.Lanes(lg) - HalfToFloat(st[3]));
+      std::memcpy(sg + 8 * lg, &sv, sizeof(V8));
+      std::memcpy(zg + 8 * lg, &zv, sizeof(V8));
+    }
+  }
+}
+
+// First-level statistics of rows [n0, n0 + kGemvRows) for groups [g0, g1): s[(g - g0) * kGemvRows + slot(r)], slot(r)
+// = LanePos(r) where StatsInLaneOrder, else r (rows past N get whatever the padded chunk holds; never stored).
+void BlockStats(const Job& j, int64_t n0, int64_t g0, int64_t g1, float* s, float* z) {
+  const Attributes& a = j.a;
+  const int64_t rows = std::min(kGemvRows, a.N - n0);
+  if (a.stat_bits == 0) {
+    const auto* sc = static_cast<const uint16_t*>(j.scales);
+    const auto* zc = static_cast<const uint16_t*>(j.zeros);
+    for (int64_t g = g0; g < g1; ++g) {
+      float* sg = s + (g - g0) * kGemvRows;
+      float* zg = z + (g - g0) * kGemvRows;
+      for (int64_t r = 0; r < rows; ++r) {
+        sg[r] = HalfToFloat(sc[g * a.N + n0 + r]);
+        zg[r] = HalfToFloat(zc[g * a.N + n0 + r]);
+      }
+    }
+    return;
+  }
+  if (StatsInLaneOrder(a)) {
+    if (a.stat_bits == 2) return BlockStatsLanes<2>(j, n0, g0, g1, s, z);
+    if (a.stat_bits == 3) return BlockStatsLanes<3>(j, n0, g0, g1, s, z);
+    return BlockStatsLanes<4>(j, n0, g0, g1, s, z);
+  }
+  const int sb = static_cast<int>(a.stat_bits);
+  const int64_t row_bytes = spqr::PackedRowBytes(a.N, a.stat_bits);
+  const int64_t N2 = a.n_stat_groups();
+  const int64_t chunk = (n0 / spqr::kChunk) * 4 * sb;
+  const auto* sc = static_cast<const uint8_t*>(j.scales);
+  const auto* zc = static_cast<const uint8_t*>(j.zeros);
+  uint8_t qs[spqr::kChunk], qz[spqr::kChunk];
+  for (int64_t g = g0; g < g1; ++g) {
+    spqr::DecodeChunk(sc + g * row_bytes + chunk, sb, qs);
+    spqr::DecodeChunk(zc + g * row_bytes + chunk, sb, qz);
+    float* sg = s + (g - g0) * kGemvRows;
+    float* zg = z + (g - g0) * kGemvRows;
+    for (int64_t r = 0; r < rows;) {  // runs of rows sharing one set of second-level statistics
+      const int64_t t = (n0 + r) / a.stat_group_size;
+      const int64_t end = std::min(rows, (t + 1) * a.stat_group_size - n0);
+      const uint16_t* st = j.stats2 + (g * N2 + t) * 4;
+      const float ss = HalfToFloat(st[0]), sz = HalfToFloat(st[1]), zs = HalfToFloat(st[2]), zz = HalfToFloat(st[3]);
+      for (; r < end; ++r) {
+        sg[r] = ss * (static_cast<float>(qs[r]) - sz);
+        zg[r] = zs * (static_cast<float>(qz[r]) - zz);
+      }
+    }
+  }
+}
+
+// y[m] += sum over groups [g0, g1) of s_g * sum_k (q_k - z_g) * x[m, k] for one packed row, MM rows of X.
+template <int BITS, int MM>
+SPQR_CPU_CLONES void GemvRow(const Job& j, const uint8_t* qrow, int64_t g0, int64_t g1, const float* s,
+                             const float* z, float* y) {
+  const int64_t lanes_per_group = j.a.group_size / 8;
+  const int64_t n_lanes = (j.a.K + 7) / 8;
+  ChunkDecoder<BITS> dec;
+  int64_t l = g0 * lanes_per_group;
+  dec.Load(qrow + (l >> 2) * 4 * BITS);
+  V8 acc[MM] = {};
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t l1 = std::min(n_lanes, (g + 1) * lanes_per_group);
+    const V8 zv = V8{} + z[(g - g0) * kGemvRows];
+    V8 t[MM] = {};
+    for (; l < l1; ++l) {
+      if ((l & 3) == 0) dec.Load(qrow + (l >> 2) * 4 * BITS);
+      const V8 w = dec.Lanes(static_cast<int>(l & 3)) - zv;
+      for (int m = 0; m < MM; ++m) t[m] += w * Load8(j.xp + m * j.xstride + 8 * l);
+    }
+    const float sg = s[(g - g0) * kGemvRows];
+    for (int m = 0; m < MM; ++m) acc[m] += sg * t[m];
+  }
+  for (int m = 0; m < MM; ++m) {
+    const V8& v = acc[m];
+    y[m] += ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+  }
+}
+
+using GemvRowFn = void (*)(const Job&, const uint8_t*, int64_t, int64_t, const float*, const float*, float*);
+template <int BITS>
+constexpr GemvRowFn kGemvRowFor[kGemmMinRows] = {nullptr,
+                                                 &GemvRow<BITS, 1>,
+                                                 &GemvRow<BITS, 2>,
+                                                 &GemvRow<BITS, 3>,
+                                                 &GemvRow<BITS, 4>,
+                                                 &GemvRow<BITS, 5>,
+                                                 &GemvRow<BITS, 6>,
+                                                 &GemvRow<BITS, 7>};
+
+GemvRowFn GemvRowFor(int64_t bits, int64_t M) {
+  return bits == 2 ? kGemvRowFor<2>[M] : bits == 3 ? kGemvRowFor<3>[M] : kGemvRowFor<4>[M];
+}
+
+// sum of row n's outliers times x (x in the GEMV path's lane order).
+SPQR_CPU_CLONES float OutlierDot(const Job& j, int64_t n, const float* x) {
+  float v = 0.f;
+  for (int32_t p = j.row_ptr[n]; p < j.row_ptr[n + 1]; ++p) v += HalfToFloat(j.values[p]) * x[LanePos(j.col_idx[p])];
+  return v;
+}
+
+// GEMV path, one task = rows [n0, n0 + kGemvRows) of W for all M (< kGemmMinRows) rows of X.
+void GemvTask(void* user, size_t task) {
+  const Job& j = *static_cast<const Job*>(user);
+  const Attributes& a = j.a;
+  const int64_t M = j.M, G = a.n_groups();
+  const int64_t n0 = static_cast<int64_t>(task) * kGemvRows;
+  const int64_t rows = std::min(kGemvRows, a.N - n0);
+  const int64_t block_groups = std::max<int64_t>(1, kGemvCols / a.group_size);
+  const int64_t row_bytes = spqr::PackedRowBytes(a.K, a.bits);
+  std::unique_ptr<float[]> buf(new float[2 * block_groups * kGemvRows + kGemvRows * kGemmMinRows]());
+  float* s = buf.get();
+  float* z = s + block_groups * kGemvRows;
+  float* y = z + block_groups * kGemvRows;  // [kGemvRows, M]
+  const GemvRowFn row_fn = GemvRowFor(a.bits, M);
+  const bool lane_order = StatsInLaneOrder(a);
+  for (int64_t g0 = 0; g0 < G; g0 += block_groups) {
+    const int64_t g1 = std::min(G, g0 + block_groups);
+    BlockStats(j, n0, g0, g1, s, z);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t slot = lane_order ? LanePos(r) : r;
+      row_fn(j, j.qweight + (n0 + r) * row_bytes, g0, g1, s + slot, z + slot, y + r * M);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n = n0 + r;
+    const float b = BiasOf(j, n);
+    for (int64_t m = 0; m < M; ++m) {
+      float v = y[r * M + m];
+      if (j.row_ptr != nullptr) v += OutlierDot(j, n, j.xp + m * j.xstride);
+      Store(j, m, n, v + b);
+    }
   }
 }
 
@@ -271,18 +506,20 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     Ort::UnownedValue y = ctx.GetOutput(0, b.y_shape);
     if (b.M == 0) return;
 
-    // X -> fp32 in stored column order.
+    // X -> fp32 in stored column order (the GEMV path: in its lane order within each 8 columns).
     const int64_t M = b.M, K = a.K;
-    std::vector<float> xp(static_cast<size_t>(M * K));
+    const bool gemv = M < kGemmMinRows && a.group_size % 8 == 0;
+    const int64_t xstride = (K + spqr::kChunk - 1) / spqr::kChunk * spqr::kChunk;
+    std::vector<float> xp(static_cast<size_t>(M * xstride));  // zero-initialized: the padding past K stays 0
     const bool half_x = x_type_ == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     const float* xf = b.in[spqr::kX].as<float>();
     const uint16_t* xh = b.in[spqr::kX].as<uint16_t>();
     const int32_t* perm = b.in[spqr::kPerm].present() ? b.in[spqr::kPerm].as<int32_t>() : nullptr;
     for (int64_t m = 0; m < M; ++m) {
-      float* dst = xp.data() + m * K;
+      float* dst = xp.data() + m * xstride;
       for (int64_t k = 0; k < K; ++k) {
         const int64_t src = m * K + (perm ? perm[k] : k);
-        dst[k] = half_x ? HalfToFloat(xh[src]) : xf[src];
+        dst[gemv ? LanePos(k) : k] = half_x ? HalfToFloat(xh[src]) : xf[src];
       }
     }
 
@@ -306,6 +543,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       }
     }
     j.xp = xp.data();
+    j.xstride = xstride;
     if (half_x) {
       j.y_f16 = reinterpret_cast<uint16_t*>(y.GetTensorMutableData<Ort::Float16_t>());
     } else {
@@ -313,6 +551,10 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     }
     if (M >= kGemmMinRows) {
       ctx.ParallelFor(&TileTask, static_cast<size_t>((a.N + kNr - 1) / kNr), 0, &j);
+      return;
+    }
+    if (gemv) {
+      ctx.ParallelFor(&GemvTask, static_cast<size_t>((a.N + kGemvRows - 1) / kGemvRows), 0, &j);
       return;
     }
     // ~64 rows of work per task for GEMV-sized calls, fewer rows when each row serves many X rows.
