@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -299,6 +300,7 @@ def quantize_blockwise(
     true_sequential: bool = True,
     progress: bool = True,
     desc: str = "",
+    parallel_solves: int = 1,
 ) -> QuantizationResult:
     """Quantize every quantizable linear of `model` layer by layer on calibration data (see the module docstring).
 
@@ -313,6 +315,9 @@ def quantize_blockwise(
             default).
         progress: show a progress bar over layers.
         desc: progress bar / log prefix (e.g. "gptq 4-bit g128").
+        parallel_solves: solve up to this many linears of a stage concurrently, in threads, with torch on one
+            intra-op thread each (for solvers made of many small ops, such as SpQR's column loop, which cannot use
+            intra-op threads; results are identical and installed in the same order).
 
     Returns:
         `QuantizationResult` with `layers` and `report` per module path and an empty `config` (the method fills it).
@@ -341,16 +346,18 @@ def quantize_blockwise(
                 t = time.perf_counter()
                 hessians = collect_hessians(layer, [[lin for _, lin in g] for g in stage], inputs, chunk_windows)
                 t_forward += time.perf_counter() - t
+                jobs = []
                 for group, H in zip(stage, hessians):
                     for j, (name, linear) in enumerate(group):
-                        path = f"{layer_path}.{name}"
                         h = H if j == len(group) - 1 else H.clone()  # a solver may modify its H
-                        result = solver(path, linear, h)
-                        _install(path, linear, result)
-                        layers_out[path] = result.packed
-                        report[path] = result.report
-                        errors.append(float(result.report.get("rel_error", float("nan"))))
+                        jobs.append((f"{layer_path}.{name}", linear, h))
                 del hessians
+                for (path, linear, _), result in zip(jobs, _solve_all(solver, jobs, parallel_solves)):
+                    _install(path, linear, result)
+                    layers_out[path] = result.packed
+                    report[path] = result.report
+                    errors.append(float(result.report.get("rel_error", float("nan"))))
+                del jobs
             if index + 1 < len(layers):
                 t = time.perf_counter()
                 _run_chunks(layer, inputs, chunk_windows, out=outputs)
@@ -362,6 +369,20 @@ def quantize_blockwise(
             log.info("%s: %s: %d linears, mean rel_error %.4f, %.1fs (forward %.1fs, solve %.1fs)", desc,
                      layer_path, len(errors), mean_err, seconds, t_forward, seconds - t_forward)
     return QuantizationResult(layers=layers_out, config={}, report=report)
+
+
+def _solve_all(solver: LayerSolver, jobs: list, parallel: int) -> list:
+    """`[solver(path, linear, H) for each job]`, up to `parallel` at a time in threads (torch single-threaded
+    meanwhile: threads x intra-op threads would oversubscribe the cores)."""
+    if parallel <= 1 or len(jobs) <= 1:
+        return [solver(*job) for job in jobs]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=min(parallel, len(jobs))) as pool:
+            return list(pool.map(lambda job: solver(*job), jobs))
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _install(path: str, linear: torch.nn.Linear, result: LayerQuantization) -> None:

@@ -467,7 +467,8 @@ class SpQR(Method):
 
         desc = f"spqr w{cfg.bits} g{cfg.group_size} s{cfg.stat_bits}/{cfg.stat_group_size} tau {cfg.outlier_threshold}"
         result = quantize_blockwise(
-            model, family, calibration, solve, true_sequential=cfg.true_sequential, progress=progress, desc=desc
+            model, family, calibration, solve, true_sequential=cfg.true_sequential, progress=progress, desc=desc,
+            parallel_solves=max(1, torch.get_num_threads()),
         )
         result.config = {"method": self.name, **dataclasses.asdict(cfg)}
         t = result.totals
