@@ -3,6 +3,7 @@ order, true-sequential vs not, chunking, early-stopped forwards, bad solver resu
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
@@ -231,3 +232,32 @@ def test_hessian_lower_triangle_accumulation_equals_full(K, monkeypatch):
     ref = 2.0 / 5 * flat.T @ flat
     assert torch.equal(H, H.T)
     torch.testing.assert_close(H.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_parallel_solves_give_identical_results_in_order(true_sequential):
+    """Solving a stage's linears in threads changes neither the results nor their order, and restores torch's
+    thread count; the solver really runs on several threads (a SpQR solve: many small ops)."""
+    import threading
+
+    from qcompiler.methods.spqr import SpQRConfig, spqr_quantize_layer
+
+    cfg = SpQRConfig(bits=3, group_size=16, stat_bits=3, stat_group_size=16, outlier_threshold=0.2)
+    threads = set()
+
+    def solve(path, linear, H):
+        threads.add(threading.get_ident())
+        return spqr_quantize_layer(linear.weight.detach(), H, config=cfg, bias=linear.bias)
+
+    results = []
+    for parallel in (1, 2):
+        model = tiny_model("llama")
+        saved = torch.get_num_threads()
+        results.append(quantize_blockwise(model, family_for(model), _windows(), solve, progress=False,
+                                          true_sequential=true_sequential, parallel_solves=parallel))
+        assert torch.get_num_threads() == saved
+    assert len(threads) > 1
+    serial, parallel = results
+    assert list(serial.layers) == list(parallel.layers)
+    for path, w in serial.layers.items():
+        assert np.array_equal(w.dequantize(), parallel.layers[path].dequantize()), path
