@@ -91,6 +91,20 @@ def test_row_blocks_with_ragged_tails(N, M):
     _check(w, _x((M, 99), seed=M))
 
 
+@pytest.mark.parametrize("isa", ["auto", "portable"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [16, 32, 48])
+@pytest.mark.parametrize("M", [1, 2, 7])
+def test_gemv_kernels_per_isa(isa, bits, group_size, M, monkeypatch):
+    # The GEMV path has an AVX-512 row kernel (group_size % 16 == 0, chosen at run time) and a portable one
+    # (QCOMPILER_CPU_ISA=portable forces it); K=600 leaves a ragged group and a padded chunk, N=70 a ragged
+    # 32-row task, β2=8 decodes statistics 8 rows at a time.
+    monkeypatch.setenv("QCOMPILER_CPU_ISA", isa)
+    w = random_weight(N=70, K=600, bits=bits, group_size=group_size, stat_bits=3, stat_group_size=8,
+                      outlier_rate=0.02, permute=True, bias=True, seed=bits * 100 + group_size + M)
+    _check(w, _x((M, 600), seed=M))
+
+
 @pytest.mark.parametrize("group_size", [12, 20])
 @pytest.mark.parametrize("M", [1, 3])
 def test_row_path_for_group_sizes_not_multiple_of_8(group_size, M):

@@ -16,7 +16,10 @@
 //   kKc so the tile block stays in L1; partial sums live in an [M, kNr] fp32 buffer of the task.
 #include "cpu/spqr_matmul_cpu.h"
 
+#include "cpu/gemv_avx512.h"
+
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -62,7 +65,7 @@ constexpr int64_t kGemmMinRows = 8;
 // GEMV path: W rows per task (= spqr::kChunk, so a task's packed statistics are whole chunks), and about this many
 // K columns per block (rounded to whole groups; the block's statistics, 2 x 32 floats per group, stay in L1).
 constexpr int64_t kGemvRows = spqr::kChunk;
-constexpr int64_t kGemvCols = 1024;
+constexpr int64_t kGemvCols = 16384;
 
 typedef int32_t I8 __attribute__((vector_size(32)));
 typedef uint32_t U8 __attribute__((vector_size(32)));
@@ -174,6 +177,8 @@ struct Job {
   const uint16_t* bias_f16 = nullptr;
   const float* xp = nullptr;  // [M, xstride] fp32, permuted to stored column order (GEMV: LanePos), zero past K
   int64_t xstride = 0;        // K rounded up to whole chunks
+  bool lane_x = false;        // xp in the portable GEMV's lane order (LanePos)
+  GemvRowAvx512Fn row512 = nullptr;  // GEMV rows by the AVX-512 kernel (xp in stored order), else portable
   float* y_f32 = nullptr;     // exactly one of y_f32 / y_f16
   uint16_t* y_f16 = nullptr;
 };
@@ -299,13 +304,14 @@ void TileTask(void* user, size_t task) {
   }
 }
 
-// Whether BlockStats writes row r's statistics at LanePos(r) (quantized statistics decoded 8 rows at a time, which
-// needs each 8 rows to share their second-level statistics) rather than at r.
+// Whether BlockStats decodes quantized statistics 8 rows at a time (each 8 rows must share their second-level
+// statistics).
 inline bool StatsInLaneOrder(const Attributes& a) { return a.stat_bits != 0 && a.stat_group_size % 8 == 0; }
 
 // BlockStats for quantized statistics with stat_group_size % 8 == 0: 8 rows per vector, in lane order.
 template <int SB>
 SPQR_CPU_CLONES void BlockStatsLanes(const Job& j, int64_t n0, int64_t g0, int64_t g1, float* s, float* z) {
+  const int64_t bg = g1 - g0;
   const Attributes& a = j.a;
   const int64_t row_bytes = spqr::PackedRowBytes(a.N, SB);
   const int64_t N2 = a.n_stat_groups();
@@ -319,20 +325,21 @@ SPQR_CPU_CLONES void BlockStatsLanes(const Job& j, int64_t n0, int64_t g0, int64
   for (int64_t g = g0; g < g1; ++g) {
     ds.Load(sc + g * row_bytes + chunk);
     dz.Load(zc + g * row_bytes + chunk);
-    float* sg = s + (g - g0) * kGemvRows;
-    float* zg = z + (g - g0) * kGemvRows;
     for (int lg = 0; lg < lane_groups; ++lg) {
       const uint16_t* st = j.stats2 + (g * N2 + t[lg]) * 4;
       const V8 sv = HalfToFloat(st[0]) * (ds.Lanes(lg) - HalfToFloat(st[1]));
       const V8 zv = HalfToFloat(st[2]) * (dz.Lanes(lg) - HalfToFloat(st[3]));
-      std::memcpy(sg + 8 * lg, &sv, sizeof(V8));
-      std::memcpy(zg + 8 * lg, &zv, sizeof(V8));
+      for (int i = 0; i < 8; ++i) {  // lane i holds row 8 * lg + kLaneCode[i]
+        s[(8 * lg + kLaneCode[i]) * bg + (g - g0)] = sv[i];
+        z[(8 * lg + kLaneCode[i]) * bg + (g - g0)] = zv[i];
+      }
     }
   }
 }
 
-// First-level statistics of rows [n0, n0 + kGemvRows) for groups [g0, g1): s[(g - g0) * kGemvRows + slot(r)], slot(r)
-// = LanePos(r) where StatsInLaneOrder, else r (rows past N get whatever the padded chunk holds; never stored).
+// First-level statistics of rows [n0, n0 + kGemvRows) for groups [g0, g1), row-major: s[r * (g1 - g0) + g - g0]
+// (one row's statistics contiguous for the row kernels; rows past N get whatever the padded chunk holds, never
+// stored).
 void BlockStats(const Job& j, int64_t n0, int64_t g0, int64_t g1, float* s, float* z) {
   const Attributes& a = j.a;
   const int64_t rows = std::min(kGemvRows, a.N - n0);
@@ -340,11 +347,9 @@ void BlockStats(const Job& j, int64_t n0, int64_t g0, int64_t g1, float* s, floa
     const auto* sc = static_cast<const uint16_t*>(j.scales);
     const auto* zc = static_cast<const uint16_t*>(j.zeros);
     for (int64_t g = g0; g < g1; ++g) {
-      float* sg = s + (g - g0) * kGemvRows;
-      float* zg = z + (g - g0) * kGemvRows;
       for (int64_t r = 0; r < rows; ++r) {
-        sg[r] = HalfToFloat(sc[g * a.N + n0 + r]);
-        zg[r] = HalfToFloat(zc[g * a.N + n0 + r]);
+        s[r * (g1 - g0) + g - g0] = HalfToFloat(sc[g * a.N + n0 + r]);
+        z[r * (g1 - g0) + g - g0] = HalfToFloat(zc[g * a.N + n0 + r]);
       }
     }
     return;
@@ -364,16 +369,14 @@ void BlockStats(const Job& j, int64_t n0, int64_t g0, int64_t g1, float* s, floa
   for (int64_t g = g0; g < g1; ++g) {
     spqr::DecodeChunk(sc + g * row_bytes + chunk, sb, qs);
     spqr::DecodeChunk(zc + g * row_bytes + chunk, sb, qz);
-    float* sg = s + (g - g0) * kGemvRows;
-    float* zg = z + (g - g0) * kGemvRows;
     for (int64_t r = 0; r < rows;) {  // runs of rows sharing one set of second-level statistics
       const int64_t t = (n0 + r) / a.stat_group_size;
       const int64_t end = std::min(rows, (t + 1) * a.stat_group_size - n0);
       const uint16_t* st = j.stats2 + (g * N2 + t) * 4;
       const float ss = HalfToFloat(st[0]), sz = HalfToFloat(st[1]), zs = HalfToFloat(st[2]), zz = HalfToFloat(st[3]);
       for (; r < end; ++r) {
-        sg[r] = ss * (static_cast<float>(qs[r]) - sz);
-        zg[r] = zs * (static_cast<float>(qz[r]) - zz);
+        s[r * (g1 - g0) + g - g0] = ss * (static_cast<float>(qs[r]) - sz);
+        z[r * (g1 - g0) + g - g0] = zs * (static_cast<float>(qz[r]) - zz);
       }
     }
   }
@@ -391,14 +394,14 @@ SPQR_CPU_CLONES void GemvRow(const Job& j, const uint8_t* qrow, int64_t g0, int6
   V8 acc[MM] = {};
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t l1 = std::min(n_lanes, (g + 1) * lanes_per_group);
-    const V8 zv = V8{} + z[(g - g0) * kGemvRows];
+    const V8 zv = V8{} + z[g - g0];
     V8 t[MM] = {};
     for (; l < l1; ++l) {
       if ((l & 3) == 0) dec.Load(qrow + (l >> 2) * 4 * BITS);
       const V8 w = dec.Lanes(static_cast<int>(l & 3)) - zv;
       for (int m = 0; m < MM; ++m) t[m] += w * Load8(j.xp + m * j.xstride + 8 * l);
     }
-    const float sg = s[(g - g0) * kGemvRows];
+    const float sg = s[g - g0];
     for (int m = 0; m < MM; ++m) acc[m] += sg * t[m];
   }
   for (int m = 0; m < MM; ++m) {
@@ -422,10 +425,13 @@ GemvRowFn GemvRowFor(int64_t bits, int64_t M) {
   return bits == 2 ? kGemvRowFor<2>[M] : bits == 3 ? kGemvRowFor<3>[M] : kGemvRowFor<4>[M];
 }
 
-// sum of row n's outliers times x (x in the GEMV path's lane order).
+// sum of row n's outliers times x (x in the GEMV path's order, see Job::lane_x).
 SPQR_CPU_CLONES float OutlierDot(const Job& j, int64_t n, const float* x) {
   float v = 0.f;
-  for (int32_t p = j.row_ptr[n]; p < j.row_ptr[n + 1]; ++p) v += HalfToFloat(j.values[p]) * x[LanePos(j.col_idx[p])];
+  for (int32_t p = j.row_ptr[n]; p < j.row_ptr[n + 1]; ++p) {
+    const int64_t k = j.col_idx[p];
+    v += HalfToFloat(j.values[p]) * x[j.lane_x ? LanePos(k) : k];
+  }
   return v;
 }
 
@@ -436,20 +442,33 @@ void GemvTask(void* user, size_t task) {
   const int64_t M = j.M, G = a.n_groups();
   const int64_t n0 = static_cast<int64_t>(task) * kGemvRows;
   const int64_t rows = std::min(kGemvRows, a.N - n0);
-  const int64_t block_groups = std::max<int64_t>(1, kGemvCols / a.group_size);
+  const int64_t block_groups = std::min(G, std::max<int64_t>(1, kGemvCols / a.group_size));
   const int64_t row_bytes = spqr::PackedRowBytes(a.K, a.bits);
-  std::unique_ptr<float[]> buf(new float[2 * block_groups * kGemvRows + kGemvRows * kGemmMinRows]());
-  float* s = buf.get();
+  // Scratch reused by this thread across tasks and calls (statistics are overwritten, y is cleared here).
+  thread_local std::vector<float> buf;
+  buf.resize(std::max(buf.size(), static_cast<size_t>(2 * block_groups * kGemvRows + kGemvRows * kGemmMinRows)));
+  float* s = buf.data();
   float* z = s + block_groups * kGemvRows;
   float* y = z + block_groups * kGemvRows;  // [kGemvRows, M]
+  std::fill(y, y + kGemvRows * M, 0.f);
   const GemvRowFn row_fn = GemvRowFor(a.bits, M);
-  const bool lane_order = StatsInLaneOrder(a);
+  GemvRowArgs args512;
+  args512.x = j.xp;
+  args512.xstride = j.xstride;
+  args512.K = a.K;
+  args512.group_size = a.group_size;
+  args512.stats_stride = 1;
   for (int64_t g0 = 0; g0 < G; g0 += block_groups) {
     const int64_t g1 = std::min(G, g0 + block_groups);
     BlockStats(j, n0, g0, g1, s, z);
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t slot = lane_order ? LanePos(r) : r;
-      row_fn(j, j.qweight + (n0 + r) * row_bytes, g0, g1, s + slot, z + slot, y + r * M);
+      const int64_t at = r * (g1 - g0);
+      const uint8_t* qrow = j.qweight + (n0 + r) * row_bytes;
+      if (j.row512 != nullptr) {
+        j.row512(args512, qrow, g0, g1, s + at, z + at, y + r * M);
+      } else {
+        row_fn(j, qrow, g0, g1, s + at, z + at, y + r * M);
+      }
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -496,7 +515,11 @@ void CheckIndices(const BoundInputs& b, const Attributes& a, const std::string& 
 
 struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
   SpQRMatMulCpuKernel(const OrtKernelInfo* info, ONNXTensorElementDataType x_type)
-      : prefix_(spqr::ErrorPrefix(info)), attrs_(spqr::ReadAttributes(info, prefix_)), x_type_(x_type) {}
+      : prefix_(spqr::ErrorPrefix(info)), attrs_(spqr::ReadAttributes(info, prefix_)), x_type_(x_type) {
+    // QCOMPILER_CPU_ISA=portable keeps the AVX-512 GEMV kernel off (to test or compare the portable path).
+    const char* isa = std::getenv("QCOMPILER_CPU_ISA");
+    use_avx512_ = isa == nullptr || std::string(isa) != "portable";
+  }
 
   void Compute(OrtKernelContext* context) {
     const Attributes& a = attrs_;
@@ -509,6 +532,8 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     // X -> fp32 in stored column order (the GEMV path: in its lane order within each 8 columns).
     const int64_t M = b.M, K = a.K;
     const bool gemv = M < kGemmMinRows && a.group_size % 8 == 0;
+    const GemvRowAvx512Fn row512 = gemv && use_avx512_ && a.group_size % 16 == 0 ? GemvRowAvx512(a.bits, M) : nullptr;
+    const bool lane_x = gemv && row512 == nullptr;
     const int64_t xstride = (K + spqr::kChunk - 1) / spqr::kChunk * spqr::kChunk;
     std::vector<float> xp(static_cast<size_t>(M * xstride));  // zero-initialized: the padding past K stays 0
     const bool half_x = x_type_ == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
@@ -519,7 +544,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       float* dst = xp.data() + m * xstride;
       for (int64_t k = 0; k < K; ++k) {
         const int64_t src = m * K + (perm ? perm[k] : k);
-        dst[gemv ? LanePos(k) : k] = half_x ? HalfToFloat(xh[src]) : xf[src];
+        dst[lane_x ? LanePos(k) : k] = half_x ? HalfToFloat(xh[src]) : xf[src];
       }
     }
 
@@ -544,6 +569,8 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     }
     j.xp = xp.data();
     j.xstride = xstride;
+    j.lane_x = lane_x;
+    j.row512 = row512;
     if (half_x) {
       j.y_f16 = reinterpret_cast<uint16_t*>(y.GetTensorMutableData<Ort::Float16_t>());
     } else {
@@ -569,6 +596,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
   std::string prefix_;
   Attributes attrs_;
   ONNXTensorElementDataType x_type_;
+  bool use_avx512_ = true;
 };
 
 }  // namespace
