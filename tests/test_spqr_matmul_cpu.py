@@ -221,6 +221,25 @@ def test_bad_outlier_index_is_an_ort_error():
         sess.run(None, {"X": _x((1, 64))})
 
 
+def test_index_inputs_fed_at_run_time_are_checked_on_every_call():
+    # Initializer index inputs are validated once per session; a col_idx fed as a graph input must be checked on
+    # each run (a valid first run must not switch the check off).
+    w = random_weight(N=8, K=64, bits=4, group_size=32, outlier_rate=0.1, seed=0)
+    model = single_op_model(w, x_shape=("m", None))
+    name = next(i for i in model.graph.node[0].input if i.endswith("outlier_col_idx"))
+    init = next(t for t in model.graph.initializer if t.name == name)
+    model.graph.initializer.remove(init)
+    model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.UINT16, [w.nnz]))
+    sess = ops.session(model.SerializeToString())
+    good = w.outlier_col_idx
+    np.testing.assert_allclose(sess.run(None, {"X": _x((1, 64)), name: good})[0], w.matmul(_x((1, 64))),
+                               rtol=0, atol=1e-4)
+    bad = good.copy()
+    bad[1] = 70
+    with pytest.raises(Exception, match=r"outlier_col_idx\[1\]=70 is out of range for K=64"):
+        sess.run(None, {"X": _x((1, 64)), name: bad})
+
+
 def test_bad_attribute_fails_at_session_creation():
     w = random_weight(N=8, K=64, bits=4, group_size=32, seed=0)
     w.bits = 5

@@ -19,6 +19,8 @@
 #include "cpu/gemv_avx512.h"
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -519,12 +521,28 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     // QCOMPILER_CPU_ISA=portable keeps the AVX-512 GEMV kernel off (to test or compare the portable path).
     const char* isa = std::getenv("QCOMPILER_CPU_ISA");
     use_avx512_ = isa == nullptr || std::string(isa) != "portable";
+    Ort::ConstKernelInfo ki(info);
+    for (size_t i = 1; i < spqr::kNumInputs; ++i) {
+      int is_constant = 0;
+      try {
+        ki.GetTensorConstantInput(i, &is_constant);
+      } catch (const Ort::Exception&) {
+        is_constant = 0;  // omitted optional input (or an ORT without the query): treated as fed at run time
+      }
+      constant_[i] = is_constant != 0;
+    }
   }
 
   void Compute(OrtKernelContext* context) {
     const Attributes& a = attrs_;
     BoundInputs b = spqr::BindInputs(context, a, x_type_, prefix_, /*host_data=*/true);
-    CheckIndices(b, a, prefix_);
+    // Index inputs that are initializers are checked on the first call only; inputs fed at run time every call.
+    bool per_call = false;
+    for (size_t i : {spqr::kRowPtr, spqr::kColIdx, spqr::kPerm}) per_call |= b.in[i].present() && !constant_[i];
+    if (per_call || !indices_checked_.load(std::memory_order_acquire)) {
+      CheckIndices(b, a, prefix_);
+      if (!per_call) indices_checked_.store(true, std::memory_order_release);
+    }
     Ort::KernelContext ctx(context);
     Ort::UnownedValue y = ctx.GetOutput(0, b.y_shape);
     if (b.M == 0) return;
@@ -597,6 +615,8 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
   Attributes attrs_;
   ONNXTensorElementDataType x_type_;
   bool use_avx512_ = true;
+  std::array<bool, spqr::kNumInputs> constant_{};  // input i is an initializer (same data on every call)
+  std::atomic<bool> indices_checked_{false};       // constant index inputs already validated
 };
 
 }  // namespace
