@@ -54,8 +54,10 @@ inline void DecodeChunk(const uint8_t* chunk, int bits, uint8_t* out /*[32]*/) {
   }
   for (int s = 0; s < 4; ++s)
     for (int i = 0; i < 8; ++i) out[8 * s + i] = (chunk[i] >> (2 * s)) & 3;
-  if (bits == 3) {
-    for (int i = 0; i < 32; ++i) out[i] |= ((chunk[8 + (i >> 3)] >> (i & 7)) & 1) << 2;
+  if (bits == 3) {  // the little-endian word at bytes 8..11: bit i is bit 2 of code i (a loop compilers vectorize)
+    const uint32_t h = static_cast<uint32_t>(chunk[8]) | static_cast<uint32_t>(chunk[9]) << 8 |
+                       static_cast<uint32_t>(chunk[10]) << 16 | static_cast<uint32_t>(chunk[11]) << 24;
+    for (int i = 0; i < 32; ++i) out[i] |= static_cast<uint8_t>(((h >> i) & 1u) << 2);
   }
 }
 

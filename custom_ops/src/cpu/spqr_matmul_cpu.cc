@@ -212,14 +212,15 @@ void RowStats(const Job& j, int64_t n, float* s, float* z) {
   }
 }
 
-// Decoded row n of W in stored column order, outliers included: w[j] = s_g * (q - z_g) (+ delta).
-void DecodeRow(const Job& j, int64_t n, float* w, uint8_t* codes, float* s, float* z) {
+// Decoded row n of W in stored column order from its first-level statistics s, z [G], outliers included:
+// w[k] = s_g * (q_k - z_g) (+ delta).
+SPQR_CPU_CLONES void DecodeRowWithStats(const Job& j, int64_t n, const float* s, const float* z, float* w,
+                                        uint8_t* codes) {
   const Attributes& a = j.a;
   const int bits = static_cast<int>(a.bits);
   const int64_t chunks = (a.K + spqr::kChunk - 1) / spqr::kChunk;
   const uint8_t* qrow = j.qweight + n * spqr::PackedRowBytes(a.K, a.bits);
   for (int64_t c = 0; c < chunks; ++c) spqr::DecodeChunk(qrow + c * 4 * bits, bits, codes + c * spqr::kChunk);
-  RowStats(j, n, s, z);
   const int64_t G = a.n_groups();
   for (int64_t g = 0; g < G; ++g) {
     const int64_t begin = g * a.group_size, end = std::min(a.K, begin + a.group_size);
@@ -229,6 +230,12 @@ void DecodeRow(const Job& j, int64_t n, float* w, uint8_t* codes, float* s, floa
   if (j.row_ptr != nullptr) {
     for (int32_t p = j.row_ptr[n]; p < j.row_ptr[n + 1]; ++p) w[j.col_idx[p]] += HalfToFloat(j.values[p]);
   }
+}
+
+// DecodeRowWithStats with the row's statistics decoded here (s, z: [G] scratch).
+void DecodeRow(const Job& j, int64_t n, float* w, uint8_t* codes, float* s, float* z) {
+  RowStats(j, n, s, z);
+  DecodeRowWithStats(j, n, s, z, w, codes);
 }
 
 inline float BiasOf(const Job& j, int64_t n) {
@@ -267,42 +274,6 @@ void RowBlockTask(void* user, size_t task) {
       DotRows(w.get(), j.xp + m * j.xstride, K, dots);
       for (int r = 0; r < rows; ++r) Store(j, m, n0 + r, dots[r] + b[r]);
     }
-  }
-}
-
-// GEMM path, one task = rows [n0, n0 + kNr) of W (Y columns) for all M rows of X.
-void TileTask(void* user, size_t task) {
-  const Job& j = *static_cast<const Job*>(user);
-  const Attributes& a = j.a;
-  const int64_t K = a.K, M = j.M, G = a.n_groups();
-  const int64_t n0 = static_cast<int64_t>(task) * kNr;
-  const int rows = static_cast<int>(std::min<int64_t>(kNr, a.N - n0));
-  const int64_t k_pad = (K + spqr::kChunk - 1) / spqr::kChunk * spqr::kChunk;
-  const int64_t m_pad = (M + kMr - 1) / kMr * kMr;
-  // wt [K, kNr] (rows past N stay zero), acc [m_pad, kNr], one decoded row, its statistics.
-  std::unique_ptr<float[]> buf(new float[K * kNr + m_pad * kNr + K + 2 * G]());
-  float* wt = buf.get();
-  float* acc = wt + K * kNr;
-  float* row = acc + m_pad * kNr;
-  float* s = row + K;
-  float* z = s + G;
-  std::unique_ptr<uint8_t[]> codes(new uint8_t[k_pad]);
-  for (int r = 0; r < rows; ++r) {
-    DecodeRow(j, n0 + r, row, codes.get(), s, z);
-    for (int64_t k = 0; k < K; ++k) wt[k * kNr + r] = row[k];
-  }
-  const float* x[kMr];
-  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
-    const int64_t kc = std::min(kKc, K - k0);
-    for (int64_t m0 = 0; m0 < M; m0 += kMr) {
-      // Rows past M repeat the last row; their sums land in acc's padding and are never stored.
-      for (int i = 0; i < kMr; ++i) x[i] = j.xp + std::min(m0 + i, M - 1) * j.xstride + k0;
-      MicroKernel(x, wt + k0 * kNr, kc, acc + m0 * kNr);
-    }
-  }
-  for (int r = 0; r < rows; ++r) {
-    const float b = BiasOf(j, n0 + r);
-    for (int64_t m = 0; m < M; ++m) Store(j, m, n0 + r, acc[m * kNr + r] + b);
   }
 }
 
@@ -435,6 +406,55 @@ SPQR_CPU_CLONES float OutlierDot(const Job& j, int64_t n, const float* x) {
     v += HalfToFloat(j.values[p]) * x[j.lane_x ? LanePos(k) : k];
   }
   return v;
+}
+
+// GEMM path, one task = rows [n0, n0 + kGemvRows) of W (Y columns; one packed-statistics chunk, so BlockStats
+// decodes their statistics at once) for all M rows of X, as tiles of kNr rows.
+void TileTask(void* user, size_t task) {
+  const Job& j = *static_cast<const Job*>(user);
+  const Attributes& a = j.a;
+  const int64_t K = a.K, M = j.M, G = a.n_groups();
+  const int64_t n0 = static_cast<int64_t>(task) * kGemvRows;
+  const int64_t task_rows = std::min(kGemvRows, a.N - n0);
+  const int64_t k_pad = (K + spqr::kChunk - 1) / spqr::kChunk * spqr::kChunk;
+  const int64_t m_pad = (M + kMr - 1) / kMr * kMr;
+  // Scratch reused by this thread: statistics [kGemvRows, G] x 2, wt [K, kNr], acc [m_pad, kNr], one decoded row.
+  thread_local std::vector<float> buf;
+  thread_local std::vector<uint8_t> codes;
+  buf.resize(std::max(buf.size(), static_cast<size_t>(2 * kGemvRows * G + K * kNr + m_pad * kNr + k_pad)));
+  codes.resize(std::max(codes.size(), static_cast<size_t>(k_pad)));
+  float* s = buf.data();
+  float* z = s + kGemvRows * G;
+  float* wt = z + kGemvRows * G;
+  float* acc = wt + K * kNr;
+  float* row = acc + m_pad * kNr;
+  BlockStats(j, n0, 0, G, s, z);
+  const float* x[kMr];
+  for (int64_t t0 = 0; t0 < task_rows; t0 += kNr) {
+    const int rows = static_cast<int>(std::min<int64_t>(kNr, task_rows - t0));
+    for (int r = 0; r < kNr; ++r) {
+      if (r < rows) {
+        DecodeRowWithStats(j, n0 + t0 + r, s + (t0 + r) * G, z + (t0 + r) * G, row, codes.data());
+        for (int64_t k = 0; k < K; ++k) wt[k * kNr + r] = row[k];
+      } else {
+        for (int64_t k = 0; k < K; ++k) wt[k * kNr + r] = 0.f;  // rows past N
+      }
+    }
+    std::fill(acc, acc + m_pad * kNr, 0.f);
+    for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+      const int64_t kc = std::min(kKc, K - k0);
+      for (int64_t m0 = 0; m0 < M; m0 += kMr) {
+        // Rows past M repeat the last row; their sums land in acc's padding and are never stored.
+        for (int i = 0; i < kMr; ++i) x[i] = j.xp + std::min(m0 + i, M - 1) * j.xstride + k0;
+        MicroKernel(x, wt + k0 * kNr, kc, acc + m0 * kNr);
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      const int64_t n = n0 + t0 + r;
+      const float b = BiasOf(j, n);
+      for (int64_t m = 0; m < M; ++m) Store(j, m, n, acc[m * kNr + r] + b);
+    }
+  }
 }
 
 // GEMV path, one task = rows [n0, n0 + kGemvRows) of W for all M (< kGemmMinRows) rows of X.
@@ -595,7 +615,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       j.y_f32 = y.GetTensorMutableData<float>();
     }
     if (M >= kGemmMinRows) {
-      ctx.ParallelFor(&TileTask, static_cast<size_t>((a.N + kNr - 1) / kNr), 0, &j);
+      ctx.ParallelFor(&TileTask, static_cast<size_t>((a.N + kGemvRows - 1) / kGemvRows), 0, &j);
       return;
     }
     if (gemv) {
