@@ -279,7 +279,9 @@ void RowBlockTask(void* user, size_t task) {
 
 // Whether BlockStats decodes quantized statistics 8 rows at a time (each 8 rows must share their second-level
 // statistics).
-inline bool StatsInLaneOrder(const Attributes& a) { return a.stat_bits != 0 && a.stat_group_size % 8 == 0; }
+inline bool StatsDecodedEightRowsAtOnce(const Attributes& a) {
+  return a.stat_bits != 0 && a.stat_group_size % 8 == 0;
+}
 
 // BlockStats for quantized statistics with stat_group_size % 8 == 0: 8 rows per vector, in lane order.
 template <int SB>
@@ -327,7 +329,7 @@ void BlockStats(const Job& j, int64_t n0, int64_t g0, int64_t g1, float* s, floa
     }
     return;
   }
-  if (StatsInLaneOrder(a)) {
+  if (StatsDecodedEightRowsAtOnce(a)) {
     if (a.stat_bits == 2) return BlockStatsLanes<2>(j, n0, g0, g1, s, z);
     if (a.stat_bits == 3) return BlockStatsLanes<3>(j, n0, g0, g1, s, z);
     return BlockStatsLanes<4>(j, n0, g0, g1, s, z);
