@@ -81,12 +81,12 @@ PRESETS: list[dict[str, Any]] = [
     # AffineQuant: the reference's LLaMA w*a16 settings (diagonal norm transforms, per-KV-head v→o blocks, LWC,
     # let_lr 5e-3, lwc_lr 1e-2), with 4 windows of 512 tokens per step (the reference: 1 × 2048) and half its epochs
     # (10; 20 at 2 bits, with aug_loss) to fit a 2-core CPU
-    {"name": "affinequant-w4g64", "method": "affinequant",
-     "options": {"bits": 4, "group_size": 64, "epochs": 10, "batch_size": 4}},
     {"name": "affinequant-w3g64", "method": "affinequant",
      "options": {"bits": 3, "group_size": 64, "epochs": 10, "batch_size": 4}},
     {"name": "affinequant-w2g64", "method": "affinequant",
      "options": {"bits": 2, "group_size": 64, "epochs": 20, "batch_size": 4, "aug_loss": True}},
+    {"name": "affinequant-w4g64", "method": "affinequant",
+     "options": {"bits": 4, "group_size": 64, "epochs": 10, "batch_size": 4}},
     {"name": "affinequant-w4a4", "method": "affinequant",
      "note": "w4a4: per-channel 4-bit weights, dynamic per-token 4-bit activations (ActQuantPerToken4 nodes in ORT)",
      "options": {"bits": 4, "group_size": 0, "abits": 4, "epochs": 10, "batch_size": 4, "aug_loss": True, "sf": 0.1}},
@@ -142,6 +142,8 @@ class Row:
         export_s: wall time of the export (ours: load → quantize → ONNX → passes → emit → validate; ORT rows:
             MatMulNBitsQuantizer on the fp32 export + save, not counting the fp32 export).
         reused: the folder was on disk already (`--reuse`); export_s is then the time recorded when it was made.
+        export_rss_mb: peak resident memory of the export (the process's high-water mark, reset before it via
+            /proc/self/clear_refs; None where that is unavailable), in MB (10^6 bytes).
         eval_ort_s, eval_torch_s: wall time of the perplexity runs.
         n_quantized: quantized linears (SpQRMatMul / MatMulNBits nodes).
         window_nll_ort, window_nll_torch: mean NLL (nats/token) of each window.
@@ -161,6 +163,7 @@ class Row:
     ppl_torch: Optional[float] = None
     rel_diff: Optional[float] = None
     export_s: Optional[float] = None
+    export_rss_mb: Optional[float] = None
     reused: bool = False
     eval_ort_s: Optional[float] = None
     eval_torch_s: Optional[float] = None
@@ -331,10 +334,12 @@ class Bench:
             info = _read_json(folder / BENCH_FILE) or {}
             if row is not None:
                 row.reused, row.export_s = True, info.get("export_s")
+                row.export_rss_mb = info.get("export_rss_mb")
             self._say(f"  reusing {folder}")
             self.exported.add(key)
             return folder
         t = time.perf_counter()
+        _reset_peak_rss()
         try:
             if preset["method"] == "ort":
                 self._export_ort(preset, folder, expected)
@@ -344,9 +349,11 @@ class Bench:
             self.failed[key] = _short_error(e)
             raise
         seconds = time.perf_counter() - t
-        (folder / BENCH_FILE).write_text(json.dumps({"export_s": seconds, "preset": preset}, indent=2) + "\n")
+        rss = _peak_rss_mb()
+        (folder / BENCH_FILE).write_text(json.dumps({"export_s": seconds, "export_rss_mb": rss, "preset": preset},
+                                                    indent=2) + "\n")
         if row is not None:
-            row.export_s = seconds
+            row.export_s, row.export_rss_mb = seconds, rss
         self.exported.add(key)
         return folder
 
@@ -702,6 +709,33 @@ def ort_quantize(proto: onnx.ModelProto, manifest: dict, options: dict, *, calib
     return out, {"bits": matmulnbits_bits(out), "excluded": exclude}
 
 
+# ------------------------------------------------------------------------------------------------------- memory
+_PEAK_RESET = False
+
+
+def _reset_peak_rss() -> None:
+    """Reset this process's peak-RSS high-water mark (Linux ≥ 4.0: `5` → /proc/self/clear_refs)."""
+    global _PEAK_RESET
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        _PEAK_RESET = True
+    except OSError:
+        _PEAK_RESET = False
+
+
+def _peak_rss_mb() -> Optional[float]:
+    """Peak RSS since the last successful `_reset_peak_rss()` (VmHWM), in MB; None if it could not be reset."""
+    if not _PEAK_RESET:
+        return None
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    return None
+
+
 # ------------------------------------------------------------------------------------------------------- rendering
 def _fmt(v: Optional[float], spec: str, missing: str = "—") -> str:
     return missing if v is None else format(v, spec)
@@ -719,12 +753,12 @@ def render_table(rows: list[Row], protocol: dict, args: argparse.Namespace, sour
         f"{args.calib_seqlen} tokens of `{Path(args.calibration).name}`, seed {args.seed}.",
         "",
         "| method | preset / flags | avg bits | size MB | ppl ORT | ppl PyTorch | ORT/PyTorch − 1 | Δppl vs fp32 "
-        "| export s | eval ORT s |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| export s | export peak RSS MB | eval ORT s |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         if r.status in ("skipped", "failed"):
-            lines.append(f"| {r.name} | `{r.flags}` | {r.status}: {r.error.replace('|', '/')} ||||||||")
+            lines.append(f"| {r.name} | `{r.flags}` | {r.status}: {r.error.replace('|', '/')} |||||||||")
             continue
         delta = (f"{100 * (r.ppl_ort / fp32.ppl_ort - 1):+.2f}%" if fp32 is not None and r.ppl_ort is not None
                  else "—")
@@ -732,7 +766,7 @@ def render_table(rows: list[Row], protocol: dict, args: argparse.Namespace, sour
         lines.append(
             f"| {r.name} | `{r.flags}` | {_fmt(r.avg_bits, '.3f')} | {_fmt(r.size_mb, '.1f')} "
             f"| {_fmt(r.ppl_ort, '.3f')} | {_fmt(r.ppl_torch, '.3f')} | {_fmt(r.rel_diff, '+.1e')} | {delta} "
-            f"| {export} | {_fmt(r.eval_ort_s, '.0f')} |"
+            f"| {export} | {_fmt(r.export_rss_mb, '.0f')} | {_fmt(r.eval_ort_s, '.0f')} |"
         )
     lines += ["", "Notes:", ""]
     lines.append(f"- {NOTE_Q4_1}")
@@ -749,7 +783,9 @@ def render_table(rows: list[Row], protocol: dict, args: argparse.Namespace, sour
     lines.append(
         "- ppl PyTorch: the fake-quant model (decoded `SpQRMatMul` weights loaded into the source model) in PyTorch, "
         "ours only. export s: ours = load → quantize → ONNX export → passes → emit → validate; ORT rows = "
-        "MatMulNBitsQuantizer on the fp32 export + save (the fp32 export itself not included). ORT rows use "
+        "MatMulNBitsQuantizer on the fp32 export + save (the fp32 export itself not included). export peak RSS: the "
+        "bench process's resident-memory high-water mark during the export (reset just before it, so it includes "
+        "what the process already held: Python, torch, the evaluation windows). ORT rows use "
         "accuracy_level unset (fp32 compute). ORT GPTQ runs without act-order (its act-order groups are re-quantized "
         "in storage order) and its calibration forwards are memoized (one forward per sample, same results).")
     notes = [r for r in rows if r.note]

@@ -163,3 +163,18 @@ def test_ort_gptq_memoized_sessions_give_the_same_weights(bench):
             np.testing.assert_array_equal(numpy_helper.to_array(t), theirs[t.name])
             compared += 1
     assert compared == 3  # codes, scales, zero points
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc only")
+def test_peak_rss_is_reset_per_export(bench):
+    bench._reset_peak_rss()
+    if bench._peak_rss_mb() is None:
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    before = bench._peak_rss_mb()
+    block = np.ones(50_000_000 // 8)  # 50 MB touched
+    grown = bench._peak_rss_mb()
+    del block
+    bench._reset_peak_rss()
+    after = bench._peak_rss_mb()
+    assert grown - before > 40
+    assert after < grown - 40  # the 50 MB peak is forgotten after a reset
