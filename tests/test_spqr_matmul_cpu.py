@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -91,18 +93,55 @@ def test_row_blocks_with_ragged_tails(N, M):
     _check(w, _x((M, 99), seed=M))
 
 
-@pytest.mark.parametrize("isa", ["auto", "portable"])
+@pytest.mark.parametrize("isa", ["auto", "avx512-rows", "portable"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [16, 32, 48])
 @pytest.mark.parametrize("M", [1, 2, 7])
 def test_gemv_kernels_per_isa(isa, bits, group_size, M, monkeypatch):
-    # The GEMV path has an AVX-512 row kernel (group_size % 16 == 0, chosen at run time) and a portable one
-    # (QCOMPILER_CPU_ISA=portable forces it); K=600 leaves a ragged group and a padded chunk, N=70 a ragged
+    # The GEMV path has a pre-packed AVX-512 kernel (group_size 16 or a multiple of 32, constant weights), an
+    # AVX-512 row kernel on the stored layout (group_size % 16 == 0; QCOMPILER_CPU_ISA=avx512-rows) and a portable
+    # one (QCOMPILER_CPU_ISA=portable), each chosen at run time; K=600 leaves a ragged group and a padded chunk, N=70 a ragged
     # 32-row task, β2=8 decodes statistics 8 rows at a time.
     monkeypatch.setenv("QCOMPILER_CPU_ISA", isa)
     w = random_weight(N=70, K=600, bits=bits, group_size=group_size, stat_bits=3, stat_group_size=8,
                       outlier_rate=0.02, permute=True, bias=True, seed=bits * 100 + group_size + M)
     _check(w, _x((M, 600), seed=M))
+
+
+def _has_avx512() -> bool:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="the packed GEMV kernel needs AVX-512 (F, BW, VL, DQ)")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size,K", [(16, 600), (16, 584), (32, 600), (64, 600), (128, 576)])
+@pytest.mark.parametrize("stats", ["coded-b16", "coded-b32", "split-b8", "fp16"])
+@pytest.mark.parametrize("M", [1, 2, 7])
+def test_packed_gemv_path(bits, group_size, K, stats, M, monkeypatch):
+    # QCOMPILER_CPU_REQUIRE_PACKED=1 turns "the packed path was not taken" into an error, so these cases cannot pass
+    # on another path. K=600/584: a padded chunk and, for β1=16, an odd group count (the last chunk's second half is
+    # padding); K=576 with β1=128: a ragged last group. Statistics: quantized with β2 a multiple of the 16-row block
+    # (codes unpacked in the kernel), β2=8 (decoded per row at packing time) and fp16; N=70: a ragged last block.
+    monkeypatch.setenv("QCOMPILER_CPU_REQUIRE_PACKED", "1")
+    stat_bits, stat_group_size = {"coded-b16": (3, 16), "coded-b32": (2, 32), "split-b8": (3, 8),
+                                  "fp16": (0, 16)}[stats]
+    w = random_weight(N=70, K=K, bits=bits, group_size=group_size, stat_bits=stat_bits,
+                      stat_group_size=stat_group_size, outlier_rate=0.02, permute=True, bias=True,
+                      seed=bits * 1000 + group_size + K + M)
+    _check(w, _x((M, K), seed=M))
+    _check(w, _x((M, K), np.float16, seed=M))
+
+
+def test_packed_gemv_path_is_required_when_asked(monkeypatch):
+    # Guards the test above: a node the packed kernel cannot take (β1=48) fails under QCOMPILER_CPU_REQUIRE_PACKED.
+    monkeypatch.setenv("QCOMPILER_CPU_REQUIRE_PACKED", "1")
+    w = random_weight(N=20, K=96, bits=3, group_size=48, stat_bits=3, stat_group_size=16, seed=0)
+    with pytest.raises(Exception, match="packed path is not available"):
+        _run(w, _x((1, 96)))
 
 
 @pytest.mark.parametrize("group_size", [12, 20])
@@ -245,3 +284,19 @@ def test_bad_attribute_fails_at_session_creation():
     w.bits = 5
     with pytest.raises(Exception, match="bits must be 2, 3 or 4, got 5"):
         ops.session(single_op_model(w).SerializeToString())
+
+
+def test_weights_fed_at_run_time_are_not_packed_once():
+    # The packed decode path packs qweight once per session, so it must only take initializer weights: a qweight fed
+    # as a graph input takes the unpacked path and every call sees the codes it was given.
+    w = random_weight(N=40, K=64, bits=3, group_size=16, stat_bits=3, stat_group_size=16, seed=0)
+    w2 = random_weight(N=40, K=64, bits=3, group_size=16, stat_bits=3, stat_group_size=16, seed=1)
+    model = single_op_model(w, x_shape=("m", None))
+    name = next(i for i in model.graph.node[0].input if i.endswith("qweight"))
+    init = next(t for t in model.graph.initializer if t.name == name)
+    model.graph.initializer.remove(init)
+    model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.UINT8, list(w.qweight.shape)))
+    sess = ops.session(model.SerializeToString())
+    x = _x((1, 64))
+    for q, ref in ((w.qweight, w.matmul(x)), (w2.qweight, dataclasses.replace(w, qweight=w2.qweight).matmul(x))):
+        np.testing.assert_allclose(sess.run(None, {"X": x, name: q})[0], ref, rtol=0, atol=1e-4)

@@ -17,6 +17,7 @@
 #include "cpu/spqr_matmul_cpu.h"
 
 #include "cpu/gemv_avx512.h"
+#include "cpu/packed.h"
 
 #include <algorithm>
 #include <array>
@@ -24,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 namespace qcompiler {
@@ -181,6 +183,8 @@ struct Job {
   int64_t xstride = 0;        // K rounded up to whole chunks
   bool lane_x = false;        // xp in the portable GEMV's lane order (LanePos)
   GemvRowAvx512Fn row512 = nullptr;  // GEMV rows by the AVX-512 kernel (xp in stored order), else portable
+  PackedGemvFn packed_fn = nullptr;  // packed GEMV path: kernel and its per-call inputs (args.y unset)
+  PackedGemvArgs packed;
   float* y_f32 = nullptr;     // exactly one of y_f32 / y_f16
   uint16_t* y_f16 = nullptr;
 };
@@ -506,6 +510,30 @@ void GemvTask(void* user, size_t task) {
   }
 }
 
+// Packed GEMV path, one task = kPackTaskBlocks blocks of 16 rows of W for all M (< kGemmMinRows) rows of X.
+constexpr int64_t kPackTaskBlocks = 2;
+
+void PackedTask(void* user, size_t task) {
+  const Job& j = *static_cast<const Job*>(user);
+  const int64_t blocks = j.packed.w->blocks;
+  const int64_t b0 = static_cast<int64_t>(task) * kPackTaskBlocks, b1 = std::min(blocks, b0 + kPackTaskBlocks);
+  constexpr int64_t stride = kPackTaskBlocks * kPackRows;
+  float y[kGemmMinRows * stride];
+  PackedGemvArgs args = j.packed;
+  args.y = y;
+  args.y_stride = stride;
+  j.packed_fn(args, b0, b1);
+  const int64_t n0 = b0 * kPackRows, n1 = std::min(j.a.N, b1 * kPackRows);
+  for (int64_t n = n0; n < n1; ++n) {
+    const float b = BiasOf(j, n);
+    for (int64_t m = 0; m < j.M; ++m) {
+      float v = y[m * stride + (n - n0)];
+      if (j.row_ptr != nullptr) v += OutlierDot(j, n, j.xp + m * j.xstride);
+      Store(j, m, n, v + b);
+    }
+  }
+}
+
 // O(N + nnz + K) checks of index inputs that the decode loop trusts (out-of-range indices would read out of bounds).
 void CheckIndices(const BoundInputs& b, const Attributes& a, const std::string& prefix) {
   if (b.in[spqr::kRowPtr].present()) {
@@ -540,9 +568,15 @@ void CheckIndices(const BoundInputs& b, const Attributes& a, const std::string& 
 struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
   SpQRMatMulCpuKernel(const OrtKernelInfo* info, ONNXTensorElementDataType x_type)
       : prefix_(spqr::ErrorPrefix(info)), attrs_(spqr::ReadAttributes(info, prefix_)), x_type_(x_type) {
-    // QCOMPILER_CPU_ISA=portable keeps the AVX-512 GEMV kernel off (to test or compare the portable path).
+    // QCOMPILER_CPU_ISA (to test or compare paths): unset/"auto" = the best available; "avx512-rows" = no
+    // pre-packing (AVX-512 row kernel); "portable" = no AVX-512 code at all. QCOMPILER_CPU_REQUIRE_PACKED=1 makes
+    // a decode-sized call fail unless it takes the packed path (tests).
     const char* isa = std::getenv("QCOMPILER_CPU_ISA");
-    use_avx512_ = isa == nullptr || std::string(isa) != "portable";
+    const std::string isa_s = isa ? isa : "auto";
+    use_avx512_ = isa_s != "portable";
+    allow_packed_ = isa_s != "portable" && isa_s != "avx512-rows";
+    const char* req = std::getenv("QCOMPILER_CPU_REQUIRE_PACKED");
+    require_packed_ = req != nullptr && std::string(req) == "1";
     Ort::ConstKernelInfo ki(info);
     for (size_t i = 1; i < spqr::kNumInputs; ++i) {
       int is_constant = 0;
@@ -553,6 +587,19 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       }
       constant_[i] = is_constant != 0;
     }
+    // The packed decode path needs the weight tensors to be initializers (packed once, reused every call).
+    allow_packed_ = allow_packed_ && Packable(attrs_) && constant_[spqr::kQWeight] && constant_[spqr::kScales] &&
+                    constant_[spqr::kZeros] && (attrs_.stat_bits == 0 || constant_[spqr::kStats2]);
+  }
+
+  // The packed weights, built on the first decode-sized call from that call's (constant) inputs.
+  const PackedWeights& Packed(const BoundInputs& b) {
+    std::call_once(pack_once_, [&] {
+      packed_ = std::make_unique<PackedWeights>(
+          Pack(attrs_, b.in[spqr::kQWeight].as<uint8_t>(), b.in[spqr::kScales].data, b.in[spqr::kZeros].data,
+               b.in[spqr::kStats2].present() ? b.in[spqr::kStats2].as<uint16_t>() : nullptr));
+    });
+    return *packed_;
   }
 
   void Compute(OrtKernelContext* context) {
@@ -571,7 +618,13 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
 
     // X -> fp32 in stored column order (the GEMV path: in its lane order within each 8 columns).
     const int64_t M = b.M, K = a.K;
-    const bool gemv = M < kGemmMinRows && a.group_size % 8 == 0;
+    PackedGemvFn packed_fn = nullptr;
+    if (M < kGemmMinRows && allow_packed_) packed_fn = PackedGemvAvx512(Packed(b), M);
+    if (require_packed_ && M < kGemmMinRows && packed_fn == nullptr) {
+      throw Ort::Exception(prefix_ + "QCOMPILER_CPU_REQUIRE_PACKED=1 but the packed path is not available",
+                           ORT_FAIL);
+    }
+    const bool gemv = packed_fn == nullptr && M < kGemmMinRows && a.group_size % 8 == 0;
     const GemvRowAvx512Fn row512 = gemv && use_avx512_ && a.group_size % 16 == 0 ? GemvRowAvx512(a.bits, M) : nullptr;
     const bool lane_x = gemv && row512 == nullptr;
     const int64_t xstride = (K + spqr::kChunk - 1) / spqr::kChunk * spqr::kChunk;
@@ -616,6 +669,24 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     } else {
       j.y_f32 = y.GetTensorMutableData<float>();
     }
+    std::vector<float> packed_x;
+    if (packed_fn != nullptr) {
+      const PackedWeights& pw = *packed_;
+      const int64_t xs_stride = pw.chunks * PiecesPerChunk(static_cast<int>(pw.bits));
+      packed_x.resize(static_cast<size_t>(M * (xs_stride + pw.G)));
+      for (int64_t m = 0; m < M; ++m) {
+        PackedGemvInputs(pw, xp.data() + m * xstride, packed_x.data() + m * xs_stride,
+                         packed_x.data() + M * xs_stride + m * pw.G);
+      }
+      j.packed_fn = packed_fn;
+      j.packed.w = &pw;
+      j.packed.xs = packed_x.data();
+      j.packed.xs_stride = xs_stride;
+      j.packed.xg = packed_x.data() + M * xs_stride;
+      j.packed.xg_stride = pw.G;
+      ctx.ParallelFor(&PackedTask, static_cast<size_t>((pw.blocks + kPackTaskBlocks - 1) / kPackTaskBlocks), 0, &j);
+      return;
+    }
     if (M >= kGemmMinRows) {
       ctx.ParallelFor(&TileTask, static_cast<size_t>((a.N + kGemvRows - 1) / kGemvRows), 0, &j);
       return;
@@ -637,6 +708,10 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
   Attributes attrs_;
   ONNXTensorElementDataType x_type_;
   bool use_avx512_ = true;
+  bool allow_packed_ = true;
+  bool require_packed_ = false;
+  std::once_flag pack_once_;
+  std::unique_ptr<PackedWeights> packed_;
   std::array<bool, spqr::kNumInputs> constant_{};  // input i is an initializer (same data on every call)
   std::atomic<bool> indices_checked_{false};       // constant index inputs already validated
 };

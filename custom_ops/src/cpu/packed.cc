@@ -1,0 +1,124 @@
+// Packing of the decode path's weights (layout in packed.h); portable C++, run once per session.
+#include "cpu/packed.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace qcompiler {
+namespace Cpu {
+namespace {
+
+float Half(uint16_t h) { return spqr::HalfBitsToFloat(h); }
+
+template <int BITS>
+void PackCodes(const spqr::Attributes& a, const uint8_t* qweight, PackedWeights& w) {
+  const int64_t row_bytes = spqr::PackedRowBytes(a.K, BITS);
+  uint8_t q[spqr::kChunk];
+  for (int64_t n = 0; n < a.N; ++n) {
+    const int64_t blk = n / kPackRows, lane = n % kPackRows;
+    for (int64_t c = 0; c < w.chunks; ++c) {
+      spqr::DecodeChunk(qweight + n * row_bytes + c * 4 * BITS, BITS, q);
+      uint32_t words[BITS] = {};
+      for (int p = 0; p < PiecesPerChunk(BITS); ++p) {
+        const Piece pc = PieceOf(BITS, p);
+        words[pc.word] |= ((static_cast<uint32_t>(q[pc.code]) >> pc.low) & ((1u << pc.width) - 1u)) << pc.shift;
+      }
+      uint32_t* dst = w.codes.data() + ((blk * w.chunks + c) * BITS) * kPackRows + lane;
+      for (int i = 0; i < BITS; ++i) dst[i * kPackRows] = words[i];
+    }
+  }
+}
+
+}  // namespace
+
+PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void* scales, const void* zeros,
+                   const uint16_t* stats2) {
+  PackedWeights w;
+  w.K = a.K;
+  w.N = a.N;
+  w.bits = a.bits;
+  w.group_size = a.group_size;
+  w.G = a.n_groups();
+  w.chunks = (a.K + spqr::kChunk - 1) / spqr::kChunk;
+  w.blocks = (a.N + kPackRows - 1) / kPackRows;
+  w.codes.assign(static_cast<size_t>(w.blocks * w.chunks * a.bits * kPackRows), 0u);
+  if (a.bits == 2) PackCodes<2>(a, qweight, w);
+  if (a.bits == 3) PackCodes<3>(a, qweight, w);
+  if (a.bits == 4) PackCodes<4>(a, qweight, w);
+
+  const int64_t G = w.G;
+  w.coded_stats = a.stat_bits >= 2 && a.stat_bits <= 4 && a.stat_group_size % kPackRows == 0;
+  if (w.coded_stats) {
+    const int sb = static_cast<int>(a.stat_bits);
+    const int64_t row_bytes = spqr::PackedRowBytes(a.N, a.stat_bits);
+    const int64_t N2 = a.n_stat_groups();
+    const auto* sc = static_cast<const uint8_t*>(scales);
+    const auto* zc = static_cast<const uint8_t*>(zeros);
+    w.stat_codes.assign(static_cast<size_t>(w.blocks * G * kPackRows), 0);
+    w.stat_values.assign(static_cast<size_t>(w.blocks * G * 4), 0.f);
+    for (int64_t blk = 0; blk < w.blocks; ++blk) {
+      const int64_t t = blk * kPackRows / a.stat_group_size;  // one second-level group for the whole block
+      for (int64_t g = 0; g < G; ++g) {
+        uint8_t* codes = w.stat_codes.data() + (blk * G + g) * kPackRows;
+        for (int64_t r = 0; r < kPackRows && blk * kPackRows + r < a.N; ++r) {
+          const int64_t n = blk * kPackRows + r;
+          codes[r] = static_cast<uint8_t>(spqr::ExtractCode(sc + g * row_bytes, sb, n) |
+                                          spqr::ExtractCode(zc + g * row_bytes, sb, n) << 4);
+        }
+        const uint16_t* st = stats2 + (g * N2 + t) * 4;
+        for (int i = 0; i < 4; ++i) w.stat_values[(blk * G + g) * 4 + i] = Half(st[i]);
+      }
+    }
+    return w;
+  }
+  // Decoded per row (fp16 statistics, or second-level groups that split a block).
+  w.stat_values.assign(static_cast<size_t>(w.blocks * G * 2 * kPackRows), 0.f);
+  for (int64_t n = 0; n < a.N; ++n) {
+    const int64_t blk = n / kPackRows, lane = n % kPackRows;
+    for (int64_t g = 0; g < G; ++g) {
+      float s, z;
+      if (a.stat_bits == 0) {
+        s = Half(static_cast<const uint16_t*>(scales)[g * a.N + n]);
+        z = Half(static_cast<const uint16_t*>(zeros)[g * a.N + n]);
+      } else {
+        const int sb = static_cast<int>(a.stat_bits);
+        const int64_t row_bytes = spqr::PackedRowBytes(a.N, a.stat_bits);
+        const uint16_t* st = stats2 + (g * a.n_stat_groups() + n / a.stat_group_size) * 4;
+        s = Half(st[0]) * (static_cast<float>(
+                               spqr::ExtractCode(static_cast<const uint8_t*>(scales) + g * row_bytes, sb, n)) -
+                           Half(st[1]));
+        z = Half(st[2]) * (static_cast<float>(
+                               spqr::ExtractCode(static_cast<const uint8_t*>(zeros) + g * row_bytes, sb, n)) -
+                           Half(st[3]));
+      }
+      float* dst = w.stat_values.data() + (blk * G + g) * 2 * kPackRows;
+      dst[lane] = s;
+      dst[kPackRows + lane] = z;
+    }
+  }
+  return w;
+}
+
+void PackedGemvInputs(const PackedWeights& w, const float* x, float* xs, float* xg) {
+  const int bits = static_cast<int>(w.bits), P = PiecesPerChunk(bits);
+  float factor[34];
+  int code[34];
+  for (int p = 0; p < P; ++p) {
+    factor[p] = std::ldexp(1.0f, PieceOf(bits, p).low - PieceOf(bits, p).shift);  // exact powers of two
+    code[p] = PieceOf(bits, p).code;
+  }
+  for (int64_t c = 0; c < w.chunks; ++c) {
+    for (int p = 0; p < P; ++p) {
+      const int64_t k = c * spqr::kChunk + code[p];
+      xs[c * P + p] = k < w.K ? x[k] * factor[p] : 0.f;
+    }
+  }
+  for (int64_t g = 0; g < w.G; ++g) {
+    float sum = 0.f;
+    for (int64_t k = g * w.group_size, end = std::min(w.K, k + w.group_size); k < end; ++k) sum += x[k];
+    xg[g] = sum;
+  }
+}
+
+}  // namespace Cpu
+}  // namespace qcompiler

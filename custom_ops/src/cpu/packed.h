@@ -1,0 +1,83 @@
+// Pre-packed weights of the CPU decode (GEMV) path: built once per session from constant inputs.
+//
+// The stored format (docs/spqr-format.md) keeps each output row's codes together. For M < 8 the kernel wants the
+// opposite: 16 output rows side by side in one AVX-512 register (lane = row), so that one broadcast x value
+// multiplies 16 weights and each group's statistics scale a whole vector at once. The packed layout:
+//
+// - codes: [blocks][chunks][bits][16] uint32, block = 16 output rows, chunk = 32 columns (the storage chunk).
+//   Lane r of word w holds row (16·block + r)'s 32 codes of the chunk as 32·bits contiguous bits, in the order
+//   given by PieceOf: 2-bit codes 16 per word, 4-bit 8 per word, 3-bit 10 per word (codes 30 and 31 fill the
+//   two spare bits of each of the three words). A code is read as `float(word & mask)` (the field left in place,
+//   an exact power-of-two multiple of the code) times a copy of x scaled by the inverse power of two, so decoding
+//   costs one AND and one conversion per 16 weights.
+// - statistics per (block, group): with quantized statistics whose second-level groups hold whole blocks
+//   (stat_bits 2..4, stat_group_size % 16 == 0), the 16 rows' scale and zero codes as bytes (scale | zero << 4)
+//   plus the four second-level values as fp32; otherwise the decoded fp32 scale and zero of each row.
+//
+// Rows past N and columns past K are zero codes (and get zero x), so the kernels have no tails.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/spqr_format.h"
+
+namespace qcompiler {
+namespace Cpu {
+
+constexpr int kPackRows = 16;  // output rows per block (one AVX-512 register of fp32 lanes)
+
+// Bits [shift, shift + width) of word `word` of a packed chunk hold bits [low, low + width) of code `code`.
+struct Piece {
+  int code, word, shift, width, low;
+};
+
+constexpr int PiecesPerChunk(int bits) { return bits == 3 ? 34 : 32; }
+
+constexpr Piece PieceOf(int bits, int p) {
+  if (bits == 3) {
+    if (p < 30) return {p, p / 10, 3 * (p % 10), 3, 0};
+    return p == 30 ? Piece{30, 0, 30, 2, 0} : p == 31 ? Piece{30, 1, 30, 1, 2}
+         : p == 32 ? Piece{31, 1, 31, 1, 0} : Piece{31, 2, 30, 2, 1};
+  }
+  return {p, p / (32 / bits), bits * (p % (32 / bits)), bits, 0};
+}
+
+struct PackedWeights {
+  int64_t K = 0, N = 0, bits = 0, group_size = 0, G = 0, chunks = 0, blocks = 0;
+  bool coded_stats = false;         // statistics as codes + second-level values (else decoded fp32)
+  std::vector<uint32_t> codes;      // [blocks][chunks][bits][16]
+  std::vector<uint8_t> stat_codes;  // coded_stats: [blocks][G][16] (scale code | zero code << 4)
+  std::vector<float> stat_values;   // coded_stats: [blocks][G][4] (ss, sz, zs, zz); else [blocks][G][2][16] (s, z)
+};
+
+// Whether the packed GEMV path can take this node (group size 16 or a multiple of 32; any statistics).
+inline bool Packable(const spqr::Attributes& a) {
+  return (a.bits >= 2 && a.bits <= 4) && (a.group_size == 16 || a.group_size % 32 == 0) &&
+         a.K <= (int64_t{1} << 31) && a.N <= (int64_t{1} << 31);
+}
+
+// Packs the constant inputs (scales/zeros: fp16 [G, N] or packed codes; stats2: fp16 [G, N2, 4] or nullptr).
+PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void* scales, const void* zeros,
+                   const uint16_t* stats2);
+
+// What the packed GEMV kernel reads per call (X in stored column order, MM rows).
+struct PackedGemvArgs {
+  const PackedWeights* w = nullptr;
+  const float* xs = nullptr;  // [MM][chunks * PiecesPerChunk(bits)]: x of each piece's column times 2^(low - shift)
+  int64_t xs_stride = 0;
+  const float* xg = nullptr;  // [MM][G]: sum of x over each group
+  int64_t xg_stride = 0;
+  float* y = nullptr;  // [MM][y_stride]: row n of W at column n - 16·b0 (no bias, no outliers)
+  int64_t y_stride = 0;
+};
+
+// Builds args.xs / args.xg rows for one row of X (stored column order, zero past K).
+void PackedGemvInputs(const PackedWeights& w, const float* x, float* xs, float* xg);
+
+// y for blocks [b0, b1) of rows (16 rows each), or nullptr where this CPU/build lacks AVX-512.
+using PackedGemvFn = void (*)(const PackedGemvArgs& args, int64_t b0, int64_t b1);
+PackedGemvFn PackedGemvAvx512(const PackedWeights& w, int64_t M);
+
+}  // namespace Cpu
+}  // namespace qcompiler

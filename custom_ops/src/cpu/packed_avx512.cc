@@ -1,0 +1,166 @@
+// AVX-512 GEMV on pre-packed weights (layout in packed.h): 16 output rows per vector, per 16 weights one AND, one
+// unsigned conversion and one FMA per row of X (x broadcast from the pre-scaled table; the field's power of two
+// cancels exactly). Per group: y += s * (sum_k q_k x_k - z * sum_k x_k), the scale and zero of the 16 rows decoded
+// from their codes (or loaded) once per group. Functions carry target attributes (no -m flags for the file), so
+// nothing here runs on CPUs without AVX-512.
+#include "cpu/packed.h"
+
+#include <algorithm>
+#include <utility>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+// GCC's _mm512_cvtepu32_ps passes an undefined vector as the (unused) merge source: a false positive.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define QC_HAVE_AVX512_BUILD 1
+#define QC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define QC_AVX512_INLINE __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"), always_inline)) inline
+#endif
+
+namespace qcompiler {
+namespace Cpu {
+
+#if defined(QC_HAVE_AVX512_BUILD)
+namespace {
+
+// Accumulators per row of X and half-chunk (independent FMA chains: 4 for one row, fewer when rows interleave).
+template <int MM>
+constexpr int kChains = MM == 1 ? 4 : MM == 2 ? 2 : 1;
+
+template <int BITS, int MM, bool HALF>
+struct ChunkAcc {
+  __m512 v[HALF ? 2 : 1][MM][kChains<MM>];
+};
+
+template <int BITS, int MM, bool HALF, int P>
+QC_AVX512_INLINE void OnePiece(const __m512i* d, const float* const* xs, ChunkAcc<BITS, MM, HALF>& acc) {
+  constexpr Piece pc = PieceOf(BITS, P);
+  constexpr uint32_t mask = ((1u << pc.width) - 1u) << pc.shift;
+  constexpr int h = HALF && pc.code >= 16 ? 1 : 0;
+  constexpr int chain = P % kChains<MM>;
+  const __m512 v = _mm512_cvtepu32_ps(_mm512_and_si512(d[pc.word], _mm512_set1_epi32(static_cast<int>(mask))));
+#pragma GCC unroll 8
+  for (int m = 0; m < MM; ++m) {
+    acc.v[h][m][chain] = _mm512_fmadd_ps(v, _mm512_set1_ps(xs[m][P]), acc.v[h][m][chain]);
+  }
+}
+
+template <int BITS, int MM, bool HALF, size_t... Ps>
+QC_AVX512_INLINE void AllPieces(const __m512i* d, const float* const* xs, ChunkAcc<BITS, MM, HALF>& acc,
+                                std::index_sequence<Ps...>) {
+  (OnePiece<BITS, MM, HALF, static_cast<int>(Ps)>(d, xs, acc), ...);
+}
+
+// y[m] += s * (t[m] - z * xg[m][g]) for the 16 rows of block `blk`, group g.
+template <int MM, bool CODED>
+QC_AVX512_INLINE void FinishGroup(const PackedGemvArgs& a, int64_t blk, int64_t g, const __m512* t, __m512* y) {
+  const PackedWeights& w = *a.w;
+  __m512 s, z;
+  if (CODED) {
+    const __m128i bytes =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.stat_codes.data() + (blk * w.G + g) * kPackRows));
+    const __m512i c = _mm512_cvtepu8_epi32(bytes);
+    const float* v = w.stat_values.data() + (blk * w.G + g) * 4;
+    const __m512 sc = _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15)));
+    const __m512 zc = _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4));
+    s = _mm512_mul_ps(_mm512_set1_ps(v[0]), _mm512_sub_ps(sc, _mm512_set1_ps(v[1])));
+    z = _mm512_mul_ps(_mm512_set1_ps(v[2]), _mm512_sub_ps(zc, _mm512_set1_ps(v[3])));
+  } else {
+    const float* v = w.stat_values.data() + (blk * w.G + g) * 2 * kPackRows;
+    s = _mm512_loadu_ps(v);
+    z = _mm512_loadu_ps(v + kPackRows);
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MM; ++m) {
+    const __m512 d = _mm512_fnmadd_ps(z, _mm512_set1_ps(a.xg[m * a.xg_stride + g]), t[m]);
+    y[m] = _mm512_fmadd_ps(s, d, y[m]);
+  }
+}
+
+template <int BITS, int MM, bool HALF>
+QC_AVX512_INLINE void SumChains(const ChunkAcc<BITS, MM, HALF>& acc, int h, __m512* t) {
+#pragma GCC unroll 8
+  for (int m = 0; m < MM; ++m) {
+    __m512 v = acc.v[h][m][0];
+    for (int i = 1; i < kChains<MM>; ++i) v = _mm512_add_ps(v, acc.v[h][m][i]);
+    t[m] = v;
+  }
+}
+
+template <int BITS, int MM, bool HALF, bool CODED>
+QC_AVX512 void Gemv(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
+  const PackedWeights& w = *a.w;
+  constexpr int P = PiecesPerChunk(BITS);
+  const int64_t chunks_per_group = HALF ? 1 : w.group_size / spqr::kChunk;
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const uint32_t* codes = w.codes.data() + blk * w.chunks * BITS * kPackRows;
+    __m512 y[MM];
+    for (int m = 0; m < MM; ++m) y[m] = _mm512_setzero_ps();
+    for (int64_t c0 = 0, g = 0; c0 < w.chunks; c0 += chunks_per_group, g += HALF ? 2 : 1) {
+      ChunkAcc<BITS, MM, HALF> acc;
+      for (auto& half : acc.v)
+        for (auto& row : half)
+          for (auto& v : row) v = _mm512_setzero_ps();
+      for (int64_t c = c0, c1 = std::min(w.chunks, c0 + chunks_per_group); c < c1; ++c) {
+        __m512i d[BITS];
+        for (int i = 0; i < BITS; ++i) d[i] = _mm512_loadu_si512(codes + (c * BITS + i) * kPackRows);
+        const float* xs[MM];
+        for (int m = 0; m < MM; ++m) xs[m] = a.xs + m * a.xs_stride + c * P;
+        AllPieces<BITS, MM, HALF>(d, xs, acc, std::make_index_sequence<P>{});
+      }
+      __m512 t[MM];
+      SumChains<BITS, MM, HALF>(acc, 0, t);
+      FinishGroup<MM, CODED>(a, blk, g, t, y);
+      if (HALF && g + 1 < w.G) {
+        SumChains<BITS, MM, HALF>(acc, 1, t);
+        FinishGroup<MM, CODED>(a, blk, g + 1, t, y);
+      }
+    }
+    for (int m = 0; m < MM; ++m) _mm512_storeu_ps(a.y + m * a.y_stride + (blk - b0) * kPackRows, y[m]);
+  }
+}
+
+template <int BITS, bool HALF, bool CODED>
+constexpr PackedGemvFn kFns[8] = {nullptr,
+                                  &Gemv<BITS, 1, HALF, CODED>,
+                                  &Gemv<BITS, 2, HALF, CODED>,
+                                  &Gemv<BITS, 3, HALF, CODED>,
+                                  &Gemv<BITS, 4, HALF, CODED>,
+                                  &Gemv<BITS, 5, HALF, CODED>,
+                                  &Gemv<BITS, 6, HALF, CODED>,
+                                  &Gemv<BITS, 7, HALF, CODED>};
+
+template <int BITS>
+PackedGemvFn FnFor(bool half, bool coded, int64_t M) {
+  if (half) return coded ? kFns<BITS, true, true>[M] : kFns<BITS, true, false>[M];
+  return coded ? kFns<BITS, false, true>[M] : kFns<BITS, false, false>[M];
+}
+
+bool CpuHasAvx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+}
+
+}  // namespace
+
+PackedGemvFn PackedGemvAvx512(const PackedWeights& w, int64_t M) {
+  if (!CpuHasAvx512() || M < 1 || M > 7) return nullptr;
+  const bool half = w.group_size == 16;
+  if (!half && w.group_size % spqr::kChunk != 0) return nullptr;
+  switch (w.bits) {
+    case 2: return FnFor<2>(half, w.coded_stats, M);
+    case 3: return FnFor<3>(half, w.coded_stats, M);
+    case 4: return FnFor<4>(half, w.coded_stats, M);
+    default: return nullptr;
+  }
+}
+
+#else  // not x86-64 GCC/Clang
+
+PackedGemvFn PackedGemvAvx512(const PackedWeights&, int64_t) { return nullptr; }
+
+#endif
+
+}  // namespace Cpu
+}  // namespace qcompiler
