@@ -1,0 +1,157 @@
+"""End-to-end decode speed: tokens/s of exported models through ONNX Runtime (CPU EP) with the op library.
+
+Each model folder (a `qcompiler export` output) gets one session; every round feeds the same prompt from an empty KV
+cache (prefill), then greedy-decodes `--new-tokens` tokens one at a time, feeding each step's `present.*` back as
+`past_key_values.*`. All models are measured in one run, interleaved round by round (so a background load that
+comes and goes hits every model alike); the table reports medians over the rounds and each model's decode speed
+relative to the first folder (by default the fp32 export).
+
+    .venv/bin/python bench/decode.py                      # bench/out/{fp32,spqr-w4,spqr-w3} (bench/quality.py)
+    .venv/bin/python bench/decode.py OUT1 OUT2 --threads 2 --new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DEFAULT_MODELS = ["fp32", "spqr-w4", "spqr-w3"]
+PROMPT = ("Robert Boulter is an English film, television and theatre actor. He had a guest starring role on the "
+          "television series The Bill in 2000. This was followed by a starring role in the play Herons written by "
+          "Simon Stephens, which was performed in 2001 at the Royal Court Theatre.")
+
+
+class Model:
+    """One exported folder: its session, KV layout and prompt ids."""
+
+    def __init__(self, folder: Path, threads: Optional[int], prompt_tokens: int):
+        import onnxruntime as ort
+
+        from qcompiler import ops
+
+        self.folder = folder
+        self.config = json.loads((folder / "quant_config.json").read_text())
+        kv = self.config["kv"]
+        self.num_layers, self.num_kv_heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        self.session = ops.session(str(folder / "model.onnx"), sess_options=so)
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        past_type = next(i.type for i in self.session.get_inputs() if i.name.startswith("past_key_values"))
+        self.past_dtype = np.float16 if "float16" in past_type else np.float32
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.tokenizer = None
+        try:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            ids = self.tokenizer(PROMPT)["input_ids"]
+        except Exception:  # noqa: BLE001 - no tokenizer in the folder: a fixed id sequence
+            ids = list(range(1, prompt_tokens + 1))
+        ids = (ids * (prompt_tokens // max(1, len(ids)) + 1))[:prompt_tokens]
+        self.prompt = np.asarray([ids], dtype=np.int64)
+
+    def _feeds(self, ids: np.ndarray, past: list[np.ndarray], past_len: int) -> dict:
+        S = ids.shape[1]
+        feeds = {"input_ids": ids,
+                 "attention_mask": np.ones((1, past_len + S), np.int64),
+                 "position_ids": np.arange(past_len, past_len + S, dtype=np.int64)[None, :],
+                 **dict(zip(self.past_names, past))}
+        return {k: v for k, v in feeds.items() if k in self.input_names}
+
+    def round(self, new_tokens: int) -> tuple[float, float, list[int]]:
+        """(prefill s, decode s for new_tokens - 1 steps, generated ids)."""
+        empty = [np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.past_dtype) for _ in self.past_names]
+        t = time.perf_counter()
+        out = self.session.run(self.output_names, self._feeds(self.prompt, empty, 0))
+        prefill = time.perf_counter() - t
+        past_len = self.prompt.shape[1]
+        tokens = [int(out[0][0, -1].argmax())]
+        t = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            ids = np.asarray([[tokens[-1]]], dtype=np.int64)
+            out = self.session.run(self.output_names, self._feeds(ids, list(out[1:]), past_len))
+            past_len += 1
+            tokens.append(int(out[0][0, -1].argmax()))
+        return prefill, time.perf_counter() - t, tokens
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/decode.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="*", help="exported folders (default: bench/out/{fp32,spqr-w4,spqr-w3}); the "
+                                            "first is the reference of the ratio column")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default: 64)")
+    p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per round (default: 64)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds per model, interleaved (default: 5)")
+    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
+    p.add_argument("-o", "--output", default=None, help="markdown table (default: bench/results/decode-DATE.md)")
+    args = p.parse_args(argv)
+    folders = [Path(m) for m in args.models] or [REPO / "bench" / "out" / m for m in DEFAULT_MODELS]
+    missing = [str(f) for f in folders if not (f / "model.onnx").exists()]
+    if missing:
+        print(f"bench/decode.py: error: no exported model in {', '.join(missing)} (run bench/quality.py first, or "
+              "pass `qcompiler export` output folders)", file=sys.stderr)
+        return 2
+    if args.new_tokens < 2:
+        print("bench/decode.py: error: --new-tokens must be at least 2", file=sys.stderr)
+        return 2
+    models = [Model(f, args.threads, args.prompt_tokens) for f in folders]
+    for m in models:  # warm-up (first-call packing, allocator growth)
+        m.round(4)
+    times: dict[str, list[tuple[float, float]]] = {str(m.folder): [] for m in models}
+    generated: dict[str, list[int]] = {}
+    for r in range(args.rounds):
+        for m in models:
+            prefill, decode, tokens = m.round(args.new_tokens)
+            times[str(m.folder)].append((prefill, decode))
+            generated[str(m.folder)] = tokens
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+
+    rows = []
+    for m in models:
+        t = times[str(m.folder)]
+        prefill = statistics.median(x[0] for x in t)
+        decode = statistics.median(x[1] for x in t)
+        text = m.tokenizer.decode(generated[str(m.folder)][:12]) if m.tokenizer else ""
+        rows.append({"model": m.folder.name, "method": m.config.get("method", "?"),
+                     "avg_bits": m.config.get("avg_bits"), "prefill_tok_s": args.prompt_tokens / prefill,
+                     "decode_tok_s": (args.new_tokens - 1) / decode, "text": text})
+    ref = rows[0]["decode_tok_s"]
+    import onnxruntime
+
+    lines = [f"# Decode speed through ONNX Runtime ({datetime.date.today().isoformat()})", "",
+             f"ONNX Runtime {onnxruntime.__version__} CPU EP, intra-op threads: {args.threads or 'ORT default'}; "
+             f"prompt {args.prompt_tokens} tokens, then {args.new_tokens} greedy tokens with the KV cache; median of "
+             f"{args.rounds} interleaved rounds. Reproduce: `.venv/bin/python bench/decode.py "
+             + " ".join(str(f) for f in args.models) + (f" --threads {args.threads}" if args.threads else "") + "`.",
+             "", "| model | method | avg bits | prefill tok/s | decode tok/s | decode vs first | first 12 tokens |",
+             "|---|---|--:|--:|--:|--:|---|"]
+    for r in rows:
+        bits = f"{r['avg_bits']:.3f}" if isinstance(r["avg_bits"], (int, float)) else "32"
+        text = r["text"].replace("|", "/").replace("\n", " ")
+        lines.append(f"| {r['model']} | {r['method']} | {bits} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} "
+                     f"| {r['decode_tok_s'] / ref:.2f}× | {text} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    out = Path(args.output) if args.output else REPO / "bench" / "results" / f"decode-{datetime.date.today()}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
