@@ -99,7 +99,17 @@ PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void
   return w;
 }
 
-void PackedGemvInputs(const PackedWeights& w, const float* x, float* xs, float* xg) {
+void PackOutliers(const spqr::Attributes& a, const int32_t* row_ptr, const uint16_t* col_idx, const uint16_t* values,
+                  PackedWeights& w) {
+  w.outlier_row_ptr.assign(row_ptr, row_ptr + a.N + 1);
+  const int64_t nnz = row_ptr[a.N];
+  w.outlier_col.assign(col_idx, col_idx + nnz);
+  w.outlier_val.resize(static_cast<size_t>(nnz));
+  for (int64_t p = 0; p < nnz; ++p) w.outlier_val[p] = Half(values[p]);
+}
+
+void PackedGemvInputs(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, float* xs, float* xg,
+                      int64_t xg_stride) {
   const int bits = static_cast<int>(w.bits), P = PiecesPerChunk(bits);
   float factor[34];
   int code[34];
@@ -110,13 +120,16 @@ void PackedGemvInputs(const PackedWeights& w, const float* x, float* xs, float* 
   for (int64_t c = 0; c < w.chunks; ++c) {
     for (int p = 0; p < P; ++p) {
       const int64_t k = c * spqr::kChunk + code[p];
-      xs[c * P + p] = k < w.K ? x[k] * factor[p] : 0.f;
+      float* dst = xs + (c * P + p) * mm;
+      for (int64_t m = 0; m < mm; ++m) dst[m] = k < w.K ? x[m * xstride + k] * factor[p] : 0.f;
     }
   }
-  for (int64_t g = 0; g < w.G; ++g) {
-    float sum = 0.f;
-    for (int64_t k = g * w.group_size, end = std::min(w.K, k + w.group_size); k < end; ++k) sum += x[k];
-    xg[g] = sum;
+  for (int64_t m = 0; m < mm; ++m) {
+    for (int64_t g = 0; g < w.G; ++g) {
+      float sum = 0.f;
+      for (int64_t k = g * w.group_size, end = std::min(w.K, k + w.group_size); k < end; ++k) sum += x[m * xstride + k];
+      xg[m * xg_stride + g] = sum;
+    }
   }
 }
 

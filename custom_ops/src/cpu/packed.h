@@ -49,6 +49,9 @@ struct PackedWeights {
   std::vector<uint32_t> codes;      // [blocks][chunks][bits][16]
   std::vector<uint8_t> stat_codes;  // coded_stats: [blocks][G][16] (scale code | zero code << 4)
   std::vector<float> stat_values;   // coded_stats: [blocks][G][4] (ss, sz, zs, zz); else [blocks][G][2][16] (s, z)
+  // Outliers, when their inputs are initializers too: CSR with int32 columns and fp32 values (else empty).
+  std::vector<int32_t> outlier_row_ptr, outlier_col;
+  std::vector<float> outlier_val;
 };
 
 // Whether the packed GEMV path can take this node (group size 16 or a multiple of 32; any statistics).
@@ -64,18 +67,29 @@ PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void
 // What the packed GEMV kernel reads per call (X in stored column order, MM rows).
 struct PackedGemvArgs {
   const PackedWeights* w = nullptr;
-  const float* xs = nullptr;  // [MM][chunks * PiecesPerChunk(bits)]: x of each piece's column times 2^(low - shift)
-  int64_t xs_stride = 0;
+  // [chunks][PiecesPerChunk(bits)][MM]: x of each piece's column times 2^(low - shift), the MM rows of X side by
+  // side (one cache line serves a piece for all rows)
+  const float* xs = nullptr;
   const float* xg = nullptr;  // [MM][G]: sum of x over each group
   int64_t xg_stride = 0;
   float* y = nullptr;  // [MM][y_stride]: row n of W at column n - 16·b0 (no bias, no outliers)
   int64_t y_stride = 0;
 };
 
-// Builds args.xs / args.xg rows for one row of X (stored column order, zero past K).
-void PackedGemvInputs(const PackedWeights& w, const float* x, float* xs, float* xg);
+// Fills w.outlier_* from the CSR inputs (fp16 values, uint16 columns).
+void PackOutliers(const spqr::Attributes& a, const int32_t* row_ptr, const uint16_t* col_idx, const uint16_t* values,
+                  PackedWeights& w);
 
-// y for blocks [b0, b1) of rows (16 rows each), or nullptr where this CPU/build lacks AVX-512.
+// Builds args.xs ([chunks][P][mm]) and args.xg rows (xg + m * xg_stride) for mm rows of X (x + m * xstride, stored
+// column order, zero past K).
+void PackedGemvInputs(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, float* xs, float* xg,
+                      int64_t xg_stride);
+
+// Rows of X one kernel call takes (larger M: several calls over slices of X, see spqr_matmul_cpu.cc).
+constexpr int kPackedMaxRows = 8;
+
+// y for blocks [b0, b1) of rows (16 rows each) and M (1..kPackedMaxRows) rows of X, or nullptr where this
+// CPU/build lacks AVX-512.
 using PackedGemvFn = void (*)(const PackedGemvArgs& args, int64_t b0, int64_t b1);
 PackedGemvFn PackedGemvAvx512(const PackedWeights& w, int64_t M);
 

@@ -33,7 +33,7 @@ struct ChunkAcc {
 };
 
 template <int BITS, int MM, bool HALF, int P>
-QC_AVX512_INLINE void OnePiece(const __m512i* d, const float* const* xs, ChunkAcc<BITS, MM, HALF>& acc) {
+QC_AVX512_INLINE void OnePiece(const __m512i* d, const float* xs, ChunkAcc<BITS, MM, HALF>& acc) {
   constexpr Piece pc = PieceOf(BITS, P);
   constexpr uint32_t mask = ((1u << pc.width) - 1u) << pc.shift;
   constexpr int h = HALF && pc.code >= 16 ? 1 : 0;
@@ -41,12 +41,12 @@ QC_AVX512_INLINE void OnePiece(const __m512i* d, const float* const* xs, ChunkAc
   const __m512 v = _mm512_cvtepu32_ps(_mm512_and_si512(d[pc.word], _mm512_set1_epi32(static_cast<int>(mask))));
 #pragma GCC unroll 8
   for (int m = 0; m < MM; ++m) {
-    acc.v[h][m][chain] = _mm512_fmadd_ps(v, _mm512_set1_ps(xs[m][P]), acc.v[h][m][chain]);
+    acc.v[h][m][chain] = _mm512_fmadd_ps(v, _mm512_set1_ps(xs[P * MM + m]), acc.v[h][m][chain]);
   }
 }
 
 template <int BITS, int MM, bool HALF, size_t... Ps>
-QC_AVX512_INLINE void AllPieces(const __m512i* d, const float* const* xs, ChunkAcc<BITS, MM, HALF>& acc,
+QC_AVX512_INLINE void AllPieces(const __m512i* d, const float* xs, ChunkAcc<BITS, MM, HALF>& acc,
                                 std::index_sequence<Ps...>) {
   (OnePiece<BITS, MM, HALF, static_cast<int>(Ps)>(d, xs, acc), ...);
 }
@@ -104,9 +104,7 @@ QC_AVX512 void Gemv(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
       for (int64_t c = c0, c1 = std::min(w.chunks, c0 + chunks_per_group); c < c1; ++c) {
         __m512i d[BITS];
         for (int i = 0; i < BITS; ++i) d[i] = _mm512_loadu_si512(codes + (c * BITS + i) * kPackRows);
-        const float* xs[MM];
-        for (int m = 0; m < MM; ++m) xs[m] = a.xs + m * a.xs_stride + c * P;
-        AllPieces<BITS, MM, HALF>(d, xs, acc, std::make_index_sequence<P>{});
+        AllPieces<BITS, MM, HALF>(d, a.xs + c * P * MM, acc, std::make_index_sequence<P>{});
       }
       __m512 t[MM];
       SumChains<BITS, MM, HALF>(acc, 0, t);
@@ -121,14 +119,15 @@ QC_AVX512 void Gemv(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
 }
 
 template <int BITS, bool HALF, bool CODED>
-constexpr PackedGemvFn kFns[8] = {nullptr,
+constexpr PackedGemvFn kFns[kPackedMaxRows + 1] = {nullptr,
                                   &Gemv<BITS, 1, HALF, CODED>,
                                   &Gemv<BITS, 2, HALF, CODED>,
                                   &Gemv<BITS, 3, HALF, CODED>,
                                   &Gemv<BITS, 4, HALF, CODED>,
                                   &Gemv<BITS, 5, HALF, CODED>,
                                   &Gemv<BITS, 6, HALF, CODED>,
-                                  &Gemv<BITS, 7, HALF, CODED>};
+                                  &Gemv<BITS, 7, HALF, CODED>,
+                                  &Gemv<BITS, 8, HALF, CODED>};
 
 template <int BITS>
 PackedGemvFn FnFor(bool half, bool coded, int64_t M) {
@@ -145,7 +144,7 @@ bool CpuHasAvx512() {
 }  // namespace
 
 PackedGemvFn PackedGemvAvx512(const PackedWeights& w, int64_t M) {
-  if (!CpuHasAvx512() || M < 1 || M > 7) return nullptr;
+  if (!CpuHasAvx512() || M < 1 || M > kPackedMaxRows) return nullptr;
   const bool half = w.group_size == 16;
   if (!half && w.group_size % spqr::kChunk != 0) return nullptr;
   switch (w.bits) {

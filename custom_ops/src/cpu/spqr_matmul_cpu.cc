@@ -183,7 +183,13 @@ struct Job {
   int64_t xstride = 0;        // K rounded up to whole chunks
   bool lane_x = false;        // xp in the portable GEMV's lane order (LanePos)
   GemvRowAvx512Fn row512 = nullptr;  // GEMV rows by the AVX-512 kernel (xp in stored order), else portable
-  PackedGemvFn packed_fn = nullptr;  // packed GEMV path: kernel and its per-call inputs (args.y unset)
+  // Packed path: X in slices of packed_rows[i] rows, each by packed_fns[i]; the kernels' per-call inputs
+  // (args.y unset, xs / xg for all M rows).
+  std::vector<int64_t> packed_rows;
+  std::vector<PackedGemvFn> packed_fns;
+  int64_t packed_task_blocks = 0;
+  int64_t packed_xs_row = 0;  // floats of the x table per row of X
+  const float* xt = nullptr;  // packed path with outliers and M >= kTransposeMinRows: X transposed, [K, M]
   PackedGemvArgs packed;
   float* y_f32 = nullptr;     // exactly one of y_f32 / y_f16
   uint16_t* y_f16 = nullptr;
@@ -510,26 +516,76 @@ void GemvTask(void* user, size_t task) {
   }
 }
 
-// Packed GEMV path, one task = kPackTaskBlocks blocks of 16 rows of W for all M (< kGemmMinRows) rows of X.
+// y[i] += a * x[i], i < n.
+SPQR_CPU_CLONES void Axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// Packed path, one task = Job::packed_task_blocks blocks of 16 rows of W for all M rows of X, in slices of at
+// most kPackedMaxRows rows: the slices run one after the other over the task's packed codes, so with several
+// slices a task takes about kPackTaskBytes of codes (they stay in L2 while each slice's x table streams past).
 constexpr int64_t kPackTaskBlocks = 2;
+constexpr int64_t kTransposeMinRows = 4;
+constexpr int64_t kPackTaskBytes = 384 * 1024;
+constexpr int64_t kPackTaskMaxBlocks = 64;
 
 void PackedTask(void* user, size_t task) {
   const Job& j = *static_cast<const Job*>(user);
   const int64_t blocks = j.packed.w->blocks;
-  const int64_t b0 = static_cast<int64_t>(task) * kPackTaskBlocks, b1 = std::min(blocks, b0 + kPackTaskBlocks);
-  constexpr int64_t stride = kPackTaskBlocks * kPackRows;
-  float y[kGemmMinRows * stride];
-  PackedGemvArgs args = j.packed;
-  args.y = y;
-  args.y_stride = stride;
-  j.packed_fn(args, b0, b1);
+  const int64_t b0 = static_cast<int64_t>(task) * j.packed_task_blocks;
+  const int64_t b1 = std::min(blocks, b0 + j.packed_task_blocks);
+  const int64_t stride = j.packed_task_blocks * kPackRows;
+  thread_local std::vector<float> ybuf;
+  ybuf.resize(std::max(ybuf.size(), static_cast<size_t>(j.M * stride)));
+  float* y = ybuf.data();
+  for (int64_t m0 = 0, slice = 0; m0 < j.M; m0 += j.packed_rows[slice], ++slice) {
+    PackedGemvArgs args = j.packed;
+    args.xs += m0 * j.packed_xs_row;
+    args.xg += m0 * args.xg_stride;
+    args.y = y + m0 * stride;
+    args.y_stride = stride;
+    j.packed_fns[slice](args, b0, b1);
+  }
   const int64_t n0 = b0 * kPackRows, n1 = std::min(j.a.N, b1 * kPackRows);
+  const PackedWeights& pw = *j.packed.w;
+  thread_local std::vector<float> out;  // one row's outlier sums over all M rows of X
+  out.resize(std::max(out.size(), static_cast<size_t>(j.M)));
   for (int64_t n = n0; n < n1; ++n) {
-    const float b = BiasOf(j, n);
-    for (int64_t m = 0; m < j.M; ++m) {
-      float v = y[m * stride + (n - n0)];
-      if (j.row_ptr != nullptr) v += OutlierDot(j, n, j.xp + m * j.xstride);
-      Store(j, m, n, v + b);
+    if (j.row_ptr != nullptr) {
+      const bool packed_csr = !pw.outlier_val.empty();
+      const int32_t p0 = packed_csr ? pw.outlier_row_ptr[n] : j.row_ptr[n];
+      const int32_t p1 = packed_csr ? pw.outlier_row_ptr[n + 1] : j.row_ptr[n + 1];
+      if (j.xt != nullptr) {  // X transposed: each outlier is one axpy over the M rows
+        std::fill(out.begin(), out.begin() + j.M, 0.f);
+        for (int32_t p = p0; p < p1; ++p) {
+          const int64_t k = packed_csr ? pw.outlier_col[p] : j.col_idx[p];
+          const float v = packed_csr ? pw.outlier_val[p] : HalfToFloat(j.values[p]);
+          Axpy(v, j.xt + k * j.M, out.data(), j.M);
+        }
+        for (int64_t m = 0; m < j.M; ++m) y[m * stride + (n - n0)] += out[m];
+      } else {
+        for (int64_t m = 0; m < j.M; ++m) {
+          const float* x = j.xp + m * j.xstride;
+          float v = 0.f;
+          for (int32_t p = p0; p < p1; ++p) {
+            v += (packed_csr ? pw.outlier_val[p] : HalfToFloat(j.values[p])) *
+                 x[packed_csr ? pw.outlier_col[p] : j.col_idx[p]];
+          }
+          y[m * stride + (n - n0)] += v;
+        }
+      }
+    }
+  }
+  float bias[kPackRows * kPackTaskMaxBlocks];
+  const int64_t rows = n1 - n0;
+  for (int64_t r = 0; r < rows; ++r) bias[r] = BiasOf(j, n0 + r);
+  for (int64_t m = 0; m < j.M; ++m) {  // row by row of Y: contiguous stores
+    const float* src = y + m * stride;
+    if (j.y_f32 != nullptr) {
+      float* dst = j.y_f32 + m * j.a.N + n0;
+      for (int64_t r = 0; r < rows; ++r) dst[r] = src[r] + bias[r];
+    } else {
+      for (int64_t r = 0; r < rows; ++r) Store(j, m, n0 + r, src[r] + bias[r]);
     }
   }
 }
@@ -598,6 +654,11 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       packed_ = std::make_unique<PackedWeights>(
           Pack(attrs_, b.in[spqr::kQWeight].as<uint8_t>(), b.in[spqr::kScales].data, b.in[spqr::kZeros].data,
                b.in[spqr::kStats2].present() ? b.in[spqr::kStats2].as<uint16_t>() : nullptr));
+      if (b.in[spqr::kRowPtr].present() && constant_[spqr::kRowPtr] && constant_[spqr::kColIdx] &&
+          constant_[spqr::kValues]) {
+        PackOutliers(attrs_, b.in[spqr::kRowPtr].as<int32_t>(), b.in[spqr::kColIdx].as<uint16_t>(),
+                     b.in[spqr::kValues].as<uint16_t>(), *packed_);
+      }
     });
     return *packed_;
   }
@@ -618,23 +679,41 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
 
     // X -> fp32 in stored column order (the GEMV path: in its lane order within each 8 columns).
     const int64_t M = b.M, K = a.K;
-    PackedGemvFn packed_fn = nullptr;
-    if (M < kGemmMinRows && allow_packed_) packed_fn = PackedGemvAvx512(Packed(b), M);
-    if (require_packed_ && M < kGemmMinRows && packed_fn == nullptr) {
+    // The packed path (any M): X in near-equal slices of at most kPackedMaxRows rows.
+    std::vector<int64_t> slice_rows;
+    std::vector<PackedGemvFn> slice_fns;
+    if (allow_packed_) {
+      const PackedWeights& pw = Packed(b);
+      const int64_t slices = (M + kPackedMaxRows - 1) / kPackedMaxRows;
+      for (int64_t i = 0; i < slices; ++i) {
+        slice_rows.push_back(M / slices + (i < M % slices ? 1 : 0));
+        slice_fns.push_back(PackedGemvAvx512(pw, slice_rows.back()));
+        if (slice_fns.back() == nullptr) {
+          slice_fns.clear();
+          break;
+        }
+      }
+    }
+    const bool packed_path = !slice_fns.empty();
+    if (require_packed_ && !packed_path) {
       throw Ort::Exception(prefix_ + "QCOMPILER_CPU_REQUIRE_PACKED=1 but the packed path is not available",
                            ORT_FAIL);
     }
-    const bool gemv = packed_fn == nullptr && M < kGemmMinRows && a.group_size % 8 == 0;
+    const bool gemv = !packed_path && M < kGemmMinRows && a.group_size % 8 == 0;
     const GemvRowAvx512Fn row512 = gemv && use_avx512_ && a.group_size % 16 == 0 ? GemvRowAvx512(a.bits, M) : nullptr;
     const bool lane_x = gemv && row512 == nullptr;
     const int64_t xstride = (K + spqr::kChunk - 1) / spqr::kChunk * spqr::kChunk;
-    std::vector<float> xp(static_cast<size_t>(M * xstride));  // zero-initialized: the padding past K stays 0
+    // Per-call scratch lives on (thread_local, grow-only): fresh large buffers would be new pages every call, and
+    // the kernel's page faults cost more than the matmul at prefill sizes.
+    thread_local std::vector<float> xp;
+    xp.resize(std::max(xp.size(), static_cast<size_t>(M * xstride)));
     const bool half_x = x_type_ == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     const float* xf = b.in[spqr::kX].as<float>();
     const uint16_t* xh = b.in[spqr::kX].as<uint16_t>();
     const int32_t* perm = b.in[spqr::kPerm].present() ? b.in[spqr::kPerm].as<int32_t>() : nullptr;
     for (int64_t m = 0; m < M; ++m) {
       float* dst = xp.data() + m * xstride;
+      std::fill(dst + (K & ~int64_t{7}), dst + xstride, 0.f);  // padding past K (lane order stays within 8)
       for (int64_t k = 0; k < K; ++k) {
         const int64_t src = m * K + (perm ? perm[k] : k);
         dst[lane_x ? LanePos(k) : k] = half_x ? HalfToFloat(xh[src]) : xf[src];
@@ -669,22 +748,36 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     } else {
       j.y_f32 = y.GetTensorMutableData<float>();
     }
-    std::vector<float> packed_x;
-    if (packed_fn != nullptr) {
+    thread_local std::vector<float> packed_x, xt;
+    if (packed_path) {
       const PackedWeights& pw = *packed_;
       const int64_t xs_stride = pw.chunks * PiecesPerChunk(static_cast<int>(pw.bits));
-      packed_x.resize(static_cast<size_t>(M * (xs_stride + pw.G)));
-      for (int64_t m = 0; m < M; ++m) {
-        PackedGemvInputs(pw, xp.data() + m * xstride, packed_x.data() + m * xs_stride,
-                         packed_x.data() + M * xs_stride + m * pw.G);
+      packed_x.resize(std::max(packed_x.size(), static_cast<size_t>(M * (xs_stride + pw.G))));
+      for (int64_t m0 = 0, i = 0; m0 < M; m0 += slice_rows[i], ++i) {
+        PackedGemvInputs(pw, xp.data() + m0 * xstride, xstride, slice_rows[i], packed_x.data() + m0 * xs_stride,
+                         packed_x.data() + M * xs_stride + m0 * pw.G, pw.G);
       }
-      j.packed_fn = packed_fn;
+      if (j.row_ptr != nullptr && M >= kTransposeMinRows) {
+        xt.resize(std::max(xt.size(), static_cast<size_t>(K * M)));
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t k = 0; k < K; ++k) xt[k * M + m] = xp[m * xstride + k];
+        j.xt = xt.data();
+      }
+      j.packed_rows = std::move(slice_rows);
+      j.packed_fns = std::move(slice_fns);
       j.packed.w = &pw;
       j.packed.xs = packed_x.data();
-      j.packed.xs_stride = xs_stride;
+      j.packed_xs_row = xs_stride;
       j.packed.xg = packed_x.data() + M * xs_stride;
       j.packed.xg_stride = pw.G;
-      ctx.ParallelFor(&PackedTask, static_cast<size_t>((pw.blocks + kPackTaskBlocks - 1) / kPackTaskBlocks), 0, &j);
+      j.packed_task_blocks = kPackTaskBlocks;
+      if (j.packed_rows.size() > 1) {  // several slices: bigger tasks (at least 8 of them)
+        const int64_t block_bytes = pw.chunks * pw.bits * kPackRows * 4;
+        j.packed_task_blocks = std::clamp(std::min(kPackTaskBytes / block_bytes, (pw.blocks + 7) / 8), kPackTaskBlocks,
+                                          kPackTaskMaxBlocks);
+      }
+      const int64_t tasks = (pw.blocks + j.packed_task_blocks - 1) / j.packed_task_blocks;
+      ctx.ParallelFor(&PackedTask, static_cast<size_t>(tasks), 0, &j);
       return;
     }
     if (M >= kGemmMinRows) {
