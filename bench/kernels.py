@@ -6,6 +6,7 @@ For each weight shape K×N and batch M (rows of X), single-node models on the CP
 - `fp32`: `MatMul` with a random fp32 weight (MLAS sgemm);
 - `spqr-w3`, `spqr-w4`: SpQRMatMul at the 3-bit and 4-bit presets (β1 = 16, 3-bit statistics with β2 = 32 / 16,
   ~1 % fp16 outliers, act-order permutation): random but well-formed weights (`qcompiler.format.random_weight`);
+- `spqr-w3-a4`: the 3-bit weight with `accuracy_level=4` (X quantized to int8 per 32 columns, VNNI dot products);
 - `nbits-a0`, `nbits-a4`: ONNX Runtime's `MatMulNBitsQuantizer` (4-bit, block 32, asymmetric) applied to the fp32
   model, at accuracy_level 0 (fp32 compute) and 4 (int8 activations).
 
@@ -50,6 +51,8 @@ SPQR_PRESETS = {
     "spqr-w3": dict(bits=3, group_size=16, stat_bits=3, stat_group_size=32, outlier_rate=0.01, permute=True),
     "spqr-w4": dict(bits=4, group_size=16, stat_bits=3, stat_group_size=16, outlier_rate=0.01, permute=True),
 }
+SPQR_PRESETS["spqr-w3-a4"] = SPQR_PRESETS["spqr-w3"]  # the same weight with accuracy_level 4 (int8 activations)
+SPQR_ACCURACY_LEVEL = {"spqr-w3-a4": 4}
 NBITS_PRESETS = {"nbits-a0": 0, "nbits-a4": 4}
 VARIANTS = ["fp32", *SPQR_PRESETS, *NBITS_PRESETS]
 
@@ -76,7 +79,8 @@ def build(variant: str, K: int, N: int, w32: np.ndarray) -> onnx.ModelProto:
         from qcompiler.format import random_weight
         from qcompiler.onnx_op import single_op_model
 
-        return single_op_model(random_weight(N=N, K=K, seed=K + N, **SPQR_PRESETS[variant]), x_shape=("M", None))
+        return single_op_model(random_weight(N=N, K=K, seed=K + N, **SPQR_PRESETS[variant]), x_shape=("M", None),
+                               accuracy_level=SPQR_ACCURACY_LEVEL.get(variant, 0))
     if variant in NBITS_PRESETS:
         import onnxruntime.quantization.matmul_nbits_quantizer as mnq
 

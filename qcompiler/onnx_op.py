@@ -21,11 +21,16 @@ def spqr_node(
     prefix: str,
     bias_dtype=np.float32,
     doc: Optional[str] = None,
+    accuracy_level: int = 0,
 ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     """A `SpQRMatMul` node reading `x`, writing `y`, with initializers named `{prefix}/{input_name}`.
 
     `prefix` is the module path (e.g. `model.layers.3.mlp.down_proj`), so Netron shows readable names.
+    `accuracy_level` 4 lets the CPU kernel quantize X to int8 (docs/spqr-format.md); 0 (the default) writes no
+    attribute.
     """
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"accuracy_level must be 0..4, got {accuracy_level}")
     inits: list[onnx.TensorProto] = []
     inputs = [x]
     for name, arr in zip(INPUT_NAMES[1:], weight.inputs(bias_dtype=bias_dtype)):
@@ -45,6 +50,7 @@ def spqr_node(
         domain=DOMAIN,
         doc_string=doc or describe(weight),
         **weight.attributes(),
+        **({"accuracy_level": accuracy_level} if accuracy_level else {}),
     )
     return node, inits
 
@@ -70,11 +76,13 @@ def single_op_model(
     x_dtype=np.float32,
     x_shape: Sequence[object] = ("batch", "seq", None),
     bias_dtype=None,
+    accuracy_level: int = 0,
 ) -> onnx.ModelProto:
     """A one-node model `Y = SpQRMatMul(X)` for kernel tests and benchmarks. X's last dim is K."""
     x_dtype = np.dtype(x_dtype)
     shape = list(x_shape[:-1]) + [weight.K]
-    node, inits = spqr_node(weight, x="X", y="Y", prefix="layer", bias_dtype=bias_dtype or x_dtype)
+    node, inits = spqr_node(weight, x="X", y="Y", prefix="layer", bias_dtype=bias_dtype or x_dtype,
+                            accuracy_level=accuracy_level)
     graph = helper.make_graph(
         [node],
         "spqr_matmul",

@@ -300,3 +300,51 @@ def test_weights_fed_at_run_time_are_not_packed_once():
     x = _x((1, 64))
     for q, ref in ((w.qweight, w.matmul(x)), (w2.qweight, dataclasses.replace(w, qweight=w2.qweight).matmul(x))):
         np.testing.assert_allclose(sess.run(None, {"X": x, name: q})[0], ref, rtol=0, atol=1e-4)
+
+
+def _has_vnni() -> bool:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return _has_avx512() and "avx512_vnni" in flags
+
+
+@pytest.mark.skipif(not _has_vnni(), reason="the int8 path needs AVX512-VNNI")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size,K", [(16, 600), (16, 584), (64, 600), (128, 576)])
+@pytest.mark.parametrize("stats", [(3, 16), (0, 16), (3, 8)])
+@pytest.mark.parametrize("M", [1, 3, 8, 20])
+def test_int8_activation_path(bits, group_size, K, stats, M, monkeypatch):
+    # accuracy_level=4: X is quantized to int8 per 32 stored columns (scale max|x| / 127). Each output may then move
+    # by at most sum_j |dense W[n, j]| * scale_j / 2 (outliers and the zero-point term keep exact x), which this test
+    # holds the kernel to; it also checks that the result is not the fp32 one (the int8 path really ran).
+    monkeypatch.setenv("QCOMPILER_CPU_REQUIRE_PACKED", "1")
+    w = random_weight(N=70, K=K, bits=bits, group_size=group_size, stat_bits=stats[0], stat_group_size=stats[1],
+                      outlier_rate=0.02, permute=True, bias=True, seed=bits * 100 + group_size + M)
+    x = _x((M, K), seed=M)
+    y = _run(w, x, accuracy_level=4)
+    ref = w.matmul(x)
+    dense = dataclasses.replace(w, outlier_row_ptr=None, outlier_col_idx=None, outlier_values=None).dequantize()
+    stored = x[:, w.perm] if w.perm is not None else x
+    chunks = -(-K // 32)
+    padded = np.zeros((M, chunks * 32), np.float32)
+    padded[:, :K] = stored
+    step = np.abs(padded.reshape(M, chunks, 32)).max(axis=2) / 127.0  # [M, chunks]
+    step_stored = np.repeat(step, 32, axis=1)[:, :K]
+    step_orig = np.empty_like(step_stored)
+    step_orig[:, w.perm if w.perm is not None else np.arange(K)] = step_stored
+    bound = (step_orig / 2) @ np.abs(dense).T  # [M, N]
+    scale = float(np.abs(ref).max())
+    err = np.abs(y - ref)
+    assert (err <= bound * 1.001 + 1e-5 * scale).all(), float((err - bound).max())
+    assert err.max() > 1e-6 * scale  # not the fp32 result
+    assert err.max() < 0.05 * scale
+
+
+def test_accuracy_level_is_validated():
+    w = random_weight(N=8, K=64, bits=4, group_size=32, seed=0)
+    model = single_op_model(w, x_shape=("m", None), accuracy_level=4)
+    next(a for a in model.graph.node[0].attribute if a.name == "accuracy_level").i = 7
+    with pytest.raises(Exception, match="accuracy_level must be 0..4, got 7"):
+        ops.session(model.SerializeToString())

@@ -24,6 +24,7 @@ struct Attributes {
   int64_t group_size = 0;       // beta1: columns per first-level group
   int64_t stat_bits = 0;        // 0: fp16 scales/zeros; 2..4: quantized with second-level stats
   int64_t stat_group_size = 0;  // beta2: output rows per second-level stats group
+  int64_t accuracy_level = 0;   // optional; 4: the CPU kernel may quantize X to int8 (per 32 columns)
 
   SPQR_HD int64_t n_groups() const { return (K + group_size - 1) / group_size; }
   SPQR_HD int64_t n_stat_groups() const { return (N + stat_group_size - 1) / stat_group_size; }

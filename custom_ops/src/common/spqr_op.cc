@@ -88,6 +88,15 @@ Attributes ReadAttributes(const OrtKernelInfo* info, const std::string& prefix) 
   a.group_size = get("group_size");
   a.stat_bits = get("stat_bits");
   a.stat_group_size = get("stat_group_size");
+  {  // optional
+    int64_t v = 0;
+    OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_int64(info, "accuracy_level", &v);
+    if (st != nullptr) {
+      Ort::GetApi().ReleaseStatus(st);
+      v = 0;
+    }
+    a.accuracy_level = v;
+  }
   std::ostringstream bad;
   if (a.K <= 0 || a.N <= 0) bad << "K and N must be positive (K=" << a.K << ", N=" << a.N << "); ";
   if (a.bits < 2 || a.bits > 4) bad << "bits must be 2, 3 or 4, got " << a.bits << "; ";
@@ -95,6 +104,8 @@ Attributes ReadAttributes(const OrtKernelInfo* info, const std::string& prefix) 
   if (!(a.stat_bits == 0 || (a.stat_bits >= 2 && a.stat_bits <= 4)))
     bad << "stat_bits must be 0, 2, 3 or 4, got " << a.stat_bits << "; ";
   if (a.stat_group_size <= 0) bad << "stat_group_size must be positive, got " << a.stat_group_size << "; ";
+  if (a.accuracy_level < 0 || a.accuracy_level > 4)
+    bad << "accuracy_level must be 0..4, got " << a.accuracy_level << "; ";
   if (!bad.str().empty()) Fail(prefix, "bad attributes: " + bad.str());
   return a;
 }

@@ -29,10 +29,28 @@ void PackCodes(const spqr::Attributes& a, const uint8_t* qweight, PackedWeights&
   }
 }
 
+void PackNibbles(const spqr::Attributes& a, const uint8_t* qweight, PackedWeights& w) {
+  const int bits = static_cast<int>(a.bits);
+  const int64_t row_bytes = spqr::PackedRowBytes(a.K, bits);
+  uint8_t q[spqr::kChunk];
+  for (int64_t n = 0; n < a.N; ++n) {
+    const int64_t blk = n / kPackRows, lane = n % kPackRows;
+    for (int64_t c = 0; c < w.chunks; ++c) {
+      spqr::DecodeChunk(qweight + n * row_bytes + c * 4 * bits, bits, q);
+      uint32_t* dst = w.nibbles.data() + ((blk * w.chunks + c) * 4) * kPackRows + lane;
+      for (int i = 0; i < 4; ++i) {
+        uint32_t word = 0;
+        for (int b = 0; b < 4; ++b) word |= static_cast<uint32_t>(q[8 * i + b] | q[8 * i + 4 + b] << 4) << (8 * b);
+        dst[i * kPackRows] = word;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void* scales, const void* zeros,
-                   const uint16_t* stats2) {
+                   const uint16_t* stats2, bool int8) {
   PackedWeights w;
   w.K = a.K;
   w.N = a.N;
@@ -41,10 +59,15 @@ PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void
   w.G = a.n_groups();
   w.chunks = (a.K + spqr::kChunk - 1) / spqr::kChunk;
   w.blocks = (a.N + kPackRows - 1) / kPackRows;
-  w.codes.assign(static_cast<size_t>(w.blocks * w.chunks * a.bits * kPackRows), 0u);
-  if (a.bits == 2) PackCodes<2>(a, qweight, w);
-  if (a.bits == 3) PackCodes<3>(a, qweight, w);
-  if (a.bits == 4) PackCodes<4>(a, qweight, w);
+  if (int8) {
+    w.nibbles.assign(static_cast<size_t>(w.blocks * w.chunks * 4 * kPackRows), 0u);
+    PackNibbles(a, qweight, w);
+  } else {
+    w.codes.assign(static_cast<size_t>(w.blocks * w.chunks * a.bits * kPackRows), 0u);
+    if (a.bits == 2) PackCodes<2>(a, qweight, w);
+    if (a.bits == 3) PackCodes<3>(a, qweight, w);
+    if (a.bits == 4) PackCodes<4>(a, qweight, w);
+  }
 
   const int64_t G = w.G;
   w.coded_stats = a.stat_bits >= 2 && a.stat_bits <= 4 && a.stat_group_size % kPackRows == 0;
@@ -128,6 +151,34 @@ void PackedGemvInputs(const PackedWeights& w, const float* x, int64_t xstride, i
     for (int64_t g = 0; g < w.G; ++g) {
       float sum = 0.f;
       for (int64_t k = g * w.group_size, end = std::min(w.K, k + w.group_size); k < end; ++k) sum += x[m * xstride + k];
+      xg[m * xg_stride + g] = sum;
+    }
+  }
+}
+
+void PackedGemvInt8Inputs(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, int32_t* xq, float* xd,
+                          float* xg, int64_t xg_stride) {
+  for (int64_t m = 0; m < mm; ++m) {
+    const float* xr = x + m * xstride;  // zero past K up to whole chunks
+    for (int64_t c = 0; c < w.chunks; ++c) {
+      float amax = 0.f;
+      for (int k = 0; k < spqr::kChunk; ++k) amax = std::max(amax, std::fabs(xr[c * spqr::kChunk + k]));
+      const float d = amax / 127.f;
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      xd[c * mm + m] = d;
+      for (int j = 0; j < 8; ++j) {
+        uint32_t word = 0;
+        for (int b = 0; b < 4; ++b) {
+          const int v = static_cast<int>(std::nearbyint(xr[c * spqr::kChunk + 4 * j + b] * inv));
+          word |= static_cast<uint32_t>(static_cast<uint8_t>(static_cast<int8_t>(std::clamp(v, -127, 127))))
+                  << (8 * b);
+        }
+        xq[(c * 8 + j) * mm + m] = static_cast<int32_t>(word);
+      }
+    }
+    for (int64_t g = 0; g < w.G; ++g) {
+      float sum = 0.f;
+      for (int64_t k = g * w.group_size, end = std::min(w.K, k + w.group_size); k < end; ++k) sum += xr[k];
       xg[m * xg_stride + g] = sum;
     }
   }

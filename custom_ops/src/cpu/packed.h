@@ -46,7 +46,11 @@ constexpr Piece PieceOf(int bits, int p) {
 struct PackedWeights {
   int64_t K = 0, N = 0, bits = 0, group_size = 0, G = 0, chunks = 0, blocks = 0;
   bool coded_stats = false;         // statistics as codes + second-level values (else decoded fp32)
-  std::vector<uint32_t> codes;      // [blocks][chunks][bits][16]
+  std::vector<uint32_t> codes;      // [blocks][chunks][bits][16] (fp32 path)
+  // int8 path (accuracy_level 4): [blocks][chunks][4][16]; byte b of word i of a lane holds the codes of columns
+  // 8i + b (low nibble) and 8i + 4 + b (high nibble), so one AND (or shift + AND) gives 4 consecutive codes per
+  // lane as bytes for vpdpbusd.
+  std::vector<uint32_t> nibbles;
   std::vector<uint8_t> stat_codes;  // coded_stats: [blocks][G][16] (scale code | zero code << 4)
   std::vector<float> stat_values;   // coded_stats: [blocks][G][4] (ss, sz, zs, zz); else [blocks][G][2][16] (s, z)
   // Outliers, when their inputs are initializers too: CSR with int32 columns and fp32 values (else empty).
@@ -60,9 +64,10 @@ inline bool Packable(const spqr::Attributes& a) {
          a.K <= (int64_t{1} << 31) && a.N <= (int64_t{1} << 31);
 }
 
-// Packs the constant inputs (scales/zeros: fp16 [G, N] or packed codes; stats2: fp16 [G, N2, 4] or nullptr).
+// Packs the constant inputs (scales/zeros: fp16 [G, N] or packed codes; stats2: fp16 [G, N2, 4] or nullptr):
+// `codes` for the fp32 path, or `nibbles` with `int8`.
 PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void* scales, const void* zeros,
-                   const uint16_t* stats2);
+                   const uint16_t* stats2, bool int8 = false);
 
 // What the packed GEMV kernel reads per call (X in stored column order, MM rows).
 struct PackedGemvArgs {
@@ -72,6 +77,10 @@ struct PackedGemvArgs {
   const float* xs = nullptr;
   const float* xg = nullptr;  // [MM][G]: sum of x over each group
   int64_t xg_stride = 0;
+  // int8 path: X quantized per 32 columns (symmetric, round to nearest): xq [chunks][8][MM] (4 int8 per word: the
+  // columns of one quad), xd [chunks][MM] (the scales); xg as above (exact fp32 sums)
+  const int32_t* xq = nullptr;
+  const float* xd = nullptr;
   float* y = nullptr;  // [MM][y_stride]: row n of W at column n - 16·b0 (no bias, no outliers)
   int64_t y_stride = 0;
 };
@@ -88,10 +97,18 @@ void PackedGemvInputs(const PackedWeights& w, const float* x, int64_t xstride, i
 // Rows of X one kernel call takes (larger M: several calls over slices of X, see spqr_matmul_cpu.cc).
 constexpr int kPackedMaxRows = 8;
 
+// The int8 path's xq / xd ([chunks][8][mm], [chunks][mm]) and xg for mm rows of X (as PackedGemvInputs).
+void PackedGemvInt8Inputs(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, int32_t* xq, float* xd,
+                          float* xg, int64_t xg_stride);
+
 // y for blocks [b0, b1) of rows (16 rows each) and M (1..kPackedMaxRows) rows of X, or nullptr where this
 // CPU/build lacks AVX-512.
 using PackedGemvFn = void (*)(const PackedGemvArgs& args, int64_t b0, int64_t b1);
 PackedGemvFn PackedGemvAvx512(const PackedWeights& w, int64_t M);
+// Whether this CPU/build has the int8 path (AVX512-VNNI).
+bool PackedInt8Available();
+// The int8 path (needs AVX512-VNNI and w.nibbles), or nullptr.
+PackedGemvFn PackedGemvVnni(const PackedWeights& w, int64_t M);
 
 }  // namespace Cpu
 }  // namespace qcompiler

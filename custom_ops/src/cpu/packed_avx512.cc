@@ -15,6 +15,7 @@
 #define QC_HAVE_AVX512_BUILD 1
 #define QC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define QC_AVX512_INLINE __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"), always_inline)) inline
+#define QC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 #endif
 
 namespace qcompiler {
@@ -22,6 +23,9 @@ namespace Cpu {
 
 #if defined(QC_HAVE_AVX512_BUILD)
 namespace {
+
+// Chunks of codes ahead of the one in use that the kernels prefetch.
+constexpr int64_t kPrefetchChunks = 8;
 
 // Accumulators per row of X and half-chunk (independent FMA chains: 4 for one row, fewer when rows interleave).
 template <int MM>
@@ -103,7 +107,11 @@ QC_AVX512 void Gemv(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
           for (auto& v : row) v = _mm512_setzero_ps();
       for (int64_t c = c0, c1 = std::min(w.chunks, c0 + chunks_per_group); c < c1; ++c) {
         __m512i d[BITS];
-        for (int i = 0; i < BITS; ++i) d[i] = _mm512_loadu_si512(codes + (c * BITS + i) * kPackRows);
+        for (int i = 0; i < BITS; ++i) {
+          _mm_prefetch(reinterpret_cast<const char*>(codes + ((c + kPrefetchChunks) * BITS + i) * kPackRows),
+                       _MM_HINT_T0);
+          d[i] = _mm512_loadu_si512(codes + (c * BITS + i) * kPackRows);
+        }
         AllPieces<BITS, MM, HALF>(d, a.xs + c * P * MM, acc, std::make_index_sequence<P>{});
       }
       __m512 t[MM];
@@ -117,6 +125,73 @@ QC_AVX512 void Gemv(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
     for (int m = 0; m < MM; ++m) _mm512_storeu_ps(a.y + m * a.y_stride + (blk - b0) * kPackRows, y[m]);
   }
 }
+
+// int8 path: per chunk and row of X, sum_k q_k xq_k in int32 by vpdpbusd (4 columns per lane and instruction),
+// converted and scaled by the chunk's X scale; then per group as the fp32 path.
+template <int MM, bool HALF, bool CODED>
+QC_VNNI void GemvInt8(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
+  const PackedWeights& w = *a.w;
+  constexpr int H = HALF ? 2 : 1;
+  constexpr int NC = MM == 1 ? 2 : 1;  // integer chains per half and row
+  const int64_t chunks_per_group = HALF ? 1 : w.group_size / spqr::kChunk;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const uint32_t* nib = w.nibbles.data() + blk * w.chunks * 4 * kPackRows;
+    __m512 y[MM];
+    for (int m = 0; m < MM; ++m) y[m] = _mm512_setzero_ps();
+    for (int64_t c0 = 0, g = 0; c0 < w.chunks; c0 += chunks_per_group, g += H) {
+      __m512 t[H][MM];
+      for (int h = 0; h < H; ++h)
+        for (int m = 0; m < MM; ++m) t[h][m] = _mm512_setzero_ps();
+      for (int64_t c = c0, c1 = std::min(w.chunks, c0 + chunks_per_group); c < c1; ++c) {
+        __m512i acc[H][MM][NC];
+        for (int h = 0; h < H; ++h)
+          for (int m = 0; m < MM; ++m)
+            for (int i = 0; i < NC; ++i) acc[h][m][i] = _mm512_setzero_si512();
+        const int32_t* xq = a.xq + c * 8 * MM;
+        for (int i = 0; i < 4; ++i) {  // the codes kPrefetchChunks ahead (4 cache lines per chunk)
+          _mm_prefetch(reinterpret_cast<const char*>(nib + ((c + kPrefetchChunks) * 4 + i) * kPackRows), _MM_HINT_T0);
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          const __m512i z = _mm512_loadu_si512(nib + (c * 4 + i) * kPackRows);
+          const __m512i lo = _mm512_and_si512(z, low4);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), low4);
+          const int h = HALF && i >= 2 ? 1 : 0;
+#pragma GCC unroll 8
+          for (int m = 0; m < MM; ++m) {
+            acc[h][m][0] = _mm512_dpbusd_epi32(acc[h][m][0], lo, _mm512_set1_epi32(xq[(2 * i) * MM + m]));
+            acc[h][m][NC - 1] =
+                _mm512_dpbusd_epi32(acc[h][m][NC - 1], hi, _mm512_set1_epi32(xq[(2 * i + 1) * MM + m]));
+          }
+        }
+        for (int h = 0; h < H; ++h) {
+#pragma GCC unroll 8
+          for (int m = 0; m < MM; ++m) {
+            __m512i v = acc[h][m][0];
+            if (NC == 2) v = _mm512_add_epi32(v, acc[h][m][NC - 1]);
+            t[h][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(a.xd[c * MM + m]), t[h][m]);
+          }
+        }
+      }
+      FinishGroup<MM, CODED>(a, blk, g, t[0], y);
+      if (HALF && g + 1 < w.G) FinishGroup<MM, CODED>(a, blk, g + 1, t[H - 1], y);
+    }
+    for (int m = 0; m < MM; ++m) _mm512_storeu_ps(a.y + m * a.y_stride + (blk - b0) * kPackRows, y[m]);
+  }
+}
+
+template <bool HALF, bool CODED>
+constexpr PackedGemvFn kInt8Fns[kPackedMaxRows + 1] = {
+    nullptr,
+    &GemvInt8<1, HALF, CODED>,
+    &GemvInt8<2, HALF, CODED>,
+    &GemvInt8<3, HALF, CODED>,
+    &GemvInt8<4, HALF, CODED>,
+    &GemvInt8<5, HALF, CODED>,
+    &GemvInt8<6, HALF, CODED>,
+    &GemvInt8<7, HALF, CODED>,
+    &GemvInt8<8, HALF, CODED>};
 
 template <int BITS, bool HALF, bool CODED>
 constexpr PackedGemvFn kFns[kPackedMaxRows + 1] = {nullptr,
@@ -155,9 +230,24 @@ PackedGemvFn PackedGemvAvx512(const PackedWeights& w, int64_t M) {
   }
 }
 
+bool PackedInt8Available() {
+  static const bool has = CpuHasAvx512() && __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+
+PackedGemvFn PackedGemvVnni(const PackedWeights& w, int64_t M) {
+  if (!PackedInt8Available() || w.nibbles.empty() || M < 1 || M > kPackedMaxRows) return nullptr;
+  const bool half = w.group_size == 16;
+  if (!half && w.group_size % spqr::kChunk != 0) return nullptr;
+  if (half) return w.coded_stats ? kInt8Fns<true, true>[M] : kInt8Fns<true, false>[M];
+  return w.coded_stats ? kInt8Fns<false, true>[M] : kInt8Fns<false, false>[M];
+}
+
 #else  // not x86-64 GCC/Clang
 
 PackedGemvFn PackedGemvAvx512(const PackedWeights&, int64_t) { return nullptr; }
+bool PackedInt8Available() { return false; }
+PackedGemvFn PackedGemvVnni(const PackedWeights&, int64_t) { return nullptr; }
 
 #endif
 

@@ -189,6 +189,7 @@ struct Job {
   std::vector<PackedGemvFn> packed_fns;
   int64_t packed_task_blocks = 0;
   int64_t packed_xs_row = 0;  // floats of the x table per row of X
+  int64_t packed_xq_row = 0, packed_xd_row = 0;  // int8 path: words of xq / scales of xd per row of X
   const float* xt = nullptr;  // packed path with outliers and M >= kTransposeMinRows: X transposed, [K, M]
   PackedGemvArgs packed;
   float* y_f32 = nullptr;     // exactly one of y_f32 / y_f16
@@ -540,7 +541,11 @@ void PackedTask(void* user, size_t task) {
   float* y = ybuf.data();
   for (int64_t m0 = 0, slice = 0; m0 < j.M; m0 += j.packed_rows[slice], ++slice) {
     PackedGemvArgs args = j.packed;
-    args.xs += m0 * j.packed_xs_row;
+    if (args.xs != nullptr) args.xs += m0 * j.packed_xs_row;
+    if (args.xq != nullptr) {
+      args.xq += m0 * j.packed_xq_row;
+      args.xd += m0 * j.packed_xd_row;
+    }
     args.xg += m0 * args.xg_stride;
     args.y = y + m0 * stride;
     args.y_stride = stride;
@@ -646,6 +651,8 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     // The packed decode path needs the weight tensors to be initializers (packed once, reused every call).
     allow_packed_ = allow_packed_ && Packable(attrs_) && constant_[spqr::kQWeight] && constant_[spqr::kScales] &&
                     constant_[spqr::kZeros] && (attrs_.stat_bits == 0 || constant_[spqr::kStats2]);
+    // accuracy_level 4: int8 activations where the packed int8 kernel runs (AVX512-VNNI), else fp32 as level 0.
+    int8_ = allow_packed_ && attrs_.accuracy_level == 4 && PackedInt8Available();
   }
 
   // The packed weights, built on the first decode-sized call from that call's (constant) inputs.
@@ -653,7 +660,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     std::call_once(pack_once_, [&] {
       packed_ = std::make_unique<PackedWeights>(
           Pack(attrs_, b.in[spqr::kQWeight].as<uint8_t>(), b.in[spqr::kScales].data, b.in[spqr::kZeros].data,
-               b.in[spqr::kStats2].present() ? b.in[spqr::kStats2].as<uint16_t>() : nullptr));
+               b.in[spqr::kStats2].present() ? b.in[spqr::kStats2].as<uint16_t>() : nullptr, int8_));
       if (b.in[spqr::kRowPtr].present() && constant_[spqr::kRowPtr] && constant_[spqr::kColIdx] &&
           constant_[spqr::kValues]) {
         PackOutliers(attrs_, b.in[spqr::kRowPtr].as<int32_t>(), b.in[spqr::kColIdx].as<uint16_t>(),
@@ -687,7 +694,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       const int64_t slices = (M + kPackedMaxRows - 1) / kPackedMaxRows;
       for (int64_t i = 0; i < slices; ++i) {
         slice_rows.push_back(M / slices + (i < M % slices ? 1 : 0));
-        slice_fns.push_back(PackedGemvAvx512(pw, slice_rows.back()));
+        slice_fns.push_back(int8_ ? PackedGemvVnni(pw, slice_rows.back()) : PackedGemvAvx512(pw, slice_rows.back()));
         if (slice_fns.back() == nullptr) {
           slice_fns.clear();
           break;
@@ -749,14 +756,36 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       j.y_f32 = y.GetTensorMutableData<float>();
     }
     thread_local std::vector<float> packed_x, xt;
+    thread_local std::vector<int32_t> packed_xq;
     if (packed_path) {
       const PackedWeights& pw = *packed_;
-      const int64_t xs_stride = pw.chunks * PiecesPerChunk(static_cast<int>(pw.bits));
-      packed_x.resize(std::max(packed_x.size(), static_cast<size_t>(M * (xs_stride + pw.G))));
-      for (int64_t m0 = 0, i = 0; m0 < M; m0 += slice_rows[i], ++i) {
-        PackedGemvInputs(pw, xp.data() + m0 * xstride, xstride, slice_rows[i], packed_x.data() + m0 * xs_stride,
-                         packed_x.data() + M * xs_stride + m0 * pw.G, pw.G);
+      if (int8_) {  // xq [M * chunks * 8] int32, then xd [M * chunks] and xg [M * G] fp32
+        const int64_t xq_row = pw.chunks * 8;
+        packed_xq.resize(std::max(packed_xq.size(), static_cast<size_t>(M * xq_row)));
+        packed_x.resize(std::max(packed_x.size(), static_cast<size_t>(M * (pw.chunks + pw.G))));
+        float* xd = packed_x.data();
+        float* xg = xd + M * pw.chunks;
+        for (int64_t m0 = 0, i = 0; m0 < M; m0 += slice_rows[i], ++i) {
+          PackedGemvInt8Inputs(pw, xp.data() + m0 * xstride, xstride, slice_rows[i], packed_xq.data() + m0 * xq_row,
+                               xd + m0 * pw.chunks, xg + m0 * pw.G, pw.G);
+        }
+        j.packed.xq = packed_xq.data();
+        j.packed.xd = xd;
+        j.packed.xg = xg;
+        j.packed_xq_row = xq_row;
+        j.packed_xd_row = pw.chunks;
+      } else {  // xs [M * xs_row], then xg [M * G]
+        const int64_t xs_row = pw.chunks * PiecesPerChunk(static_cast<int>(pw.bits));
+        packed_x.resize(std::max(packed_x.size(), static_cast<size_t>(M * (xs_row + pw.G))));
+        for (int64_t m0 = 0, i = 0; m0 < M; m0 += slice_rows[i], ++i) {
+          PackedGemvInputs(pw, xp.data() + m0 * xstride, xstride, slice_rows[i], packed_x.data() + m0 * xs_row,
+                           packed_x.data() + M * xs_row + m0 * pw.G, pw.G);
+        }
+        j.packed.xs = packed_x.data();
+        j.packed_xs_row = xs_row;
+        j.packed.xg = packed_x.data() + M * xs_row;
       }
+      j.packed.xg_stride = pw.G;
       if (j.row_ptr != nullptr && M >= kTransposeMinRows) {
         xt.resize(std::max(xt.size(), static_cast<size_t>(K * M)));
         for (int64_t m = 0; m < M; ++m)
@@ -766,13 +795,9 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       j.packed_rows = std::move(slice_rows);
       j.packed_fns = std::move(slice_fns);
       j.packed.w = &pw;
-      j.packed.xs = packed_x.data();
-      j.packed_xs_row = xs_stride;
-      j.packed.xg = packed_x.data() + M * xs_stride;
-      j.packed.xg_stride = pw.G;
       j.packed_task_blocks = kPackTaskBlocks;
       if (j.packed_rows.size() > 1) {  // several slices: bigger tasks (at least 8 of them)
-        const int64_t block_bytes = pw.chunks * pw.bits * kPackRows * 4;
+        const int64_t block_bytes = pw.chunks * (int8_ ? 4 : pw.bits) * kPackRows * 4;
         j.packed_task_blocks = std::clamp(std::min(kPackTaskBytes / block_bytes, (pw.blocks + 7) / 8), kPackTaskBlocks,
                                           kPackTaskMaxBlocks);
       }
@@ -803,6 +828,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
   bool use_avx512_ = true;
   bool allow_packed_ = true;
   bool require_packed_ = false;
+  bool int8_ = false;
   std::once_flag pack_once_;
   std::unique_ptr<PackedWeights> packed_;
   std::array<bool, spqr::kNumInputs> constant_{};  // input i is an initializer (same data on every call)
