@@ -10,6 +10,7 @@ from .fold_affine_linear import FoldAffineIntoLinear
 from .fold_affine_norm import FoldAffineIntoNorm
 from .quantize_activations import QuantizeActivations
 from .replace_linear import ReplaceLinear
+from .set_accuracy_level import SetAccuracyLevel
 
 __all__ = [
     "Cleanup",
@@ -23,4 +24,5 @@ __all__ = [
     "PipelineResult",
     "QuantizeActivations",
     "ReplaceLinear",
+    "SetAccuracyLevel",
 ]

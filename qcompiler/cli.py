@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="validation accepts max |Δlogit| ≤ atol + rtol · max |logit| (default: 1e-3)")
     adv.add_argument("--rtol", type=float, default=1e-4,
                      help="relative part of the validation tolerance, see --atol (default: 1e-4)")
+    adv.add_argument("--accuracy-level", type=int, choices=(0, 4), default=0,
+                     help="4: SpQRMatMul may quantize its input to int8 per 32 columns on CPUs with AVX512-VNNI "
+                          "(faster decode, some accuracy cost: docs/kernels.md); validation runs at level 0 "
+                          "(default: 0, fp32 activations)")
     adv.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     e.set_defaults(_method_flags=_add_method_flags(e))
 
@@ -145,6 +149,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         validate=args.validate,
         atol=args.atol,
         rtol=args.rtol,
+        accuracy_level=args.accuracy_level,
         quiet=args.quiet,
     )
     return 0

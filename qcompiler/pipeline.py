@@ -63,6 +63,7 @@ def export(
     validate: bool = True,
     atol: float = 1e-3,
     rtol: float = 1e-4,
+    accuracy_level: int = 0,
     quiet: bool = False,
 ) -> ExportReport:
     """Quantize `source` with `method` and write an ONNX folder to `output`. See `qcompiler export --help`."""
@@ -70,7 +71,7 @@ def export(
     from .loading import load_config, load_model
     from .methods import get_method
     from .passes import (Cleanup, FoldAffineIntoLinear, FoldAffineIntoNorm, PassContext, PassManager,
-                         QuantizeActivations, ReplaceLinear)
+                         QuantizeActivations, ReplaceLinear, SetAccuracyLevel)
     from .passes.base import save_model
 
     # Fail fast on everything that can be checked before loading a model.
@@ -186,6 +187,15 @@ def export(
                     f"validation failed: ONNX Runtime logits differ from PyTorch by {diff:.3g} (> --atol {atol:g} "
                     f"+ --rtol {rtol:g} × max |logit| {scale:.3g} = {limit:.3g})"
                 )
+        if accuracy_level:
+            # validated above at level 0 (exact fp32 semantics); the level only changes how the kernel computes
+            run = PassManager([SetAccuracyLevel(accuracy_level)], context=PassContext()).run(proto)
+            proto = run.model
+            save_model(proto, str(tmp / MODEL_FILE))
+            quant_config["accuracy_level"] = accuracy_level
+            if validate:
+                int8_diff, _ = validate_logits(tmp, model, exported.manifest["kv"])
+                quant_config["validation"]["accuracy_level_max_abs_logit_diff"] = int8_diff
         write_json(tmp / CONFIG_FILE, quant_config)
     secs["emit"] = time.perf_counter() - t
     out = Path(output)
