@@ -595,6 +595,56 @@ void PackedTask(void* user, size_t task) {
   }
 }
 
+// Rows [m0, m1) of X -> fp32 in stored column order (lane order for the portable GEMV), zero past K.
+void ConvertXRows(const void* x, bool half_x, const int32_t* perm, int64_t K, int64_t xstride, bool lane_x,
+                  float* xp, int64_t m0, int64_t m1) {
+  const float* xf = static_cast<const float*>(x);
+  const uint16_t* xh = static_cast<const uint16_t*>(x);
+  for (int64_t m = m0; m < m1; ++m) {
+    float* dst = xp + m * xstride;
+    std::fill(dst + (K & ~int64_t{7}), dst + xstride, 0.f);  // padding past K (lane order stays within 8)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t src = m * K + (perm ? perm[k] : k);
+      dst[lane_x ? LanePos(k) : k] = half_x ? HalfToFloat(xh[src]) : xf[src];
+    }
+  }
+}
+
+// The packed path's per-call inputs, built by one task per slice of X rows (X conversion, x tables, transposed X).
+struct PackedPrep {
+  const void* x = nullptr;
+  bool half_x = false;
+  const int32_t* perm = nullptr;
+  int64_t K = 0, M = 0, xstride = 0;
+  float* xp = nullptr;
+  const PackedWeights* pw = nullptr;
+  const int64_t* slice_rows = nullptr;
+  const int64_t* slice_begin = nullptr;
+  int32_t* xq = nullptr;  // int8 path: xq [M * xq_row], xd [M * chunks]
+  float* xd = nullptr;
+  float* xs = nullptr;  // fp32 path: xs [M * xs_row]
+  float* xg = nullptr;  // [M * G]
+  int64_t xq_row = 0, xs_row = 0;
+  float* xt = nullptr;  // [K, M], or nullptr
+};
+
+void PackedPrepTask(void* user, size_t i) {
+  const PackedPrep& p = *static_cast<const PackedPrep*>(user);
+  const PackedWeights& pw = *p.pw;
+  const int64_t m0 = p.slice_begin[i], mm = p.slice_rows[i];
+  ConvertXRows(p.x, p.half_x, p.perm, p.K, p.xstride, /*lane_x=*/false, p.xp, m0, m0 + mm);
+  const float* x = p.xp + m0 * p.xstride;
+  if (p.xq != nullptr) {
+    PackedGemvInt8Inputs(pw, x, p.xstride, mm, p.xq + m0 * p.xq_row, p.xd + m0 * pw.chunks, p.xg + m0 * pw.G, pw.G);
+  } else {
+    PackedGemvInputs(pw, x, p.xstride, mm, p.xs + m0 * p.xs_row, p.xg + m0 * pw.G, pw.G);
+  }
+  if (p.xt != nullptr) {
+    for (int64_t m = m0; m < m0 + mm; ++m)
+      for (int64_t k = 0; k < p.K; ++k) p.xt[k * p.M + m] = p.xp[m * p.xstride + k];
+  }
+}
+
 // O(N + nnz + K) checks of index inputs that the decode loop trusts (out-of-range indices would read out of bounds).
 void CheckIndices(const BoundInputs& b, const Attributes& a, const std::string& prefix) {
   if (b.in[spqr::kRowPtr].present()) {
@@ -715,17 +765,8 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     thread_local std::vector<float> xp;
     xp.resize(std::max(xp.size(), static_cast<size_t>(M * xstride)));
     const bool half_x = x_type_ == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-    const float* xf = b.in[spqr::kX].as<float>();
-    const uint16_t* xh = b.in[spqr::kX].as<uint16_t>();
     const int32_t* perm = b.in[spqr::kPerm].present() ? b.in[spqr::kPerm].as<int32_t>() : nullptr;
-    for (int64_t m = 0; m < M; ++m) {
-      float* dst = xp.data() + m * xstride;
-      std::fill(dst + (K & ~int64_t{7}), dst + xstride, 0.f);  // padding past K (lane order stays within 8)
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t src = m * K + (perm ? perm[k] : k);
-        dst[lane_x ? LanePos(k) : k] = half_x ? HalfToFloat(xh[src]) : xf[src];
-      }
-    }
+    if (!packed_path) ConvertXRows(b.in[spqr::kX].data, half_x, perm, K, xstride, lane_x, xp.data(), 0, M);
 
     Job j;
     j.a = a;
@@ -759,38 +800,49 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     thread_local std::vector<int32_t> packed_xq;
     if (packed_path) {
       const PackedWeights& pw = *packed_;
+      PackedPrep prep;
+      prep.x = b.in[spqr::kX].data;
+      prep.half_x = half_x;
+      prep.perm = perm;
+      prep.K = K;
+      prep.M = M;
+      prep.xstride = xstride;
+      prep.xp = xp.data();
+      prep.pw = &pw;
+      std::vector<int64_t> slice_begin(slice_rows.size());
+      for (size_t i = 1; i < slice_rows.size(); ++i) slice_begin[i] = slice_begin[i - 1] + slice_rows[i - 1];
+      prep.slice_rows = slice_rows.data();
+      prep.slice_begin = slice_begin.data();
       if (int8_) {  // xq [M * chunks * 8] int32, then xd [M * chunks] and xg [M * G] fp32
-        const int64_t xq_row = pw.chunks * 8;
-        packed_xq.resize(std::max(packed_xq.size(), static_cast<size_t>(M * xq_row)));
+        prep.xq_row = pw.chunks * 8;
+        packed_xq.resize(std::max(packed_xq.size(), static_cast<size_t>(M * prep.xq_row)));
         packed_x.resize(std::max(packed_x.size(), static_cast<size_t>(M * (pw.chunks + pw.G))));
-        float* xd = packed_x.data();
-        float* xg = xd + M * pw.chunks;
-        for (int64_t m0 = 0, i = 0; m0 < M; m0 += slice_rows[i], ++i) {
-          PackedGemvInt8Inputs(pw, xp.data() + m0 * xstride, xstride, slice_rows[i], packed_xq.data() + m0 * xq_row,
-                               xd + m0 * pw.chunks, xg + m0 * pw.G, pw.G);
-        }
-        j.packed.xq = packed_xq.data();
-        j.packed.xd = xd;
-        j.packed.xg = xg;
-        j.packed_xq_row = xq_row;
+        prep.xq = packed_xq.data();
+        prep.xd = packed_x.data();
+        prep.xg = prep.xd + M * pw.chunks;
+        j.packed.xq = prep.xq;
+        j.packed.xd = prep.xd;
+        j.packed_xq_row = prep.xq_row;
         j.packed_xd_row = pw.chunks;
       } else {  // xs [M * xs_row], then xg [M * G]
-        const int64_t xs_row = pw.chunks * PiecesPerChunk(static_cast<int>(pw.bits));
-        packed_x.resize(std::max(packed_x.size(), static_cast<size_t>(M * (xs_row + pw.G))));
-        for (int64_t m0 = 0, i = 0; m0 < M; m0 += slice_rows[i], ++i) {
-          PackedGemvInputs(pw, xp.data() + m0 * xstride, xstride, slice_rows[i], packed_x.data() + m0 * xs_row,
-                           packed_x.data() + M * xs_row + m0 * pw.G, pw.G);
-        }
-        j.packed.xs = packed_x.data();
-        j.packed_xs_row = xs_row;
-        j.packed.xg = packed_x.data() + M * xs_row;
+        prep.xs_row = pw.chunks * PiecesPerChunk(static_cast<int>(pw.bits));
+        packed_x.resize(std::max(packed_x.size(), static_cast<size_t>(M * (prep.xs_row + pw.G))));
+        prep.xs = packed_x.data();
+        prep.xg = prep.xs + M * prep.xs_row;
+        j.packed.xs = prep.xs;
+        j.packed_xs_row = prep.xs_row;
       }
+      j.packed.xg = prep.xg;
       j.packed.xg_stride = pw.G;
       if (j.row_ptr != nullptr && M >= kTransposeMinRows) {
         xt.resize(std::max(xt.size(), static_cast<size_t>(K * M)));
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t k = 0; k < K; ++k) xt[k * M + m] = xp[m * xstride + k];
-        j.xt = xt.data();
+        prep.xt = xt.data();
+        j.xt = prep.xt;
+      }
+      if (slice_rows.size() == 1) {
+        PackedPrepTask(&prep, 0);
+      } else {
+        ctx.ParallelFor(&PackedPrepTask, slice_rows.size(), 0, &prep);
       }
       j.packed_rows = std::move(slice_rows);
       j.packed_fns = std::move(slice_fns);
