@@ -1,4 +1,4 @@
-"""`qcompiler` command line: export, eval.
+"""`qcompiler` command line: export, eval, generate.
 
 Method flags are generated from each registered method's Config dataclass (field `group_size` → `--group-size`),
 so a new method gets its flags without touching this file. Errors the user can fix print one line on stderr and
@@ -107,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
     v.add_argument("--model", default=None, help="(torch backend) source model, if it moved since export")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    g = sub.add_parser("generate", help="generate text from an exported folder (ONNX Runtime + op library)")
+    g.add_argument("folder", help="folder written by `qcompiler export`")
+    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default: 0, all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0, off)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    g.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
+    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
     return p
 
 
@@ -172,6 +185,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import Generator, SamplingConfig
+
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    gen = Generator(args.folder, provider=args.provider, threads=args.threads)
+    prompt_ids = gen.encode(args.prompt, chat=args.chat)
+    if not args.chat:
+        print(args.prompt, end="", flush=True)
+    result = gen.generate(prompt_ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                          stop_at_eos=not args.ignore_eos, on_text=lambda t: print(t, end="", flush=True))
+    print(flush=True)
+    print(f"[{len(result.prompt_ids)} prompt tokens: {result.prefill_tokens_per_s:.1f} tok/s prefill; "
+          f"{len(result.token_ids)} new tokens: {result.decode_tokens_per_s:.1f} tok/s decode"
+          + ("; stopped at end of sequence" if result.stopped_at_eos else "") + "]", file=sys.stderr)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         parser = build_parser()
@@ -185,6 +215,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_export(args)
         if args.command == "eval":
             return _cmd_eval(args)
+        if args.command == "generate":
+            return _cmd_generate(args)
     except QCompilerError as e:
         print(f"qcompiler: error: {e}", file=sys.stderr)
         return 2
