@@ -1,4 +1,4 @@
-"""`qcompiler` command line: export, eval, generate.
+"""`qcompiler` command line: export, eval, generate, inspect.
 
 Method flags are generated from each registered method's Config dataclass (field `group_size` → `--group-size`),
 so a new method gets its flags without touching this file. Errors the user can fix print one line on stderr and
@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     g.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
+
+    i = sub.add_parser("inspect", help="per-layer table of an exported folder (shape, bits/param, outliers, bytes)")
+    i.add_argument("folder", help="folder written by `qcompiler export` (or a model.onnx)")
+    i.add_argument("--limit", type=int, default=None, help="show only the first N nodes (totals cover all)")
     return p
 
 
@@ -202,6 +206,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_model, render
+
+    layers, metadata, total = inspect_model(args.folder)
+    print(render(layers, metadata, total, limit=args.limit))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         parser = build_parser()
@@ -217,6 +229,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_eval(args)
         if args.command == "generate":
             return _cmd_generate(args)
+        if args.command == "inspect":
+            return _cmd_inspect(args)
     except QCompilerError as e:
         print(f"qcompiler: error: {e}", file=sys.stderr)
         return 2

@@ -93,3 +93,23 @@ def text_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("text") / "text.txt"
     p.write_text(" ".join(f"w{rng.randrange(VOCAB - 3)}" for _ in range(3000)))
     return p
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_dirs, tmp_path_factory):
+    """Factory: `tiny_export("llama", "rtn", "--bits", "3", "--group-size", "16")` → folder of `qcompiler export`
+    on the tiny model with those flags (exported once per session and flag set)."""
+    from qcompiler.cli import main
+
+    cache: dict[tuple, Path] = {}
+
+    def make(kind: str, method: str, *flags: str) -> Path:
+        key = (kind, method, *flags)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"export-{kind}-{method}") / "out"
+            code = main(["export", str(tiny_dirs(kind)), "--method", method, *flags, "-o", str(out), "-q"])
+            assert code == 0, f"export {key} failed"
+            cache[key] = out
+        return cache[key]
+
+    return make

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qcompiler.cli import main as qcompiler_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,11 +27,8 @@ def decode():
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_dirs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("decode") / "rtn"
-    assert qcompiler_main(["export", str(tiny_dirs("llama")), "--method", "rtn", "--bits", "4", "--group-size", "16",
-                           "-o", str(out), "-q"]) == 0
-    return out
+def exported(tiny_export):
+    return tiny_export("llama", "rtn", "--bits", "3", "--group-size", "16")
 
 
 def test_kv_cache_decode_matches_full_forward(decode, exported):
@@ -50,7 +46,7 @@ def test_table_has_one_row_per_model(decode, exported, tmp_path):
     out = tmp_path / "decode.md"
     assert decode.main([str(exported), str(exported), "--rounds", "1", "--new-tokens", "3", "--prompt-tokens", "5",
                         "--threads", "1", "-o", str(out)]) == 0
-    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| rtn |")]
+    rows = [ln for ln in out.read_text().splitlines() if ln.startswith(f"| {exported.name} |")]
     assert len(rows) == 2 and "1.00×" in rows[0]
 
 

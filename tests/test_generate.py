@@ -15,10 +15,8 @@ PROMPT = "w5 w17 w3 w99 w42 w7"
 
 
 @pytest.fixture(scope="module", params=["llama", "opt"])
-def exported(request, tiny_dirs, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"gen-{request.param}") / "out"
-    assert main(["export", str(tiny_dirs(request.param)), "--method", "none", "-o", str(out), "-q"]) == 0
-    return request.param, tiny_dirs(request.param), out
+def exported(request, tiny_dirs, tiny_export):
+    return request.param, tiny_dirs(request.param), tiny_export(request.param, "none")
 
 
 def test_greedy_equals_pytorch_token_for_token(exported):

@@ -1,0 +1,40 @@
+"""`qcompiler inspect`: per-node table from the graph alone, totals consistent with quant_config.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qcompiler import QCompilerError
+from qcompiler.cli import main
+from qcompiler.inspect import inspect_model
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_export):
+    return tiny_export("llama", "rtn", "--bits", "3", "--group-size", "16")
+
+
+def test_layers_and_bits_match_the_export(exported):
+    layers, meta, total = inspect_model(exported)
+    cfg = json.loads((exported / "quant_config.json").read_text())
+    assert len(layers) == cfg["n_quantized_layers"] == 14  # 7 linears x 2 layers
+    params = sum(li.N * li.K for li in layers)
+    assert params == cfg["quantized_params"]
+    assert 8 * sum(li.bytes for li in layers) / params == pytest.approx(cfg["avg_bits"], rel=1e-9)
+    assert all(li.bits == 3 and li.group_size == 16 for li in layers)
+    assert layers[0].name.endswith("/SpQRMatMul") and "layers.0" in layers[0].name
+    assert meta["qcompiler.method"] == "rtn" and total > sum(li.bytes for li in layers)
+
+
+def test_cli_prints_table_and_totals(exported, capsys):
+    assert main(["inspect", str(exported), "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "qcompiler.method: rtn" in out and "... 11 more nodes" in out
+    assert "14 SpQRMatMul nodes" in out
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(QCompilerError, match="not found"):
+        inspect_model(tmp_path / "nope")
