@@ -6,6 +6,9 @@ attention: it exports cleanly with `torch.onnx.export(dynamo=True)` and matches 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import logging
 import os
 from pathlib import Path
@@ -87,14 +90,35 @@ def load_config(source: str) -> Any:
     return _load(source, lambda where, **kw: AutoConfig.from_pretrained(where, **kw))
 
 
-def load_model(source: str, *, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+@contextlib.contextmanager
+def _gguf_progress(enabled: bool):
+    """transformers' GGUF conversion draws its own tqdm bar (it ignores `disable_progress_bar`): off when quiet."""
+    if enabled:
+        yield
+        return
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def load_model(source: str, *, dtype: torch.dtype = torch.float32, progress: bool = True
+               ) -> tuple[torch.nn.Module, Any]:
     """Load `(model, tokenizer)` from `source`, in eval mode with weights in `dtype`.
 
     `source` is, in this order: a local folder with `config.json` (HF layout); a local `.gguf` file (or a folder
     holding exactly one); otherwise a hub id. Raises QCompilerError for a missing local path, a folder that holds no
-    model, or a hub id that cannot be fetched.
+    model, or a hub id that cannot be fetched. `progress=False` hides the GGUF conversion bar.
     """
-    model, tokenizer = _load(str(source), lambda where, **kw: _from_pretrained(where, dtype, **kw))
+    with _gguf_progress(progress):
+        model, tokenizer = _load(str(source), lambda where, **kw: _from_pretrained(where, dtype, **kw))
     model.eval()
     log.info("loaded %s: %s, %s", source, type(model).__name__, dtype)
     return model, tokenizer

@@ -87,7 +87,7 @@ def export(
         hf_logging.disable_progress_bar()
     t = time.perf_counter()
     _echo(f"loading {source}", quiet)
-    model, tokenizer = load_model(source)
+    model, tokenizer = load_model(source, progress=not quiet)
     secs["load"] = time.perf_counter() - t
 
     calib = None
