@@ -214,6 +214,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (e.g. `kill`, a job scheduler) unwinds like Ctrl-C, so `atomic_output` removes its temporary folder
+    and no half-written output is left (main thread only; a no-op elsewhere)."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         parser = build_parser()
@@ -221,6 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"qcompiler: error: {e}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    _terminate_as_interrupt()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     try:
         if args.command == "export":
