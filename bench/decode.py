@@ -17,11 +17,8 @@ import datetime
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Optional
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -33,60 +30,22 @@ PROMPT = ("Robert Boulter is an English film, television and theatre actor. He h
 
 
 class Model:
-    """One exported folder: its session, KV layout and prompt ids."""
+    """One exported folder (a `qcompiler.generate.Generator`) and its prompt ids."""
 
     def __init__(self, folder: Path, threads: Optional[int], prompt_tokens: int):
-        import onnxruntime as ort
-
-        from qcompiler import ops
+        from qcompiler.generate import Generator
 
         self.folder = folder
+        self.gen = Generator(folder, threads=threads)
         self.config = json.loads((folder / "quant_config.json").read_text())
-        kv = self.config["kv"]
-        self.num_layers, self.num_kv_heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        self.session = ops.session(str(folder / "model.onnx"), sess_options=so)
-        self.input_names = {i.name for i in self.session.get_inputs()}
-        past_type = next(i.type for i in self.session.get_inputs() if i.name.startswith("past_key_values"))
-        self.past_dtype = np.float16 if "float16" in past_type else np.float32
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.tokenizer = None
-        try:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-            ids = self.tokenizer(PROMPT)["input_ids"]
-        except Exception:  # noqa: BLE001 - no tokenizer in the folder: a fixed id sequence
-            ids = list(range(1, prompt_tokens + 1))
-        ids = (ids * (prompt_tokens // max(1, len(ids)) + 1))[:prompt_tokens]
-        self.prompt = np.asarray([ids], dtype=np.int64)
-
-    def _feeds(self, ids: np.ndarray, past: list[np.ndarray], past_len: int) -> dict:
-        S = ids.shape[1]
-        feeds = {"input_ids": ids,
-                 "attention_mask": np.ones((1, past_len + S), np.int64),
-                 "position_ids": np.arange(past_len, past_len + S, dtype=np.int64)[None, :],
-                 **dict(zip(self.past_names, past))}
-        return {k: v for k, v in feeds.items() if k in self.input_names}
+        self.tokenizer = self.gen.tokenizer
+        ids = self.gen.encode(PROMPT)
+        self.prompt_ids = (ids * (prompt_tokens // max(1, len(ids)) + 1))[:prompt_tokens]
 
     def round(self, new_tokens: int) -> tuple[float, float, list[int]]:
-        """(prefill s, decode s for new_tokens - 1 steps, generated ids)."""
-        empty = [np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.past_dtype) for _ in self.past_names]
-        t = time.perf_counter()
-        out = self.session.run(self.output_names, self._feeds(self.prompt, empty, 0))
-        prefill = time.perf_counter() - t
-        past_len = self.prompt.shape[1]
-        tokens = [int(out[0][0, -1].argmax())]
-        t = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            ids = np.asarray([[tokens[-1]]], dtype=np.int64)
-            out = self.session.run(self.output_names, self._feeds(ids, list(out[1:]), past_len))
-            past_len += 1
-            tokens.append(int(out[0][0, -1].argmax()))
-        return prefill, time.perf_counter() - t, tokens
+        """(prefill s, decode s for new_tokens - 1 steps, generated ids), never stopping early."""
+        res = self.gen.generate(self.prompt_ids, max_new_tokens=new_tokens, stop_at_eos=False)
+        return res.prefill_s, res.decode_s, res.token_ids
 
 
 def main(argv: Optional[list[str]] = None) -> int:

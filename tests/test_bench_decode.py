@@ -34,11 +34,13 @@ def exported(tiny_export):
 def test_kv_cache_decode_matches_full_forward(decode, exported):
     model = decode.Model(exported, threads=1, prompt_tokens=12)
     _, _, tokens = model.round(6)
+    assert len(model.prompt_ids) == 12 and len(tokens) == 6
     # Greedy step i must be the argmax at the last position of one forward over prompt + tokens[:i].
+    gen = model.gen
     for i in range(len(tokens)):
-        ids = np.concatenate([model.prompt, np.asarray([tokens[:i]], np.int64)], axis=1)
-        empty = [np.zeros((1, model.num_kv_heads, 0, model.head_dim), model.past_dtype) for _ in model.past_names]
-        logits = model.session.run(model.output_names[:1], model._feeds(ids, empty, 0))[0]
+        ids = np.asarray([model.prompt_ids + tokens[:i]], np.int64)
+        empty = [np.zeros((1, gen.num_kv_heads, 0, gen.head_dim), gen.past_dtype) for _ in gen.past_names]
+        logits = gen.session.run(gen.output_names[:1], gen._feeds(ids, empty, 0))[0]
         assert int(logits[0, -1].argmax()) == tokens[i], f"step {i}"
 
 
