@@ -14,7 +14,8 @@ from qcompiler.cli import main
 # The export in a child process whose validation step (inside the atomic output block, after model.onnx is written)
 # waits, so the signal always lands mid-emit.
 CHILD = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job (CI) may inherit SIGINT ignored
 import qcompiler.pipeline as pipeline
 _validate = pipeline.validate_logits
 def slow_validate(*args, **kwargs):
