@@ -113,3 +113,25 @@ def tiny_export(tiny_dirs, tmp_path_factory):
         return cache[key]
 
     return make
+
+
+def load_bench_script(name: str):
+    """Context manager yielding `bench/<name>.py` imported as a module (registered while in use: dataclasses look
+    their module up while the file executes)."""
+    import contextlib
+    import importlib.util
+    import sys
+
+    @contextlib.contextmanager
+    def loader():
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        try:
+            spec.loader.exec_module(module)
+            yield module
+        finally:
+            sys.modules.pop(spec.name, None)
+
+    return loader()

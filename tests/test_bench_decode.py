@@ -3,33 +3,20 @@ table has one row per model."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-
-REPO = Path(__file__).resolve().parents[1]
-
+from conftest import load_bench_script
 
 @pytest.fixture(scope="module")
 def decode():
-    spec = importlib.util.spec_from_file_location("bench_decode", REPO / "bench" / "decode.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with load_bench_script("decode") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-
 
 @pytest.fixture(scope="module")
 def exported(tiny_export):
     return tiny_export("llama", "rtn", "--bits", "3", "--group-size", "16")
-
 
 def test_kv_cache_decode_matches_full_forward(decode, exported):
     model = decode.Model(exported, threads=1, prompt_tokens=12)
@@ -43,14 +30,12 @@ def test_kv_cache_decode_matches_full_forward(decode, exported):
         logits = gen.session.run(gen.output_names[:1], gen._feeds(ids, empty, 0))[0]
         assert int(logits[0, -1].argmax()) == tokens[i], f"step {i}"
 
-
 def test_table_has_one_row_per_model(decode, exported, tmp_path):
     out = tmp_path / "decode.md"
     assert decode.main([str(exported), str(exported), "--rounds", "1", "--new-tokens", "3", "--prompt-tokens", "5",
                         "--threads", "1", "-o", str(out)]) == 0
     rows = [ln for ln in out.read_text().splitlines() if ln.startswith(f"| {exported.name} |")]
     assert len(rows) == 2 and "1.00×" in rows[0]
-
 
 def test_missing_folder_is_a_clear_error(decode, tmp_path, capsys):
     assert decode.main([str(tmp_path / "nope")]) == 2

@@ -3,28 +3,16 @@ quantization), and the table holds one row per (shape, batch, variant)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
+from conftest import load_bench_script
 
 @pytest.fixture(scope="module")
 def kernels():
-    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "bench" / "kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with load_bench_script("kernels") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-
 
 def test_matmulnbits_variant_approximates_the_fp32_matmul(kernels):
     rng = np.random.default_rng(0)
@@ -39,7 +27,6 @@ def test_matmulnbits_variant_approximates_the_fp32_matmul(kernels):
         assert np.abs(y - ref).max() < 0.15 * np.abs(ref).max()  # 4-bit RTN of the same weight
     spqr = kernels.build("spqr-w3", 64, 48, w)
     assert spqr.graph.node[0].op_type == "SpQRMatMul"
-
 
 def test_main_writes_one_row_per_case(kernels, tmp_path):
     out = tmp_path / "k.md"

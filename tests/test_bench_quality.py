@@ -4,31 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import io
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from conftest import load_bench_script
 from onnx import TensorProto, helper, numpy_helper
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_quality", REPO / "bench" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    try:
-        spec.loader.exec_module(module)
+    with load_bench_script("quality") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-
 
 def _tiny_lm(K=64, N=96, V=40, seed=0) -> tuple[onnx.ModelProto, dict]:
     """input_ids → Gather(E [V, K]) → MatMul W1 [K, N] ("node_linear") → MatMul W2 [N, K] ("node_extra", not in the
@@ -65,14 +54,12 @@ def _tiny_lm(K=64, N=96, V=40, seed=0) -> tuple[onnx.ModelProto, dict]:
                                                            "in_features": K, "out_features": N}}}
     return model, manifest
 
-
 def _run(model: onnx.ModelProto, ids: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids),
                                  "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]})[0]
-
 
 def test_presets_are_unique_and_match_method_configs(bench):
     from qcompiler.methods import available_methods, get_method
@@ -84,7 +71,6 @@ def test_presets_are_unique_and_match_method_configs(bench):
         if p["method"] in available_methods():  # a renamed Config field breaks the preset here, not mid-run
             get_method(p["method"]).Config(**p["options"])
 
-
 def test_select_presets(bench):
     picked = [p["name"] for p in bench.select_presets(bench.PRESETS, "none,ort-gptq")]
     assert picked == ["fp32", "ort-gptq-w4b32", "ort-gptq-w4b64"]
@@ -93,11 +79,9 @@ def test_select_presets(bench):
     with pytest.raises(bench.BenchError, match="no preset matches awq"):
         bench.select_presets(bench.PRESETS, "rtn,awq")
 
-
 def test_flags_of(bench):
     assert bench.flags_of({"method": "rtn", "options": {"bits": 4, "group_size": 32, "round_zero": False}}) == \
         "--method rtn --bits 4 --group-size 32 --no-round-zero"
-
 
 @pytest.mark.parametrize("bits,block", [(4, 32), (4, 64), (2, 32)])
 def test_default_quantizer_excludes_other_matmuls_and_counts_bits(bench, bits, block):
@@ -124,14 +108,12 @@ def test_default_quantizer_excludes_other_matmuls_and_counts_bits(bench, bits, b
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert 0 < rel < (0.15 if bits == 4 else 0.8)  # quantized, and still the same function
 
-
 def test_rtn_with_odd_blocks_per_row_says_why(bench):
     model, manifest = _tiny_lm(K=96)
     with pytest.raises(bench.BenchError, match="odd number of blocks: K=96 / block 32 = 3 blocks"):
         bench.ort_quantize(model, manifest, {"algorithm": "RTN", "bits": 4, "block_size": 32}, progress=False)
     with pytest.raises(bench.BenchError, match="4-bit MatMulNBits only"):
         bench.ort_quantize(model, manifest, {"algorithm": "GPTQ", "bits": 2, "block_size": 32}, progress=False)
-
 
 def test_ort_gptq_memoized_sessions_give_the_same_weights(bench):
     """The bench's GPTQ (one forward per calibration sample, nodes_to_exclude honoured) writes exactly the
@@ -163,7 +145,6 @@ def test_ort_gptq_memoized_sessions_give_the_same_weights(bench):
             np.testing.assert_array_equal(numpy_helper.to_array(t), theirs[t.name])
             compared += 1
     assert compared == 3  # codes, scales, zero points
-
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc only")
 def test_peak_rss_is_reset_per_export(bench):

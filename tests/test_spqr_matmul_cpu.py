@@ -108,12 +108,15 @@ def test_gemv_kernels_per_isa(isa, bits, group_size, M, monkeypatch):
     _check(w, _x((M, 600), seed=M))
 
 
-def _has_avx512() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
     except (OSError, StopIteration):
-        return False
-    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+        return set()
+
+
+def _has_avx512() -> bool:
+    return {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= _cpu_flags()
 
 
 @pytest.mark.skipif(not _has_avx512(), reason="the packed GEMV kernel needs AVX-512 (F, BW, VL, DQ)")
@@ -303,11 +306,7 @@ def test_weights_fed_at_run_time_are_not_packed_once():
 
 
 def _has_vnni() -> bool:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-    return _has_avx512() and "avx512_vnni" in flags
+    return _has_avx512() and "avx512_vnni" in _cpu_flags()
 
 
 @pytest.mark.skipif(not _has_vnni(), reason="the int8 path needs AVX512-VNNI")

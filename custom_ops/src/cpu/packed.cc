@@ -47,6 +47,15 @@ void PackNibbles(const spqr::Attributes& a, const uint8_t* qweight, PackedWeight
   }
 }
 
+// xg[g] = sum of x over group g (the zero-point term of both packed kernels).
+void GroupSums(const PackedWeights& w, const float* x, float* xg) {
+  for (int64_t g = 0; g < w.G; ++g) {
+    float sum = 0.f;
+    for (int64_t k = g * w.group_size, end = std::min(w.K, k + w.group_size); k < end; ++k) sum += x[k];
+    xg[g] = sum;
+  }
+}
+
 }  // namespace
 
 PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void* scales, const void* zeros,
@@ -147,13 +156,7 @@ void PackedGemvInputs(const PackedWeights& w, const float* x, int64_t xstride, i
       for (int64_t m = 0; m < mm; ++m) dst[m] = k < w.K ? x[m * xstride + k] * factor[p] : 0.f;
     }
   }
-  for (int64_t m = 0; m < mm; ++m) {
-    for (int64_t g = 0; g < w.G; ++g) {
-      float sum = 0.f;
-      for (int64_t k = g * w.group_size, end = std::min(w.K, k + w.group_size); k < end; ++k) sum += x[m * xstride + k];
-      xg[m * xg_stride + g] = sum;
-    }
-  }
+  for (int64_t m = 0; m < mm; ++m) GroupSums(w, x + m * xstride, xg + m * xg_stride);
 }
 
 void PackedGemvInt8Inputs(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, int32_t* xq, float* xd,
@@ -176,11 +179,7 @@ void PackedGemvInt8Inputs(const PackedWeights& w, const float* x, int64_t xstrid
         xq[(c * 8 + j) * mm + m] = static_cast<int32_t>(word);
       }
     }
-    for (int64_t g = 0; g < w.G; ++g) {
-      float sum = 0.f;
-      for (int64_t k = g * w.group_size, end = std::min(w.K, k + w.group_size); k < end; ++k) sum += xr[k];
-      xg[m * xg_stride + g] = sum;
-    }
+    GroupSums(w, xr, xg + m * xg_stride);
   }
 }
 
