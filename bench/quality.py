@@ -83,6 +83,9 @@ PRESETS: list[dict[str, Any]] = [
     # (10; 20 at 2 bits, with aug_loss) to fit a 2-core CPU
     {"name": "affinequant-w3g64", "method": "affinequant",
      "options": {"bits": 3, "group_size": 64, "epochs": 10, "batch_size": 4}},
+    {"name": "affinequant-w3g64-e20", "method": "affinequant",
+     "note": "the reference's epochs (20) plus aug_loss",
+     "options": {"bits": 3, "group_size": 64, "epochs": 20, "batch_size": 4, "aug_loss": True}},
     {"name": "affinequant-w2g64", "method": "affinequant",
      "options": {"bits": 2, "group_size": 64, "epochs": 20, "batch_size": 4, "aug_loss": True}},
     {"name": "affinequant-w4g64", "method": "affinequant",

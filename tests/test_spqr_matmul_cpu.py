@@ -347,3 +347,64 @@ def test_accuracy_level_is_validated():
     next(a for a in model.graph.node[0].attribute if a.name == "accuracy_level").i = 7
     with pytest.raises(Exception, match="accuracy_level must be 0..4, got 7"):
         ops.session(model.SerializeToString())
+
+
+# One test per malformed-input class (tests/test_fuzz_spqr_matmul.py draws hundreds of random ones): each is an ORT
+# error naming the node and the problem.
+def _corrupt_init(model: onnx.ModelProto, name: str, fn) -> None:
+    t = next(t for t in model.graph.initializer if t.name == f"layer/{name}")
+    t.CopyFrom(onnx.numpy_helper.from_array(fn(onnx.numpy_helper.to_array(t).copy()), t.name))
+
+
+def _set(a: np.ndarray, idx, value) -> np.ndarray:
+    a[idx] = value
+    return a
+
+
+@pytest.mark.parametrize("name,fn,attrs,message", [
+    ("scales", lambda a: a.astype(np.float32), {}, r"input scales must be uint8, got float32"),
+    ("outlier_row_ptr", lambda a: a.astype(np.int64), {}, r"\(layer/outlier_row_ptr\) of operator \(SpQRMatMul\) "
+     r"in node \(layer/SpQRMatMul\) is invalid"),
+    ("qweight", lambda a: a.reshape(-1), {}, r"input qweight has shape \[256\], expected \[8, 32\]"),
+    ("stats2", lambda a: a[:, :, :3], {}, r"input stats2 has shape \[2, 1, 3\], expected \[2, 1, 4\]"),
+    ("outlier_row_ptr", lambda a: _set(a, 4, a[-1] + 1), {}, r"outlier_row_ptr must be non-decreasing \(row 4\)"),
+    ("outlier_row_ptr", lambda a: _set(a, 0, 1), {}, r"outlier_row_ptr must start at 0 and end at nnz=\d+, got 1"),
+    ("outlier_col_idx", lambda a: _set(a, 2, 64), {}, r"outlier_col_idx\[2\]=64 is out of range for K=64"),
+    ("perm", lambda a: _set(a, 5, a[6]), {}, r"perm is not a permutation: \d+ appears twice \(perm\[6\]\)"),
+    ("perm", lambda a: _set(a, 3, -1), {}, r"perm\[3\]=-1 is out of range for K=64"),
+    (None, None, {"group_size": 16}, r"input scales has shape \[2, 12\], expected \[4, 12\]"),
+    (None, None, {"N": 2**33}, r"K and N must be at most 2147483647 \(K=64, N=8589934592\)"),
+    (None, None, {"K": -64}, r"K and N must be positive \(K=-64, N=8\)"),
+    (None, None, {"stat_bits": 0}, r"input scales must be float16, got uint8"),
+], ids=["dtype-kernel-checked", "dtype-typed-input", "rank", "shape", "row-ptr-order", "row-ptr-start", "col-idx",
+        "perm-duplicate", "perm-range", "group-size-vs-buffers", "huge-N", "negative-K", "stat-bits-vs-buffers"])
+def test_malformed_inputs_are_ort_errors_naming_node_and_problem(name, fn, attrs, message):
+    w = random_weight(N=8, K=64, bits=4, group_size=32, stat_bits=3, stat_group_size=16, outlier_rate=0.1,
+                      permute=True, seed=0)
+    model = single_op_model(w, x_shape=("m", None))
+    if name is not None:
+        _corrupt_init(model, name, fn)
+    for a in model.graph.node[0].attribute:
+        if a.name in attrs:
+            a.i = attrs[a.name]
+    with pytest.raises(Exception, match=message) as err:
+        ops.session(model.SerializeToString()).run(None, {"X": _x((1, 64))})
+    assert "layer/SpQRMatMul" in str(err.value)
+
+
+def test_outliers_need_k_addressable_by_uint16():
+    small = random_weight(N=2, K=64, bits=2, group_size=32, outlier_rate=0.2, seed=0)
+    w = dataclasses.replace(random_weight(N=2, K=65537, bits=2, group_size=128, seed=0),
+                            outlier_row_ptr=small.outlier_row_ptr, outlier_col_idx=small.outlier_col_idx,
+                            outlier_values=small.outlier_values)
+    with pytest.raises(Exception, match=r"outliers need K <= 65536 \(uint16 column indices\), got K=65537"):
+        ops.session(single_op_model(w, x_shape=("m", None)).SerializeToString()).run(None, {"X": _x((1, 65537))})
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (3, 0, 64)])
+def test_zero_size_batch_gives_an_empty_output(shape):
+    w = random_weight(N=8, K=64, bits=3, group_size=16, stat_bits=3, outlier_rate=0.1, permute=True, seed=0)
+    sess = ops.session(single_op_model(w, x_shape=[f"d{i}" for i in range(len(shape) - 1)] + [None])
+                       .SerializeToString())
+    y = sess.run(None, {"X": np.zeros(shape, np.float32)})[0]
+    assert y.shape == shape[:-1] + (8,) and y.dtype == np.float32

@@ -1,5 +1,6 @@
 #include "common/spqr_op.h"
 
+#include <limits>
 #include <sstream>
 
 namespace qcompiler {
@@ -99,6 +100,9 @@ Attributes ReadAttributes(const OrtKernelInfo* info, const std::string& prefix) 
   }
   std::ostringstream bad;
   if (a.K <= 0 || a.N <= 0) bad << "K and N must be positive (K=" << a.K << ", N=" << a.N << "); ";
+  // Index inputs (row pointers, permutation) are int32: larger dims cannot be addressed (and would overflow sizes).
+  constexpr int64_t kMaxDim = 2147483647;
+  if (a.K > kMaxDim || a.N > kMaxDim) bad << "K and N must be at most " << kMaxDim << " (K=" << a.K << ", N=" << a.N << "); ";
   if (a.bits < 2 || a.bits > 4) bad << "bits must be 2, 3 or 4, got " << a.bits << "; ";
   if (a.group_size <= 0) bad << "group_size must be positive, got " << a.group_size << "; ";
   if (!(a.stat_bits == 0 || (a.stat_bits >= 2 && a.stat_bits <= 4)))
@@ -139,6 +143,9 @@ BoundInputs BindInputs(OrtKernelContext* context, const Attributes& a, ONNXTenso
     Fail(prefix, "input X has shape " + ShapeStr(x.shape) + ": its last dim must equal K=" + std::to_string(a.K));
   }
   b.M = x.numel() / a.K;
+  if (b.M > 0 && a.N > std::numeric_limits<int64_t>::max() / b.M) {
+    Fail(prefix, "output [" + std::to_string(b.M) + ", " + std::to_string(a.N) + "] is too large");
+  }
   b.y_shape = x.shape;
   b.y_shape.back() = a.N;
 
@@ -178,6 +185,9 @@ BoundInputs BindInputs(OrtKernelContext* context, const Attributes& a, ONNXTenso
                        ShapeStr(b.in[kValues].shape) + " must both be [nnz]");
     }
     b.nnz = b.in[kColIdx].shape[0];
+    if (a.K > 65536) {
+      Fail(prefix, "outliers need K <= 65536 (uint16 column indices), got K=" + std::to_string(a.K));
+    }
     if (host_data) {
       const int32_t* rp = b.in[kRowPtr].as<int32_t>();
       if (rp[0] != 0 || rp[a.N] != b.nnz) {

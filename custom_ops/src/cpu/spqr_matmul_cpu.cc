@@ -666,10 +666,16 @@ void CheckIndices(const BoundInputs& b, const Attributes& a, const std::string& 
   }
   if (b.in[spqr::kPerm].present()) {
     const int32_t* perm = b.in[spqr::kPerm].as<int32_t>();
+    std::vector<char> seen(static_cast<size_t>(a.K), 0);
     for (int64_t k = 0; k < a.K; ++k) {
       if (perm[k] < 0 || perm[k] >= a.K) {
         throw Ort::Exception(prefix + "perm[" + std::to_string(k) + "]=" + std::to_string(perm[k]) +
                                  " is out of range for K=" + std::to_string(a.K),
+                             ORT_INVALID_ARGUMENT);
+      }
+      if (seen[perm[k]]++) {
+        throw Ort::Exception(prefix + "perm is not a permutation: " + std::to_string(perm[k]) + " appears twice (perm[" +
+                                 std::to_string(k) + "])",
                              ORT_INVALID_ARGUMENT);
       }
     }
