@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from . import QCompilerError
 from .families import Family, get_module, iter_layers, layer_linears
 from .format import SpQRWeight
+from .preflight import check_finite
 from .methods.base import QuantizationResult
 
 log = logging.getLogger(__name__)
@@ -337,6 +338,7 @@ def quantize_blockwise(
         bar = tqdm(layers, desc=desc, disable=not progress, unit="layer")
         for index, (layer_path, layer) in enumerate(bar):
             tick = time.perf_counter()
+            check_finite(inputs.hidden, f"the input of {layer_path}")
             t_forward = 0.0
             linears = layer_linears(layer, family)
             groups = [[(name, linears[name]) for name in group] for group in family.sequential]

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="4: SpQRMatMul may quantize its input to int8 per 32 columns on CPUs with AVX512-VNNI "
                           "(faster decode, some accuracy cost: docs/kernels.md); validation runs at level 0 "
                           "(default: 0, fp32 activations)")
+    adv.add_argument("--no-memory-check", dest="memory_check", action="store_false",
+                     help="start even if the estimated peak memory exceeds what is available")
     adv.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     e.set_defaults(_method_flags=_add_method_flags(e))
 
@@ -167,6 +169,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         atol=args.atol,
         rtol=args.rtol,
         accuracy_level=args.accuracy_level,
+        memory_check=args.memory_check,
         quiet=args.quiet,
     )
     return 0

@@ -38,9 +38,20 @@ def _looks_like_path(source: str) -> bool:
 def _from_pretrained(source: str, dtype: torch.dtype, **kwargs: Any):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, **kwargs
-    )
+    from .preflight import check_loaded_weights
+
+    from transformers.utils import logging as hf_logging
+
+    # transformers' multi-line load report is replaced by check_loaded_weights' one-line error on missing weights
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, output_loading_info=True, **kwargs
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    check_loaded_weights(model, info.get("missing_keys", ()))
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     return model, tokenizer
 

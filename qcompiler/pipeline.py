@@ -64,10 +64,12 @@ def export(
     atol: float = 1e-3,
     rtol: float = 1e-4,
     accuracy_level: int = 0,
+    memory_check: bool = True,
     quiet: bool = False,
 ) -> ExportReport:
     """Quantize `source` with `method` and write an ONNX folder to `output`. See `qcompiler export --help`."""
-    from .families import family_for
+    from .families import family_for, iter_layers, layer_linears
+    from .preflight import check_linear_sizes, check_memory, estimate_memory
     from .loading import load_config, load_model
     from .methods import get_method
     from .passes import (Cleanup, FoldAffineIntoLinear, FoldAffineIntoNorm, PassContext, PassManager,
@@ -78,7 +80,12 @@ def export(
     check_output(output, force=force)
     method_cls = get_method(method)
     config = method_cls.Config(**method_options)
-    family = family_for(load_config(source))
+    hf_config = load_config(source)
+    family = family_for(hf_config)
+    needs_calibration = getattr(method_cls, "needs_calibration", False)
+    memory = estimate_memory(hf_config, method, calibrated=needs_calibration, nsamples=nsamples, seqlen=seqlen)
+    if memory_check:
+        check_memory(memory)
     secs: dict[str, float] = {}
 
     if quiet:
@@ -86,12 +93,16 @@ def export(
 
         hf_logging.disable_progress_bar()
     t = time.perf_counter()
-    _echo(f"loading {source}", quiet)
+    _echo(f"loading {source} (estimated peak memory {memory.describe()})", quiet)
     model, tokenizer = load_model(source, progress=not quiet)
     secs["load"] = time.perf_counter() - t
+    check_linear_sizes({f"{path}.{name}": (lin.in_features, lin.out_features)
+                        for path, layer in iter_layers(model, family)
+                        for name, lin in layer_linears(layer, family).items()},
+                       outliers=math.isfinite(getattr(config, "outlier_threshold", math.inf)))
 
     calib = None
-    if getattr(method_cls, "needs_calibration", False):
+    if needs_calibration:
         from .data import calibration_windows
 
         if calibration is None:
@@ -153,6 +164,7 @@ def export(
         "n_quantized_layers": len(result.layers),
         "kv": exported.manifest["kv"],
         "dtype": exported.manifest["dtype"],
+        "memory_estimate_gib": round(memory.total / 2**30, 2),
         "layers": _jsonable(result.report) if getattr(result, "report", None) else {},
     }
     if result.transforms:

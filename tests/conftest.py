@@ -135,3 +135,25 @@ def load_bench_script(name: str):
             sys.modules.pop(spec.name, None)
 
     return loader()
+
+
+def run_cli(capsys, *argv):
+    """`qcompiler ARGV` in process → (exit code, stdout, stderr)."""
+    from qcompiler.cli import main
+
+    capsys.readouterr()  # drop what building the arguments printed (e.g. a fixture saving a tiny model)
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    """The CLI's error: exactly one non-empty stderr line, starting with "qcompiler: error: "."""
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith("qcompiler: error: "), lines[0]
+    return lines[0]
+
+
+def assert_no_output(path) -> None:
+    assert not path.exists(), f"partial output left behind: {sorted(p.name for p in path.iterdir())}"

@@ -8,22 +8,11 @@ import re
 import onnx
 import pytest
 
+from conftest import assert_no_output as _assert_no_output
+from conftest import one_error_line as _one_error_line
+from conftest import run_cli as _run
 from qcompiler.cli import main
 from qcompiler.format import DOMAIN, OP_TYPE
-
-
-def _run(capsys, *argv):
-    capsys.readouterr()  # drop what building the arguments printed (e.g. a fixture saving a tiny model)
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_error_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith("qcompiler: error: "), lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("kind, method", [("llama", "rtn"), ("opt", "rtn"), ("llama", "none")])
@@ -55,10 +44,6 @@ def test_export_then_eval_ort_equals_torch(kind, method, tiny_dirs, text_file, t
     # random weights over a 128-word vocabulary: perplexity near the vocabulary size, far from 1
     assert 20 < ppl["torch"] < 1000
     assert ppl["ort"] == pytest.approx(ppl["torch"], rel=1e-4)
-
-
-def _assert_no_output(path):
-    assert not path.exists(), f"partial output left behind: {sorted(p.name for p in path.iterdir())}"
 
 
 def test_missing_model_path(tmp_path, capsys):

@@ -47,6 +47,7 @@ from torch.func import functional_call
 from .. import QCompilerError, fold
 from ..actquant import install_act_quant
 from ..calibration import _calibration_mode, _layer_output, capture_layer_inputs
+from ..preflight import check_finite
 from ..families import Family, get_module, iter_layers, layer_linears
 from ..transforms import AffineTransforms, HeadTransform, NormTransform, attach_norm_residue
 from . import register_method
@@ -410,6 +411,7 @@ class AffineQuant(Method):
             outer = tqdm(layers, desc=desc, disable=not progress, unit="layer")
             for index, (path, layer) in enumerate(outer):
                 tick = time.perf_counter()
+                check_finite(quant_x, f"the input of {path}")
                 call = lambda a: inputs.calls[inputs.call_of[a]]  # noqa: E731
                 for p in layer.parameters():
                     p.requires_grad_(False)

@@ -1,0 +1,142 @@
+"""Checks that turn late, confusing failures of an export into early one-line errors.
+
+- `estimate_memory` / `check_memory`: the export's peak resident memory, estimated from the config alone (parameters
+  counted on the meta device), against what the machine has available: refused before loading anything.
+- `check_loaded_weights`: a checkpoint that lacks weights the model needs (transformers would initialise them at
+  random: an untied `lm_head` missing from a checkpoint is the common case) or holds NaN/Inf.
+- `check_finite`: NaN/Inf in calibration activations (the layer whose input they are is named).
+- `check_linear_sizes`: layer shapes the SpQRMatMul format cannot store with the chosen method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterable, Optional
+
+import torch
+
+from . import QCompilerError
+
+GIB = 1024**3
+
+# Peak resident memory of an export in multiples of the fp32 parameter bytes, on top of a fixed base (Python, torch,
+# ONNX Runtime): measured on SmolLM2-135M (538 MB of fp32 parameters) with bench/quality.py's RSS column — RTN/GPTQ/
+# SpQR 3.0 GB (the ONNX export, the emitted model and two ORT validation sessions dominate), AffineQuant 6.0 GB (the
+# full-precision copy with transforms and the per-block training state). Calibration activations are extra: the
+# layer inputs, outputs and (AffineQuant) full-precision targets, in fp32.
+BASE_BYTES = 600 * 1024**2
+PARAM_FACTOR = {"affinequant": 10.0, "affinequant+spqr": 10.0}
+DEFAULT_PARAM_FACTOR = 4.5
+ACTIVATION_COPIES = {"affinequant": 5, "affinequant+spqr": 5}
+DEFAULT_ACTIVATION_COPIES = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak resident bytes of an export (`total`) and its parts."""
+
+    params: int
+    param_bytes: int
+    activation_bytes: int
+    total: int
+
+    def describe(self) -> str:
+        return (f"~{self.total / GIB:.1f} GiB ({self.params / 1e6:.0f}M parameters = {self.param_bytes / GIB:.2f} GiB "
+                f"fp32, calibration activations {self.activation_bytes / GIB:.2f} GiB)")
+
+
+def count_parameters(config: Any) -> int:
+    """Parameters of the model `config` describes (built on the meta device: no memory, no weights read)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    # tied weights are one tensor: count each storage once
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def estimate_memory(config: Any, method: str, *, calibrated: bool, nsamples: int, seqlen: int) -> MemoryEstimate:
+    """Peak resident memory of `qcompiler export` with `method` on the model `config` describes."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    params = count_parameters(config)
+    param_bytes = params * 4
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    copies = ACTIVATION_COPIES.get(method, DEFAULT_ACTIVATION_COPIES)
+    activation_bytes = copies * nsamples * seqlen * hidden * 4 if calibrated else 0
+    total = BASE_BYTES + int(PARAM_FACTOR.get(method, DEFAULT_PARAM_FACTOR) * param_bytes) + activation_bytes
+    return MemoryEstimate(params=params, param_bytes=param_bytes, activation_bytes=activation_bytes, total=total)
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory available to a new allocation (MemAvailable + free swap on Linux), or None if unknown."""
+    try:
+        info = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                info[key] = int(rest.split()[0]) * 1024
+        return info["MemAvailable"] + info.get("SwapFree", 0)
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(estimate: MemoryEstimate, available: Optional[int] = None) -> None:
+    """QCompilerError when the estimate exceeds the available memory (unknown availability passes)."""
+    available = available_memory() if available is None else available
+    if available is not None and estimate.total > available:
+        raise QCompilerError(
+            f"not enough memory: this export needs {estimate.describe()}, {available / GIB:.1f} GiB available "
+            f"(lower --nsamples/--seqlen, free memory, or pass --no-memory-check to try anyway)")
+
+
+def check_loaded_weights(model: torch.nn.Module, missing_keys: Iterable[str] = ()) -> None:
+    """QCompilerError if the checkpoint lacked weights (initialised at random) or holds NaN/Inf."""
+    missing = sorted(set(missing_keys))
+    if missing:
+        config = getattr(model, "config", None)
+        tied = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                       "tie_word_embeddings", None)
+        hint = ""
+        if any(k.startswith("lm_head") for k in missing) and tied is False:
+            hint = (" — the checkpoint has no lm_head but config.json says tie_word_embeddings: false; if the model "
+                    "shares its input embedding with the output layer, set tie_word_embeddings: true")
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise QCompilerError(f"the checkpoint lacks {len(missing)} weight(s) the model needs ({shown}): transformers "
+                             f"would initialise them at random{hint}")
+    for name, p in model.named_parameters():
+        bad = (~torch.isfinite(p.detach())).sum().item()
+        if bad:
+            raise QCompilerError(f"weight {name} {tuple(p.shape)} holds {bad} NaN/Inf value(s): the checkpoint is "
+                                 "corrupt or was saved from a diverged run")
+
+
+def check_finite(t: torch.Tensor, where: str) -> None:
+    """QCompilerError if calibration activations `t` hold NaN/Inf (`where`: e.g. "the input of model.layers.3")."""
+    bad = (~torch.isfinite(t)).sum().item()
+    if bad:
+        raise QCompilerError(f"calibration activations at {where} hold {bad} NaN/Inf value(s) of {t.numel()} (the "
+                             "model overflows on the calibration text: check the weights or load in fp32)")
+
+
+def check_linear_sizes(shapes: dict[str, tuple[int, int]], *, outliers: bool) -> None:
+    """QCompilerError for linears the SpQRMatMul format cannot store: with outliers, column indices are uint16."""
+    if not outliers:
+        return
+    too_wide = {path: K for path, (K, _N) in shapes.items() if K > 65536}
+    if too_wide:
+        path, K = next(iter(too_wide.items()))
+        raise QCompilerError(f"{path} has {K} input features: SpQR outliers store uint16 column indices (K ≤ 65536); "
+                             f"{len(too_wide)} linear(s) affected — quantize without outliers "
+                             "(--outlier-threshold inf) or use gptq/rtn")
+
