@@ -4,6 +4,7 @@ Each pass is one small file with one concern; `PassManager` runs them with optio
 (`verify_each`: onnx.checker + each pass's own postconditions) and dumps (`dump_dir`: the graph after each pass).
 """
 
+from .add_fallback import AddFallback
 from .base import Pass, PassContext, PassError, PassManager, PassResult, PipelineResult
 from .cleanup import Cleanup
 from .fold_affine_linear import FoldAffineIntoLinear
@@ -13,6 +14,7 @@ from .replace_linear import ReplaceLinear
 from .set_accuracy_level import SetAccuracyLevel
 
 __all__ = [
+    "AddFallback",
     "Cleanup",
     "FoldAffineIntoLinear",
     "FoldAffineIntoNorm",

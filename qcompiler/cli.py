@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="4: SpQRMatMul may quantize its input to int8 per 32 columns on CPUs with AVX512-VNNI "
                           "(faster decode, some accuracy cost: docs/kernels.md); validation runs at level 0 "
                           "(default: 0, fp32 activations)")
+    adv.add_argument("--no-fallback", dest="fallback", action="store_false",
+                     help="omit the portable ONNX functions that let the model run without the op library")
     adv.add_argument("--no-memory-check", dest="memory_check", action="store_false",
                      help="start even if the estimated peak memory exceeds what is available")
     adv.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -170,6 +172,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         rtol=args.rtol,
         accuracy_level=args.accuracy_level,
         memory_check=args.memory_check,
+        fallback=args.fallback,
         quiet=args.quiet,
     )
     return 0

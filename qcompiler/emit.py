@@ -40,6 +40,7 @@ def atomic_output(output: str | os.PathLike, *, force: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        _publish_permissions(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -50,6 +51,19 @@ def atomic_output(output: str | os.PathLike, *, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish_permissions(folder: Path) -> None:
+    """mkdtemp makes the folder 0700 and some writers create 0600 files: give the folder and its files the modes a
+    plain `mkdir`/`open` would (0777/0666 minus the umask), so a server running as another user can read OUT."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -77,8 +77,10 @@ def single_op_model(
     x_shape: Sequence[object] = ("batch", "seq", None),
     bias_dtype=None,
     accuracy_level: int = 0,
+    fallback: bool = False,
 ) -> onnx.ModelProto:
-    """A one-node model `Y = SpQRMatMul(X)` for kernel tests and benchmarks. X's last dim is K."""
+    """A one-node model `Y = SpQRMatMul(X)` for kernel tests and benchmarks. X's last dim is K. `fallback`: carry
+    the portable ONNX function (qcompiler/fallback.py), so the model also runs without the op library."""
     x_dtype = np.dtype(x_dtype)
     shape = list(x_shape[:-1]) + [weight.K]
     node, inits = spqr_node(weight, x="X", y="Y", prefix="layer", bias_dtype=bias_dtype or x_dtype,
@@ -87,14 +89,19 @@ def single_op_model(
         [node],
         "spqr_matmul",
         [helper.make_tensor_value_info("X", _NP_TO_ONNX[x_dtype], shape)],
-        [helper.make_tensor_value_info("Y", _NP_TO_ONNX[x_dtype], None)],
+        [helper.make_tensor_value_info("Y", _NP_TO_ONNX[x_dtype], list(x_shape[:-1]) + [weight.N])],
         initializer=inits,
     )
-    return helper.make_model(
+    model = helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, OPSET_VERSION)],
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, OPSET_VERSION)],
         ir_version=8,
     )
+    if fallback:
+        from .fallback import add_fallback_functions
+
+        add_fallback_functions(model)
+    return model
 
 
 def weight_from_node(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> SpQRWeight:

@@ -65,6 +65,7 @@ def export(
     rtol: float = 1e-4,
     accuracy_level: int = 0,
     memory_check: bool = True,
+    fallback: bool = True,
     quiet: bool = False,
 ) -> ExportReport:
     """Quantize `source` with `method` and write an ONNX folder to `output`. See `qcompiler export --help`."""
@@ -72,7 +73,7 @@ def export(
     from .preflight import check_linear_sizes, check_memory, estimate_memory
     from .loading import load_config, load_model
     from .methods import get_method
-    from .passes import (Cleanup, FoldAffineIntoLinear, FoldAffineIntoNorm, PassContext, PassManager,
+    from .passes import (AddFallback, Cleanup, FoldAffineIntoLinear, FoldAffineIntoNorm, PassContext, PassManager,
                          QuantizeActivations, ReplaceLinear, SetAccuracyLevel)
     from .passes.base import save_model
 
@@ -143,7 +144,7 @@ def export(
     abits = result.config.get("abits", 16) if isinstance(result.config, dict) else 16
     if abits < 16:
         passes.append(QuantizeActivations(result.layers, abits))
-    pipeline = PassManager([*passes, Cleanup()], context=ctx)
+    pipeline = PassManager([*passes, Cleanup(), *([AddFallback()] if fallback else [])], context=ctx)
     run = pipeline.run(exported.model)
     proto = run.model
     secs["passes"] = time.perf_counter() - t
@@ -165,6 +166,7 @@ def export(
         "kv": exported.manifest["kv"],
         "dtype": exported.manifest["dtype"],
         "memory_estimate_gib": round(memory.total / 2**30, 2),
+        "fallback_functions": [f.overload for f in proto.functions if f.name == "SpQRMatMul"],
         "layers": _jsonable(result.report) if getattr(result, "report", None) else {},
     }
     if result.transforms:

@@ -129,3 +129,25 @@ def test_odd_hidden_sizes_export_and_validate(tmp_path, capsys):
     assert code == 0, err
     cfg = json.loads((out / "quant_config.json").read_text())
     assert cfg["n_quantized_layers"] == 14 and cfg["validation"]["max_abs_logit_diff"] <= cfg["validation"]["limit"]
+
+
+def test_output_folder_gets_umask_permissions_not_mkdtemp_ones(tmp_path):
+    # mkdtemp's 0700 folder and a writer's 0600 file must not reach OUT: a server running as another user reads it
+    import os
+    import stat
+
+    from qcompiler.emit import atomic_output
+
+    old = os.umask(0o022)
+    try:
+        with atomic_output(tmp_path / "out", force=False) as tmp:
+            (tmp / "sub").mkdir()
+            fd = os.open(tmp / "model.onnx.data", os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+            (tmp / "sub" / "f.json").write_text("{}")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    out = tmp_path / "out"
+    assert mode(out) == 0o755 and mode(out / "sub") == 0o755
+    assert mode(out / "model.onnx.data") == 0o644 and mode(out / "sub" / "f.json") == 0o644
