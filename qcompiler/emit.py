@@ -17,6 +17,7 @@ from . import QCompilerError
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "quant_config.json"
 MANIFEST_FILE = "manifest.json"
+LIBRARY_FILE = "libqcompiler_ops.so"  # a copy of the op library, so OUT runs with onnxruntime alone
 
 
 def check_output(output: str | os.PathLike, *, force: bool) -> Path:

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -18,7 +19,7 @@ import onnx
 import torch
 
 from . import QCompilerError, __version__
-from .emit import CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, atomic_output, check_output, write_json
+from .emit import CONFIG_FILE, LIBRARY_FILE, MANIFEST_FILE, MODEL_FILE, atomic_output, check_output, write_json
 
 log = logging.getLogger("qcompiler")
 
@@ -190,6 +191,11 @@ def export(
         save_model(proto, str(tmp / MODEL_FILE))
         tokenizer.save_pretrained(str(tmp))
         write_json(tmp / MANIFEST_FILE, exported.manifest)
+        if result.layers:  # the op library travels with the model (examples/deploy_python.py loads it from OUT)
+            from .ops import library_path
+
+            shutil.copy2(library_path(), tmp / LIBRARY_FILE)
+            quant_config["op_library"] = LIBRARY_FILE
         diff = None
         if validate:
             diff, scale = validate_logits(tmp, model, exported.manifest["kv"])
