@@ -67,3 +67,24 @@ def test_cpp_example_matches_generate(cpp_decoder, tiny_export, kind):
     assert proc.returncode == 0, proc.stderr
     assert [int(t) for t in proc.stdout.strip().split(",")] == _greedy(folder, prompt, 10)
     assert "decode" in proc.stderr
+
+
+def test_triton_repository(tiny_export, tmp_path):
+    import re
+
+    import onnx
+
+    folder = tiny_export("llama", "rtn", "--bits", "3", "--group-size", "16")
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "triton" / "make_repository.py"), str(folder),
+                           str(tmp_path / "repo")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    model_dir = tmp_path / "repo" / "spqr_llm"
+    assert (model_dir / "1" / "model.onnx").is_file() and (model_dir / "libqcompiler_ops.so").is_file()
+    text = (model_dir / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in text
+    assert 'model_operations { op_library_filename: "/models/spqr_llm/libqcompiler_ops.so" }' in text
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    entries = dict(re.findall(r'name: "([^"]+)"\n    data_type: (\w+)', text))
+    assert set(entries) == {v.name for v in [*model.graph.input, *model.graph.output]}
+    assert entries["input_ids"] == "TYPE_INT64" and entries["logits"] == "TYPE_FP32"
+    assert re.search(r'name: "past_key_values.0.key"\n    data_type: TYPE_FP32\n    dims: \[ -1, 2, -1, 16 \]', text)
