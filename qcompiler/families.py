@@ -8,7 +8,7 @@ family that shares LLaMA's layout is a `dataclasses.replace(LLAMA, name=..., mod
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -33,6 +33,7 @@ class Family:
         final_norm: path of the norm after the last layer.
         lm_head: path of the output projection (not quantized by default; may be tied to the embedding).
         has_linear_bias: whether the quantizable linears carry biases (True for OPT; qwen2 has q/k/v biases only).
+        genai_type: onnxruntime-genai's `model.type` for this family (genai_config.json), None if it has none.
     """
 
     name: str
@@ -46,6 +47,7 @@ class Family:
     final_norm: str
     lm_head: str = "lm_head"
     has_linear_bias: bool = False
+    genai_type: Optional[str] = None
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -71,14 +73,15 @@ LLAMA = Family(
     v_o=("self_attn.v_proj", "self_attn.o_proj"),
     embeddings=("model.embed_tokens",),
     final_norm="model.norm",
+    genai_type="llama",
 )
 
 # Same layout as LLaMA; nothing to add.
-MISTRAL = dataclasses.replace(LLAMA, name="mistral", model_types=("mistral",))
+MISTRAL = dataclasses.replace(LLAMA, name="mistral", model_types=("mistral",), genai_type="mistral")
 
 # Same layout as LLaMA. q/k/v carry biases (o_proj and the MLP do not); `quantizable_linears` reads the bias from
 # each nn.Linear, so `has_linear_bias` only documents that some linears have one.
-QWEN2 = dataclasses.replace(LLAMA, name="qwen2", model_types=("qwen2",), has_linear_bias=True)
+QWEN2 = dataclasses.replace(LLAMA, name="qwen2", model_types=("qwen2",), has_linear_bias=True, genai_type="qwen2")
 
 OPT = Family(
     name="opt",

@@ -196,6 +196,13 @@ def export(
 
             shutil.copy2(library_path(), tmp / LIBRARY_FILE)
             quant_config["op_library"] = LIBRARY_FILE
+        from .genai import GENAI_CONFIG_FILE, genai_config
+
+        genai = genai_config(hf_config, family, exported.manifest["kv"],
+                             generation_config=getattr(model, "generation_config", None),
+                             library=LIBRARY_FILE if result.layers else None)
+        if genai is not None:
+            write_json(tmp / GENAI_CONFIG_FILE, genai)
         diff = None
         if validate:
             diff, scale = validate_logits(tmp, model, exported.manifest["kv"])

@@ -8,4 +8,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
+# onnxruntime-genai (tests/test_genai.py): --no-deps, because its dependency on the CPU `onnxruntime` package would
+# overwrite onnxruntime-gpu's files; it runs on the onnxruntime-gpu already installed (same ORT version line).
+.venv/bin/python -m pip install -q --no-deps "onnxruntime-genai==0.18.0"
 .venv/bin/python -c "import qcompiler.ops as o; print('qcompiler ops library:', o.library_path())"
