@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import time
 import sys
 import typing
 from typing import Any, Optional, Sequence
@@ -128,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-layer table of an exported folder (shape, bits/param, outliers, bytes)")
     i.add_argument("folder", help="folder written by `qcompiler export` (or a model.onnx)")
     i.add_argument("--limit", type=int, default=None, help="show only the first N nodes (totals cover all)")
+    i.add_argument("--netron", action="store_true", help="also serve the graph with Netron (until Ctrl-C)")
+    i.add_argument("--port", type=int, default=8080, help="Netron port (default: 8080)")
+    i.add_argument("--screenshot", default=None, metavar="PNG",
+                   help="save a Netron screenshot with a SpQRMatMul node selected (headless Chromium)")
     return p
 
 
@@ -217,6 +222,21 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     layers, metadata, total = inspect_model(args.folder)
     print(render(layers, metadata, total, limit=args.limit))
+    if args.screenshot:
+        from .netron_view import screenshot
+
+        screenshot(args.folder, args.screenshot, port=args.port + 1)
+        print(f"wrote {args.screenshot}")
+    if args.netron:
+        from .netron_view import serve
+
+        host, port = serve(args.folder, port=args.port)
+        print(f"Netron: http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
     return 0
 
 
