@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="named settings of the method, overridden by explicit flags (spqr: near-lossless = the "
                         "defaults, sub4 = 3-bit codes under 3.9 bits/param)")
     e.add_argument("--force", action="store_true", help="replace an existing output folder")
+    e.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                   help="activations/unquantized weights of the graph: fp32 (CPU default) or fp16 (GPU deployment)")
     cal = e.add_argument_group("calibration (methods that need data)")
     cal.add_argument("--calibration", default=None,
                      help="calibration text file (default: ../shared/data/wikitext2/valid.tokens.txt if present)")
@@ -87,10 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--dump-dir", default=None, help="write the graph after each pass to this folder")
     adv.add_argument("--no-validate", dest="validate", action="store_false",
                      help="skip the ONNX Runtime vs PyTorch logits check after export")
-    adv.add_argument("--atol", type=float, default=1e-3,
-                     help="validation accepts max |Δlogit| ≤ atol + rtol · max |logit| (default: 1e-3)")
-    adv.add_argument("--rtol", type=float, default=1e-4,
-                     help="relative part of the validation tolerance, see --atol (default: 1e-4)")
+    adv.add_argument("--atol", type=float, default=None,
+                     help="validation accepts max |Δlogit| ≤ atol + rtol · max |logit| (default: 1e-3; fp16: 0.05)")
+    adv.add_argument("--rtol", type=float, default=None,
+                     help="relative part of the validation tolerance, see --atol (default: 1e-4; fp16: 0.01)")
     adv.add_argument("--accuracy-level", type=int, choices=(0, 4), default=0,
                      help="4: SpQRMatMul may quantize its input to int8 per 32 columns on CPUs with AVX512-VNNI "
                           "(faster decode, some accuracy cost: docs/kernels.md); validation runs at level 0 "
@@ -175,6 +177,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         validate=args.validate,
         atol=args.atol,
         rtol=args.rtol,
+        dtype=args.dtype,
         accuracy_level=args.accuracy_level,
         memory_check=args.memory_check,
         fallback=args.fallback,

@@ -5,6 +5,7 @@ Each stage lives in its own module; this file only wires them together in the or
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -22,6 +23,11 @@ from . import QCompilerError, __version__
 from .emit import CONFIG_FILE, LIBRARY_FILE, MANIFEST_FILE, MODEL_FILE, atomic_output, check_output, write_json
 
 log = logging.getLogger("qcompiler")
+
+DTYPES = ("fp32", "fp16")
+# Validation tolerance (atol, rtol) of ORT logits against the PyTorch fp32 fake-quant model: fp32 graphs differ by
+# summation order only; fp16 graphs also round activations and unquantized weights to fp16.
+DEFAULT_TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (5e-2, 1e-2)}
 
 
 @dataclasses.dataclass
@@ -62,8 +68,9 @@ def export(
     verify_each: bool = False,
     dump_dir: Optional[str] = None,
     validate: bool = True,
-    atol: float = 1e-3,
-    rtol: float = 1e-4,
+    atol: Optional[float] = None,
+    rtol: Optional[float] = None,
+    dtype: str = "fp32",
     accuracy_level: int = 0,
     memory_check: bool = True,
     fallback: bool = True,
@@ -80,6 +87,10 @@ def export(
 
     # Fail fast on everything that can be checked before loading a model.
     check_output(output, force=force)
+    if dtype not in DTYPES:
+        raise QCompilerError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    atol = DEFAULT_TOLERANCE[dtype][0] if atol is None else atol
+    rtol = DEFAULT_TOLERANCE[dtype][1] if rtol is None else rtol
     method_cls = get_method(method)
     config = method_cls.Config(**method_options)
     hf_config = load_config(source)
@@ -123,6 +134,9 @@ def export(
     _echo("exporting to ONNX", quiet)
     from .export import export_model
 
+    if result.transforms and dtype != "fp32":
+        raise QCompilerError("--dtype fp16 is not supported with transform methods (affinequant): the fold passes "
+                             "are exact in fp32 only")
     if result.transforms:
         # the full-precision model with the transforms as explicit nodes; the fold passes fold them
         fp_model = full_precision_copy(model, result)
@@ -135,13 +149,15 @@ def export(
                   ReplaceLinear(result.layers, exported.manifest, expected=result.expected,
                                 expected_bias=result.expected_bias)]
     else:
-        exported = export_model(model)
+        # fp16: the graph is exported from a half copy; `model` stays fp32 as the validation reference
+        exported = export_model(copy.deepcopy(model).half() if dtype == "fp16" else model)
         passes = [ReplaceLinear(result.layers, exported.manifest)]
     secs["export"] = time.perf_counter() - t
 
     t = time.perf_counter()
     ctx = PassContext(verify_each=verify_each, dump_dir=dump_dir,
-                      verify_feeds=random_feeds(model, exported.manifest["kv"]) if verify_each else None)
+                      verify_feeds=random_feeds(model, exported.manifest["kv"], dtype=exported.manifest["dtype"])
+                      if verify_each else None)
     abits = result.config.get("abits", 16) if isinstance(result.config, dict) else 16
     if abits < 16:
         passes.append(QuantizeActivations(result.layers, abits))
@@ -263,7 +279,8 @@ def full_precision_copy(model: torch.nn.Module, result) -> torch.nn.Module:
     return fp
 
 
-def random_feeds(model: torch.nn.Module, kv: dict, *, seq: int = 8, past: int = 3, seed: int = 0) -> dict:
+def random_feeds(model: torch.nn.Module, kv: dict, *, seq: int = 8, past: int = 3, seed: int = 0,
+                 dtype: str = "float32") -> dict:
     """Random graph inputs (tokens, a random KV past) for `verify_each`'s before/after runs."""
     from .export import KVLayout
 
@@ -276,7 +293,7 @@ def random_feeds(model: torch.nn.Module, kv: dict, *, seq: int = 8, past: int = 
         "position_ids": np.arange(past, past + seq, dtype=np.int64)[None],
     }
     for name in layout.input_names():
-        feeds[name] = rng.standard_normal((1, layout.num_kv_heads, past, layout.head_dim)).astype(np.float32)
+        feeds[name] = rng.standard_normal((1, layout.num_kv_heads, past, layout.head_dim)).astype(dtype)
     return feeds
 
 
@@ -332,7 +349,8 @@ def validate_logits(
         "input_ids": ids,
         "attention_mask": np.ones((1, seq), np.int64),
         "position_ids": np.arange(seq, dtype=np.int64)[None],
-        **layout.empty_past(1),
+        **layout.empty_past(1, dtype=np.float16 if any(i.type == "tensor(float16)" for i in sess.get_inputs())
+                            else np.float32),
     }
     got = sess.run(["logits"], feeds)[0]
     with torch.no_grad():

@@ -150,3 +150,31 @@ def test_validation_tolerance_scales_with_logits(tiny_dirs, tmp_path, capsys, mo
     else:
         assert code != 0 and "--rtol" in _one_error_line(err)
         _assert_no_output(out)
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_fp16_export(kind, tiny_export):
+    # the graph computes in fp16 (inputs/outputs, KV cache, unquantized weights); validated against the fp32
+    # PyTorch model within the fp16 tolerance; generation runs on it
+    from qcompiler.generate import Generator
+
+    folder = tiny_export(kind, "rtn", "--bits", "4", "--group-size", "16", "--dtype", "fp16")
+    cfg = json.loads((folder / "quant_config.json").read_text())
+    assert cfg["dtype"] == "float16"
+    v = cfg["validation"]
+    assert (v["atol"], v["rtol"]) == (0.05, 0.01) and v["max_abs_logit_diff"] <= 0.01 * max(v["max_abs_logit"], 1)
+    model = onnx.load(str(folder / "model.onnx"))
+    types = {i.name: i.type.tensor_type.elem_type for i in [*model.graph.input, *model.graph.output]}
+    assert types["logits"] == onnx.TensorProto.FLOAT16 and types["past_key_values.0.key"] == onnx.TensorProto.FLOAT16
+    fp32 = Generator(tiny_export(kind, "rtn", "--bits", "4", "--group-size", "16"))
+    prompt = [5, 17, 3, 99, 42, 8]
+    got = Generator(folder).generate(prompt, max_new_tokens=6, stop_at_eos=False).token_ids
+    assert len(got) == 6
+    assert got[0] == fp32.generate(prompt, max_new_tokens=1, stop_at_eos=False).token_ids[0]
+
+
+def test_fp16_with_transforms_is_refused(tiny_dirs, text_file, tmp_path, capsys):
+    code, _, err = _run(capsys, "export", tiny_dirs("llama"), "--method", "affinequant", "--bits", "4",
+                        "--epochs", "0", "--calibration", text_file, "--nsamples", 2, "--seqlen", 32,
+                        "--dtype", "fp16", "-o", tmp_path / "out", "-q")
+    assert code != 0 and "--dtype fp16 is not supported with transform methods" in _one_error_line(err)

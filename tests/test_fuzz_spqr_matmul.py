@@ -215,6 +215,8 @@ def _dtype(m, w, rng):
     a = _get(m, name)
     to = {np.dtype(np.uint8): np.int8, np.dtype(np.float16): np.float32, np.dtype(np.int32): np.int64,
           np.dtype(np.uint16): np.int32}[a.dtype]
+    if name in ("scales", "zeros") and a.dtype == np.float16:
+        to = np.int32  # float32 fp16-statistics are accepted (ORT's CPU EP may cast them up)
     _replace(m, name, a.astype(to))
     # typed inputs are rejected by ORT's graph check, the others by the kernel: both name the node and the input
     return (rf"{PREFIX}input {name} must be|Type Error: Type '[^']+' of input parameter \(layer/{name}\) of operator "

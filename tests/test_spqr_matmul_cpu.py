@@ -408,3 +408,24 @@ def test_zero_size_batch_gives_an_empty_output(shape):
                        .SerializeToString())
     y = sess.run(None, {"X": np.zeros(shape, np.float32)})[0]
     assert y.shape == shape[:-1] + (8,) and y.dtype == np.float32
+
+
+@pytest.mark.parametrize("fed", [False, True], ids=["initializer", "fed-at-run-time"])
+def test_float32_fp16_statistics_are_accepted(fed):
+    # ONNX Runtime's CPU EP casts fp16 scales/zeros up to float32 when it moves part of an fp16 graph to fp32:
+    # the kernel takes them (converting back to fp16 exactly)
+    w = random_weight(N=40, K=96, bits=3, group_size=16, outlier_rate=0.02, permute=True, seed=4)
+    model = single_op_model(w, x_shape=("m", None))
+    feeds = {"X": _x((3, 96))}
+    for name in ("scales", "zeros"):
+        t = next(t for t in model.graph.initializer if t.name == f"layer/{name}")
+        arr = onnx.numpy_helper.to_array(t).astype(np.float32)
+        if fed:
+            model.graph.initializer.remove(t)
+            model.graph.input.append(helper.make_tensor_value_info(t.name, TensorProto.FLOAT, arr.shape))
+            feeds[t.name] = arr
+        else:
+            t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+    y = ops.session(model.SerializeToString()).run(None, feeds)[0]
+    ref = w.matmul(feeds["X"])
+    assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()

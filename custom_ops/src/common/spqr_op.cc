@@ -155,7 +155,10 @@ BoundInputs BindInputs(OrtKernelContext* context, const Attributes& a, ONNXTenso
 
   for (size_t i : {size_t(kScales), size_t(kZeros)}) {
     if (a.stat_bits == 0) {
-      ExpectType(prefix, b.in[i], i, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+      // float32 is accepted too: ONNX Runtime's CPU EP may cast them up when it moves an fp16 graph to fp32
+      // (the kernels convert them back to fp16, exactly for values that came from fp16)
+      if (b.in[i].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+        ExpectType(prefix, b.in[i], i, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
       ExpectShape(prefix, b.in[i], i, {G, a.N}, "[G, N] with G = ceil(K/group_size)");
     } else {
       ExpectType(prefix, b.in[i], i, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);

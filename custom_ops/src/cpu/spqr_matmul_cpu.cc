@@ -726,9 +726,34 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     return *packed_;
   }
 
+  // float32 scales/zeros (stat_bits 0) → fp16, which every path below reads: once per session for initializers,
+  // into `local` for inputs fed at run time.
+  void HalveStats(BoundInputs& b, std::array<std::vector<uint16_t>, 2>& local) {
+    for (size_t j = 0; j < 2; ++j) {
+      spqr::TensorArg& t = b.in[j == 0 ? spqr::kScales : spqr::kZeros];
+      if (t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) continue;
+      const bool constant = constant_[j == 0 ? spqr::kScales : spqr::kZeros];
+      auto convert = [&](std::vector<uint16_t>& out) {
+        const float* src = t.as<float>();
+        out.resize(static_cast<size_t>(t.numel()));
+        for (size_t k = 0; k < out.size(); ++k) out[k] = Ort::Float16_t(src[k]).val;
+      };
+      if (constant) {
+        std::call_once(halved_once_[j], [&] { convert(halved_[j]); });
+        t.data = halved_[j].data();
+      } else {
+        convert(local[j]);
+        t.data = local[j].data();
+      }
+      t.type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    }
+  }
+
   void Compute(OrtKernelContext* context) {
     const Attributes& a = attrs_;
     BoundInputs b = spqr::BindInputs(context, a, x_type_, prefix_, /*host_data=*/true);
+    std::array<std::vector<uint16_t>, 2> halved_local;
+    if (a.stat_bits == 0) HalveStats(b, halved_local);
     // Index inputs that are initializers are checked on the first call only; inputs fed at run time every call.
     bool per_call = false;
     for (size_t i : {spqr::kRowPtr, spqr::kColIdx, spqr::kPerm}) per_call |= b.in[i].present() && !constant_[i];
@@ -888,6 +913,8 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
   bool require_packed_ = false;
   bool int8_ = false;
   std::once_flag pack_once_;
+  std::array<std::once_flag, 2> halved_once_;       // float32 scales / zeros initializers converted to fp16
+  std::array<std::vector<uint16_t>, 2> halved_;
   std::unique_ptr<PackedWeights> packed_;
   std::array<bool, spqr::kNumInputs> constant_{};  // input i is an initializer (same data on every call)
   std::atomic<bool> indices_checked_{false};       // constant index inputs already validated

@@ -18,6 +18,12 @@ struct SpQRMatMulCudaKernel : spqr::KernelBase<SpQRMatMulCudaKernel> {
     const spqr::Attributes& a = attrs_;
     // Index inputs live in device memory here: only dtypes and shapes are checked.
     BoundInputs b = spqr::BindInputs(context, a, x_type_, prefix_, /*host_data=*/false);
+    for (size_t i : {spqr::kScales, spqr::kZeros}) {
+      if (b.in[i].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+        throw Ort::Exception(prefix_ + "the CUDA kernel reads scales/zeros as float16 (got float32)",
+                             ORT_INVALID_ARGUMENT);
+      }
+    }
     Ort::KernelContext ctx(context);
     Ort::UnownedValue y = ctx.GetOutput(0, b.y_shape);
     if (b.M == 0) return;
