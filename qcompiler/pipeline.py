@@ -150,7 +150,8 @@ def export(
                                 expected_bias=result.expected_bias)]
     else:
         # fp16: the graph is exported from a half copy; `model` stays fp32 as the validation reference
-        exported = export_model(copy.deepcopy(model).half() if dtype == "fp16" else model)
+        # (torch's Module.half: transformers refuses `.half()` on GGUF-loaded models, which it flags as quantized)
+        exported = export_model(torch.nn.Module.half(copy.deepcopy(model)) if dtype == "fp16" else model)
         passes = [ReplaceLinear(result.layers, exported.manifest)]
     secs["export"] = time.perf_counter() - t
 
