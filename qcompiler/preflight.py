@@ -74,15 +74,29 @@ def estimate_memory(config: Any, method: str, *, calibrated: bool, nsamples: int
     return MemoryEstimate(params=params, param_bytes=param_bytes, activation_bytes=activation_bytes, total=total)
 
 
+def _cgroup_headroom() -> Optional[int]:
+    """Bytes left under this process's cgroup v2 memory limit (containers), or None without a limit."""
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int(open("/sys/fs/cgroup/memory.current").read().strip()))
+    except (OSError, ValueError):
+        return None
+
+
 def available_memory() -> Optional[int]:
-    """Bytes of memory available to a new allocation (MemAvailable + free swap on Linux), or None if unknown."""
+    """Bytes of memory available to a new allocation (MemAvailable + free swap on Linux, capped by a cgroup v2
+    memory limit), or None if unknown."""
     try:
         info = {}
         with open("/proc/meminfo") as f:
             for line in f:
                 key, _, rest = line.partition(":")
                 info[key] = int(rest.split()[0]) * 1024
-        return info["MemAvailable"] + info.get("SwapFree", 0)
+        free = info["MemAvailable"] + info.get("SwapFree", 0)
+        headroom = _cgroup_headroom()
+        return free if headroom is None else min(free, headroom)
     except (OSError, KeyError, ValueError, IndexError):
         pass
     try:

@@ -151,3 +151,10 @@ def test_output_folder_gets_umask_permissions_not_mkdtemp_ones(tmp_path):
     out = tmp_path / "out"
     assert mode(out) == 0o755 and mode(out / "sub") == 0o755
     assert mode(out / "model.onnx.data") == 0o644 and mode(out / "sub" / "f.json") == 0o644
+
+
+def test_available_memory_is_capped_by_the_cgroup_limit(monkeypatch):
+    monkeypatch.setattr(preflight, "_cgroup_headroom", lambda: 123 * 1024**2)
+    assert preflight.available_memory() == 123 * 1024**2
+    monkeypatch.setattr(preflight, "_cgroup_headroom", lambda: None)
+    assert preflight.available_memory() > 123 * 1024**2
