@@ -41,7 +41,7 @@ def atomic_output(output: str | os.PathLike, *, force: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        _publish_permissions(tmp)
+        publish_permissions(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -54,7 +54,7 @@ def atomic_output(output: str | os.PathLike, *, force: bool) -> Iterator[Path]:
         raise
 
 
-def _publish_permissions(folder: Path) -> None:
+def publish_permissions(folder: Path) -> None:
     """mkdtemp makes the folder 0700 and some writers create 0600 files: give the folder and its files the modes a
     plain `mkdir`/`open` would (0777/0666 minus the umask), so a server running as another user can read OUT."""
     umask = os.umask(0)

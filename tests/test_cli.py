@@ -178,3 +178,29 @@ def test_fp16_with_transforms_is_refused(tiny_dirs, text_file, tmp_path, capsys)
                         "--epochs", "0", "--calibration", text_file, "--nsamples", 2, "--seqlen", 32,
                         "--dtype", "fp16", "-o", tmp_path / "out", "-q")
     assert code != 0 and "--dtype fp16 is not supported with transform methods" in _one_error_line(err)
+
+
+def test_failed_validation_keeps_the_export_aside(tiny_dirs, tmp_path, capsys, monkeypatch):
+    # hours of calibration must not be thrown away by a validation failure: OUT is not written (it did not pass),
+    # the complete export is kept in OUT.rejected with the measured difference
+    import qcompiler.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "validate_logits", lambda *a, **k: (1.0, 10.0))
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "export", tiny_dirs("llama"), "-o", out, "--method", "rtn", "-q")
+    assert code != 0
+    line = _one_error_line(err)
+    assert "validation failed: ONNX Runtime logits differ from PyTorch by 1" in line and "out.rejected" in line
+    _assert_no_output(out)
+    kept = tmp_path / "out.rejected"
+    cfg = json.loads((kept / "quant_config.json").read_text())
+    assert cfg["validation"]["passed"] is False and cfg["validation"]["max_abs_logit_diff"] == 1.0
+    assert (kept / "model.onnx").is_file() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_transform_methods_get_a_wider_relative_tolerance(tiny_dirs, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "export", tiny_dirs("llama"), "--method", "affinequant", "--bits", "4",
+                        "--epochs", "0", "--calibration", text_file, "--nsamples", 2, "--seqlen", 32, "-o", out, "-q")
+    assert code == 0, err
+    assert json.loads((out / "quant_config.json").read_text())["validation"]["rtol"] == 1e-3
