@@ -221,10 +221,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import inspect_model, render
+    from .inspect import deployment_summary, inspect_model, render
 
     layers, metadata, total = inspect_model(args.folder)
     print(render(layers, metadata, total, limit=args.limit))
+    print("\n".join(deployment_summary(args.folder)))
     if args.screenshot:
         from .netron_view import screenshot
 

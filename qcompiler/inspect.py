@@ -111,3 +111,29 @@ def render(layers: list[LayerInfo], metadata: dict[str, str], total_bytes: int, 
     lines.append(f"all initializers: {total_bytes:,} bytes ({total_bytes / 1e6:.1f} MB); the rest "
                  f"({(total_bytes - qbytes) / 1e6:.1f} MB) is unquantized (embeddings, norms, ...)")
     return "\n".join(lines)
+
+
+def deployment_summary(path: str | Path) -> list[str]:
+    """What a deployment of `path` (an export folder or model.onnx) gets: graph dtype, the portable fallback
+    functions, and the files next to the model (op library copy, genai_config.json)."""
+    path = Path(path)
+    folder, model_file = (path, path / MODEL_FILE) if path.is_dir() else (path.parent, path)
+    model = onnx.load(str(model_file), load_external_data=False)
+    outputs = {o.name: o for o in model.graph.output}
+    logits = outputs.get("logits")
+    dtype = (helper.tensor_dtype_to_np_dtype(logits.type.tensor_type.elem_type).name if logits is not None
+             else "unknown")
+    overloads: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+            overloads[node.overload or "(none)"] = overloads.get(node.overload or "(none)", 0) + 1
+    defined = {f.overload for f in model.functions if f.domain == DOMAIN and f.name == OP_TYPE}
+    if defined:
+        fallback = ", ".join(f"{o} ({n} nodes)" for o, n in sorted(overloads.items()) if o in defined)
+        fallback += "" if set(overloads) <= defined else " — some nodes have no function"
+    else:
+        fallback = "none (needs the op library; exported with --no-fallback or by an older qcompiler)"
+    return [f"graph dtype: {dtype}",
+            f"portable fallback functions: {fallback}",
+            f"op library in folder: {'libqcompiler_ops.so' if (folder / 'libqcompiler_ops.so').is_file() else 'no'}",
+            f"onnxruntime-genai config: {'genai_config.json' if (folder / 'genai_config.json').is_file() else 'no'}"]

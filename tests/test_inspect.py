@@ -38,3 +38,13 @@ def test_cli_prints_table_and_totals(exported, capsys):
 def test_missing_folder(tmp_path):
     with pytest.raises(QCompilerError, match="not found"):
         inspect_model(tmp_path / "nope")
+
+
+def test_deployment_summary(tiny_export):
+    from qcompiler.inspect import deployment_summary
+
+    lines = deployment_summary(tiny_export("llama", "rtn", "--bits", "3", "--group-size", "16"))
+    assert lines == ["graph dtype: float32", "portable fallback functions: w3s0 (14 nodes)",
+                     "op library in folder: libqcompiler_ops.so", "onnxruntime-genai config: genai_config.json"]
+    bare = deployment_summary(tiny_export("opt", "rtn", "--bits", "4", "--group-size", "32", "--no-fallback"))
+    assert bare[1].startswith("portable fallback functions: none") and bare[3] == "onnxruntime-genai config: no"
