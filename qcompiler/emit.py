@@ -18,6 +18,7 @@ MODEL_FILE = "model.onnx"
 CONFIG_FILE = "quant_config.json"
 MANIFEST_FILE = "manifest.json"
 LIBRARY_FILE = "libqcompiler_ops.so"  # a copy of the op library, so OUT runs with onnxruntime alone
+REJECTED_SUFFIX = ".rejected"  # where a complete export that failed validation is kept
 
 
 def check_output(output: str | os.PathLike, *, force: bool) -> Path:
@@ -52,6 +53,17 @@ def atomic_output(output: str | os.PathLike, *, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def set_aside(tmp: Path, output: str | os.PathLike) -> Path:
+    """Move the temporary folder of `atomic_output` to `OUT.rejected` (replacing an older one) instead of OUT: a
+    complete export that must not be published but is worth keeping. Returns the new path."""
+    out = Path(output).resolve()
+    rejected = out.with_name(out.name + REJECTED_SUFFIX)
+    shutil.rmtree(rejected, ignore_errors=True)
+    publish_permissions(tmp)
+    os.replace(tmp, rejected)
+    return rejected
 
 
 def publish_permissions(folder: Path) -> None:

@@ -31,6 +31,10 @@ def genai_config(hf_config: Any, family: Family, kv: dict, *, generation_config:
         return default if value is None else value
 
     eos = pick("eos_token_id", getattr(text, "eos_token_id", None))
+    pad = getattr(text, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else eos
+    sample = bool(pick("do_sample", False))
     session_options: dict[str, Any] = {"log_id": "onnxruntime-genai", "provider_options": []}
     if library:
         session_options["custom_ops_library"] = library
@@ -54,14 +58,13 @@ def genai_config(hf_config: Any, family: Family, kv: dict, *, generation_config:
                 "num_key_value_heads": kv["num_kv_heads"],
             },
             "eos_token_id": eos,
-            "pad_token_id": getattr(text, "pad_token_id", None) if getattr(text, "pad_token_id", None) is not None
-            else (eos[0] if isinstance(eos, list) else eos),
+            "pad_token_id": pad,
             "type": family.genai_type,
             "vocab_size": text.vocab_size,
         },
         "search": {
             "diversity_penalty": 0.0,
-            "do_sample": bool(pick("do_sample", False)),
+            "do_sample": sample,
             "early_stopping": True,
             "length_penalty": 1.0,
             "max_length": context,
@@ -72,7 +75,7 @@ def genai_config(hf_config: Any, family: Family, kv: dict, *, generation_config:
             "past_present_share_buffer": False,
             "repetition_penalty": float(pick("repetition_penalty", 1.0)),
             "temperature": float(pick("temperature", 1.0)),
-            "top_k": int(pick("top_k", 1) or 1) if pick("do_sample", False) else 1,
+            "top_k": int(pick("top_k", 1) or 1) if sample else 1,
             "top_p": float(pick("top_p", 1.0)),
         },
     }

@@ -54,14 +54,19 @@ def _nbytes(t: onnx.TensorProto) -> int:
     return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
-def inspect_model(path: str | Path) -> tuple[list[LayerInfo], dict[str, str], int]:
-    """(per-node info, metadata_props, total initializer bytes) of `path` (a model.onnx or its folder)."""
+def model_file(path: str | Path) -> Path:
+    """`path` itself (a model.onnx) or `path/model.onnx` (an export folder); QCompilerError if it is missing."""
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
         raise QCompilerError(f"{path} not found (expected a `qcompiler export` output folder or a model.onnx)")
-    model = onnx.load(str(path), load_external_data=False)
+    return path
+
+
+def inspect_model(path: str | Path) -> tuple[list[LayerInfo], dict[str, str], int]:
+    """(per-node info, metadata_props, total initializer bytes) of `path` (a model.onnx or its folder)."""
+    model = onnx.load(str(model_file(path)), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
     layers = []
     for node in model.graph.node:
@@ -116,9 +121,9 @@ def render(layers: list[LayerInfo], metadata: dict[str, str], total_bytes: int, 
 def deployment_summary(path: str | Path) -> list[str]:
     """What a deployment of `path` (an export folder or model.onnx) gets: graph dtype, the portable fallback
     functions, and the files next to the model (op library copy, genai_config.json)."""
-    path = Path(path)
-    folder, model_file = (path, path / MODEL_FILE) if path.is_dir() else (path.parent, path)
-    model = onnx.load(str(model_file), load_external_data=False)
+    onnx_file = model_file(path)
+    folder = onnx_file.parent
+    model = onnx.load(str(onnx_file), load_external_data=False)
     outputs = {o.name: o for o in model.graph.output}
     logits = outputs.get("logits")
     dtype = (helper.tensor_dtype_to_np_dtype(logits.type.tensor_type.elem_type).name if logits is not None

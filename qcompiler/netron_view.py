@@ -15,16 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 from . import QCompilerError
-
-OP_TYPE = "SpQRMatMul"
-
-
-def _model_file(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    f = p / "model.onnx" if p.is_dir() else p
-    if not f.is_file():
-        raise QCompilerError(f"{path}: no model.onnx to show")
-    return f
+from .format import OP_TYPE
+from .inspect import model_file
 
 
 def serve(path: str | os.PathLike, *, port: int = 8080, browse: bool = False) -> tuple[str, int]:
@@ -33,20 +25,19 @@ def serve(path: str | os.PathLike, *, port: int = 8080, browse: bool = False) ->
         import netron
     except ImportError as e:
         raise QCompilerError("--netron needs the netron package: pip install netron") from e
-    return netron.serve(str(_model_file(path)), None, ("localhost", port), browse)
+    return netron.serve(str(model_file(path)), None, ("localhost", port), browse)
 
 
 def find_chromium() -> tuple[Optional[str], Optional[str]]:
     """(chromium binary, chromedriver) paths, or None where missing."""
-    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)),
-                   None)
-    return browser, shutil.which("chromedriver")
+    browsers = (shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome"))
+    return next((b for b in browsers if b), None), shutil.which("chromedriver")
 
 
-def screenshot(path: str | os.PathLike, png: str | os.PathLike, *, port: int = 8081, node: Optional[str] = None,
+def screenshot(path: str | os.PathLike, png: str | os.PathLike, *, port: int = 8081,
                size: tuple[int, int] = (1600, 1000), timeout: float = 120.0) -> str:
-    """Serve the model, open it in headless Chromium, select the first SpQRMatMul node (or the node whose name is
-    `node`), save a screenshot to `png`; returns the node-properties panel's text."""
+    """Serve the model, open it in headless Chromium, select the first SpQRMatMul node, save a screenshot to `png`;
+    returns the node-properties panel's text."""
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.options import Options
@@ -84,12 +75,7 @@ def screenshot(path: str | os.PathLike, png: str | os.PathLike, *, port: int = 8
             time.sleep(1)
         if not nodes:
             raise QCompilerError(f"Netron showed no {OP_TYPE} node within {timeout:.0f} s")
-        target = nodes[0]
-        if node is not None:
-            # Netron draws names only on demand: select through the node's <g> id, which carries the name
-            match = driver.find_elements(By.XPATH, f"//*[local-name()='g' and contains(@id, '{node}')]")
-            target = match[0] if match else target
-        driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", target)
+        driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", nodes[0])
         time.sleep(1.5)
         panel = driver.execute_script(
             "const s = document.getElementById('sidebar') || document.body;"

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -21,8 +20,9 @@ import onnx
 import torch
 
 from . import QCompilerError, __version__
-from .emit import (CONFIG_FILE, LIBRARY_FILE, MANIFEST_FILE, MODEL_FILE, atomic_output, check_output,
-                   publish_permissions, write_json)
+from .emit import (CONFIG_FILE, LIBRARY_FILE, MANIFEST_FILE, MODEL_FILE, atomic_output, check_output, set_aside,
+                   write_json)
+from .format import OP_TYPE
 
 log = logging.getLogger("qcompiler")
 
@@ -34,7 +34,6 @@ DEFAULT_TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (5e-2, 1e-2)}
 # which amplifies fp32 summation-order differences: SmolLM2-135M, 20 epochs, showed 5.8e-3 at max |logit| 30.7
 # (1.9e-4 relative), above the default 4.1e-3. A decoding bug moves logits by O(1).
 TRANSFORM_RTOL = 1e-3
-REJECTED_SUFFIX = ".rejected"  # where an export that failed validation is kept
 
 
 @dataclasses.dataclass
@@ -84,7 +83,7 @@ def export(
     quiet: bool = False,
 ) -> ExportReport:
     """Quantize `source` with `method` and write an ONNX folder to `output`. See `qcompiler export --help`."""
-    from .families import family_for, iter_layers, layer_linears
+    from .families import family_for, quantizable_linears
     from .preflight import check_linear_sizes, check_memory, estimate_memory
     from .loading import load_config, load_model
     from .methods import get_method
@@ -117,9 +116,8 @@ def export(
     _echo(f"loading {source} (estimated peak memory {memory.describe()})", quiet)
     model, tokenizer = load_model(source, progress=not quiet)
     secs["load"] = time.perf_counter() - t
-    check_linear_sizes({f"{path}.{name}": (lin.in_features, lin.out_features)
-                        for path, layer in iter_layers(model, family)
-                        for name, lin in layer_linears(layer, family).items()},
+    check_linear_sizes({path: (lin.in_features, lin.out_features)
+                        for path, lin in quantizable_linears(model, family).items()},
                        outliers=math.isfinite(getattr(config, "outlier_threshold", math.inf)))
 
     calib = None
@@ -194,7 +192,7 @@ def export(
         "kv": exported.manifest["kv"],
         "dtype": exported.manifest["dtype"],
         "memory_estimate_gib": round(memory.total / 2**30, 2),
-        "fallback_functions": [f.overload for f in proto.functions if f.name == "SpQRMatMul"],
+        "fallback_functions": [f.overload for f in proto.functions if f.name == OP_TYPE],
         "layers": _jsonable(result.report) if getattr(result, "report", None) else {},
     }
     if result.transforms:
@@ -240,10 +238,7 @@ def export(
                 # keep the (complete) export for inspection instead of discarding hours of calibration
                 quant_config["validation"]["passed"] = False
                 write_json(tmp / CONFIG_FILE, quant_config)
-                rejected = Path(output).resolve().with_name(Path(output).name + REJECTED_SUFFIX)
-                shutil.rmtree(rejected, ignore_errors=True)
-                publish_permissions(tmp)
-                os.replace(tmp, rejected)
+                rejected = set_aside(tmp, output)
                 raise QCompilerError(
                     f"validation failed: ONNX Runtime logits differ from PyTorch by {diff:.3g} (> --atol {atol:g} "
                     f"+ --rtol {rtol:g} × max |logit| {scale:.3g} = {limit:.3g}); the export was kept in "

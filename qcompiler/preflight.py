@@ -52,14 +52,7 @@ def count_parameters(config: Any) -> int:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    # tied weights are one tensor: count each storage once
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+    return sum(p.numel() for p in model.parameters())  # tied weights are one Parameter, yielded once
 
 
 def estimate_memory(config: Any, method: str, *, calibrated: bool, nsamples: int, seqlen: int) -> MemoryEstimate:

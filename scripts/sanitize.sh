@@ -7,15 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${QCOMPILER_SANITIZE_BUILD:-build/sanitize}
-INC=$(.venv/bin/python - <<'PY'
-import pathlib
-# reuse the ORT headers the main build fetched, when present (no second download)
-for p in pathlib.Path("build").glob("**/onnxruntime_cxx_api.h"):
-    print(p.parent); break
-PY
-)
+# reuse the ORT headers the main build fetched, when present (no second download); same lookup as examples/cpp
+INC=$(find build -name onnxruntime_cxx_api.h -path "*libonnxruntime-dev*" 2>/dev/null | head -1 || true)
 cmake -S custom_ops -B "$BUILD" -DWITH_CUDA=OFF -DQCOMPILER_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  ${INC:+-DONNXRUNTIME_INCLUDE_DIR="$INC"} > "$BUILD.cmake.log" 2>&1 || { cat "$BUILD.cmake.log"; exit 1; }
+  ${INC:+-DONNXRUNTIME_INCLUDE_DIR="$(dirname "$INC")"} > "$BUILD.cmake.log" 2>&1 || { cat "$BUILD.cmake.log"; exit 1; }
 cmake --build "$BUILD" -j "$(nproc)" > "$BUILD.build.log" 2>&1 || { tail -50 "$BUILD.build.log"; exit 1; }
 CXX=${CXX:-c++}
 PRELOAD="$($CXX -print-file-name=libasan.so) $($CXX -print-file-name=libubsan.so)"
