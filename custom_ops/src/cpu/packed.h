@@ -18,7 +18,13 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <new>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "common/spqr_format.h"
 
@@ -43,16 +49,51 @@ constexpr Piece PieceOf(int bits, int p) {
   return {p, p / (32 / bits), bits * (p % (32 / bits)), bits, 0};
 }
 
+// Allocator of the packed buffers: blocks of 2 MiB and more are 2 MiB aligned and advised as transparent huge pages
+// (Linux), so the kernels' streams over tens of MB do not walk a 4 KiB page table (hardware prefetchers also stop
+// at page boundaries). Where THP is off (or "never") the advice is ignored and the pages are ordinary.
+template <class T>
+struct HugePageAllocator {
+  using value_type = T;
+  static constexpr size_t kHuge = size_t{2} << 20;
+  HugePageAllocator() = default;
+  template <class U>
+  HugePageAllocator(const HugePageAllocator<U>&) {}
+  T* allocate(size_t n) {
+    const size_t bytes = n * sizeof(T);
+    if (bytes < kHuge) return static_cast<T*>(::operator new(bytes));
+    void* p = std::aligned_alloc(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
+    if (p == nullptr) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, (bytes + kHuge - 1) / kHuge * kHuge, MADV_HUGEPAGE);
+#endif
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t n) {
+    if (n * sizeof(T) < kHuge) {
+      ::operator delete(p);
+    } else {
+      std::free(p);
+    }
+  }
+  template <class U>
+  bool operator==(const HugePageAllocator<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const HugePageAllocator<U>&) const { return false; }
+};
+template <class T>
+using PackedVector = std::vector<T, HugePageAllocator<T>>;
+
 struct PackedWeights {
   int64_t K = 0, N = 0, bits = 0, group_size = 0, G = 0, chunks = 0, blocks = 0;
   bool coded_stats = false;         // statistics as codes + second-level values (else decoded fp32)
-  std::vector<uint32_t> codes;      // [blocks][chunks][bits][16] (fp32 path)
+  PackedVector<uint32_t> codes;      // [blocks][chunks][bits][16] (fp32 path)
   // int8 path (accuracy_level 4): [blocks][chunks][4][16]; byte b of word i of a lane holds the codes of columns
   // 8i + b (low nibble) and 8i + 4 + b (high nibble), so one AND (or shift + AND) gives 4 consecutive codes per
   // lane as bytes for vpdpbusd.
-  std::vector<uint32_t> nibbles;
-  std::vector<uint8_t> stat_codes;  // coded_stats: [blocks][G][16] (scale code | zero code << 4)
-  std::vector<float> stat_values;   // coded_stats: [blocks][G][4] (ss, sz, zs, zz); else [blocks][G][2][16] (s, z)
+  PackedVector<uint32_t> nibbles;
+  PackedVector<uint8_t> stat_codes;  // coded_stats: [blocks][G][16] (scale code | zero code << 4)
+  PackedVector<float> stat_values;   // coded_stats: [blocks][G][4] (ss, sz, zs, zz); else [blocks][G][2][16] (s, z)
   // Outliers, when their inputs are initializers too: CSR with int32 columns and fp32 values (else empty).
   std::vector<int32_t> outlier_row_ptr, outlier_col;
   std::vector<float> outlier_val;
