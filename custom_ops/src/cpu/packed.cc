@@ -132,15 +132,6 @@ PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void
   return w;
 }
 
-void PackOutliers(const spqr::Attributes& a, const int32_t* row_ptr, const uint16_t* col_idx, const uint16_t* values,
-                  PackedWeights& w) {
-  w.outlier_row_ptr.assign(row_ptr, row_ptr + a.N + 1);
-  const int64_t nnz = row_ptr[a.N];
-  w.outlier_col.assign(col_idx, col_idx + nnz);
-  w.outlier_val.resize(static_cast<size_t>(nnz));
-  for (int64_t p = 0; p < nnz; ++p) w.outlier_val[p] = Half(values[p]);
-}
-
 void PackedGemvInputs(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, float* xs, float* xg,
                       int64_t xg_stride) {
   const int bits = static_cast<int>(w.bits), P = PiecesPerChunk(bits);

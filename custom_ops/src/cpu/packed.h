@@ -94,9 +94,6 @@ struct PackedWeights {
   PackedVector<uint32_t> nibbles;
   PackedVector<uint8_t> stat_codes;  // coded_stats: [blocks][G][16] (scale code | zero code << 4)
   PackedVector<float> stat_values;   // coded_stats: [blocks][G][4] (ss, sz, zs, zz); else [blocks][G][2][16] (s, z)
-  // Outliers, when their inputs are initializers too: CSR with int32 columns and fp32 values (else empty).
-  std::vector<int32_t> outlier_row_ptr, outlier_col;
-  std::vector<float> outlier_val;
 };
 
 // Whether the packed GEMV path can take this node (group size 16 or a multiple of 32; any statistics).
@@ -126,9 +123,6 @@ struct PackedGemvArgs {
   int64_t y_stride = 0;
 };
 
-// Fills w.outlier_* from the CSR inputs (fp16 values, uint16 columns).
-void PackOutliers(const spqr::Attributes& a, const int32_t* row_ptr, const uint16_t* col_idx, const uint16_t* values,
-                  PackedWeights& w);
 
 // Builds args.xs ([chunks][P][mm]) and args.xg rows (xg + m * xg_stride) for mm rows of X (x + m * xstride, stored
 // column order, zero past K).
@@ -146,6 +140,11 @@ void PackedGemvInt8Inputs(const PackedWeights& w, const float* x, int64_t xstrid
 // CPU/build lacks AVX-512.
 using PackedGemvFn = void (*)(const PackedGemvArgs& args, int64_t b0, int64_t b1);
 PackedGemvFn PackedGemvAvx512(const PackedWeights& w, int64_t M);
+// sum over p in [p0, p1) of val[p] * x[col[p]] over a row's outliers as the op stores them (fp16 values, uint16
+// columns), 16 per gather (AVX-512), or nullptr. No copy: 4 bytes per outlier stay 4 bytes of traffic.
+using PackedOutlierDotFn = float (*)(const uint16_t* val, const uint16_t* col, const float* x, int32_t p0,
+                                     int32_t p1);
+PackedOutlierDotFn PackedOutlierDot();
 // Whether this CPU/build has the int8 path (AVX512-VNNI).
 bool PackedInt8Available();
 // The int8 path (needs AVX512-VNNI and w.nibbles), or nullptr.

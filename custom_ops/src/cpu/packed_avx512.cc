@@ -216,7 +216,26 @@ bool CpuHasAvx512() {
   return has;
 }
 
+QC_AVX512 float OutlierDotAvx512(const uint16_t* val, const uint16_t* col, const float* x, int32_t p0, int32_t p1) {
+  __m512 acc = _mm512_setzero_ps();
+  int32_t p = p0;
+  for (; p + 16 <= p1; p += 16) {
+    const __m512i c = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + p)));
+    const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(val + p)));
+    acc = _mm512_fmadd_ps(v, _mm512_i32gather_ps(c, x, 4), acc);
+  }
+  if (p < p1) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (p1 - p)) - 1u);
+    const __m512i c = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, col + p));
+    const __m512 v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, val + p));
+    acc = _mm512_fmadd_ps(v, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, c, x, 4), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 }  // namespace
+
+PackedOutlierDotFn PackedOutlierDot() { return CpuHasAvx512() ? &OutlierDotAvx512 : nullptr; }
 
 PackedGemvFn PackedGemvAvx512(const PackedWeights& w, int64_t M) {
   if (!CpuHasAvx512() || M < 1 || M > kPackedMaxRows) return nullptr;
@@ -245,6 +264,7 @@ PackedGemvFn PackedGemvVnni(const PackedWeights& w, int64_t M) {
 
 #else  // not x86-64 GCC/Clang
 
+PackedOutlierDotFn PackedOutlierDot() { return nullptr; }
 PackedGemvFn PackedGemvAvx512(const PackedWeights&, int64_t) { return nullptr; }
 bool PackedInt8Available() { return false; }
 PackedGemvFn PackedGemvVnni(const PackedWeights&, int64_t) { return nullptr; }

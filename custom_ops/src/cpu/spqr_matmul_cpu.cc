@@ -192,6 +192,7 @@ struct Job {
   int64_t packed_xq_row = 0, packed_xd_row = 0;  // int8 path: words of xq / scales of xd per row of X
   const float* xt = nullptr;  // packed path with outliers and M >= kTransposeMinRows: X transposed, [K, M]
   PackedGemvArgs packed;
+  PackedOutlierDotFn outlier_dot = nullptr;  // packed path (AVX-512): the gather version
   float* y_f32 = nullptr;     // exactly one of y_f32 / y_f16
   uint16_t* y_f16 = nullptr;
 };
@@ -567,28 +568,20 @@ void PackedTask(void* user, size_t task) {
     j.packed_fns[slice](args, b0, b1);
   }
   const int64_t n0 = b0 * kPackRows, n1 = std::min(j.a.N, b1 * kPackRows);
-  const PackedWeights& pw = *j.packed.w;
   thread_local std::vector<float> out;  // one row's outlier sums over all M rows of X
   out.resize(std::max(out.size(), static_cast<size_t>(j.M)));
   for (int64_t n = n0; n < n1; ++n) {
     if (j.row_ptr != nullptr) {
-      const bool packed_csr = !pw.outlier_val.empty();
-      const int32_t p0 = packed_csr ? pw.outlier_row_ptr[n] : j.row_ptr[n];
-      const int32_t p1 = packed_csr ? pw.outlier_row_ptr[n + 1] : j.row_ptr[n + 1];
+      const int32_t p0 = j.row_ptr[n], p1 = j.row_ptr[n + 1];
       if (j.xt != nullptr) {  // X transposed: each outlier is one axpy over the M rows
         std::fill(out.begin(), out.begin() + j.M, 0.f);
-        for (int32_t p = p0; p < p1; ++p) {
-          const int64_t k = packed_csr ? pw.outlier_col[p] : j.col_idx[p];
-          const float v = packed_csr ? pw.outlier_val[p] : HalfToFloat(j.values[p]);
-          Axpy(v, j.xt + k * j.M, out.data(), j.M);
-        }
+        for (int32_t p = p0; p < p1; ++p) Axpy(HalfToFloat(j.values[p]), j.xt + j.col_idx[p] * j.M, out.data(), j.M);
         for (int64_t m = 0; m < j.M; ++m) y[m * stride + (n - n0)] += out[m];
       } else {
         for (int64_t m = 0; m < j.M; ++m) {
           const float* x = j.xp + m * j.xstride;
-          y[m * stride + (n - n0)] += packed_csr
-                                          ? SparseDot(pw.outlier_val.data(), pw.outlier_col.data(), x, p0, p1)
-                                          : SparseDot(j.values, j.col_idx, x, p0, p1);
+          y[m * stride + (n - n0)] += j.outlier_dot != nullptr ? j.outlier_dot(j.values, j.col_idx, x, p0, p1)
+                                                               : SparseDot(j.values, j.col_idx, x, p0, p1);
         }
       }
     }
@@ -729,11 +722,6 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       packed_ = std::make_unique<PackedWeights>(
           Pack(attrs_, b.in[spqr::kQWeight].as<uint8_t>(), b.in[spqr::kScales].data, b.in[spqr::kZeros].data,
                b.in[spqr::kStats2].present() ? b.in[spqr::kStats2].as<uint16_t>() : nullptr, int8_));
-      if (b.in[spqr::kRowPtr].present() && constant_[spqr::kRowPtr] && constant_[spqr::kColIdx] &&
-          constant_[spqr::kValues]) {
-        PackOutliers(attrs_, b.in[spqr::kRowPtr].as<int32_t>(), b.in[spqr::kColIdx].as<uint16_t>(),
-                     b.in[spqr::kValues].as<uint16_t>(), *packed_);
-      }
     });
     return *packed_;
   }
@@ -890,6 +878,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       j.packed_rows = std::move(slice_rows);
       j.packed_fns = std::move(slice_fns);
       j.packed.w = &pw;
+      j.outlier_dot = PackedOutlierDot();
       j.packed_task_blocks = kPackTaskBlocks;
       if (j.packed_rows.size() > 1) {  // several slices: bigger tasks (at least 8 of them)
         const int64_t block_bytes = pw.chunks * (int8_ ? 4 : pw.bits) * kPackRows * 4;
