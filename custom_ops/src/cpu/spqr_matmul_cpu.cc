@@ -644,9 +644,9 @@ void PackedPrepTask(void* user, size_t i) {
   } else {
     PackedGemvInputs(pw, x, p.xstride, mm, p.xs + m0 * p.xs_row, p.xg + m0 * pw.G, pw.G);
   }
-  if (p.xt != nullptr) {
-    for (int64_t m = m0; m < m0 + mm; ++m)
-      for (int64_t k = 0; k < p.K; ++k) p.xt[k * p.M + m] = p.xp[m * p.xstride + k];
+  if (p.xt != nullptr) {  // k outer: each k writes the slice's mm values contiguously (m outer wrote 2 KB apart)
+    for (int64_t k = 0; k < p.K; ++k)
+      for (int64_t m = m0; m < m0 + mm; ++m) p.xt[k * p.M + m] = p.xp[m * p.xstride + k];
   }
 }
 
