@@ -96,16 +96,23 @@ def check_model(model: onnx.ModelProto) -> None:
         onnx.checker.check_model(path)
 
 
-def save_model(model: onnx.ModelProto, path: str, *, external_data: bool = True) -> None:
-    """Save `model` to `path` with its tensors in `<path>.data` (small tensors stay inline)."""
+def save_model(model: onnx.ModelProto, path: str, *, external_data: bool = True, consume: bool = False) -> None:
+    """Save `model` to `path` with its tensors in `<path>.data` (small tensors stay inline).
+
+    `consume`: write `model` itself instead of a copy, which turns its large tensors into references to the data file
+    (their bytes are dropped from memory as they are written): no second copy of the weights at the peak. `model`
+    then only loads again with the data file next to it.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if external_data:
         data = os.path.basename(path) + ".data"
         if os.path.exists(path + ".data"):
             os.remove(path + ".data")
-        model_copy = onnx.ModelProto()
-        model_copy.CopyFrom(model)
-        onnx.save(model_copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+        if not consume:
+            model_copy = onnx.ModelProto()
+            model_copy.CopyFrom(model)
+            model = model_copy
+        onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data,
                   size_threshold=1024)
     else:
         onnx.save(model, path)

@@ -46,6 +46,8 @@ class ExportReport:
         n_quantized: number of linears replaced by SpQRMatMul.
         max_abs_logit_diff: ORT (with the op library) vs PyTorch fake-quant logits on a validation input, or None.
         seconds: wall time per stage.
+        peak_rss_gb: the process's peak resident memory (GB, high-water mark) at the end of each stage: where it
+            grows is the stage that set it.
     """
 
     output: Path
@@ -53,6 +55,7 @@ class ExportReport:
     n_quantized: int
     max_abs_logit_diff: Optional[float]
     seconds: dict[str, float]
+    peak_rss_gb: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _echo(msg: str, quiet: bool) -> None:
@@ -84,7 +87,7 @@ def export(
 ) -> ExportReport:
     """Quantize `source` with `method` and write an ONNX folder to `output`. See `qcompiler export --help`."""
     from .families import family_for, quantizable_linears
-    from .preflight import check_linear_sizes, check_memory, estimate_memory
+    from .preflight import check_linear_sizes, check_memory, estimate_memory, peak_rss_gb
     from .loading import load_config, load_model
     from .methods import get_method
     from .passes import (AddFallback, Cleanup, FoldAffineIntoLinear, FoldAffineIntoNorm, PassContext, PassManager,
@@ -107,6 +110,7 @@ def export(
     if memory_check:
         check_memory(memory)
     secs: dict[str, float] = {}
+    peaks: dict[str, float] = {}
 
     if quiet:
         from transformers.utils import logging as hf_logging
@@ -116,6 +120,7 @@ def export(
     _echo(f"loading {source} (estimated peak memory {memory.describe()})", quiet)
     model, tokenizer = load_model(source, progress=not quiet)
     secs["load"] = time.perf_counter() - t
+    peaks["load"] = peak_rss_gb()
     check_linear_sizes({path: (lin.in_features, lin.out_features)
                         for path, lin in quantizable_linears(model, family).items()},
                        outliers=math.isfinite(getattr(config, "outlier_threshold", math.inf)))
@@ -133,6 +138,7 @@ def export(
     quantizer = method_cls(config) if _takes_config(method_cls) else method_cls()
     result = quantizer.quantize(model, family, calibration=calib, progress=not quiet)
     secs["quantize"] = time.perf_counter() - t
+    peaks["quantize"] = peak_rss_gb()
     if not result.layers and getattr(method_cls, "quantizes", True):
         raise QCompilerError("no linear layer was quantized (nothing to export)")
 
@@ -162,6 +168,7 @@ def export(
         exported = export_model(torch.nn.Module.half(copy.deepcopy(model)) if dtype == "fp16" else model)
         passes = [ReplaceLinear(result.layers, exported.manifest)]
     secs["export"] = time.perf_counter() - t
+    peaks["export"] = peak_rss_gb()
 
     t = time.perf_counter()
     ctx = PassContext(verify_each=verify_each, dump_dir=dump_dir,
@@ -174,6 +181,7 @@ def export(
     run = pipeline.run(exported.model)
     proto = run.model
     secs["passes"] = time.perf_counter() - t
+    peaks["passes"] = peak_rss_gb()
     if not quiet:
         print(run.summary())
 
@@ -213,7 +221,8 @@ def export(
 
     t = time.perf_counter()
     with atomic_output(output, force=force) as tmp:
-        save_model(proto, str(tmp / MODEL_FILE))
+        # the weights leave memory as they are written (the proto keeps references to model.onnx.data)
+        save_model(proto, str(tmp / MODEL_FILE), consume=True)
         tokenizer.save_pretrained(str(tmp))
         write_json(tmp / MANIFEST_FILE, exported.manifest)
         if result.layers:  # the op library travels with the model (examples/deploy_python.py loads it from OUT)
@@ -247,15 +256,17 @@ def export(
             quant_config["validation"]["passed"] = True
         if accuracy_level:
             # validated above at level 0 (exact fp32 semantics); the level only changes how the kernel computes
-            run = PassManager([SetAccuracyLevel(accuracy_level)], context=PassContext()).run(proto)
-            proto = run.model
-            save_model(proto, str(tmp / MODEL_FILE))
+            # an attribute change: the graph file is rewritten, its tensors stay in model.onnx.data as they are
+            graph = onnx.load(str(tmp / MODEL_FILE), load_external_data=False)
+            graph = PassManager([SetAccuracyLevel(accuracy_level)], context=PassContext()).run(graph).model
+            onnx.save(graph, str(tmp / MODEL_FILE))
             quant_config["accuracy_level"] = accuracy_level
             if validate:
                 int8_diff, _ = validate_logits(tmp, model, exported.manifest["kv"])
                 quant_config["validation"]["accuracy_level_max_abs_logit_diff"] = int8_diff
         write_json(tmp / CONFIG_FILE, quant_config)
     secs["emit"] = time.perf_counter() - t
+    peaks["emit"] = peak_rss_gb()
     out = Path(output)
     _echo(
         f"wrote {out}: {len(result.layers)} SpQRMatMul layers, {avg_bits:.3f} bits/param"
@@ -263,8 +274,10 @@ def export(
         quiet,
     )
     _echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in secs.items()), quiet)
+    _echo("peak memory (process high-water mark after each stage): "
+          + ", ".join(f"{k} {v:.2f} GB" for k, v in peaks.items()), quiet)
     return ExportReport(output=out, avg_bits=avg_bits, n_quantized=len(result.layers), max_abs_logit_diff=diff,
-                        seconds=secs)
+                        seconds=secs, peak_rss_gb=peaks)
 
 
 def full_precision_copy(model: torch.nn.Module, result) -> torch.nn.Module:

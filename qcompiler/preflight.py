@@ -98,6 +98,13 @@ def available_memory() -> Optional[int]:
         return None
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
 def check_memory(estimate: MemoryEstimate, available: Optional[int] = None) -> None:
     """QCompilerError when the estimate exceeds the available memory (unknown availability passes)."""
     available = available_memory() if available is None else available
