@@ -166,6 +166,20 @@ def test_gemm_path_tiles_and_k_blocks(M, dtype):
     _check(w, _x((M, 600), dtype, seed=M))
 
 
+@pytest.mark.skipif(not _has_avx512(), reason="the packed prefill path needs AVX-512")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size,stats", [(16, (3, 16)), (16, (0, 16)), (64, (3, 32)), (96, (2, 16))])
+@pytest.mark.parametrize("M,dtype", [(16, np.float32), (45, np.float32), (33, np.float16)])
+def test_packed_gemm_path(bits, group_size, stats, M, dtype, monkeypatch):
+    # M >= 16 on initializer weights: blocks of 16 rows decoded per 128-column step (K=600: four steps and a ragged
+    # one; group 96 spans steps, so a step can start inside a group), outliers added into the tile, X panels of
+    # 12 rows (ragged for every M here), N=70 (a ragged last block), bias, permutation.
+    monkeypatch.setenv("QCOMPILER_CPU_REQUIRE_PACKED", "1")
+    w = random_weight(N=70, K=600, bits=bits, group_size=group_size, stat_bits=stats[0], stat_group_size=stats[1],
+                      outlier_rate=0.03, permute=True, bias=True, seed=bits * 10 + group_size + M)
+    _check(w, _x((M, 600), dtype, seed=M))
+
+
 def test_larger_layer_multithreaded():
     # Many row blocks across ORT's thread pool, prefill-like M.
     w = random_weight(N=512, K=1024, bits=3, group_size=128, stat_bits=3, stat_group_size=16, outlier_rate=0.005,

@@ -145,6 +145,16 @@ PackedGemvFn PackedGemvAvx512(const PackedWeights& w, int64_t M);
 using PackedOutlierDotFn = float (*)(const uint16_t* val, const uint16_t* col, const float* x, int32_t p0,
                                      int32_t p1);
 PackedOutlierDotFn PackedOutlierDot();
+// Prefill (GEMM) on the packed weights: chunks [c0, c1) of a block of 16 rows decoded into a column-major fp32 tile,
+// wt[16 (k - 32 c0) + r] = W[16 blk + r, k] (stored column order; columns past K get finite values that meet zero
+// x), multiplied with the rows of X by a register-blocked micro-kernel.
+using PackedDecodeFn = void (*)(const PackedWeights& w, int64_t blk, int64_t c0, int64_t c1, float* wt);
+PackedDecodeFn PackedDecodeAvx512(const PackedWeights& w);  // nullptr without AVX-512 (or without w.codes)
+constexpr int kGemmRowsMax = 12;                              // rows of X per micro-kernel call
+// c[16 m + r] += sum_{k < kc} x[m * xstride + k] * wt[16 k + r] for m < mr (1..kGemmRowsMax)
+using PackedMicroFn = void (*)(const float* x, int64_t xstride, const float* wt, int64_t kc, float* c);
+PackedMicroFn PackedMicroAvx512(int mr);
+
 // Whether this CPU/build has the int8 path (AVX512-VNNI).
 bool PackedInt8Available();
 // The int8 path (needs AVX512-VNNI and w.nibbles), or nullptr.

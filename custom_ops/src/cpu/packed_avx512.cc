@@ -181,6 +181,112 @@ QC_VNNI void GemvInt8(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
   }
 }
 
+// ---- prefill: decode a block to a column-major tile, then a 16-column micro-kernel ----
+
+constexpr float Pow2(int e) {
+  float v = 1.f;
+  for (; e > 0; --e) v *= 2.f;
+  for (; e < 0; ++e) v *= 0.5f;
+  return v;
+}
+
+// Code C of a chunk (d: its BITS words) for the 16 rows: its piece(s) (3-bit codes 30 and 31 straddle two words)
+// as exact floats, then w = s * (q - z) into dst[16 C].
+template <int BITS, int P>
+QC_AVX512_INLINE __m512 PieceValue(const __m512i* d) {
+  constexpr Piece pc = PieceOf(BITS, P);
+  constexpr uint32_t mask = ((1u << pc.width) - 1u) << pc.shift;
+  return _mm512_mul_ps(_mm512_cvtepu32_ps(_mm512_and_si512(d[pc.word], _mm512_set1_epi32(static_cast<int>(mask)))),
+                       _mm512_set1_ps(Pow2(pc.low - pc.shift)));  // exact: the code's bits times a power of two
+}
+
+template <int BITS, int C>
+QC_AVX512_INLINE void DecodeCode(const __m512i* d, __m512 s, __m512 z, float* dst) {
+  // pieces of code C: P = C, except 3-bit codes 30 (pieces 30, 31) and 31 (pieces 32, 33)
+  __m512 q;
+  if constexpr (BITS == 3 && C >= 30) {
+    constexpr int P = C == 30 ? 30 : 32;
+    q = _mm512_add_ps(PieceValue<BITS, P>(d), PieceValue<BITS, P + 1>(d));
+  } else {
+    q = PieceValue<BITS, C>(d);
+  }
+  _mm512_storeu_ps(dst + C * kPackRows, _mm512_mul_ps(s, _mm512_sub_ps(q, z)));
+}
+
+template <int BITS, size_t... Cs>
+QC_AVX512_INLINE void DecodeCodes(const __m512i* d, __m512 s0, __m512 z0, __m512 s1, __m512 z1, float* dst,
+                                  std::index_sequence<Cs...>) {
+  (DecodeCode<BITS, static_cast<int>(Cs)>(d, Cs < 16 ? s0 : s1, Cs < 16 ? z0 : z1, dst), ...);
+}
+
+// The scale s and zero z of the 16 rows of block blk, group g (decoded as FinishGroup does): w = s * (q - z), the
+// quantizer's own expression.
+template <bool CODED>
+QC_AVX512_INLINE void GroupStats(const PackedWeights& w, int64_t blk, int64_t g, __m512& s, __m512& z) {
+  if (CODED) {
+    const __m512i c = _mm512_cvtepu8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.stat_codes.data() + (blk * w.G + g) * kPackRows)));
+    const float* v = w.stat_values.data() + (blk * w.G + g) * 4;
+    s = _mm512_mul_ps(_mm512_set1_ps(v[0]),
+                      _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15))), _mm512_set1_ps(v[1])));
+    z = _mm512_mul_ps(_mm512_set1_ps(v[2]), _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)), _mm512_set1_ps(v[3])));
+  } else {
+    const float* v = w.stat_values.data() + (blk * w.G + g) * 2 * kPackRows;
+    s = _mm512_loadu_ps(v);
+    z = _mm512_loadu_ps(v + kPackRows);
+  }
+}
+
+template <int BITS, bool HALF, bool CODED>
+QC_AVX512 void DecodeBlock(const PackedWeights& w, int64_t blk, int64_t c0, int64_t c1, float* wt) {
+  const uint32_t* codes = w.codes.data() + blk * w.chunks * BITS * kPackRows;
+  const int64_t chunks_per_group = HALF ? 1 : w.group_size / spqr::kChunk;
+  __m512 s0 = _mm512_setzero_ps(), z0 = s0, s1 = s0, z1 = s0;
+  for (int64_t c = c0; c < c1; ++c) {
+    if (HALF) {
+      GroupStats<CODED>(w, blk, 2 * c, s0, z0);
+      if (2 * c + 1 < w.G) {
+        GroupStats<CODED>(w, blk, 2 * c + 1, s1, z1);
+      } else {  // columns past K (their x is zero)
+        s1 = s0;
+        z1 = z0;
+      }
+    } else if (c == c0 || c % chunks_per_group == 0) {
+      GroupStats<CODED>(w, blk, c / chunks_per_group, s0, z0);
+      s1 = s0;
+      z1 = z0;
+    }
+    __m512i d[BITS];
+    for (int i = 0; i < BITS; ++i) d[i] = _mm512_loadu_si512(codes + (c * BITS + i) * kPackRows);
+    DecodeCodes<BITS>(d, s0, z0, s1, z1, wt + (c - c0) * spqr::kChunk * kPackRows,
+                      std::make_index_sequence<spqr::kChunk>{});
+  }
+}
+
+template <int BITS>
+PackedDecodeFn DecodeFor(bool half, bool coded) {
+  if (half) return coded ? &DecodeBlock<BITS, true, true> : &DecodeBlock<BITS, true, false>;
+  return coded ? &DecodeBlock<BITS, false, true> : &DecodeBlock<BITS, false, false>;
+}
+
+template <int MR>
+QC_AVX512 void Micro(const float* x, int64_t xstride, const float* wt, int64_t kc, float* c) {
+  __m512 acc[MR];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) acc[i] = _mm512_loadu_ps(c + i * kPackRows);
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 wv = _mm512_loadu_ps(wt + k * kPackRows);
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * xstride + k]), wv, acc[i]);
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) _mm512_storeu_ps(c + i * kPackRows, acc[i]);
+}
+
+constexpr PackedMicroFn kMicroFns[kGemmRowsMax + 1] = {nullptr,    &Micro<1>,  &Micro<2>, &Micro<3>, &Micro<4>,
+                                                        &Micro<5>,  &Micro<6>,  &Micro<7>, &Micro<8>, &Micro<9>,
+                                                        &Micro<10>, &Micro<11>, &Micro<12>};
+
 template <bool HALF, bool CODED>
 constexpr PackedGemvFn kInt8Fns[kPackedMaxRows + 1] = {
     nullptr,
@@ -237,6 +343,22 @@ QC_AVX512 float OutlierDotAvx512(const uint16_t* val, const uint16_t* col, const
 
 PackedOutlierDotFn PackedOutlierDot() { return CpuHasAvx512() ? &OutlierDotAvx512 : nullptr; }
 
+PackedDecodeFn PackedDecodeAvx512(const PackedWeights& w) {
+  if (!CpuHasAvx512() || w.codes.empty()) return nullptr;
+  const bool half = w.group_size == 16;
+  if (!half && w.group_size % spqr::kChunk != 0) return nullptr;
+  switch (w.bits) {
+    case 2: return DecodeFor<2>(half, w.coded_stats);
+    case 3: return DecodeFor<3>(half, w.coded_stats);
+    case 4: return DecodeFor<4>(half, w.coded_stats);
+    default: return nullptr;
+  }
+}
+
+PackedMicroFn PackedMicroAvx512(int mr) {
+  return CpuHasAvx512() && mr >= 1 && mr <= kGemmRowsMax ? kMicroFns[mr] : nullptr;
+}
+
 PackedGemvFn PackedGemvAvx512(const PackedWeights& w, int64_t M) {
   if (!CpuHasAvx512() || M < 1 || M > kPackedMaxRows) return nullptr;
   const bool half = w.group_size == 16;
@@ -266,6 +388,8 @@ PackedGemvFn PackedGemvVnni(const PackedWeights& w, int64_t M) {
 
 PackedOutlierDotFn PackedOutlierDot() { return nullptr; }
 PackedGemvFn PackedGemvAvx512(const PackedWeights&, int64_t) { return nullptr; }
+PackedDecodeFn PackedDecodeAvx512(const PackedWeights&) { return nullptr; }
+PackedMicroFn PackedMicroAvx512(int) { return nullptr; }
 bool PackedInt8Available() { return false; }
 PackedGemvFn PackedGemvVnni(const PackedWeights&, int64_t) { return nullptr; }
 

@@ -193,6 +193,9 @@ struct Job {
   const float* xt = nullptr;  // packed path with outliers and M >= kTransposeMinRows: X transposed, [K, M]
   PackedGemvArgs packed;
   PackedOutlierDotFn outlier_dot = nullptr;  // packed path (AVX-512): the gather version
+  PackedDecodeFn packed_decode = nullptr;     // packed prefill path: the block decoder and micro-kernels by rows
+  PackedMicroFn packed_micro[kGemmRowsMax + 1] = {};
+  int64_t gemm_blocks = 1;
   float* y_f32 = nullptr;     // exactly one of y_f32 / y_f16
   uint16_t* y_f16 = nullptr;
 };
@@ -600,6 +603,82 @@ void PackedTask(void* user, size_t task) {
   }
 }
 
+// Packed prefill path, one task = Job::gemm_blocks blocks of 16 rows of W for all M rows of X, in steps of
+// kPackedGemmKc columns: each step decodes the blocks' columns (outliers added in), then every kGemmRowsMax-row
+// panel of X (in L1) meets all the blocks' tiles (in L2), so X streams from memory once per task, not per block.
+constexpr int64_t kPackedGemmKc = 128;
+
+// GEMM or slices of the GEMV: measured (bench/kernels.py, 2-core Zen 4) the GEMM wins from 16 rows of X on the
+// SmolLM2 shapes (576x1536: 208 vs 270 us) and from 32 rows on 4096x11008 (M = 16: 12.3 vs 9.6 ms, where the
+// slices' decode-in-registers beats writing a tile per block; M = 64: 33 vs 38 ms).
+inline bool UsePackedGemm(int64_t M, int64_t K, int64_t N) {
+  return M >= 32 || (M >= 16 && K * N <= (int64_t{1} << 23));
+}
+constexpr int64_t kPackedGemmMaxBlocks = 8;
+
+void PackedGemmTask(void* user, size_t task) {
+  const Job& j = *static_cast<const Job*>(user);
+  const PackedWeights& pw = *j.packed.w;
+  const int64_t b0 = static_cast<int64_t>(task) * j.gemm_blocks, b1 = std::min(pw.blocks, b0 + j.gemm_blocks);
+  const int64_t nb = b1 - b0, n0 = b0 * kPackRows, n1 = std::min(j.a.N, b1 * kPackRows);
+  const int64_t kpad = pw.chunks * spqr::kChunk, M = j.M, steps = (kpad + kPackedGemmKc - 1) / kPackedGemmKc;
+  thread_local std::vector<float> wt, c;
+  wt.resize(std::max(wt.size(), static_cast<size_t>(nb * kPackedGemmKc * kPackRows)));
+  c.resize(std::max(c.size(), static_cast<size_t>(nb * M * kPackRows)));
+  std::fill(c.begin(), c.begin() + nb * M * kPackRows, 0.f);
+  // The task's outliers bucketed by step (counting sort): (tile offset within the step, value)
+  thread_local std::vector<int32_t> start, at;
+  thread_local std::vector<float> val;
+  start.assign(static_cast<size_t>(steps + 1), 0);
+  if (j.row_ptr != nullptr) {
+    const int32_t q0 = j.row_ptr[n0], q1 = j.row_ptr[n1];
+    at.resize(std::max(at.size(), static_cast<size_t>(q1 - q0)));
+    val.resize(std::max(val.size(), static_cast<size_t>(q1 - q0)));
+    for (int32_t q = q0; q < q1; ++q) ++start[j.col_idx[q] / kPackedGemmKc + 1];
+    for (int64_t t = 0; t < steps; ++t) start[t + 1] += start[t];
+    thread_local std::vector<int32_t> fill;
+    fill.assign(start.begin(), start.end() - 1);
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t bi = (n - n0) / kPackRows, r = (n - n0) % kPackRows;
+      for (int32_t q = j.row_ptr[n]; q < j.row_ptr[n + 1]; ++q) {
+        const int64_t k = j.col_idx[q], t = k / kPackedGemmKc;
+        at[fill[t]] = static_cast<int32_t>((bi * kPackedGemmKc + k - t * kPackedGemmKc) * kPackRows + r);
+        val[fill[t]++] = HalfToFloat(j.values[q]);
+      }
+    }
+  }
+  for (int64_t t = 0; t < steps; ++t) {
+    const int64_t k0 = t * kPackedGemmKc, kc = std::min(kPackedGemmKc, kpad - k0);
+    for (int64_t bi = 0; bi < nb; ++bi) {
+      j.packed_decode(pw, b0 + bi, k0 / spqr::kChunk, (k0 + kc) / spqr::kChunk,
+                      wt.data() + bi * kPackedGemmKc * kPackRows);
+    }
+    for (int32_t q = start[t]; q < start[t + 1]; ++q) wt[at[q]] += val[q];
+    for (int64_t m0 = 0; m0 < M; m0 += kGemmRowsMax) {
+      const int64_t mr = std::min<int64_t>(kGemmRowsMax, M - m0);
+      for (int64_t bi = 0; bi < nb; ++bi) {
+        j.packed_micro[mr](j.xp + m0 * j.xstride + k0, j.xstride, wt.data() + bi * kPackedGemmKc * kPackRows, kc,
+                           c.data() + (bi * M + m0) * kPackRows);
+      }
+    }
+  }
+  for (int64_t bi = 0; bi < nb; ++bi) {
+    const int64_t nb0 = n0 + bi * kPackRows;
+    const int rows = static_cast<int>(std::min<int64_t>(kPackRows, n1 - nb0));
+    float bias[kPackRows];
+    for (int r = 0; r < rows; ++r) bias[r] = BiasOf(j, nb0 + r);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* src = c.data() + (bi * M + m) * kPackRows;
+      if (j.y_f32 != nullptr) {
+        float* dst = j.y_f32 + m * j.a.N + nb0;
+        for (int r = 0; r < rows; ++r) dst[r] = src[r] + bias[r];
+      } else {
+        for (int r = 0; r < rows; ++r) Store(j, m, nb0 + r, src[r] + bias[r]);
+      }
+    }
+  }
+}
+
 // Rows [m0, m1) of X -> fp32 in stored column order (lane order for the portable GEMV), zero past K.
 void ConvertXRows(const void* x, bool half_x, const int32_t* perm, int64_t K, int64_t xstride, bool lane_x,
                   float* xp, int64_t m0, int64_t m1) {
@@ -613,6 +692,22 @@ void ConvertXRows(const void* x, bool half_x, const int32_t* perm, int64_t K, in
       dst[lane_x ? LanePos(k) : k] = half_x ? HalfToFloat(xh[src]) : xf[src];
     }
   }
+}
+
+// X -> fp32 in stored column order for the packed prefill path, kConvertRows rows per task.
+constexpr int64_t kConvertRows = 16;
+struct ConvertJob {
+  const void* x;
+  bool half_x;
+  const int32_t* perm;
+  int64_t K, xstride;
+  float* xp;
+  int64_t M;
+};
+void ConvertTask(void* user, size_t task) {
+  const ConvertJob& c = *static_cast<const ConvertJob*>(user);
+  const int64_t m0 = static_cast<int64_t>(task) * kConvertRows;
+  ConvertXRows(c.x, c.half_x, c.perm, c.K, c.xstride, /*lane_x=*/false, c.xp, m0, std::min(c.M, m0 + kConvertRows));
 }
 
 // The packed path's per-call inputs, built by one task per slice of X rows (X conversion, x tables, transposed X).
@@ -770,7 +865,10 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     // The packed path (any M): X in near-equal slices of at most kPackedMaxRows rows.
     std::vector<int64_t> slice_rows;
     std::vector<PackedGemvFn> slice_fns;
-    if (allow_packed_) {
+    // The packed prefill path (fp32 activations, UsePackedGemm): each block decoded once, then a GEMM.
+    const PackedDecodeFn gemm_decode =
+        allow_packed_ && !int8_ && UsePackedGemm(M, K, a.N) ? PackedDecodeAvx512(Packed(b)) : nullptr;
+    if (allow_packed_ && gemm_decode == nullptr) {
       const PackedWeights& pw = Packed(b);
       const int64_t slices = (M + kPackedMaxRows - 1) / kPackedMaxRows;
       for (int64_t i = 0; i < slices; ++i) {
@@ -782,7 +880,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
         }
       }
     }
-    const bool packed_path = !slice_fns.empty();
+    const bool packed_path = !slice_fns.empty() || gemm_decode != nullptr;
     if (require_packed_ && !packed_path) {
       throw Ort::Exception(prefix_ + "QCOMPILER_CPU_REQUIRE_PACKED=1 but the packed path is not available",
                            ORT_FAIL);
@@ -829,6 +927,24 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     }
     thread_local std::vector<float> packed_x, xt;
     thread_local std::vector<int32_t> packed_xq;
+    if (gemm_decode != nullptr) {
+      // rows of X 64 bytes more than whole chunks apart: the micro-kernel reads kGemmRowsMax rows at once, which a
+      // stride of a multiple of 4 KB would put in one L1 set (K = 4096 ran at 2/3 of the speed)
+      const int64_t gstride = xstride + 16;
+      xp.resize(std::max(xp.size(), static_cast<size_t>(M * gstride)));
+      j.xp = xp.data();
+      j.xstride = gstride;
+      ConvertJob conv{b.in[spqr::kX].data, half_x, perm, K, gstride, xp.data(), M};
+      ctx.ParallelFor(&ConvertTask, static_cast<size_t>((M + kConvertRows - 1) / kConvertRows), 0, &conv);
+      j.packed.w = packed_.get();
+      j.packed_decode = gemm_decode;
+      for (int mr = 1; mr <= kGemmRowsMax; ++mr) j.packed_micro[mr] = PackedMicroAvx512(mr);
+      // blocks per task: X is read once per task, and at least ~8 tasks keep the threads balanced
+      j.gemm_blocks = std::clamp<int64_t>(packed_->blocks / 8, 1, kPackedGemmMaxBlocks);
+      ctx.ParallelFor(&PackedGemmTask, static_cast<size_t>((packed_->blocks + j.gemm_blocks - 1) / j.gemm_blocks), 0,
+                      &j);
+      return;
+    }
     if (packed_path) {
       const PackedWeights& pw = *packed_;
       PackedPrep prep;
