@@ -35,10 +35,15 @@ namespace {
 using spqr::Attributes;
 using spqr::BoundInputs;
 
-// fp16 bits -> fp32, exact. With compiler _Float16 support one instruction where the target has it (F16C in the
-// AVX2 clones, FP16 on aarch64).
+// fp16 bits -> fp32, exact. With a compiler half type one instruction where the target has it (F16C in the AVX2
+// clones, FCVT on aarch64): ARM's __fp16 on aarch64 (GCC before 13 has no _Float16 in C++ there), _Float16 where
+// the compiler offers it, else ORT's bit conversion.
 inline float HalfToFloat(uint16_t bits) {
-#if defined(__FLT16_MAX__)
+#if defined(__aarch64__) && defined(__GNUC__)
+  __fp16 h;
+  std::memcpy(&h, &bits, sizeof(h));
+  return static_cast<float>(h);
+#elif defined(__FLT16_MAX__)
   _Float16 h;
   std::memcpy(&h, &bits, sizeof(h));
   return static_cast<float>(h);
@@ -93,7 +98,7 @@ struct ChunkDecoder {
     uint64_t q;
     std::memcpy(&q, p, sizeof(q));
     const Q4 v = Q4{} + q;
-    return reinterpret_cast<const U8&>(v);
+    return (U8)v;  // same-size vector cast: a bit cast (GCC/Clang vector extensions), no aliasing through a reference
   }
   void Load(const uint8_t* chunk) {
     lo = Words(chunk);
@@ -116,7 +121,7 @@ struct ChunkDecoder {
         v |= ((hi >> (code + 8 * s)) << 2) & 4u;
       }
     }
-    return __builtin_convertvector(reinterpret_cast<const I8&>(v), V8);
+    return __builtin_convertvector((I8)v, V8);
   }
 };
 
