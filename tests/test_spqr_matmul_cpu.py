@@ -139,6 +139,25 @@ def test_packed_gemv_path(bits, group_size, K, stats, M, monkeypatch):
     _check(w, _x((M, K), np.float16, seed=M))
 
 
+@pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="the AVX2 packed GEMV needs AVX2 + FMA")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size,K", [(16, 600), (32, 600), (128, 576)])
+@pytest.mark.parametrize("stats", ["coded-b16", "split-b8", "fp16"])
+@pytest.mark.parametrize("M", [1, 4, 7])
+def test_avx2_packed_gemv_path(bits, group_size, K, stats, M, monkeypatch):
+    # What a CPU without AVX-512 runs at decode sizes (QCOMPILER_CPU_ISA=avx2 keeps all AVX-512 code out): the packed
+    # GEMV on two 8-row halves per block, slices of at most 4 rows of X (M=7: 4 + 3). Every bit width has a field
+    # ending at bit 31 (converted after a one-bit shift, AVX2 having no unsigned conversion).
+    monkeypatch.setenv("QCOMPILER_CPU_ISA", "avx2")
+    monkeypatch.setenv("QCOMPILER_CPU_REQUIRE_PACKED", "1")
+    stat_bits, stat_group_size = {"coded-b16": (3, 16), "split-b8": (3, 8), "fp16": (0, 16)}[stats]
+    w = random_weight(N=70, K=K, bits=bits, group_size=group_size, stat_bits=stat_bits,
+                      stat_group_size=stat_group_size, outlier_rate=0.02, permute=True, bias=True,
+                      seed=bits * 1000 + group_size + K + M + 7)
+    _check(w, _x((M, K), seed=M))
+    _check(w, _x((M, K), np.float16, seed=M))
+
+
 def test_packed_gemv_path_is_required_when_asked(monkeypatch):
     # Guards the test above: a node the packed kernel cannot take (β1=48) fails under QCOMPILER_CPU_REQUIRE_PACKED.
     monkeypatch.setenv("QCOMPILER_CPU_REQUIRE_PACKED", "1")

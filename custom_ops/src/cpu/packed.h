@@ -84,6 +84,14 @@ struct HugePageAllocator {
 template <class T>
 using PackedVector = std::vector<T, HugePageAllocator<T>>;
 
+// 2^e as a compile-time float (the exact factors between a field's place value and its code).
+constexpr float Pow2(int e) {
+  float v = 1.f;
+  for (; e > 0; --e) v *= 2.f;
+  for (; e < 0; ++e) v *= 0.5f;
+  return v;
+}
+
 struct PackedWeights {
   int64_t K = 0, N = 0, bits = 0, group_size = 0, G = 0, chunks = 0, blocks = 0;
   bool coded_stats = false;         // statistics as codes + second-level values (else decoded fp32)
@@ -155,6 +163,13 @@ constexpr int kGemmRowsMax = 12;                              // rows of X per m
 using PackedMicroFn = void (*)(const float* x, int64_t xstride, const float* wt, int64_t kc, float* c);
 PackedMicroFn PackedMicroAvx512(int mr);
 
+// The same fp32 GEMV with AVX2 + FMA (x86-64 without AVX-512), for M = 1..kPackedAvx2MaxRows, or nullptr.
+constexpr int kPackedAvx2MaxRows = 4;
+PackedGemvFn PackedGemvAvx2(const PackedWeights& w, int64_t M);
+bool PackedAvx2Available();  // x86-64 with AVX2 + FMA
+
+// Whether this CPU/build has the AVX-512 packed kernels (F, BW, VL, DQ).
+bool PackedAvx512Available();
 // Whether this CPU/build has the int8 path (AVX512-VNNI).
 bool PackedInt8Available();
 // The int8 path (needs AVX512-VNNI and w.nibbles), or nullptr.

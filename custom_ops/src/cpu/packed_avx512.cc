@@ -183,13 +183,6 @@ QC_VNNI void GemvInt8(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
 
 // ---- prefill: decode a block to a column-major tile, then a 16-column micro-kernel ----
 
-constexpr float Pow2(int e) {
-  float v = 1.f;
-  for (; e > 0; --e) v *= 2.f;
-  for (; e < 0; ++e) v *= 0.5f;
-  return v;
-}
-
 // Code C of a chunk (d: its BITS words) for the 16 rows: its piece(s) (3-bit codes 30 and 31 straddle two words)
 // as exact floats, then w = s * (q - z) into dst[16 C].
 template <int BITS, int P>
@@ -371,6 +364,8 @@ PackedGemvFn PackedGemvAvx512(const PackedWeights& w, int64_t M) {
   }
 }
 
+bool PackedAvx512Available() { return CpuHasAvx512(); }
+
 bool PackedInt8Available() {
   static const bool has = CpuHasAvx512() && __builtin_cpu_supports("avx512vnni");
   return has;
@@ -388,6 +383,7 @@ PackedGemvFn PackedGemvVnni(const PackedWeights& w, int64_t M) {
 
 PackedOutlierDotFn PackedOutlierDot() { return nullptr; }
 PackedGemvFn PackedGemvAvx512(const PackedWeights&, int64_t) { return nullptr; }
+bool PackedAvx512Available() { return false; }
 PackedDecodeFn PackedDecodeAvx512(const PackedWeights&) { return nullptr; }
 PackedMicroFn PackedMicroAvx512(int) { return nullptr; }
 bool PackedInt8Available() { return false; }

@@ -790,13 +790,17 @@ void CheckIndices(const BoundInputs& b, const Attributes& a, const std::string& 
 struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
   SpQRMatMulCpuKernel(const OrtKernelInfo* info, ONNXTensorElementDataType x_type)
       : prefix_(spqr::ErrorPrefix(info)), attrs_(spqr::ReadAttributes(info, prefix_)), x_type_(x_type) {
-    // QCOMPILER_CPU_ISA (to test or compare paths): unset/"auto" = the best available; "avx512-rows" = no
-    // pre-packing (AVX-512 row kernel); "portable" = no AVX-512 code at all. QCOMPILER_CPU_REQUIRE_PACKED=1 makes
-    // a decode-sized call fail unless it takes the packed path (tests).
+    // QCOMPILER_CPU_ISA (to test or compare paths): unset/"auto" = the best available; "avx2" = the AVX2 packed
+    // GEMV and no AVX-512 code (what a CPU without AVX-512 runs); "avx512-rows" = no pre-packing (AVX-512 row
+    // kernel); "portable" = no packing, no AVX-512 code at all. QCOMPILER_CPU_REQUIRE_PACKED=1 makes a
+    // decode-sized call fail unless it takes a packed path (tests).
     const char* isa = std::getenv("QCOMPILER_CPU_ISA");
     const std::string isa_s = isa ? isa : "auto";
-    use_avx512_ = isa_s != "portable";
+    use_avx512_ = isa_s != "portable" && isa_s != "avx2";
     allow_packed_ = isa_s != "portable" && isa_s != "avx512-rows";
+    packed_avx2_ = isa_s == "avx2" || !PackedAvx512Available();
+    // no packed kernel for this CPU (e.g. aarch64): do not build packed weights nobody reads
+    allow_packed_ = allow_packed_ && (packed_avx2_ ? PackedAvx2Available() : true);
     const char* req = std::getenv("QCOMPILER_CPU_REQUIRE_PACKED");
     require_packed_ = req != nullptr && std::string(req) == "1";
     Ort::ConstKernelInfo ki(info);
@@ -813,7 +817,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     allow_packed_ = allow_packed_ && Packable(attrs_) && constant_[spqr::kQWeight] && constant_[spqr::kScales] &&
                     constant_[spqr::kZeros] && (attrs_.stat_bits == 0 || constant_[spqr::kStats2]);
     // accuracy_level 4: int8 activations where the packed int8 kernel runs (AVX512-VNNI), else fp32 as level 0.
-    int8_ = allow_packed_ && attrs_.accuracy_level == 4 && PackedInt8Available();
+    int8_ = allow_packed_ && !packed_avx2_ && attrs_.accuracy_level == 4 && PackedInt8Available();
   }
 
   // The packed weights, built on the first decode-sized call from that call's (constant) inputs.
@@ -871,14 +875,19 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     std::vector<int64_t> slice_rows;
     std::vector<PackedGemvFn> slice_fns;
     // The packed prefill path (fp32 activations, UsePackedGemm): each block decoded once, then a GEMM.
-    const PackedDecodeFn gemm_decode =
-        allow_packed_ && !int8_ && UsePackedGemm(M, K, a.N) ? PackedDecodeAvx512(Packed(b)) : nullptr;
-    if (allow_packed_ && gemm_decode == nullptr) {
+    const PackedDecodeFn gemm_decode = allow_packed_ && !packed_avx2_ && !int8_ && UsePackedGemm(M, K, a.N)
+                                           ? PackedDecodeAvx512(Packed(b))
+                                           : nullptr;
+    // AVX2 (no AVX-512): the packed GEMV in slices of up to 4 rows for decode-sized M; the portable GEMM above that
+    if (allow_packed_ && gemm_decode == nullptr && (!packed_avx2_ || M < kGemmMinRows)) {
       const PackedWeights& pw = Packed(b);
-      const int64_t slices = (M + kPackedMaxRows - 1) / kPackedMaxRows;
+      const int64_t max_rows = packed_avx2_ ? kPackedAvx2MaxRows : kPackedMaxRows;
+      const int64_t slices = (M + max_rows - 1) / max_rows;
       for (int64_t i = 0; i < slices; ++i) {
         slice_rows.push_back(M / slices + (i < M % slices ? 1 : 0));
-        slice_fns.push_back(int8_ ? PackedGemvVnni(pw, slice_rows.back()) : PackedGemvAvx512(pw, slice_rows.back()));
+        slice_fns.push_back(int8_          ? PackedGemvVnni(pw, slice_rows.back())
+                            : packed_avx2_ ? PackedGemvAvx2(pw, slice_rows.back())
+                                           : PackedGemvAvx512(pw, slice_rows.back()));
         if (slice_fns.back() == nullptr) {
           slice_fns.clear();
           break;
@@ -999,7 +1008,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       j.packed_rows = std::move(slice_rows);
       j.packed_fns = std::move(slice_fns);
       j.packed.w = &pw;
-      j.outlier_dot = PackedOutlierDot();
+      j.outlier_dot = packed_avx2_ ? nullptr : PackedOutlierDot();
       j.packed_task_blocks = kPackTaskBlocks;
       if (j.packed_rows.size() > 1) {  // several slices: bigger tasks (at least 8 of them)
         const int64_t block_bytes = pw.chunks * (int8_ ? 4 : pw.bits) * kPackRows * 4;
@@ -1032,6 +1041,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
   ONNXTensorElementDataType x_type_;
   bool use_avx512_ = true;
   bool allow_packed_ = true;
+  bool packed_avx2_ = false;  // the AVX2 packed kernels (no AVX-512 on this CPU, or QCOMPILER_CPU_ISA=avx2)
   bool require_packed_ = false;
   bool int8_ = false;
   std::once_flag pack_once_;

@@ -1,0 +1,170 @@
+// AVX2 GEMV on the pre-packed weights (layout in packed.h), for x86-64 CPUs without AVX-512: each block of 16 rows
+// is taken as two halves of 8 rows (one 256-bit register of fp32 lanes), the same arithmetic as packed_avx512.cc's
+// fp32 kernel: per 8 weights one AND, one conversion and one FMA per row of X, per group y += s * (t - z * sum x).
+// AVX2 has no unsigned conversion, so a field that reaches bit 31 is shifted down one bit first (its power-of-two
+// factor doubled): still exact. Up to 4 rows of X per call (16 registers); more take the portable paths.
+#include "cpu/packed.h"
+
+#include <algorithm>
+#include <utility>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define QC_HAVE_AVX2_BUILD 1
+#define QC_AVX2 __attribute__((target("avx2,fma")))
+#define QC_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
+#endif
+
+namespace qcompiler {
+namespace Cpu {
+
+#if defined(QC_HAVE_AVX2_BUILD)
+namespace {
+
+constexpr int kHalf = kPackRows / 2;  // rows per 256-bit register
+constexpr int64_t kPrefetchChunks = 8;
+
+template <int MM>
+constexpr int kChains2 = MM == 1 ? 4 : MM == 2 ? 2 : 1;
+
+template <int MM, bool HALF>
+struct Acc2 {
+  __m256 v[HALF ? 2 : 1][MM][kChains2<MM>];
+};
+
+template <int BITS, int MM, bool HALF, int P>
+QC_AVX2_INLINE void OnePiece2(const __m256i* d, const float* xs, Acc2<MM, HALF>& acc) {
+  constexpr Piece pc = PieceOf(BITS, P);
+  constexpr bool top = pc.shift + pc.width == 32;  // the field includes bit 31: shift it down first
+  constexpr uint32_t mask = ((1u << pc.width) - 1u) << (top ? pc.shift - 1 : pc.shift);
+  constexpr int h = HALF && pc.code >= 16 ? 1 : 0;
+  constexpr int chain = P % kChains2<MM>;
+  const __m256i word = top ? _mm256_srli_epi32(d[pc.word], 1) : d[pc.word];
+  __m256 v = _mm256_cvtepi32_ps(_mm256_and_si256(word, _mm256_set1_epi32(static_cast<int>(mask))));
+  if (top) v = _mm256_add_ps(v, v);  // exact: back to the field's place value, which xs's factor expects
+#pragma GCC unroll 4
+  for (int m = 0; m < MM; ++m) {
+    acc.v[h][m][chain] = _mm256_fmadd_ps(v, _mm256_set1_ps(xs[P * MM + m]), acc.v[h][m][chain]);
+  }
+}
+
+template <int BITS, int MM, bool HALF, size_t... Ps>
+QC_AVX2_INLINE void AllPieces2(const __m256i* d, const float* xs, Acc2<MM, HALF>& acc, std::index_sequence<Ps...>) {
+  (OnePiece2<BITS, MM, HALF, static_cast<int>(Ps)>(d, xs, acc), ...);
+}
+
+// y[m] += s * (t[m] - z * xg[m][g]) for lanes [8 L, 8 L + 8) of block blk, group g.
+template <int MM, bool CODED>
+QC_AVX2_INLINE void FinishGroup2(const PackedGemvArgs& a, int64_t blk, int64_t g, int L, const __m256* t,
+                                 __m256* y) {
+  const PackedWeights& w = *a.w;
+  __m256 s, z;
+  if (CODED) {
+    const __m128i bytes = _mm_loadl_epi64(
+        reinterpret_cast<const __m128i*>(w.stat_codes.data() + (blk * w.G + g) * kPackRows + L * kHalf));
+    const __m256i c = _mm256_cvtepu8_epi32(bytes);
+    const float* v = w.stat_values.data() + (blk * w.G + g) * 4;
+    const __m256 sc = _mm256_cvtepi32_ps(_mm256_and_si256(c, _mm256_set1_epi32(15)));
+    const __m256 zc = _mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4));
+    s = _mm256_mul_ps(_mm256_set1_ps(v[0]), _mm256_sub_ps(sc, _mm256_set1_ps(v[1])));
+    z = _mm256_mul_ps(_mm256_set1_ps(v[2]), _mm256_sub_ps(zc, _mm256_set1_ps(v[3])));
+  } else {
+    const float* v = w.stat_values.data() + (blk * w.G + g) * 2 * kPackRows + L * kHalf;
+    s = _mm256_loadu_ps(v);
+    z = _mm256_loadu_ps(v + kPackRows);
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MM; ++m) {
+    const __m256 d = _mm256_fnmadd_ps(z, _mm256_set1_ps(a.xg[m * a.xg_stride + g]), t[m]);
+    y[m] = _mm256_fmadd_ps(s, d, y[m]);
+  }
+}
+
+template <int MM, bool HALF>
+QC_AVX2_INLINE void SumChains2(const Acc2<MM, HALF>& acc, int h, __m256* t) {
+#pragma GCC unroll 4
+  for (int m = 0; m < MM; ++m) {
+    __m256 v = acc.v[h][m][0];
+    for (int i = 1; i < kChains2<MM>; ++i) v = _mm256_add_ps(v, acc.v[h][m][i]);
+    t[m] = v;
+  }
+}
+
+template <int BITS, int MM, bool HALF, bool CODED>
+QC_AVX2 void Gemv2(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
+  const PackedWeights& w = *a.w;
+  constexpr int P = PiecesPerChunk(BITS);
+  const int64_t chunks_per_group = HALF ? 1 : w.group_size / spqr::kChunk;
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const uint32_t* codes = w.codes.data() + blk * w.chunks * BITS * kPackRows;
+    for (int L = 0; L < 2; ++L) {  // the block's two halves of 8 rows
+      __m256 y[MM];
+      for (int m = 0; m < MM; ++m) y[m] = _mm256_setzero_ps();
+      for (int64_t c0 = 0, g = 0; c0 < w.chunks; c0 += chunks_per_group, g += HALF ? 2 : 1) {
+        Acc2<MM, HALF> acc;
+        for (auto& half : acc.v)
+          for (auto& row : half)
+            for (auto& v : row) v = _mm256_setzero_ps();
+        for (int64_t c = c0, c1 = std::min(w.chunks, c0 + chunks_per_group); c < c1; ++c) {
+          __m256i d[BITS];
+          for (int i = 0; i < BITS; ++i) {
+            const uint32_t* p = codes + (c * BITS + i) * kPackRows + L * kHalf;
+            _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchChunks * BITS * kPackRows), _MM_HINT_T0);
+            d[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+          }
+          AllPieces2<BITS, MM, HALF>(d, a.xs + c * P * MM, acc, std::make_index_sequence<P>{});
+        }
+        __m256 t[MM];
+        SumChains2<MM, HALF>(acc, 0, t);
+        FinishGroup2<MM, CODED>(a, blk, g, L, t, y);
+        if (HALF && g + 1 < w.G) {
+          SumChains2<MM, HALF>(acc, 1, t);
+          FinishGroup2<MM, CODED>(a, blk, g + 1, L, t, y);
+        }
+      }
+      for (int m = 0; m < MM; ++m) {
+        _mm256_storeu_ps(a.y + m * a.y_stride + (blk - b0) * kPackRows + L * kHalf, y[m]);
+      }
+    }
+  }
+}
+
+template <int BITS, bool HALF, bool CODED>
+constexpr PackedGemvFn kFns2[kPackedAvx2MaxRows + 1] = {nullptr, &Gemv2<BITS, 1, HALF, CODED>,
+                                                         &Gemv2<BITS, 2, HALF, CODED>, &Gemv2<BITS, 3, HALF, CODED>,
+                                                         &Gemv2<BITS, 4, HALF, CODED>};
+
+template <int BITS>
+PackedGemvFn FnFor2(bool half, bool coded, int64_t M) {
+  if (half) return coded ? kFns2<BITS, true, true>[M] : kFns2<BITS, true, false>[M];
+  return coded ? kFns2<BITS, false, true>[M] : kFns2<BITS, false, false>[M];
+}
+
+}  // namespace
+
+bool PackedAvx2Available() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+PackedGemvFn PackedGemvAvx2(const PackedWeights& w, int64_t M) {
+  if (!PackedAvx2Available() || M < 1 || M > kPackedAvx2MaxRows || w.codes.empty()) return nullptr;
+  const bool half = w.group_size == 16;
+  if (!half && w.group_size % spqr::kChunk != 0) return nullptr;
+  switch (w.bits) {
+    case 2: return FnFor2<2>(half, w.coded_stats, M);
+    case 3: return FnFor2<3>(half, w.coded_stats, M);
+    case 4: return FnFor2<4>(half, w.coded_stats, M);
+    default: return nullptr;
+  }
+}
+
+#else  // not x86-64 GCC/Clang
+
+bool PackedAvx2Available() { return false; }
+PackedGemvFn PackedGemvAvx2(const PackedWeights&, int64_t) { return nullptr; }
+
+#endif
+
+}  // namespace Cpu
+}  // namespace qcompiler
