@@ -153,6 +153,7 @@ PackedGemvFn PackedGemvAvx512(const PackedWeights& w, int64_t M);
 using PackedOutlierDotFn = float (*)(const uint16_t* val, const uint16_t* col, const float* x, int32_t p0,
                                      int32_t p1);
 PackedOutlierDotFn PackedOutlierDot();
+PackedOutlierDotFn PackedOutlierDotAvx2();  // 8 per gather, AVX2 + FMA + F16C, or nullptr
 // Prefill (GEMM) on the packed weights: chunks [c0, c1) of a block of 16 rows decoded into a column-major fp32 tile,
 // wt[16 (k - 32 c0) + r] = W[16 blk + r, k] (stored column order; columns past K get finite values that meet zero
 // x), multiplied with the rows of X by a register-blocked micro-kernel.

@@ -1008,7 +1008,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       j.packed_rows = std::move(slice_rows);
       j.packed_fns = std::move(slice_fns);
       j.packed.w = &pw;
-      j.outlier_dot = packed_avx2_ ? nullptr : PackedOutlierDot();
+      j.outlier_dot = packed_avx2_ ? PackedOutlierDotAvx2() : PackedOutlierDot();
       j.packed_task_blocks = kPackTaskBlocks;
       if (j.packed_rows.size() > 1) {  // several slices: bigger tasks (at least 8 of them)
         const int64_t block_bytes = pw.chunks * (int8_ ? 4 : pw.bits) * kPackRows * 4;
