@@ -112,6 +112,10 @@ def export(
     secs: dict[str, float] = {}
     peaks: dict[str, float] = {}
 
+    def stage_done(stage: str, started: float) -> None:
+        secs[stage] = time.perf_counter() - started
+        peaks[stage] = peak_rss_gb()
+
     if quiet:
         from transformers.utils import logging as hf_logging
 
@@ -119,8 +123,7 @@ def export(
     t = time.perf_counter()
     _echo(f"loading {source} (estimated peak memory {memory.describe()})", quiet)
     model, tokenizer = load_model(source, progress=not quiet)
-    secs["load"] = time.perf_counter() - t
-    peaks["load"] = peak_rss_gb()
+    stage_done("load", t)
     check_linear_sizes({path: (lin.in_features, lin.out_features)
                         for path, lin in quantizable_linears(model, family).items()},
                        outliers=math.isfinite(getattr(config, "outlier_threshold", math.inf)))
@@ -137,8 +140,7 @@ def export(
     _echo(f"quantizing with {method} ({config})", quiet)
     quantizer = method_cls(config) if _takes_config(method_cls) else method_cls()
     result = quantizer.quantize(model, family, calibration=calib, progress=not quiet)
-    secs["quantize"] = time.perf_counter() - t
-    peaks["quantize"] = peak_rss_gb()
+    stage_done("quantize", t)
     if not result.layers and getattr(method_cls, "quantizes", True):
         raise QCompilerError("no linear layer was quantized (nothing to export)")
 
@@ -167,8 +169,7 @@ def export(
         # (torch's Module.half: transformers refuses `.half()` on GGUF-loaded models, which it flags as quantized)
         exported = export_model(torch.nn.Module.half(copy.deepcopy(model)) if dtype == "fp16" else model)
         passes = [ReplaceLinear(result.layers, exported.manifest)]
-    secs["export"] = time.perf_counter() - t
-    peaks["export"] = peak_rss_gb()
+    stage_done("export", t)
 
     t = time.perf_counter()
     ctx = PassContext(verify_each=verify_each, dump_dir=dump_dir,
@@ -180,8 +181,7 @@ def export(
     pipeline = PassManager([*passes, Cleanup(), *([AddFallback()] if fallback else [])], context=ctx)
     run = pipeline.run(exported.model)
     proto = run.model
-    secs["passes"] = time.perf_counter() - t
-    peaks["passes"] = peak_rss_gb()
+    stage_done("passes", t)
     if not quiet:
         print(run.summary())
 
@@ -265,8 +265,7 @@ def export(
                 int8_diff, _ = validate_logits(tmp, model, exported.manifest["kv"])
                 quant_config["validation"]["accuracy_level_max_abs_logit_diff"] = int8_diff
         write_json(tmp / CONFIG_FILE, quant_config)
-    secs["emit"] = time.perf_counter() - t
-    peaks["emit"] = peak_rss_gb()
+    stage_done("emit", t)
     out = Path(output)
     _echo(
         f"wrote {out}: {len(result.layers)} SpQRMatMul layers, {avg_bits:.3f} bits/param"

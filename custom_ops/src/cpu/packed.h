@@ -131,7 +131,6 @@ struct PackedGemvArgs {
   int64_t y_stride = 0;
 };
 
-
 // Builds args.xs ([chunks][P][mm]) and args.xg rows (xg + m * xg_stride) for mm rows of X (x + m * xstride, stored
 // column order, zero past K).
 void PackedGemvInputs(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, float* xs, float* xg,

@@ -197,7 +197,7 @@ struct Job {
   int64_t packed_xq_row = 0, packed_xd_row = 0;  // int8 path: words of xq / scales of xd per row of X
   const float* xt = nullptr;  // packed path with outliers and M >= kTransposeMinRows: X transposed, [K, M]
   PackedGemvArgs packed;
-  PackedOutlierDotFn outlier_dot = nullptr;  // packed path (AVX-512): the gather version
+  PackedOutlierDotFn outlier_dot = nullptr;  // packed path: the AVX-512 / AVX2 gather version (else OutlierDot)
   PackedDecodeFn packed_decode = nullptr;     // packed prefill path: the block decoder and micro-kernels by rows
   PackedMicroFn packed_micro[kGemmRowsMax + 1] = {};
   int64_t gemm_blocks = 1;
@@ -421,13 +421,20 @@ GemvRowFn GemvRowFor(int64_t bits, int64_t M) {
 }
 
 // sum of row n's outliers times x (x in the GEMV path's order, see Job::lane_x).
+// Four independent chains: one would wait an FMA latency per outlier (~40 outliers per row at SpQR's 1 %).
 SPQR_CPU_CLONES float OutlierDot(const Job& j, int64_t n, const float* x) {
-  float v = 0.f;
-  for (int32_t p = j.row_ptr[n]; p < j.row_ptr[n + 1]; ++p) {
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  const auto term = [&](int32_t p) {
     const int64_t k = j.col_idx[p];
-    v += HalfToFloat(j.values[p]) * x[j.lane_x ? LanePos(k) : k];
+    return HalfToFloat(j.values[p]) * x[j.lane_x ? LanePos(k) : k];
+  };
+  int32_t p = j.row_ptr[n];
+  const int32_t p1 = j.row_ptr[n + 1];
+  for (; p + 4 <= p1; p += 4) {
+    for (int i = 0; i < 4; ++i) acc[i] += term(p + i);
   }
-  return v;
+  for (; p < p1; ++p) acc[0] += term(p);
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
 // GEMM path, one task = rows [n0, n0 + kGemvRows) of W (Y columns; one packed-statistics chunk, so BlockStats
@@ -531,21 +538,6 @@ SPQR_CPU_CLONES void Axpy(float a, const float* __restrict x, float* __restrict 
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-// sum over p in [p0, p1) of val[p] * x[col[p]] (fp32 or fp16 values), in four independent chains: one chain
-// would wait an FMA latency per outlier (~40 outliers per row at SpQR's 1 %).
-inline float OutlierValue(float v) { return v; }
-inline float OutlierValue(uint16_t v) { return HalfToFloat(v); }
-template <class V, class C>
-float SparseDot(const V* val, const C* col, const float* x, int32_t p0, int32_t p1) {
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  int32_t p = p0;
-  for (; p + 4 <= p1; p += 4) {
-    for (int i = 0; i < 4; ++i) acc[i] += OutlierValue(val[p + i]) * x[col[p + i]];
-  }
-  for (; p < p1; ++p) acc[0] += OutlierValue(val[p]) * x[col[p]];
-  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
-}
-
 // Packed path, one task = Job::packed_task_blocks blocks of 16 rows of W for all M rows of X, in slices of at
 // most kPackedMaxRows rows: the slices run one after the other over the task's packed codes, so with several
 // slices a task takes about kPackTaskBytes of codes (they stay in L2 while each slice's x table streams past).
@@ -589,7 +581,7 @@ void PackedTask(void* user, size_t task) {
         for (int64_t m = 0; m < j.M; ++m) {
           const float* x = j.xp + m * j.xstride;
           y[m * stride + (n - n0)] += j.outlier_dot != nullptr ? j.outlier_dot(j.values, j.col_idx, x, p0, p1)
-                                                               : SparseDot(j.values, j.col_idx, x, p0, p1);
+                                                               : OutlierDot(j, n, x);
         }
       }
     }
