@@ -86,6 +86,11 @@ PRESETS: list[dict[str, Any]] = [
     {"name": "affinequant-w3g64-e20", "method": "affinequant",
      "note": "the reference's epochs (20) plus aug_loss",
      "options": {"bits": 3, "group_size": 64, "epochs": 20, "batch_size": 4, "aug_loss": True}},
+    {"name": "affinequant-w3g64-b1", "method": "affinequant",
+     "note": "the reference's batch (one window per step: 4× the steps of batch 4), its LLaMA sf 0.01, aug_loss, and "
+             "identity-initialized transforms",
+     "options": {"bits": 3, "group_size": 64, "epochs": 20, "batch_size": 1, "aug_loss": True, "sf": 0.01,
+                 "init": "identity"}},
     {"name": "affinequant-w2g64", "method": "affinequant",
      "options": {"bits": 2, "group_size": 64, "epochs": 20, "batch_size": 4, "aug_loss": True}},
     {"name": "affinequant-w4g64", "method": "affinequant",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from qcompiler import fold
+from qcompiler import QCompilerError, fold
 from qcompiler.families import family_for
 from qcompiler.methods.affinequant import (
     AffineQuant,
@@ -83,6 +83,24 @@ def test_transforms_stay_strictly_diagonally_dominant_during_training(kind, ln_m
     for h in res.transforms.heads:
         assert h.blocks.shape == (model.config.num_key_value_heads if kind == "llama" else 4, 16, 16)
         assert torch.all(torch.linalg.det(h.blocks.double()).abs() > 0)
+
+
+def test_identity_init_starts_from_the_untransformed_layer():
+    """init="identity": with no training the transforms are exactly identity (so the weights are LWC's grid of the
+    original weights); the default SmoothQuant init is not; an unknown init is a clear error."""
+    model = tiny_model("llama")
+    res = AffineQuant(AffineQuantConfig(bits=3, group_size=16, epochs=0, init="identity")).quantize(
+        model, family_for(model), calibration=_calib(2, 16), progress=False)
+    for t in res.transforms.norms:
+        assert torch.equal(t.A, torch.ones_like(t.A))
+    for h in res.transforms.heads:
+        assert torch.equal(h.blocks, torch.eye(h.blocks.shape[-1]).expand_as(h.blocks))
+    model = tiny_model("llama")
+    res = AffineQuant(AffineQuantConfig(bits=3, group_size=16, epochs=0)).quantize(
+        model, family_for(model), calibration=_calib(2, 16), progress=False)
+    assert not all(torch.equal(t.A, torch.ones_like(t.A)) for t in res.transforms.norms)
+    with pytest.raises(QCompilerError, match="init must be one of smoothquant, identity"):
+        AffineQuantConfig(init="awq")
 
 
 def test_training_lowers_the_block_loss():

@@ -69,6 +69,7 @@ MIN_DIAG = 1e-2
 # LWC zero points are integers but not limited to [0, maxq] (a clipped range need not contain 0: an all-positive group
 # has a negative zero), as the reference's clamp to ±1e4; ±2048 keeps them exact in the op's fp16 zeros.
 ZERO_LIMIT = 2048.0
+INITS = ("smoothquant", "identity")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,6 +83,8 @@ class AffineQuantConfig:
         let_lr: learning rate of the transforms and shifts (AdamW).
         lwc_lr: learning rate of the clipping factors.
         wd: AdamW weight decay.
+        init: initial transforms: "smoothquant" (the reference: diagonal `s = act^α / w^(1−α)`) or "identity"
+            (the transforms start as the unquantized layer's own weights and are learned from there).
         alpha: SmoothQuant exponent of the initial scales `s = act^α / w^(1−α)`.
         sf: stability factor, the mask value of in-band off-diagonal entries.
         ln_matrix: full `[K, K]` norm → linears matrices (kept as a MatMul after the norm in the graph).
@@ -99,6 +102,8 @@ class AffineQuantConfig:
     let_lr: float = dataclasses.field(default=5e-3, metadata={"help": "learning rate of the transforms"})
     lwc_lr: float = dataclasses.field(default=1e-2, metadata={"help": "learning rate of the clipping factors"})
     wd: float = dataclasses.field(default=0.0, metadata={"help": "AdamW weight decay"})
+    init: str = dataclasses.field(default="smoothquant",
+                                  metadata={"help": "initial transforms: smoothquant (act/weight statistics) or identity"})
     alpha: float = dataclasses.field(default=0.5, metadata={"help": "exponent of the initial SmoothQuant scales"})
     sf: float = dataclasses.field(default=1.0, metadata={"help": "stability factor: mask value off the diagonal"})
     ln_matrix: bool = dataclasses.field(default=False, metadata={"help": "full matrices for norm -> linears"})
@@ -118,6 +123,8 @@ class AffineQuantConfig:
             raise QCompilerError(f"batch size must be ≥ 1 (got {self.batch_size})")
         if not self.sf > 0:
             raise QCompilerError(f"sf must be > 0 (got {self.sf})")
+        if self.init not in INITS:
+            raise QCompilerError(f"init must be one of {', '.join(INITS)} (got {self.init!r})")
         if self.abits not in (4, 8, 16):
             raise QCompilerError(f"abits must be 4, 8 or 16 (off) (got {self.abits})")
 
@@ -224,7 +231,7 @@ class _LayerState:
 
     def _init_scale(self, act: Optional[torch.Tensor], names) -> torch.Tensor:
         w = self.fp[f"{names[0]}.weight"].abs().amax(dim=0).clamp_min(1e-5)
-        if act is None:
+        if act is None or self.cfg.init == "identity":
             return torch.ones_like(w)
         a = self.cfg.alpha
         return (act.clamp_min(1e-5).pow(a) / w.pow(1 - a)).clamp_min(1e-5)
@@ -233,7 +240,7 @@ class _LayerState:
         """Per-KV-head diagonal init from o_proj's input statistics (max over the query heads sharing a KV head)."""
         w = self.fp[f"{self.o}.weight"].abs().amax(dim=0).clamp_min(1e-5)  # [heads · d]
         w = w.reshape(kv, self.repeat, d).amax(1)
-        if act is None:
+        if act is None or self.cfg.init == "identity":
             return torch.ones(kv, d)
         act = act.clamp_min(1e-5).reshape(kv, self.repeat, d).amax(1)
         a = self.cfg.alpha

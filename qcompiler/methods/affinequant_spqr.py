@@ -23,7 +23,7 @@ from .affinequant import AffineQuant, AffineQuantConfig
 from .base import Method, QuantizationResult
 from .spqr import SpQR, SpQRConfig
 
-_AQ_FIELDS = ("epochs", "let_lr", "lwc_lr", "wd", "alpha", "sf", "ln_matrix", "aug_loss", "batch_size")
+_AQ_FIELDS = ("epochs", "let_lr", "lwc_lr", "wd", "init", "alpha", "sf", "ln_matrix", "aug_loss", "batch_size")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,6 +34,8 @@ class AffineQuantSpQRConfig(SpQRConfig):
     let_lr: float = dataclasses.field(default=5e-3, metadata={"help": "learning rate of the transforms"})
     lwc_lr: float = dataclasses.field(default=1e-2, metadata={"help": "learning rate of the clipping factors"})
     wd: float = dataclasses.field(default=0.0, metadata={"help": "AdamW weight decay"})
+    init: str = dataclasses.field(default="smoothquant",
+                                  metadata={"help": "initial transforms: smoothquant (act/weight statistics) or identity"})
     alpha: float = dataclasses.field(default=0.5, metadata={"help": "exponent of the initial SmoothQuant scales"})
     sf: float = dataclasses.field(default=1.0, metadata={"help": "stability factor: mask value off the diagonal"})
     ln_matrix: bool = dataclasses.field(default=False, metadata={"help": "full matrices for norm -> linears"})
