@@ -103,18 +103,22 @@ def save_model(model: onnx.ModelProto, path: str, *, external_data: bool = True,
     (their bytes are dropped from memory as they are written): no second copy of the weights at the peak. `model`
     then only loads again with the data file next to it.
     """
+    from qcompiler.external import all_tensors, is_borrowed, save_with_external_data, tensor_bytes
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if not consume and (external_data or any(is_borrowed(t) for t in all_tensors(model))):
+        model_copy = onnx.ModelProto()
+        model_copy.CopyFrom(model)  # borrowed tensors (qcompiler.external) copy as references, not bytes
+        model = model_copy
     if external_data:
-        data = os.path.basename(path) + ".data"
-        if os.path.exists(path + ".data"):
-            os.remove(path + ".data")
-        if not consume:
-            model_copy = onnx.ModelProto()
-            model_copy.CopyFrom(model)
-            model = model_copy
-        onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-                  size_threshold=1024)
+        save_with_external_data(model, path, location=os.path.basename(path) + ".data", size_threshold=1024)
     else:
+        for t in all_tensors(model):
+            if is_borrowed(t):
+                raw = tensor_bytes(t)
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.DEFAULT
+                t.raw_data = raw
         onnx.save(model, path)
 
 

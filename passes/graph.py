@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from qcompiler.external import tensor_array
+
 from .base import PassError
 
 
@@ -43,7 +45,7 @@ class GraphIndex:
     def const(self, name: str) -> Optional[np.ndarray]:
         """The value of an initializer (None if `name` is not one)."""
         t = self.inits.get(name)
-        return None if t is None else numpy_helper.to_array(t)
+        return None if t is None else tensor_array(t)
 
     def const_input(self, node: onnx.NodeProto) -> tuple[Optional[int], Optional[np.ndarray]]:
         """`(index, value)` of a binary node's single constant input, or `(None, None)`."""

@@ -12,8 +12,9 @@ from typing import Mapping, Optional
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
+from qcompiler.external import tensor_array
 from qcompiler.format import DOMAIN, OP_TYPE, OPSET_VERSION, SpQRWeight
 from qcompiler.onnx_op import spqr_node
 
@@ -70,7 +71,7 @@ class ReplaceLinear(Pass):
             node = users[0]
             w_init = inits[entry["weight"]]
             w_dtype = helper.tensor_dtype_to_np_dtype(w_init.data_type)
-            stored = numpy_helper.to_array(w_init).astype(np.float32)
+            stored = tensor_array(w_init).astype(np.float32)
             if entry["weight_layout"] == "KxN":
                 stored = stored.T
             decoded = self.expected[module] if module in self.expected else weight.dequantize()
@@ -100,7 +101,7 @@ class ReplaceLinear(Pass):
                 else:
                     bias_name = None
             if bias_name is not None and module in self.expected_bias:
-                graph_b = numpy_helper.to_array(inits[bias_name]).astype(np.float32)
+                graph_b = tensor_array(inits[bias_name]).astype(np.float32)
                 berr = float(np.max(np.abs(graph_b - self.expected_bias[module]))) if graph_b.size else 0.0
                 if graph_b.shape != self.expected_bias[module].shape or berr > self.atol:
                     raise PassError(f"{module}: graph bias differs from the bias PyTorch computed by {berr:.3g}")

@@ -25,9 +25,9 @@ from typing import Optional
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 
 from . import QCompilerError
+from .external import tensor_array
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +96,17 @@ class ExportResult:
     """What `export_model` produced.
 
     Attributes:
-        model: the ONNX model (weights inline; written with external data by `emit`).
+        model: the ONNX model (weights inline, or with `borrow_weights` borrowed from `weights`' folder; written
+            with external data by `emit`).
         manifest: `{"linears": {module_path: {"weight": init_name, "bias": init_name | None,
                    "in_features": K, "out_features": N}}, "kv": {...}}`.
+        weights: with `borrow_weights`, the temporary folder holding the exporter's data file; it is removed when
+            this result is released, so keep the result until the model has been saved.
     """
 
     model: onnx.ModelProto
     manifest: dict
+    weights: Optional[tempfile.TemporaryDirectory] = None
 
 
 def _linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -129,11 +133,14 @@ def export_model(
     sample_seq: int = 4,
     sample_past: int = 3,
     transforms: Optional[list] = None,
+    borrow_weights: bool = False,
 ) -> ExportResult:
     """Export `model` (a HF causal LM, eval mode, fp32 or fp16) with KV cache; rename linear weights; build manifest.
 
     `transforms`: `AffineTransforms.manifest()` of transforms installed on `model` (`AffineTransforms.install`); their
     nodes are found, named `{module}/affine/...` and listed in `manifest["affine"]` for the fold passes.
+    `borrow_weights`: leave the weights in the exporter's data file (`qcompiler.external`) instead of loading them
+    into the proto, which would hold a second copy of the model next to PyTorch's; passes read them from there.
     """
     layout = KVLayout.from_config(model.config)
     wrapper = KVCacheWrapper(model, layout).eval()
@@ -161,7 +168,9 @@ def export_model(
     output_names = ["logits", *layout.output_names()]
     # "torchvision is not installed. Skipping torchvision::nms" etc.: irrelevant to LLMs, printed on every export.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="qcompiler-export-") as tmp, warnings.catch_warnings():
+    weights = tempfile.TemporaryDirectory(prefix="qcompiler-export-")
+    tmp = weights.name
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = os.path.join(tmp, "model.onnx")
         try:
@@ -180,8 +189,16 @@ def export_model(
                 )
         except Exception as e:  # the exporter's own report is long; keep its first line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            weights.cleanup()
             raise QCompilerError(f"torch.onnx export failed: {first}") from e
-        proto = onnx.load(path, load_external_data=True)
+        proto = onnx.load(path, load_external_data=not borrow_weights)
+    if borrow_weights:
+        from .external import borrow
+
+        borrow(proto, tmp)
+    else:
+        weights.cleanup()
+        weights = None
     _name_dims(proto, layout)
     manifest = _build_manifest(proto, model)
     if transforms:
@@ -190,7 +207,7 @@ def export_model(
         manifest["affine"] = tag_transforms(proto, manifest, transforms)
     manifest["kv"] = dataclasses.asdict(layout)
     manifest["dtype"] = str(dtype).replace("torch.", "")
-    return ExportResult(model=proto, manifest=manifest)
+    return ExportResult(model=proto, manifest=manifest, weights=weights)
 
 
 def _name_dims(proto: onnx.ModelProto, layout: KVLayout) -> None:
@@ -241,7 +258,7 @@ def _build_manifest(proto: onnx.ModelProto, model: torch.nn.Module) -> dict:
         else:
             layout, ref = "KxN", lin.weight.detach().float().numpy().T
         w_name = node.input[1]
-        w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
+        w = tensor_array(inits[w_name]).astype(np.float32)
         if w.shape != ref.shape or not np.array_equal(w, ref.astype(inits_dtype(inits[w_name])).astype(np.float32)):
             mismatched.setdefault(module, node.op_type)  # another node of the module (e.g. a transform) may match
             continue
@@ -259,7 +276,7 @@ def _build_manifest(proto: onnx.ModelProto, model: torch.nn.Module) -> dict:
         if lin.bias is not None:
             bias_name = _find_bias(node, consumers, inits)
             if bias_name is not None:
-                b = numpy_helper.to_array(inits[bias_name]).astype(np.float32)
+                b = tensor_array(inits[bias_name]).astype(np.float32)
                 if b.shape == (lin.out_features,) and np.allclose(b, lin.bias.detach().float().numpy()):
                     entry["bias"] = bias_name
                     if len(consumers.get(bias_name, [])) == 1:

@@ -151,13 +151,16 @@ def export(
     if result.transforms and dtype != "fp32":
         raise QCompilerError("--dtype fp16 is not supported with transform methods (affinequant): the fold passes "
                              "are exact in fp32 only")
+    # the weights stay in the exporter's file until emit copies them (no second copy of the model in memory);
+    # --verify-each runs the proto in ONNX Runtime from memory, so it needs them inline
+    borrow = not verify_each
     if result.transforms and not rtol_given:
         rtol = max(rtol, TRANSFORM_RTOL)
     if result.transforms:
         # the full-precision model with the transforms as explicit nodes; the fold passes fold them
         fp_model = full_precision_copy(model, result)
         handles = result.transforms.install(fp_model)
-        exported = export_model(fp_model, transforms=result.transforms.manifest())
+        exported = export_model(fp_model, transforms=result.transforms.manifest(), borrow_weights=borrow)
         for h in handles:
             h.remove()
         del fp_model
@@ -167,7 +170,8 @@ def export(
     else:
         # fp16: the graph is exported from a half copy; `model` stays fp32 as the validation reference
         # (torch's Module.half: transformers refuses `.half()` on GGUF-loaded models, which it flags as quantized)
-        exported = export_model(torch.nn.Module.half(copy.deepcopy(model)) if dtype == "fp16" else model)
+        exported = export_model(torch.nn.Module.half(copy.deepcopy(model)) if dtype == "fp16" else model,
+                                borrow_weights=borrow)
         passes = [ReplaceLinear(result.layers, exported.manifest)]
     stage_done("export", t)
 
