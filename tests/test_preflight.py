@@ -97,7 +97,7 @@ def test_memory_estimate_counts_parameters_and_activations():
     est = preflight.estimate_memory(config, "gptq", calibrated=True, nsamples=8, seqlen=128)
     assert est.params == n and est.param_bytes == 4 * n
     assert est.activation_bytes == 3 * 8 * 128 * 64 * 4
-    assert est.total == preflight.BASE_BYTES + int(4.5 * 4 * n) + est.activation_bytes
+    assert est.total == preflight.BASE_BYTES + int(preflight.DEFAULT_PARAM_FACTOR * 4 * n) + est.activation_bytes
     aq = preflight.estimate_memory(config, "affinequant", calibrated=True, nsamples=8, seqlen=128)
     assert aq.total > est.total
     assert preflight.estimate_memory(config, "rtn", calibrated=False, nsamples=8, seqlen=128).activation_bytes == 0
