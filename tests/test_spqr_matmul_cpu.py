@@ -342,16 +342,28 @@ def _has_vnni() -> bool:
     return _has_avx512() and "avx512_vnni" in _cpu_flags()
 
 
-@pytest.mark.skipif(not _has_vnni(), reason="the int8 path needs AVX512-VNNI")
+_INT8_PATHS = [
+    pytest.param("avx512", M, marks=pytest.mark.skipif(not _has_vnni(), reason="needs AVX512-VNNI"), id=f"vnni-M{M}")
+    for M in (1, 3, 8, 20)
+] + [
+    # CPUs without AVX-512: vpmaddubsw on two 8-row halves, slices of up to 4 rows (M=7: 4 + 3); M ≥ 8 takes fp32
+    pytest.param("avx2", M, marks=pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="needs AVX2"),
+                 id=f"avx2-M{M}")
+    for M in (1, 3, 7)
+]
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size,K", [(16, 600), (16, 584), (64, 600), (128, 576)])
 @pytest.mark.parametrize("stats", [(3, 16), (0, 16), (3, 8)])
-@pytest.mark.parametrize("M", [1, 3, 8, 20])
-def test_int8_activation_path(bits, group_size, K, stats, M, monkeypatch):
+@pytest.mark.parametrize("isa,M", _INT8_PATHS)
+def test_int8_activation_path(bits, group_size, K, stats, isa, M, monkeypatch):
     # accuracy_level=4: X is quantized to int8 per 32 stored columns (scale max|x| / 127). Each output may then move
     # by at most sum_j |dense W[n, j]| * scale_j / 2 (outliers and the zero-point term keep exact x), which this test
     # holds the kernel to; it also checks that the result is not the fp32 one (the int8 path really ran).
     monkeypatch.setenv("QCOMPILER_CPU_REQUIRE_PACKED", "1")
+    if isa == "avx2":
+        monkeypatch.setenv("QCOMPILER_CPU_ISA", "avx2")
     w = random_weight(N=70, K=K, bits=bits, group_size=group_size, stat_bits=stats[0], stat_group_size=stats[1],
                       outlier_rate=0.02, permute=True, bias=True, seed=bits * 100 + group_size + M)
     x = _x((M, K), seed=M)
@@ -372,6 +384,9 @@ def test_int8_activation_path(bits, group_size, K, stats, M, monkeypatch):
     assert (err <= bound * 1.001 + 1e-5 * scale).all(), float((err - bound).max())
     assert err.max() > 1e-6 * scale  # not the fp32 result
     assert err.max() < 0.05 * scale
+    if isa == "avx2" and _has_vnni():  # the same int8 arithmetic as the VNNI kernel (exact integer sums)
+        monkeypatch.delenv("QCOMPILER_CPU_ISA")
+        np.testing.assert_allclose(y, _run(w, x, accuracy_level=4), rtol=0, atol=1e-6 * scale)
 
 
 def test_accuracy_level_is_validated():

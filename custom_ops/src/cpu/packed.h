@@ -167,6 +167,8 @@ PackedMicroFn PackedMicroAvx512(int mr);
 constexpr int kPackedAvx2MaxRows = 4;
 PackedGemvFn PackedGemvAvx2(const PackedWeights& w, int64_t M);
 bool PackedAvx2Available();  // x86-64 with AVX2 + FMA
+// The int8 path on AVX2 + FMA (vpmaddubsw; w.nibbles), for M = 1..kPackedAvx2MaxRows, or nullptr.
+PackedGemvFn PackedGemvInt8Avx2(const PackedWeights& w, int64_t M);
 
 // Whether this CPU/build has the AVX-512 packed kernels (F, BW, VL, DQ).
 bool PackedAvx512Available();

@@ -140,6 +140,69 @@ PackedGemvFn FnFor2(bool half, bool coded, int64_t M) {
   return coded ? kFns2<BITS, false, true>[M] : kFns2<BITS, false, false>[M];
 }
 
+// int8 path without VNNI (accuracy_level 4 on AVX2 CPUs): the nibble layout and the int8 X of packed_avx512.cc's
+// GemvInt8. Per word (4 codes of 8 rows) vpmaddubsw multiplies the codes (unsigned, ≤ 15) with 4 int8 x (|x| ≤ 127)
+// into int16 pairs; a chunk's 8 products per lane are summed in int16 (at most 8 · 2 · 15 · 127 = 30480 < 2^15: no
+// saturation) and widened once by vpmaddwd, then converted and scaled by the chunk's X scale as there.
+template <int MM, bool HALF, bool CODED>
+QC_AVX2 void GemvInt82(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
+  const PackedWeights& w = *a.w;
+  constexpr int H = HALF ? 2 : 1;
+  const int64_t chunks_per_group = HALF ? 1 : w.group_size / spqr::kChunk;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const uint32_t* nib = w.nibbles.data() + blk * w.chunks * 4 * kPackRows;
+    for (int L = 0; L < 2; ++L) {  // the block's two halves of 8 rows
+      __m256 y[MM];
+      for (int m = 0; m < MM; ++m) y[m] = _mm256_setzero_ps();
+      for (int64_t c0 = 0, g = 0; c0 < w.chunks; c0 += chunks_per_group, g += H) {
+        __m256 t[H][MM];
+        for (int h = 0; h < H; ++h)
+          for (int m = 0; m < MM; ++m) t[h][m] = _mm256_setzero_ps();
+        for (int64_t c = c0, c1 = std::min(w.chunks, c0 + chunks_per_group); c < c1; ++c) {
+          __m256i acc[H][MM];
+          for (int h = 0; h < H; ++h)
+            for (int m = 0; m < MM; ++m) acc[h][m] = _mm256_setzero_si256();
+          const int32_t* xq = a.xq + c * 8 * MM;
+#pragma GCC unroll 4
+          for (int i = 0; i < 4; ++i) {
+            const uint32_t* p = nib + (c * 4 + i) * kPackRows + L * kHalf;
+            _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchChunks * 4 * kPackRows), _MM_HINT_T0);
+            const __m256i z = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+            const __m256i lo = _mm256_and_si256(z, low4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(z, 4), low4);
+            const int h = HALF && i >= 2 ? 1 : 0;
+#pragma GCC unroll 4
+            for (int m = 0; m < MM; ++m) {
+              const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xq[(2 * i) * MM + m]));
+              const __m256i phi = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xq[(2 * i + 1) * MM + m]));
+              acc[h][m] = _mm256_add_epi16(acc[h][m], _mm256_add_epi16(plo, phi));
+            }
+          }
+          for (int h = 0; h < H; ++h) {
+#pragma GCC unroll 4
+            for (int m = 0; m < MM; ++m) {
+              const __m256 v = _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[h][m], ones));
+              t[h][m] = _mm256_fmadd_ps(v, _mm256_set1_ps(a.xd[c * MM + m]), t[h][m]);
+            }
+          }
+        }
+        FinishGroup2<MM, CODED>(a, blk, g, L, t[0], y);
+        if (HALF && g + 1 < w.G) FinishGroup2<MM, CODED>(a, blk, g + 1, L, t[H - 1], y);
+      }
+      for (int m = 0; m < MM; ++m) {
+        _mm256_storeu_ps(a.y + m * a.y_stride + (blk - b0) * kPackRows + L * kHalf, y[m]);
+      }
+    }
+  }
+}
+
+template <bool HALF, bool CODED>
+constexpr PackedGemvFn kInt8Fns2[kPackedAvx2MaxRows + 1] = {nullptr, &GemvInt82<1, HALF, CODED>,
+                                                             &GemvInt82<2, HALF, CODED>, &GemvInt82<3, HALF, CODED>,
+                                                             &GemvInt82<4, HALF, CODED>};
+
 // The outlier dot product (as OutlierDotAvx512) 8 per gather; F16C converts the fp16 values (the base-ISA code
 // would call a libgcc conversion per value).
 __attribute__((target("avx2,fma,f16c"))) float OutlierDotAvx2(const uint16_t* val, const uint16_t* col,
@@ -182,8 +245,17 @@ PackedGemvFn PackedGemvAvx2(const PackedWeights& w, int64_t M) {
   }
 }
 
+PackedGemvFn PackedGemvInt8Avx2(const PackedWeights& w, int64_t M) {
+  if (!PackedAvx2Available() || M < 1 || M > kPackedAvx2MaxRows || w.nibbles.empty()) return nullptr;
+  const bool half = w.group_size == 16;
+  if (!half && w.group_size % spqr::kChunk != 0) return nullptr;
+  if (half) return w.coded_stats ? kInt8Fns2<true, true>[M] : kInt8Fns2<true, false>[M];
+  return w.coded_stats ? kInt8Fns2<false, true>[M] : kInt8Fns2<false, false>[M];
+}
+
 #else  // not x86-64 GCC/Clang
 
+PackedGemvFn PackedGemvInt8Avx2(const PackedWeights&, int64_t) { return nullptr; }
 bool PackedAvx2Available() { return false; }
 PackedOutlierDotFn PackedOutlierDotAvx2() { return nullptr; }
 PackedGemvFn PackedGemvAvx2(const PackedWeights&, int64_t) { return nullptr; }

@@ -808,8 +808,10 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     // The packed decode path needs the weight tensors to be initializers (packed once, reused every call).
     allow_packed_ = allow_packed_ && Packable(attrs_) && constant_[spqr::kQWeight] && constant_[spqr::kScales] &&
                     constant_[spqr::kZeros] && (attrs_.stat_bits == 0 || constant_[spqr::kStats2]);
-    // accuracy_level 4: int8 activations where the packed int8 kernel runs (AVX512-VNNI), else fp32 as level 0.
-    int8_ = allow_packed_ && !packed_avx2_ && attrs_.accuracy_level == 4 && PackedInt8Available();
+    // accuracy_level 4: int8 activations where a packed int8 kernel runs (AVX512-VNNI; AVX2 on CPUs without
+    // AVX-512), else fp32 as level 0 (AVX-512 without VNNI, portable builds).
+    int8_ = allow_packed_ && attrs_.accuracy_level == 4 &&
+            (packed_avx2_ ? PackedAvx2Available() : PackedInt8Available());
   }
 
   // The packed weights, built on the first decode-sized call from that call's (constant) inputs.
@@ -877,9 +879,9 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       const int64_t slices = (M + max_rows - 1) / max_rows;
       for (int64_t i = 0; i < slices; ++i) {
         slice_rows.push_back(M / slices + (i < M % slices ? 1 : 0));
-        slice_fns.push_back(int8_          ? PackedGemvVnni(pw, slice_rows.back())
-                            : packed_avx2_ ? PackedGemvAvx2(pw, slice_rows.back())
-                                           : PackedGemvAvx512(pw, slice_rows.back()));
+        const int64_t rows = slice_rows.back();
+        slice_fns.push_back(int8_ ? (packed_avx2_ ? PackedGemvInt8Avx2(pw, rows) : PackedGemvVnni(pw, rows))
+                                  : (packed_avx2_ ? PackedGemvAvx2(pw, rows) : PackedGemvAvx512(pw, rows)));
         if (slice_fns.back() == nullptr) {
           slice_fns.clear();
           break;
