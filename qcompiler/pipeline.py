@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -48,6 +49,8 @@ class ExportReport:
         seconds: wall time per stage.
         peak_rss_gb: the process's peak resident memory (GB, high-water mark) at the end of each stage: where it
             grows is the stage that set it.
+        peak_anon_gb: with `offload_weights`, the highest resident anonymous memory sampled during the export (the
+            weights' file pages, which the kernel can drop, are not in it).
     """
 
     output: Path
@@ -56,6 +59,7 @@ class ExportReport:
     max_abs_logit_diff: Optional[float]
     seconds: dict[str, float]
     peak_rss_gb: dict[str, float] = dataclasses.field(default_factory=dict)
+    peak_anon_gb: Optional[float] = None
 
 
 def _echo(msg: str, quiet: bool) -> None:
@@ -82,6 +86,7 @@ def export(
     dtype: str = "fp32",
     accuracy_level: int = 0,
     memory_check: bool = True,
+    offload_weights: bool = False,
     fallback: bool = True,
     quiet: bool = False,
 ) -> ExportReport:
@@ -106,15 +111,21 @@ def export(
     hf_config = load_config(source)
     family = family_for(hf_config)
     needs_calibration = getattr(method_cls, "needs_calibration", False)
-    memory = estimate_memory(hf_config, method, calibrated=needs_calibration, nsamples=nsamples, seqlen=seqlen)
+    memory = estimate_memory(hf_config, method, calibrated=needs_calibration, nsamples=nsamples, seqlen=seqlen,
+                             offload=offload_weights)
     if memory_check:
         check_memory(memory)
     secs: dict[str, float] = {}
     peaks: dict[str, float] = {}
 
+    anon = None
+    anon_peaks: dict[str, float] = {}
+
     def stage_done(stage: str, started: float) -> None:
         secs[stage] = time.perf_counter() - started
         peaks[stage] = peak_rss_gb()
+        if anon is not None:
+            anon_peaks[stage] = anon.peak
 
     if quiet:
         from transformers.utils import logging as hf_logging
@@ -122,7 +133,14 @@ def export(
         hf_logging.disable_progress_bar()
     t = time.perf_counter()
     _echo(f"loading {source} (estimated peak memory {memory.describe()})", quiet)
-    model, tokenizer = load_model(source, progress=not quiet)
+    if offload_weights:
+        from .offload import AnonPeak, load_offloaded
+
+        anon = AnonPeak()
+        model, tokenizer = load_offloaded(source, store_dir=os.environ.get("QCOMPILER_OFFLOAD_DIR"),
+                                          progress=not quiet)
+    else:
+        model, tokenizer = load_model(source, progress=not quiet)
     stage_done("load", t)
     check_linear_sizes({path: (lin.in_features, lin.out_features)
                         for path, lin in quantizable_linears(model, family).items()},
@@ -279,8 +297,12 @@ def export(
     _echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in secs.items()), quiet)
     _echo("peak memory (process high-water mark after each stage): "
           + ", ".join(f"{k} {v:.2f} GB" for k, v in peaks.items()), quiet)
+    peak_anon = anon.stop() if anon is not None else None
+    if peak_anon is not None:
+        _echo("peak anonymous memory (the weights are file pages: --offload-weights): "
+              + ", ".join(f"{k} {v:.2f} GB" for k, v in anon_peaks.items()), quiet)
     return ExportReport(output=out, avg_bits=avg_bits, n_quantized=len(result.layers), max_abs_logit_diff=diff,
-                        seconds=secs, peak_rss_gb=peaks)
+                        seconds=secs, peak_rss_gb=peaks, peak_anon_gb=peak_anon)
 
 
 def full_precision_copy(model: torch.nn.Module, result) -> torch.nn.Module:

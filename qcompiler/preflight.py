@@ -30,6 +30,10 @@ GIB = 1024**3
 BASE_BYTES = 600 * 1024**2
 PARAM_FACTOR = {"affinequant": 10.0, "affinequant+spqr": 10.0}
 DEFAULT_PARAM_FACTOR = 3.5
+# --offload-weights (qcompiler/offload.py): the fp32 weights are file pages the kernel can drop; anonymous memory
+# holds the emitted model's ONNX Runtime session (compressed layers, fp32 embeddings) and per-tensor copies.
+# AffineQuant and --dtype fp16 copy the whole model (not offloaded): their factors stay.
+OFFLOAD_PARAM_FACTOR = {"rtn": 0.75, "gptq": 0.75, "spqr": 0.75}
 ACTIVATION_COPIES = {"affinequant": 5, "affinequant+spqr": 5}
 DEFAULT_ACTIVATION_COPIES = 3
 
@@ -57,15 +61,19 @@ def count_parameters(config: Any) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are one Parameter, yielded once
 
 
-def estimate_memory(config: Any, method: str, *, calibrated: bool, nsamples: int, seqlen: int) -> MemoryEstimate:
-    """Peak resident memory of `qcompiler export` with `method` on the model `config` describes."""
+def estimate_memory(config: Any, method: str, *, calibrated: bool, nsamples: int, seqlen: int,
+                    offload: bool = False) -> MemoryEstimate:
+    """Peak resident memory of `qcompiler export` with `method` on the model `config` describes (`offload`: the
+    weights are file pages, `--offload-weights`; what must fit is the anonymous memory)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     params = count_parameters(config)
     param_bytes = params * 4
     hidden = int(getattr(text, "hidden_size", 0) or 0)
     copies = ACTIVATION_COPIES.get(method, DEFAULT_ACTIVATION_COPIES)
     activation_bytes = copies * nsamples * seqlen * hidden * 4 if calibrated else 0
-    total = BASE_BYTES + int(PARAM_FACTOR.get(method, DEFAULT_PARAM_FACTOR) * param_bytes) + activation_bytes
+    factor = OFFLOAD_PARAM_FACTOR[method] if offload and method in OFFLOAD_PARAM_FACTOR else PARAM_FACTOR.get(
+        method, DEFAULT_PARAM_FACTOR)
+    total = BASE_BYTES + int(factor * param_bytes) + activation_bytes
     return MemoryEstimate(params=params, param_bytes=param_bytes, activation_bytes=activation_bytes, total=total)
 
 

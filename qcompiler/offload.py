@@ -1,0 +1,171 @@
+"""`--offload-weights`: the model's fp32 weights live in a file-backed shared mapping instead of anonymous memory.
+
+`load_offloaded` builds the model without allocating its weights (transformers' `no_init_weights`: `torch.empty`
+pages are never touched), then streams the checkpoint's safetensors tensor by tensor into a temporary file mapped
+with `MAP_SHARED` (`torch.from_file(shared=True)`), each parameter a view of it. Nothing else changes: quantization,
+export, passes and validation read and write the weights as before, but the pages belong to a file: the kernel pages
+in the decoder layer being used and writes dirty pages back and drops them under memory pressure, so what must fit
+in memory is about one decoder layer, the activations and what is not a weight (embeddings in use, ONNX Runtime's
+validation session), not the fp32 model. Peak RSS still counts the file pages while memory is plentiful; the
+anonymous high-water mark (`peak_anon_gb`) is what the mapping saves.
+
+Sources: local HF folders with safetensors weights (`model.safetensors` or a sharded index). GGUF files are
+dequantized by transformers in memory and hub ids need a download: both raise a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from . import QCompilerError
+
+log = logging.getLogger(__name__)
+
+ALIGN = 16  # elements: each tensor starts on a 64-byte boundary of the store
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class WeightStore:
+    """fp32 tensors carved from one temporary file mapped `MAP_SHARED` (removed when the store is released)."""
+
+    def __init__(self, numel: int, *, folder: Optional[str] = None):
+        self._tmp = tempfile.TemporaryDirectory(prefix="qcompiler-weights-", dir=folder)
+        self.path = os.path.join(self._tmp.name, "weights.f32")
+        total = max(int(numel), 1)
+        with open(self.path, "wb") as f:
+            f.truncate(total * 4)  # sparse: disk blocks are allocated as pages are written
+        self.flat = torch.from_file(self.path, shared=True, size=total, dtype=torch.float32)
+        self.used = 0
+
+    def take(self, shape: torch.Size) -> torch.Tensor:
+        n = int(torch.Size(shape).numel())
+        if self.used + n > self.flat.numel():
+            raise RuntimeError(f"weight store full: {self.used} + {n} > {self.flat.numel()} elements")
+        view = self.flat[self.used:self.used + n].view(shape)
+        self.used += -(-n // ALIGN) * ALIGN
+        return view
+
+
+def _checkpoint_files(folder: Path) -> dict[str, Path]:
+    """tensor name → safetensors file."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: folder / v for k, v in weight_map.items()}
+    single = folder / SINGLE_FILE
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return {k: single for k in f.keys()}
+    raise QCompilerError(f"--offload-weights needs safetensors weights ({SINGLE_FILE} or {INDEX_FILE}) in {folder}")
+
+
+def _checkpoint_key(name: str, keys: dict[str, Path]) -> Optional[str]:
+    """The checkpoint key of parameter `name` (checkpoints saved from the base model lack the `model.` prefix)."""
+    for key in (name, name.removeprefix("model."), f"model.{name}"):
+        if key in keys:
+            return key
+    return None
+
+
+def load_offloaded(source: str, *, store_dir: Optional[str] = None, progress: bool = True) -> tuple[Any, Any]:
+    """`(model, tokenizer)` with the weights in a `WeightStore` (kept alive by the model: `model.qcompiler_store`)."""
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    from .loading import ATTN_IMPLEMENTATION
+    from .preflight import check_loaded_weights
+
+    folder = Path(source).expanduser()
+    if not (folder.is_dir() and (folder / "config.json").is_file()):
+        raise QCompilerError(f"--offload-weights needs a local HF folder with config.json and safetensors weights "
+                             f"(got {source}; GGUF files and hub ids are loaded whole)")
+    keys = _checkpoint_files(folder)
+    config = AutoConfig.from_pretrained(str(folder))
+    config._attn_implementation = ATTN_IMPLEMENTATION
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # from_config under no_init_weights leaves tied embeddings as two tensors
+    model.eval()
+    params = dict(model.named_parameters())  # tied weights once
+    aliases: dict[int, list[str]] = {}  # a tied weight may be saved under any of its names (safetensors keeps one)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    store = WeightStore(sum(-(-p.numel() // ALIGN) * ALIGN for p in params.values()), folder=store_dir)
+    missing = []
+    plan: dict[Path, list[tuple[str, str]]] = {}
+    for name, p in params.items():
+        key = next((k for alias in aliases[id(p)] if (k := _checkpoint_key(alias, keys)) is not None), None)
+        if key is None:
+            missing.append(name)
+        else:
+            plan.setdefault(keys[key], []).append((name, key))
+    if missing:
+        check_loaded_weights(model, missing)  # raises: the checkpoint lacks weights the model needs
+    bar = tqdm(total=len(params), desc="loading into the weight store", unit="tensor", disable=not progress)
+    with torch.no_grad():
+        for path, items in plan.items():
+            with safe_open(str(path), framework="pt") as f:
+                for name, key in items:
+                    p = params[name]
+                    t = f.get_tensor(key)
+                    if tuple(t.shape) != tuple(p.shape):
+                        raise QCompilerError(f"checkpoint tensor {key} has shape {tuple(t.shape)}, the model's "
+                                             f"{name} {tuple(p.shape)}")
+                    bad = (~torch.isfinite(t)).sum().item() if t.is_floating_point() else 0
+                    if bad:
+                        raise QCompilerError(f"weight {name} {tuple(p.shape)} holds {bad} NaN/Inf value(s): the "
+                                             "checkpoint is corrupt or was saved from a diverged run")
+                    view = store.take(p.shape)
+                    view.copy_(t)
+                    p.data = view  # every module holding this Parameter (tied weights) now reads the store
+                    bar.update()
+    bar.close()
+    model.qcompiler_store = store
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    log.info("loaded %s into the weight store %s (%.2f GB)", source, store.path, store.flat.numel() * 4 / 1e9)
+    return model, tokenizer
+
+
+def anon_rss_gb() -> Optional[float]:
+    """This process's resident anonymous memory now, in GB (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return None
+
+
+class AnonPeak:
+    """Samples `anon_rss_gb` every `interval` s in a background thread; `peak` is the highest value seen."""
+
+    def __init__(self, interval: float = 0.05):
+        self.peak = anon_rss_gb() or 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.peak = max(self.peak, anon_rss_gb() or 0.0)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, anon_rss_gb() or 0.0)
+        return self.peak

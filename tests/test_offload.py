@@ -1,0 +1,123 @@
+"""--offload-weights (qcompiler/offload.py): the fp32 weights in a file-backed mapping, streamed from safetensors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from qcompiler import QCompilerError, preflight
+from qcompiler.cli import main
+from qcompiler.loading import load_model
+from qcompiler.offload import WeightStore, load_offloaded
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_offloaded_weights_equal_the_checkpoint_and_live_in_the_store(kind, tiny_dirs):
+    model, _ = load_offloaded(str(tiny_dirs(kind)), progress=False)
+    ref, _ = load_model(str(tiny_dirs(kind)), progress=False)
+    params, ref_params = dict(model.named_parameters()), dict(ref.named_parameters())
+    assert params.keys() == ref_params.keys()
+    store = model.qcompiler_store
+    for name, p in params.items():
+        assert torch.equal(p, ref_params[name]), name
+        assert p.untyped_storage().data_ptr() == store.flat.untyped_storage().data_ptr(), name  # a view of the store
+    assert store.flat.untyped_storage().filename == store.path
+    # tied embeddings (OPT's default) stay one tensor; untied ones (the tiny LLaMA) stay two
+    tied = ref.get_output_embeddings().weight is ref.get_input_embeddings().weight
+    assert tied == (kind == "opt")
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    ids = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind,method,flags", [
+    ("llama", "rtn", ["--bits", "3", "--group-size", "16"]),
+    ("opt", "gptq", ["--bits", "3", "--group-size", "16", "--nsamples", "4", "--seqlen", "32"]),
+])
+def test_offloaded_export_is_byte_identical(kind, method, flags, tiny_dirs, text_file, tmp_path, monkeypatch):
+    import qcompiler.offload
+
+    calls = []
+    real = qcompiler.offload.load_offloaded
+    monkeypatch.setattr(qcompiler.offload, "load_offloaded", lambda *a, **k: calls.append(a) or real(*a, **k))
+    calib = ["--calibration", str(text_file)] if method != "rtn" else []
+    outs = []
+    for name, extra in (("plain", []), ("offload", ["--offload-weights"])):
+        out = tmp_path / name
+        assert main(["export", str(tiny_dirs(kind)), "--method", method, *flags, *calib, *extra, "-o", str(out),
+                     "-q"]) == 0
+        outs.append(out)
+    assert len(calls) == 1  # the second export loaded through the weight store
+    for f in ("model.onnx", "model.onnx.data"):
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+
+
+def test_offload_needs_a_safetensors_folder(tiny_dirs, tmp_path):
+    with pytest.raises(QCompilerError, match="needs a local HF folder with config.json and safetensors"):
+        load_offloaded(str(tmp_path / "nowhere.gguf"), progress=False)
+    folder = tmp_path / "bin"
+    shutil.copytree(tiny_dirs("llama"), folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(QCompilerError, match="needs safetensors weights"):
+        load_offloaded(str(folder), progress=False)
+
+
+def test_offload_reports_a_missing_weight(tiny_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "untied"
+    shutil.copytree(tiny_dirs("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = load_file(folder / "model.safetensors")
+    tensors.pop("lm_head.weight", None)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(QCompilerError, match=r"the checkpoint lacks 1 weight\(s\) the model needs \(lm_head.weight\)"):
+        load_offloaded(str(folder), progress=False)
+
+
+def test_weight_store_views_are_aligned_and_bounded(tmp_path):
+    store = WeightStore(40, folder=str(tmp_path))
+    a = store.take(torch.Size([3, 5]))
+    b = store.take(torch.Size([4]))
+    assert a.shape == (3, 5) and b.shape == (4,)
+    assert (b.data_ptr() - a.data_ptr()) % 64 == 0 and b.data_ptr() > a.data_ptr()
+    a.fill_(1.0)
+    assert float(b.sum()) == 0.0
+    with pytest.raises(RuntimeError, match="weight store full"):
+        store.take(torch.Size([20]))
+
+
+def test_offload_memory_estimate_is_smaller():
+    config = tiny_config("llama")
+    plain = preflight.estimate_memory(config, "gptq", calibrated=True, nsamples=8, seqlen=128)
+    off = preflight.estimate_memory(config, "gptq", calibrated=True, nsamples=8, seqlen=128, offload=True)
+    assert off.total < plain.total and off.activation_bytes == plain.activation_bytes
+    aq = preflight.estimate_memory(config, "affinequant", calibrated=True, nsamples=8, seqlen=128, offload=True)
+    assert aq.total == preflight.estimate_memory(config, "affinequant", calibrated=True, nsamples=8,
+                                                 seqlen=128).total  # AffineQuant copies the model: not offloaded
+
+
+def test_tied_weight_saved_under_its_other_name(tmp_path):
+    # safetensors' save_model keeps one name of a tied tensor (here lm_head.weight, not the embedding's)
+    from safetensors import safe_open
+
+    from conftest import make_tokenizer, tiny_model
+    from qcompiler.loading import save_pretrained_safe
+
+    ref = tiny_model("opt")
+    folder = save_pretrained_safe(ref, make_tokenizer(), tmp_path / "opt", weights=True)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        saved = set(f.keys())
+    assert "lm_head.weight" in saved and "model.decoder.embed_tokens.weight" not in saved
+    model, _ = load_offloaded(str(folder), progress=False)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    ids = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
