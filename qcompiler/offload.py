@@ -86,7 +86,7 @@ def load_offloaded(source: str, *, store_dir: Optional[str] = None, progress: bo
     from transformers.initialization import no_init_weights
 
     from .loading import ATTN_IMPLEMENTATION
-    from .preflight import check_loaded_weights
+    from .preflight import check_finite_weight, check_loaded_weights
 
     folder = Path(source).expanduser()
     if not (folder.is_dir() and (folder / "config.json").is_file()):
@@ -124,10 +124,7 @@ def load_offloaded(source: str, *, store_dir: Optional[str] = None, progress: bo
                     if tuple(t.shape) != tuple(p.shape):
                         raise QCompilerError(f"checkpoint tensor {key} has shape {tuple(t.shape)}, the model's "
                                              f"{name} {tuple(p.shape)}")
-                    bad = (~torch.isfinite(t)).sum().item() if t.is_floating_point() else 0
-                    if bad:
-                        raise QCompilerError(f"weight {name} {tuple(p.shape)} holds {bad} NaN/Inf value(s): the "
-                                             "checkpoint is corrupt or was saved from a diverged run")
+                    check_finite_weight(name, t)
                     view = store.take(p.shape)
                     view.copy_(t)
                     p.data = view  # every module holding this Parameter (tied weights) now reads the store

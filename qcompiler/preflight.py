@@ -140,10 +140,15 @@ def check_loaded_weights(model: torch.nn.Module, missing_keys: Iterable[str] = (
         raise QCompilerError(f"the checkpoint lacks {len(missing)} weight(s) the model needs ({shown}): transformers "
                              f"would initialise them at random{hint}")
     for name, p in model.named_parameters():
-        bad = (~torch.isfinite(p.detach())).sum().item()
-        if bad:
-            raise QCompilerError(f"weight {name} {tuple(p.shape)} holds {bad} NaN/Inf value(s): the checkpoint is "
-                                 "corrupt or was saved from a diverged run")
+        check_finite_weight(name, p.detach())
+
+
+def check_finite_weight(name: str, t: torch.Tensor) -> None:
+    """QCompilerError if checkpoint weight `t` holds NaN/Inf."""
+    bad = (~torch.isfinite(t)).sum().item() if t.is_floating_point() else 0
+    if bad:
+        raise QCompilerError(f"weight {name} {tuple(t.shape)} holds {bad} NaN/Inf value(s): the checkpoint is "
+                             "corrupt or was saved from a diverged run")
 
 
 def check_finite(t: torch.Tensor, where: str) -> None:
