@@ -100,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--no-fallback", dest="fallback", action="store_false",
                      help="omit the portable ONNX functions that let the model run without the op library")
     adv.add_argument("--offload-weights", action="store_true",
-                     help="keep the fp32 weights in a temporary file-backed mapping (local safetensors folders): "
-                          "memory needs about one decoder layer instead of the whole model, at disk speed "
-                          "(QCOMPILER_OFFLOAD_DIR: where the file goes; default: the system temp folder)")
+                     help="keep the fp32 weights in a temporary file-backed mapping (local safetensors folders or "
+                          "GGUF files): memory needs about one decoder layer instead of the whole model, at disk "
+                          "speed (QCOMPILER_OFFLOAD_DIR: where the file goes; default: the system temp folder)")
     adv.add_argument("--no-memory-check", dest="memory_check", action="store_false",
                      help="start even if the estimated peak memory exceeds what is available")
     adv.add_argument("-q", "--quiet", action="store_true", help="no progress output")

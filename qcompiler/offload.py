@@ -9,12 +9,14 @@ in memory is about one decoder layer, the activations and what is not a weight (
 validation session), not the fp32 model. Peak RSS still counts the file pages while memory is plentiful; the
 anonymous high-water mark (`peak_anon_gb`) is what the mapping saves.
 
-Sources: local HF folders with safetensors weights (`model.safetensors` or a sharded index). GGUF files are
-dequantized by transformers in memory and hub ids need a download: both raise a one-line error.
+Sources: local HF folders with safetensors weights (`model.safetensors` or a sharded index) and local GGUF files
+(dequantized one tensor at a time, converted and named as transformers' GGUF loader does). Hub ids need a download:
+a one-line error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -70,7 +72,7 @@ def _checkpoint_files(folder: Path) -> dict[str, Path]:
     raise QCompilerError(f"--offload-weights needs safetensors weights ({SINGLE_FILE} or {INDEX_FILE}) in {folder}")
 
 
-def _checkpoint_key(name: str, keys: dict[str, Path]) -> Optional[str]:
+def _checkpoint_key(name: str, keys) -> Optional[str]:
     """The checkpoint key of parameter `name` (checkpoints saved from the base model lack the `model.` prefix)."""
     for key in (name, name.removeprefix("model."), f"model.{name}"):
         if key in keys:
@@ -78,22 +80,74 @@ def _checkpoint_key(name: str, keys: dict[str, Path]) -> Optional[str]:
     return None
 
 
+# A source: its tensors by checkpoint key, each read on demand (`read(key)` → a CPU tensor), and which parameter a
+# key fills (`key_of(parameter names sharing one tensor)` → key or None).
+class _Safetensors:
+    """A local HF folder's `model.safetensors` or sharded index: tensors read one at a time with `safe_open`."""
+
+    def __init__(self, folder: Path, stack: contextlib.ExitStack):
+        from safetensors import safe_open
+
+        self.files = _checkpoint_files(folder)
+        self._open = {path: stack.enter_context(safe_open(str(path), framework="pt"))
+                      for path in dict.fromkeys(self.files.values())}
+
+    def key_of(self, aliases: list[str]) -> Optional[str]:
+        return next((k for alias in aliases if (k := _checkpoint_key(alias, self.files)) is not None), None)
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._open[self.files[key]].get_tensor(key)
+
+
+class _Gguf:
+    """A GGUF file, memory-mapped by gguf's reader; each tensor dequantized (`gguf.dequantize`) and converted
+    (`TENSOR_PROCESSORS`: LLaMA's q/k row order) on its own, with transformers' name mapping — the steps of
+    transformers' `load_gguf_checkpoint`, which instead keeps every dequantized tensor of the model in memory."""
+
+    def __init__(self, path: Path, model):
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint, read_field)
+
+        self.reader = GGUFReader(str(path))
+        architecture = read_field(self.reader, "general.architecture")[0]
+        config = load_gguf_checkpoint(str(path), return_tensors=False).get("config", {})
+        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
+        hf_of = get_gguf_hf_weights_map(model, self.processor)  # GGUF name → parameter name
+        self.tensors = {hf_of[t.name]: t for t in self.reader.tensors if t.name in hf_of}
+
+    def key_of(self, aliases: list[str]) -> Optional[str]:
+        return next((a for a in aliases if a in self.tensors), None)
+
+    def read(self, key: str) -> torch.Tensor:
+        import numpy as np
+        from gguf import dequantize
+
+        t = self.tensors[key]
+        out = self.processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
+                                     tensor_key_mapping={}, parsed_parameters={"tensors": {}})
+        if out.name != t.name:
+            raise QCompilerError(f"--offload-weights cannot convert GGUF tensor {t.name} (renamed to {out.name} "
+                                 "by transformers' loader): export without --offload-weights")
+        return torch.from_numpy(np.copy(out.weights))  # one tensor; the memory map stays read-only
+
+
 def load_offloaded(source: str, *, store_dir: Optional[str] = None, progress: bool = True) -> tuple[Any, Any]:
-    """`(model, tokenizer)` with the weights in a `WeightStore` (kept alive by the model: `model.qcompiler_store`)."""
-    from safetensors import safe_open
+    """`(model, tokenizer)` with the weights in a `WeightStore` (kept alive by the model: `model.qcompiler_store`).
+    `source`: a local HF folder with safetensors weights, or a local GGUF file (or a folder holding exactly one)."""
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
-    from .loading import ATTN_IMPLEMENTATION
+    from .loading import ATTN_IMPLEMENTATION, _resolve
     from .preflight import check_finite_weight, check_loaded_weights
 
-    folder = Path(source).expanduser()
-    if not (folder.is_dir() and (folder / "config.json").is_file()):
-        raise QCompilerError(f"--offload-weights needs a local HF folder with config.json and safetensors weights "
-                             f"(got {source}; GGUF files and hub ids are loaded whole)")
-    keys = _checkpoint_files(folder)
-    config = AutoConfig.from_pretrained(str(folder))
+    where, kwargs = _resolve(source)  # a missing local path: one-line error
+    if not Path(where).expanduser().is_dir():
+        raise QCompilerError(f"--offload-weights needs a local HF folder with safetensors weights or a local GGUF "
+                             f"file (got {source}: hub ids are downloaded and loaded whole)")
+    gguf_file = kwargs.get("gguf_file")
+    config = AutoConfig.from_pretrained(where, **kwargs)
     config._attn_implementation = ATTN_IMPLEMENTATION
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -103,35 +157,29 @@ def load_offloaded(source: str, *, store_dir: Optional[str] = None, progress: bo
     aliases: dict[int, list[str]] = {}  # a tied weight may be saved under any of its names (safetensors keeps one)
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
-    store = WeightStore(sum(-(-p.numel() // ALIGN) * ALIGN for p in params.values()), folder=store_dir)
-    missing = []
-    plan: dict[Path, list[tuple[str, str]]] = {}
-    for name, p in params.items():
-        key = next((k for alias in aliases[id(p)] if (k := _checkpoint_key(alias, keys)) is not None), None)
-        if key is None:
-            missing.append(name)
-        else:
-            plan.setdefault(keys[key], []).append((name, key))
-    if missing:
-        check_loaded_weights(model, missing)  # raises: the checkpoint lacks weights the model needs
-    bar = tqdm(total=len(params), desc="loading into the weight store", unit="tensor", disable=not progress)
-    with torch.no_grad():
-        for path, items in plan.items():
-            with safe_open(str(path), framework="pt") as f:
-                for name, key in items:
-                    p = params[name]
-                    t = f.get_tensor(key)
-                    if tuple(t.shape) != tuple(p.shape):
-                        raise QCompilerError(f"checkpoint tensor {key} has shape {tuple(t.shape)}, the model's "
-                                             f"{name} {tuple(p.shape)}")
-                    check_finite_weight(name, t)
-                    view = store.take(p.shape)
-                    view.copy_(t)
-                    p.data = view  # every module holding this Parameter (tied weights) now reads the store
-                    bar.update()
-    bar.close()
+    with contextlib.ExitStack() as stack:
+        checkpoint = (_Gguf(Path(where) / gguf_file, model) if gguf_file
+                      else _Safetensors(Path(where), stack))
+        plan = {name: checkpoint.key_of(aliases[id(p)]) for name, p in params.items()}
+        missing = [name for name, key in plan.items() if key is None]
+        if missing:
+            check_loaded_weights(model, missing)  # raises: the checkpoint lacks weights the model needs
+        store = WeightStore(sum(-(-p.numel() // ALIGN) * ALIGN for p in params.values()), folder=store_dir)
+        with torch.no_grad():
+            for name, key in tqdm(plan.items(), desc="loading into the weight store", unit="tensor",
+                                  disable=not progress):
+                p = params[name]
+                t = checkpoint.read(key)
+                if tuple(t.shape) != tuple(p.shape):
+                    raise QCompilerError(f"checkpoint tensor {key} has shape {tuple(t.shape)}, the model's "
+                                         f"{name} {tuple(p.shape)}")
+                check_finite_weight(name, t)
+                view = store.take(p.shape)
+                view.copy_(t)
+                del t
+                p.data = view  # every module holding this Parameter (tied weights) now reads the store
     model.qcompiler_store = store
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     log.info("loaded %s into the weight store %s (%.2f GB)", source, store.path, store.flat.numel() * 4 / 1e9)
     return model, tokenizer
 

@@ -122,7 +122,7 @@ def check_memory(estimate: MemoryEstimate, available: Optional[int] = None) -> N
         raise QCompilerError(
             f"not enough memory: this export needs {estimate.describe()}, {available / GIB:.1f} GiB available "
             f"(lower --nsamples/--seqlen, free memory, --offload-weights to keep the weights in a file (local "
-            f"safetensors folders; rtn/gptq/spqr), or pass --no-memory-check to try anyway)")
+            f"safetensors folders and GGUF files; rtn/gptq/spqr), or pass --no-memory-check to try anyway)")
 
 
 def check_loaded_weights(model: torch.nn.Module, missing_keys: Iterable[str] = ()) -> None:

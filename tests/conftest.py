@@ -84,6 +84,91 @@ def tiny_dirs(tmp_path_factory):
     return make
 
 
+# llama.cpp's tensor names for the tiny LLaMA's parameters (the inverse of transformers' GGUF name map)
+_GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+               "lm_head.weight": "output.weight"}
+_GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def write_tiny_gguf(path: Path, *, tied: bool = False):
+    """Write the tiny LLaMA as a GGUF file the way llama.cpp's converter lays it out (q/k rows permuted for its
+    RoPE, a byte-level BPE tokenizer over `make_tokenizer`'s words, ffn_down in Q8_0, the rest F32; `tied`: no
+    output.weight, so loaders tie lm_head to the embedding). Returns the model written."""
+    import gguf
+    import numpy as np
+
+    model = tiny_model("llama")
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    digits = [str(i) for i in range(10)]
+    tokens = (["<unk>", "<s>", "</s>"] + [chr(x) for x in range(33, 127)] + ["\u0120", "\u0120w"]
+              + [f"w{i}" for i in digits] + [f"\u0120w{i}" for i in digits] + [f"w1{i}" for i in digits[:9]])
+    merges = (["\u0120 w"] + [f"w {i}" for i in digits] + [f"\u0120w {i}" for i in digits]
+              + [f"w1 {i}" for i in digits[:9]])
+    assert len(tokens) == VOCAB
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * VOCAB)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+
+    def permute(W, n_head):  # llama.cpp's q/k row order (transformers' GGUF loader reverses it)
+        return W.reshape(n_head, 2, W.shape[0] // n_head // 2, *W.shape[1:]).swapaxes(1, 2).reshape(W.shape)
+
+    for name, p in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        W = p.detach().numpy().astype(np.float32)
+        if name in _GGUF_NAMES:
+            g = _GGUF_NAMES[name]
+        else:
+            parts = name.split(".")  # model.layers.I.MODULE.weight
+            g = f"blk.{parts[2]}.{_GGUF_LAYER['.'.join(parts[3:-1])]}.{parts[-1]}"
+        if ".attn_q." in g:
+            W = permute(W, c.num_attention_heads)
+        elif ".attn_k." in g:
+            W = permute(W, c.num_key_value_heads)
+        if g.endswith("ffn_down.weight"):
+            q = gguf.quants.quantize(W, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(g, W)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """Factory: `tiny_gguf(tied=False)` → path of the tiny LLaMA written as a GGUF file (cached per session)."""
+    cache: dict[bool, Path] = {}
+
+    def make(tied: bool = False) -> Path:
+        if tied not in cache:
+            path = tmp_path_factory.mktemp("gguf") / ("tiny-tied.gguf" if tied else "tiny.gguf")
+            write_tiny_gguf(path, tied=tied)
+            cache[tied] = path
+        return cache[tied]
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory) -> Path:
     """A small text file in the tiny tokenizer's vocabulary (for eval/calibration in tests)."""

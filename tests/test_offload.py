@@ -1,4 +1,5 @@
-"""--offload-weights (qcompiler/offload.py): the fp32 weights in a file-backed mapping, streamed from safetensors."""
+"""--offload-weights (qcompiler/offload.py): the fp32 weights in a file-backed mapping, streamed from safetensors
+or GGUF."""
 
 from __future__ import annotations
 
@@ -57,9 +58,49 @@ def test_offloaded_export_is_byte_identical(kind, method, flags, tiny_dirs, text
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
 
 
-def test_offload_needs_a_safetensors_folder(tiny_dirs, tmp_path):
-    with pytest.raises(QCompilerError, match="needs a local HF folder with config.json and safetensors"):
+@pytest.mark.parametrize("tied", [False, True])
+def test_offloaded_gguf_equals_transformers_gguf_loader(tied, tiny_gguf):
+    """GGUF tensors dequantized one at a time (Q8_0 and F32), LLaMA's q/k rows put back in order, named as
+    transformers' loader names them: the same weights, bit for bit, as a view of the store."""
+    from conftest import tiny_model
+
+    path = tiny_gguf(tied=tied)
+    model, tok = load_offloaded(str(path), progress=False)
+    ref, ref_tok = load_model(str(path), progress=False)
+    params, ref_params = dict(model.named_parameters()), dict(ref.named_parameters())
+    assert params.keys() == ref_params.keys()
+    for name, p in params.items():
+        assert torch.equal(p, ref_params[name]), name
+        assert p.untyped_storage().data_ptr() == model.qcompiler_store.flat.untyped_storage().data_ptr(), name
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    written = dict(tiny_model("llama").named_parameters())  # what the GGUF file was written from
+    assert torch.equal(params["model.layers.1.self_attn.q_proj.weight"],
+                       written["model.layers.1.self_attn.q_proj.weight"])  # the permutation undone exactly
+    assert torch.equal(params["model.layers.0.self_attn.k_proj.weight"],
+                       written["model.layers.0.self_attn.k_proj.weight"])
+    down = params["model.layers.0.mlp.down_proj.weight"]
+    err = (down - written["model.layers.0.mlp.down_proj.weight"]).abs().max().item()
+    assert 0 < err < 1e-3  # Q8_0: dequantized, not a copy of the fp32 source
+    assert tok("w1 w12 w3")["input_ids"] == ref_tok("w1 w12 w3")["input_ids"]
+
+
+def test_offloaded_gguf_export_is_byte_identical(tiny_gguf, tmp_path):
+    outs = []
+    for name, extra in (("plain", []), ("offload", ["--offload-weights"])):
+        out = tmp_path / name
+        assert main(["export", str(tiny_gguf()), "--method", "rtn", "--bits", "3", "--group-size", "16", *extra,
+                     "-o", str(out), "-q"]) == 0
+        outs.append(out)
+    for f in ("model.onnx", "model.onnx.data"):
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+
+
+def test_offload_needs_a_local_safetensors_folder_or_gguf(tiny_dirs, tmp_path):
+    with pytest.raises(QCompilerError, match=r"^model path not found: .*nowhere\.gguf$"):
         load_offloaded(str(tmp_path / "nowhere.gguf"), progress=False)
+    with pytest.raises(QCompilerError, match=r"^--offload-weights needs a local HF folder with safetensors weights "
+                                             r"or a local GGUF file \(got some-org/some-model: hub ids"):
+        load_offloaded("some-org/some-model", progress=False)
     folder = tmp_path / "bin"
     shutil.copytree(tiny_dirs("llama"), folder)
     (folder / "model.safetensors").unlink()
