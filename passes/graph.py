@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qcompiler.external import tensor_array
+from qcompiler.external import borrowed_from, spill, tensor_array
 
 from .base import PassError
 
@@ -82,10 +82,16 @@ class GraphIndex:
 
     # ------------------------------------------------------------------------------------------ editing
     def set_const(self, name: str, value: np.ndarray, *, like: Optional[str] = None) -> str:
-        """Create or overwrite initializer `name` (dtype of `like`'s initializer when given, else of `value`)."""
+        """Create or overwrite initializer `name` (dtype of `like`'s initializer when given, else of `value`). A value
+        replacing or modelled on a borrowed weight (`qcompiler.external`) is borrowed too: its bytes go to a spill
+        file next to the exporter's, so folding a whole model's weights does not hold them all in memory."""
         if like is not None:
             value = value.astype(helper.tensor_dtype_to_np_dtype(self.inits[like].data_type))
         tensor = numpy_helper.from_array(np.ascontiguousarray(value), name=name)
+        source = self.inits.get(like) if like is not None else self.inits.get(name)
+        folder = borrowed_from(source) if source is not None else None
+        if folder is not None:
+            spill(tensor, folder)
         if name in self.inits:
             self.inits[name].CopyFrom(tensor)
         else:

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from . import QCompilerError
 from .families import Family, get_module, iter_layers, layer_linears
 from .format import SpQRWeight
+from .offload import release_free_memory
 from .preflight import check_finite
 from .methods.base import QuantizationResult
 
@@ -365,6 +366,7 @@ def quantize_blockwise(
                 _run_chunks(layer, inputs, chunk_windows, out=outputs)
                 t_forward += time.perf_counter() - t
                 inputs.hidden, outputs = outputs, inputs.hidden
+            release_free_memory()
             mean_err = sum(errors) / max(len(errors), 1)
             seconds = time.perf_counter() - tick
             bar.set_postfix(rel_error=f"{mean_err:.4f}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from itertools import chain
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import onnx
@@ -37,6 +37,34 @@ def borrow(model: onnx.ModelProto, folder: str) -> int:
 
 def is_borrowed(t: onnx.TensorProto) -> bool:
     return uses_external_data(t) and not t.HasField("raw_data") and "basepath" in _entries(t)
+
+
+SPILL_FILE = "qcompiler-spill.data"
+SIZE_THRESHOLD = 1024  # onnx.save's default: initializers whose raw bytes object is at least this big go external
+
+
+def spill(t: onnx.TensorProto, folder: str) -> None:
+    """Move inline tensor `t`'s bytes to the end of `folder`'s spill file and borrow them from there (a pass's new
+    weight replacing a borrowed one stays out of memory too). Only tensors `onnx.save` would move to external data
+    (`sys.getsizeof(raw_data) >= SIZE_THRESHOLD`): the saved layout is unchanged."""
+    if not t.HasField("raw_data") or sys.getsizeof(t.raw_data) < SIZE_THRESHOLD:
+        return
+    with open(os.path.join(folder, SPILL_FILE), "ab") as f:
+        offset = f.tell()
+        f.write(t.raw_data)
+    length = len(t.raw_data)
+    t.ClearField("raw_data")
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", SPILL_FILE), ("offset", offset), ("length", length),
+                       ("basepath", os.path.abspath(folder))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, str(value)
+
+
+def borrowed_from(t: onnx.TensorProto) -> Optional[str]:
+    """The folder borrowed tensor `t` reads from (None when `t` is not borrowed)."""
+    return _entries(t)["basepath"] if is_borrowed(t) else None
 
 
 def tensor_bytes(t: onnx.TensorProto) -> bytes:
@@ -104,7 +132,8 @@ def _subgraphs(a: onnx.AttributeProto, walk) -> Iterator[onnx.TensorProto]:
             yield from walk(g)
 
 
-def save_with_external_data(model: onnx.ModelProto, path: str, *, location: str, size_threshold: int = 1024) -> None:
+def save_with_external_data(model: onnx.ModelProto, path: str, *, location: str,
+                            size_threshold: int = SIZE_THRESHOLD) -> None:
     """Write `model` to `path` with every initializer of at least `size_threshold` bytes (and every borrowed tensor) in
     `location` next to it, in `all_tensors` order, back to back: the layout `onnx.save(...,
     save_as_external_data=True, all_tensors_to_one_file=True)` writes. `model` is changed in place: its large

@@ -7,7 +7,9 @@ export, passes and validation read and write the weights as before, but the page
 in the decoder layer being used and writes dirty pages back and drops them under memory pressure, so what must fit
 in memory is about one decoder layer, the activations and what is not a weight (embeddings in use, ONNX Runtime's
 validation session), not the fp32 model. Peak RSS still counts the file pages while memory is plentiful; the
-anonymous high-water mark (`peak_anon_gb`) is what the mapping saves.
+anonymous high-water mark (`peak_anon_gb`) is what the mapping saves. Model-sized copies made after loading
+(AffineQuant's full-precision parameters and transformed weights, the full-precision model it exports) go to
+unlinked spill stores next to the weights (`spill_store`, `keep`, `copy_model`).
 
 Sources: local HF folders with safetensors weights (`model.safetensors` or a sharded index) and local GGUF files
 (dequantized one tensor at a time, converted and named as transformers' GGUF loader does). Hub ids need a download:
@@ -37,15 +39,26 @@ SINGLE_FILE = "model.safetensors"
 
 
 class WeightStore:
-    """fp32 tensors carved from one temporary file mapped `MAP_SHARED` (removed when the store is released)."""
+    """fp32 tensors carved from one temporary file mapped `MAP_SHARED` (removed when the store is released).
+    `unlinked`: the file is removed as soon as it is mapped (no name; its space is freed when the last view of it
+    is), for copies whose lifetime follows their tensors, not the store."""
 
-    def __init__(self, numel: int, *, folder: Optional[str] = None):
-        self._tmp = tempfile.TemporaryDirectory(prefix="qcompiler-weights-", dir=folder)
-        self.path = os.path.join(self._tmp.name, "weights.f32")
+    def __init__(self, numel: int, *, folder: Optional[str] = None, unlinked: bool = False):
+        self.folder = folder
         total = max(int(numel), 1)
-        with open(self.path, "wb") as f:
-            f.truncate(total * 4)  # sparse: disk blocks are allocated as pages are written
-        self.flat = torch.from_file(self.path, shared=True, size=total, dtype=torch.float32)
+        if unlinked:
+            fd, self.path = tempfile.mkstemp(prefix="qcompiler-weights-", suffix=".f32", dir=folder)
+            os.close(fd)
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="qcompiler-weights-", dir=folder)
+            self.path = os.path.join(self._tmp.name, "weights.f32")
+        try:
+            with open(self.path, "wb") as f:
+                f.truncate(total * 4)  # sparse: disk blocks are allocated as pages are written
+            self.flat = torch.from_file(self.path, shared=True, size=total, dtype=torch.float32)
+        finally:
+            if unlinked:
+                os.unlink(self.path)
         self.used = 0
 
     def take(self, shape: torch.Size) -> torch.Tensor:
@@ -55,6 +68,43 @@ class WeightStore:
         view = self.flat[self.used:self.used + n].view(shape)
         self.used += -(-n // ALIGN) * ALIGN
         return view
+
+
+def store_numel(tensors) -> int:
+    """Elements a `WeightStore` needs for `tensors` (each aligned)."""
+    return sum(-(-t.numel() // ALIGN) * ALIGN for t in tensors)
+
+
+def spill_store(model, numel: int) -> Optional[WeightStore]:
+    """For an offloaded model (`load_offloaded`), a new unlinked store of `numel` elements next to its weights, for
+    the model-sized copies a method or the export keeps (AffineQuant's full-precision state); None otherwise."""
+    store = getattr(model, "qcompiler_store", None)
+    return None if store is None else WeightStore(numel, folder=store.folder, unlinked=True)
+
+
+def keep(store: Optional[WeightStore], t: torch.Tensor) -> torch.Tensor:
+    """A detached fp32 copy of `t`: in `store` (file pages) when given, else in memory."""
+    if store is None:
+        return t.detach().clone()
+    view = store.take(t.shape)
+    view.copy_(t.detach())
+    return view
+
+
+def copy_model(model):
+    """`copy.deepcopy(model)`; for an offloaded model the copy's parameters are file pages of a spill store and the
+    weight store itself is shared, not copied."""
+    import copy
+
+    store = getattr(model, "qcompiler_store", None)
+    if store is None:
+        return copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    spill = spill_store(model, store_numel(params.values()))
+    memo = {id(store): store}
+    for p in params.values():
+        memo[id(p)] = torch.nn.Parameter(keep(spill, p), requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
 
 
 def _checkpoint_files(folder: Path) -> dict[str, Path]:
@@ -164,7 +214,7 @@ def load_offloaded(source: str, *, store_dir: Optional[str] = None, progress: bo
         missing = [name for name, key in plan.items() if key is None]
         if missing:
             check_loaded_weights(model, missing)  # raises: the checkpoint lacks weights the model needs
-        store = WeightStore(sum(-(-p.numel() // ALIGN) * ALIGN for p in params.values()), folder=store_dir)
+        store = WeightStore(store_numel(params.values()), folder=store_dir)
         with torch.no_grad():
             for name, key in tqdm(plan.items(), desc="loading into the weight store", unit="tensor",
                                   disable=not progress):
@@ -182,6 +232,27 @@ def load_offloaded(source: str, *, store_dir: Optional[str] = None, progress: bo
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     log.info("loaded %s into the weight store %s (%.2f GB)", source, store.path, store.flat.numel() * 4 / 1e9)
     return model, tokenizer
+
+
+def release_free_memory() -> None:
+    """Return the C heap's free pages to the system (glibc `malloc_trim`; a no-op elsewhere). Tensors under glibc's
+    mmap threshold (up to 32 MB) are freed into the heap and kept there: called after each decoder layer, the
+    resident memory stays at one layer's worth instead of creeping up with fragmentation (AffineQuant, 16-layer
+    0.98 GB model: 1.29 GB anonymous at the last layer without, 0.49 GB with)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def anon_rss_gb() -> Optional[float]:

@@ -24,6 +24,7 @@ from . import QCompilerError, __version__
 from .emit import (CONFIG_FILE, LIBRARY_FILE, MANIFEST_FILE, MODEL_FILE, atomic_output, check_output, set_aside,
                    write_json)
 from .format import OP_TYPE
+from .offload import release_free_memory
 
 log = logging.getLogger("qcompiler")
 
@@ -122,6 +123,7 @@ def export(
     anon_peaks: dict[str, float] = {}
 
     def stage_done(stage: str, started: float) -> None:
+        release_free_memory()
         secs[stage] = time.perf_counter() - started
         peaks[stage] = peak_rss_gb()
         if anon is not None:
@@ -308,11 +310,10 @@ def export(
 def full_precision_copy(model: torch.nn.Module, result) -> torch.nn.Module:
     """A copy of a merged (AffineQuant) model with its full-precision parameters back and the merge's hooks and
     buffers removed: the model the transforms are installed on for export."""
-    import copy
-
+    from .offload import copy_model
     from .transforms import NORM_MATRIX, NORM_SHIFT
 
-    fp = copy.deepcopy(model)
+    fp = copy_model(model)  # offloaded models: the copy's weights are file pages too
     modules = dict(fp.named_modules())
     with torch.no_grad():
         for name, value in result.fp_state.items():

@@ -96,3 +96,33 @@ def test_borrowed_export_keeps_no_weight_bytes_and_its_folder_lives_with_the_res
     gc.collect()
     assert not os.path.exists(folder)
     assert inline.weights is None
+
+
+def test_a_pass_replacing_a_borrowed_weight_spills_it_and_the_layout_stays(tmp_path):
+    """GraphIndex.set_const over a borrowed weight: the new bytes go to the spill file (not kept in the proto), read
+    back equal, and the saved model is byte-identical to onnx.save of the same edits made inline."""
+    from qcompiler.external import SPILL_FILE
+    from qcompiler.passes.graph import GraphIndex
+
+    src = tmp_path / "src"
+    save_model(_model_with_subgraph_and_function(), str(src / "model.onnx"))
+    borrowed = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    borrow(borrowed, str(src))
+    inline = _model_with_subgraph_and_function()
+    new_big = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)
+    new_small = np.full(4, 2.0, np.float32)
+    for model in (borrowed, inline):
+        index = GraphIndex(model)
+        index.set_const("big", new_big, like="big")
+        index.set_const("small", new_small)
+        index.set_const("extra", np.ones((16, 32), np.float32), like="big")  # modelled on a borrowed weight
+    tensors = {t.name: t for t in borrowed.graph.initializer}
+    assert is_borrowed(tensors["big"]) and is_borrowed(tensors["extra"]) and not tensors["big"].HasField("raw_data")
+    assert not is_borrowed(tensors["small"])  # replaced an inline tensor: stays inline
+    assert (src / SPILL_FILE).stat().st_size == (64 * 32 + 16 * 32) * 4
+    np.testing.assert_array_equal(tensor_array(tensors["big"]), new_big)
+    ref, ours = tmp_path / "ref", tmp_path / "ours"
+    save_model(inline, str(ref / "model.onnx"))
+    save_model(borrowed, str(ours / "model.onnx"))
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (ref / name).read_bytes() == (ours / name).read_bytes(), name

@@ -39,6 +39,7 @@ def test_offloaded_weights_equal_the_checkpoint_and_live_in_the_store(kind, tiny
 @pytest.mark.parametrize("kind,method,flags", [
     ("llama", "rtn", ["--bits", "3", "--group-size", "16"]),
     ("opt", "gptq", ["--bits", "3", "--group-size", "16", "--nsamples", "4", "--seqlen", "32"]),
+    ("opt", "affinequant", ["--bits", "3", "--group-size", "16", "--epochs", "2", "--nsamples", "4", "--seqlen", "32"]),
 ])
 def test_offloaded_export_is_byte_identical(kind, method, flags, tiny_dirs, text_file, tmp_path, monkeypatch):
     import qcompiler.offload
@@ -47,6 +48,11 @@ def test_offloaded_export_is_byte_identical(kind, method, flags, tiny_dirs, text
     real = qcompiler.offload.load_offloaded
     monkeypatch.setattr(qcompiler.offload, "load_offloaded", lambda *a, **k: calls.append(a) or real(*a, **k))
     calib = ["--calibration", str(text_file)] if method != "rtn" else []
+    if method == "affinequant":  # its full-precision copies go to unlinked spill stores next to the weights
+        spills = []
+        real_spill = qcompiler.offload.spill_store
+        monkeypatch.setattr(qcompiler.offload, "spill_store",
+                            lambda *a: (lambda s: spills.append(s) or s)(real_spill(*a)))
     outs = []
     for name, extra in (("plain", []), ("offload", ["--offload-weights"])):
         out = tmp_path / name
@@ -54,6 +60,9 @@ def test_offloaded_export_is_byte_identical(kind, method, flags, tiny_dirs, text
                      "-q"]) == 0
         outs.append(out)
     assert len(calls) == 1  # the second export loaded through the weight store
+    if method == "affinequant":
+        # plain: no store (None); offloaded: one for fp_state + expected, one for the full-precision copy
+        assert spills[0] is None and len(spills) == 3 and all(s.used > 0 for s in spills[1:])
     for f in ("model.onnx", "model.onnx.data"):
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
 
@@ -93,6 +102,26 @@ def test_offloaded_gguf_export_is_byte_identical(tiny_gguf, tmp_path):
         outs.append(out)
     for f in ("model.onnx", "model.onnx.data"):
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+
+
+def test_copy_of_an_offloaded_model_is_file_backed_and_shares_the_store(tiny_dirs):
+    from qcompiler.offload import copy_model, keep, spill_store
+
+    model, _ = load_offloaded(str(tiny_dirs("llama")), progress=False)
+    copy = copy_model(model)
+    assert copy.qcompiler_store is model.qcompiler_store  # shared, not copied into memory
+    main_ptr = model.qcompiler_store.flat.untyped_storage().data_ptr()
+    copied = dict(copy.named_parameters())
+    for name, p in model.named_parameters():
+        c = copied[name]
+        assert torch.equal(c, p) and c.untyped_storage().data_ptr() != main_ptr, name
+        assert c.untyped_storage().filename is not None, name  # file pages (an unlinked spill file)
+    with torch.no_grad():
+        copied["model.norm.weight"].add_(1.0)  # independent of the original
+    assert not torch.equal(copied["model.norm.weight"], dict(model.named_parameters())["model.norm.weight"])
+    assert spill_store(load_model(str(tiny_dirs("llama")), progress=False)[0], 10) is None  # not offloaded
+    t = torch.arange(5.0)
+    assert keep(None, t) is not t and torch.equal(keep(None, t), t)
 
 
 def test_offload_needs_a_local_safetensors_folder_or_gguf(tiny_dirs, tmp_path):
@@ -141,8 +170,9 @@ def test_offload_memory_estimate_is_smaller():
     off = preflight.estimate_memory(config, "gptq", calibrated=True, nsamples=8, seqlen=128, offload=True)
     assert off.total < plain.total and off.activation_bytes == plain.activation_bytes
     aq = preflight.estimate_memory(config, "affinequant", calibrated=True, nsamples=8, seqlen=128, offload=True)
-    assert aq.total == preflight.estimate_memory(config, "affinequant", calibrated=True, nsamples=8,
-                                                 seqlen=128).total  # AffineQuant copies the model: not offloaded
+    assert aq.total < preflight.estimate_memory(config, "affinequant", calibrated=True, nsamples=8,
+                                                seqlen=128).total  # its full-precision copies are file pages too
+    assert aq.activation_bytes > off.activation_bytes  # its targets are extra activations either way
 
 
 def test_tied_weight_saved_under_its_other_name(tmp_path):

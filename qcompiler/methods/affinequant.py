@@ -44,9 +44,10 @@ from typing import Any, Optional, Sequence
 import torch
 from torch.func import functional_call
 
-from .. import QCompilerError, fold
+from .. import QCompilerError, fold, offload
 from ..actquant import install_act_quant
 from ..calibration import _calibration_mode, _layer_output, capture_layer_inputs
+from ..offload import keep, store_numel
 from ..preflight import check_finite
 from ..families import Family, get_module, iter_layers, layer_linears
 from ..transforms import AffineTransforms, HeadTransform, NormTransform, attach_norm_residue
@@ -377,6 +378,16 @@ def _watch_stats(layer, family: Family, stats: dict) -> list:
     return handles
 
 
+def _kept_numel(layers, family: Family) -> int:
+    """Elements of what `AffineQuant.quantize` keeps per decoder layer for the export: every parameter before the
+    merge (`fp_state`) and every linear's transformed weight (`expected`)."""
+    total = 0
+    for _, layer in layers:
+        total += store_numel(layer.parameters())
+        total += store_numel(lin.weight for lin in layer_linears(layer, family).values())
+    return total
+
+
 @register_method("affinequant")
 class AffineQuant(Method):
     """AffineQuant: learned affine transforms + learnable weight clipping, trained block by block."""
@@ -415,6 +426,9 @@ class AffineQuant(Method):
             fp_x = quant_x.clone()
             n = quant_x.shape[0]
             layers = list(iter_layers(model, family))
+            # the model-sized copies kept for the export (full-precision parameters, transformed weights): file
+            # pages when the model is offloaded (--offload-weights), else memory
+            spill = offload.spill_store(model, _kept_numel(layers, family))
             outer = tqdm(layers, desc=desc, disable=not progress, unit="layer")
             for index, (path, layer) in enumerate(outer):
                 tick = time.perf_counter()
@@ -438,7 +452,7 @@ class AffineQuant(Method):
                             aug[a:a + 1] = _layer_output(layer(quant_x[a:a + 1], *args, **kwargs))
                 state = _LayerState(layer, path, family, cfg, stats, (kv, heads // kv, head_dim))
                 for name, p in layer.named_parameters():
-                    fp_state[f"{path}.{name}"] = p.detach().clone()
+                    fp_state[f"{path}.{name}"] = keep(spill, p)
                 for name, lin in state.linears.items():
                     if lin.bias is None:
                         fp_state[f"{path}.{name}.bias"] = None
@@ -491,7 +505,7 @@ class AffineQuant(Method):
                         packed = to_spqr_weight(codes, scale, zero, bits=cfg.bits, group_size=gs, bias=b)
                         layers_out[full] = packed
                         report[full] = layer_report(W, evaluated, packed)
-                        expected[full] = W.numpy().copy()  # what the graph holds once the passes folded
+                        expected[full] = keep(spill, W).numpy()  # what the graph holds once the passes folded
                         if b is not None:
                             expected_bias[full] = b.numpy().copy()
                         lin.weight.copy_(evaluated)
@@ -509,6 +523,8 @@ class AffineQuant(Method):
                         for a in range(n):
                             args, kwargs = call(a)
                             quant_x[a:a + 1] = _layer_output(layer(quant_x[a:a + 1], *args, **kwargs))
+                del state
+                offload.release_free_memory()
                 log.info("%s: %s: loss %.4g, %.1fs", desc, path, loss_value, time.perf_counter() - tick)
         config = {"method": "affinequant", **dataclasses.asdict(cfg)}
         return QuantizationResult(layers=layers_out, config=config, report=report, transforms=transforms,
