@@ -19,6 +19,7 @@ a one-line error.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -157,14 +158,14 @@ class _Gguf:
     def __init__(self, path: Path, model):
         from gguf import GGUFReader
         from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint, read_field)
+            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, read_field)
 
-        self.reader = GGUFReader(str(path))
-        architecture = read_field(self.reader, "general.architecture")[0]
-        config = load_gguf_checkpoint(str(path), return_tensors=False).get("config", {})
-        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
+        reader = GGUFReader(str(path))
+        architecture = read_field(reader, "general.architecture")[0]
+        # the processors read head counts under transformers' names: the config already parsed from this file
+        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=model.config.to_dict())
         hf_of = get_gguf_hf_weights_map(model, self.processor)  # GGUF name → parameter name
-        self.tensors = {hf_of[t.name]: t for t in self.reader.tensors if t.name in hf_of}
+        self.tensors = {hf_of[t.name]: t for t in reader.tensors if t.name in hf_of}
 
     def key_of(self, aliases: list[str]) -> Optional[str]:
         return next((a for a in aliases if a in self.tensors), None)
@@ -193,7 +194,7 @@ def load_offloaded(source: str, *, store_dir: Optional[str] = None, progress: bo
     from .preflight import check_finite_weight, check_loaded_weights
 
     where, kwargs = _resolve(source)  # a missing local path: one-line error
-    if not Path(where).expanduser().is_dir():
+    if not Path(where).is_dir():
         raise QCompilerError(f"--offload-weights needs a local HF folder with safetensors weights or a local GGUF "
                              f"file (got {source}: hub ids are downloaded and loaded whole)")
     gguf_file = kwargs.get("gguf_file")
@@ -239,20 +240,21 @@ def release_free_memory() -> None:
     mmap threshold (up to 32 MB) are freed into the heap and kept there: called after each decoder layer, the
     resident memory stays at one layer's worth instead of creeping up with fragmentation (AffineQuant, 16-layer
     0.98 GB model: 1.29 GB anonymous at the last layer without, 0.49 GB with)."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
-_LIBC = None
+@functools.lru_cache(maxsize=None)
+def _libc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def anon_rss_gb() -> Optional[float]:

@@ -26,8 +26,8 @@ GIB = 1024**3
 # 2.19 GB and of 2.55 GB 6.83 GB (bench/large_model.py) → at most 2.5× + base; 3.5× keeps a margin for GPTQ/SpQR's
 # per-layer state. AffineQuant (its full-precision copies, the copy exported with transforms, the per-block training
 # state; fold passes spill the weights they rewrite to a file): SmolLM2-135M 3.10 GB (1 epoch, 8 × 256), the 0.98 GB
-# synthetic LLaMA 4.72 GB (0 epochs) → at most 4.6× + base; 6× keeps a margin. Calibration activations are extra: the layer inputs, outputs and (AffineQuant) full-precision
-# targets, in fp32.
+# synthetic LLaMA 4.72 GB (0 epochs) → at most 4.6× + base; 6× keeps a margin. Calibration activations are extra:
+# the layer inputs, outputs and (AffineQuant) full-precision targets, in fp32.
 BASE_BYTES = 600 * 1024**2
 PARAM_FACTOR = {"affinequant": 6.0, "affinequant+spqr": 6.0}
 DEFAULT_PARAM_FACTOR = 3.5
