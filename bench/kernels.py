@@ -11,7 +11,7 @@ For each weight shape K×N and batch M (rows of X), single-node models on the CP
   model, at accuracy_level 0 (fp32 compute) and 4 (int8 activations).
 
 Timing: `--repeat` rounds (default 5) of `--number` runs (default: enough for ~0.2 s per round), median of the
-per-round means, with the input fed once per session (`run_with_iobuffers` is not used: the same overhead for all
+per-round means; the variants of one shape and batch are interleaved (each round times every variant once, in turn), with the input fed once per session (`run_with_iobuffers` is not used: the same overhead for all
 rows). Effective GB/s = bytes of the weight's initializers (what a run must read) / time.
 
     .venv/bin/python bench/kernels.py                        # all shapes, batches 1, 16, 512
@@ -109,21 +109,28 @@ def session(model: onnx.ModelProto, threads: int, provider: str = "CPUExecutionP
     return ops.session(model.SerializeToString(), providers=[provider], sess_options=so)
 
 
-def time_run(run: Callable[[], object], *, repeat: int, number: int, budget_s: float = 0.2) -> float:
-    """Median over `repeat` rounds of the mean seconds per call; `number` = 0 picks enough calls for ~budget_s."""
-    run()  # warm-up (first-run allocations, lazy initialization)
-    if number <= 0:
-        t = time.perf_counter()
-        run()
-        one = max(time.perf_counter() - t, 1e-6)
-        number = max(1, min(1000, int(budget_s / one)))
-    rounds = []
+def calls_for(run: Callable[[], object], budget_s: float = 0.2) -> int:
+    """Calls per round for ~budget_s (after one warm-up call: first-run allocations, lazy initialization, packing)."""
+    run()
+    t = time.perf_counter()
+    run()
+    one = max(time.perf_counter() - t, 1e-6)
+    return max(1, min(1000, int(budget_s / one)))
+
+
+def time_interleaved(runs: dict[str, Callable[[], object]], *, repeat: int, number: int) -> dict[str, float]:
+    """Median over `repeat` rounds of the mean seconds per call, for each run; every round times each run once, in
+    turn (so drift in clock speed, cache contents or a neighbour's load hits all of them alike, not one variant)."""
+    numbers = {k: number if number > 0 else calls_for(run) for k, run in runs.items()}
+    rounds: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeat):
-        t = time.perf_counter()
-        for _ in range(number):
-            run()
-        rounds.append((time.perf_counter() - t) / number)
-    return statistics.median(rounds)
+        for k, run in runs.items():
+            n = numbers[k]
+            t = time.perf_counter()
+            for _ in range(n):
+                run()
+            rounds[k].append((time.perf_counter() - t) / n)
+    return {k: statistics.median(v) for k, v in rounds.items()}
 
 
 def write_table(rows: list[dict], meta: dict, path: Path) -> str:
@@ -182,18 +189,21 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     for K, N in shapes:
         w32 = (rng.standard_normal((K, N), dtype=np.float32) * 0.02).astype(np.float32)
+        sessions, nbytes = {}, {}
         for variant in variants:
             model = build(variant, K, N, w32)
-            sess = session(model, args.threads)
-            nbytes = _weight_bytes(model)
-            for M in batches:
-                x = rng.standard_normal((M, K), dtype=np.float32)
-                seconds = time_run(lambda: sess.run(None, {"X": x}), repeat=args.repeat, number=args.number)
+            sessions[variant] = session(model, args.threads)
+            nbytes[variant] = _weight_bytes(model)
+            del model
+        for M in batches:
+            x = rng.standard_normal((M, K), dtype=np.float32)
+            runs = {v: (lambda sess=sess: sess.run(None, {"X": x})) for v, sess in sessions.items()}
+            for variant, seconds in time_interleaved(runs, repeat=args.repeat, number=args.number).items():
                 rows.append({"shape": f"{K}x{N}", "K": K, "N": N, "M": M, "variant": variant, "seconds": seconds,
-                             "weight_bytes": nbytes})
+                             "weight_bytes": nbytes[variant]})
                 print(f"{K}x{N} M={M} {variant}: {seconds * 1e6:.0f} µs", file=sys.stderr, flush=True)
-                write_table(rows, meta, out)
-            del sess, model
+            write_table(rows, meta, out)
+        del sessions
     rows.sort(key=lambda r: (SHAPES.index(r["shape"]) if r["shape"] in SHAPES else 99, r["M"],
                              VARIANTS.index(r["variant"])))
     print(write_table(rows, meta, out))

@@ -4,6 +4,7 @@ quantization), and the table holds one row per (shape, batch, variant)."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -38,3 +39,14 @@ def test_main_writes_one_row_per_case(kernels, tmp_path):
     assert table.count("| 64x48 |") == 6 and "| 96x32 | 3 | fp32 |" in table
     with pytest.raises(SystemExit):
         kernels.main(["--variants", "fp64"])
+
+def test_variants_are_timed_in_turn_each_round(kernels):
+    calls: list[str] = []
+    def run(name: str, seconds: float):
+        def call():
+            calls.append(name)
+            time.sleep(seconds)
+        return call
+    t = kernels.time_interleaved({"a": run("a", 0.002), "b": run("b", 0.0)}, repeat=3, number=2)
+    assert calls == ["a", "a", "b", "b"] * 3  # round by round, not all of a then all of b
+    assert t["a"] >= 0.002 > t["b"]

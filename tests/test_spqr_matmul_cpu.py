@@ -122,16 +122,17 @@ def _has_avx512() -> bool:
 @pytest.mark.skipif(not _has_avx512(), reason="the packed GEMV kernel needs AVX-512 (F, BW, VL, DQ)")
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size,K", [(16, 600), (16, 584), (32, 600), (64, 600), (128, 576)])
-@pytest.mark.parametrize("stats", ["coded-b16", "coded-b32", "split-b8", "fp16"])
+@pytest.mark.parametrize("stats", ["coded-b16", "coded-b32", "coded-b48", "split-b8", "fp16"])
 @pytest.mark.parametrize("M", [1, 2, 7])
 def test_packed_gemv_path(bits, group_size, K, stats, M, monkeypatch):
     # QCOMPILER_CPU_REQUIRE_PACKED=1 turns "the packed path was not taken" into an error, so these cases cannot pass
     # on another path. K=600/584: a padded chunk and, for β1=16, an odd group count (the last chunk's second half is
     # padding); K=576 with β1=128: a ragged last group. Statistics: quantized with β2 a multiple of the 16-row block
-    # (codes unpacked in the kernel), β2=8 (decoded per row at packing time) and fp16; N=70: a ragged last block.
+    # (codes unpacked in the kernel; β2=32: two blocks share a row of second-level values, β2=48: not a power-of-two
+    # number of blocks, a row per block), β2=8 (decoded per row at packing time) and fp16; N=70: a ragged last block.
     monkeypatch.setenv("QCOMPILER_CPU_REQUIRE_PACKED", "1")
-    stat_bits, stat_group_size = {"coded-b16": (3, 16), "coded-b32": (2, 32), "split-b8": (3, 8),
-                                  "fp16": (0, 16)}[stats]
+    stat_bits, stat_group_size = {"coded-b16": (3, 16), "coded-b32": (2, 32), "coded-b48": (3, 48),
+                                  "split-b8": (3, 8), "fp16": (0, 16)}[stats]
     w = random_weight(N=70, K=K, bits=bits, group_size=group_size, stat_bits=stat_bits,
                       stat_group_size=stat_group_size, outlier_rate=0.02, permute=True, bias=True,
                       seed=bits * 1000 + group_size + K + M)
@@ -142,7 +143,7 @@ def test_packed_gemv_path(bits, group_size, K, stats, M, monkeypatch):
 @pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="the AVX2 packed GEMV needs AVX2 + FMA")
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size,K", [(16, 600), (32, 600), (128, 576)])
-@pytest.mark.parametrize("stats", ["coded-b16", "split-b8", "fp16"])
+@pytest.mark.parametrize("stats", ["coded-b16", "coded-b32", "split-b8", "fp16"])
 @pytest.mark.parametrize("M", [1, 4, 7])
 def test_avx2_packed_gemv_path(bits, group_size, K, stats, M, monkeypatch):
     # What a CPU without AVX-512 runs at decode sizes (QCOMPILER_CPU_ISA=avx2 keeps all AVX-512 code out): the packed
@@ -150,7 +151,8 @@ def test_avx2_packed_gemv_path(bits, group_size, K, stats, M, monkeypatch):
     # ending at bit 31 (converted after a one-bit shift, AVX2 having no unsigned conversion).
     monkeypatch.setenv("QCOMPILER_CPU_ISA", "avx2")
     monkeypatch.setenv("QCOMPILER_CPU_REQUIRE_PACKED", "1")
-    stat_bits, stat_group_size = {"coded-b16": (3, 16), "split-b8": (3, 8), "fp16": (0, 16)}[stats]
+    stat_bits, stat_group_size = {"coded-b16": (3, 16), "coded-b32": (3, 32), "split-b8": (3, 8),
+                                  "fp16": (0, 16)}[stats]
     w = random_weight(N=70, K=K, bits=bits, group_size=group_size, stat_bits=stat_bits,
                       stat_group_size=stat_group_size, outlier_rate=0.02, permute=True, bias=True,
                       seed=bits * 1000 + group_size + K + M + 7)
@@ -355,7 +357,7 @@ _INT8_PATHS = [
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size,K", [(16, 600), (16, 584), (64, 600), (128, 576)])
-@pytest.mark.parametrize("stats", [(3, 16), (0, 16), (3, 8)])
+@pytest.mark.parametrize("stats", [(3, 16), (3, 32), (0, 16), (3, 8)])
 @pytest.mark.parametrize("isa,M", _INT8_PATHS)
 def test_int8_activation_path(bits, group_size, K, stats, isa, M, monkeypatch):
     # accuracy_level=4: X is quantized to int8 per 32 stored columns (scale max|x| / 127). Each output may then move

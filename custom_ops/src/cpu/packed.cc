@@ -88,7 +88,11 @@ PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void
     const auto* sc = static_cast<const uint8_t*>(scales);
     const auto* zc = static_cast<const uint8_t*>(zeros);
     w.stat_codes.assign(static_cast<size_t>(w.blocks * G * kPackRows), 0);
-    w.stat_values.assign(static_cast<size_t>(w.blocks * G * 4), 0.f);
+    const int64_t per_group = a.stat_group_size / kPackRows;  // blocks per second-level group
+    if ((per_group & (per_group - 1)) == 0) {  // a power of two (else one row per block)
+      while ((int64_t{1} << w.stat_shift) < per_group) ++w.stat_shift;
+    }
+    w.stat_values.assign(static_cast<size_t>((((w.blocks - 1) >> w.stat_shift) + 1) * G * 4), 0.f);
     for (int64_t blk = 0; blk < w.blocks; ++blk) {
       const int64_t t = blk * kPackRows / a.stat_group_size;  // one second-level group for the whole block
       for (int64_t g = 0; g < G; ++g) {
@@ -99,7 +103,7 @@ PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void
                                           spqr::ExtractCode(zc + g * row_bytes, sb, n) << 4);
         }
         const uint16_t* st = stats2 + (g * N2 + t) * 4;
-        for (int i = 0; i < 4; ++i) w.stat_values[(blk * G + g) * 4 + i] = Half(st[i]);
+        for (int i = 0; i < 4; ++i) w.stat_values[((blk >> w.stat_shift) * G + g) * 4 + i] = Half(st[i]);
       }
     }
     return w;

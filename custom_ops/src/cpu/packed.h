@@ -101,8 +101,16 @@ struct PackedWeights {
   // lane as bytes for vpdpbusd.
   PackedVector<uint32_t> nibbles;
   PackedVector<uint8_t> stat_codes;  // coded_stats: [blocks][G][16] (scale code | zero code << 4)
-  PackedVector<float> stat_values;   // coded_stats: [blocks][G][4] (ss, sz, zs, zz); else [blocks][G][2][16] (s, z)
+  // coded_stats: [blocks >> stat_shift][G][4] (ss, sz, zs, zz): one row per second-level group of rows (2^stat_shift
+  // blocks share it; shift 0 where stat_group_size / 16 is not a power of two); else [blocks][G][2][16] (s, z)
+  PackedVector<float> stat_values;
+  int stat_shift = 0;
 };
+
+// The four second-level values of block blk, group g (coded_stats).
+inline const float* CodedStatValues(const PackedWeights& w, int64_t blk, int64_t g) {
+  return w.stat_values.data() + ((blk >> w.stat_shift) * w.G + g) * 4;
+}
 
 // Whether the packed GEMV path can take this node (group size 16 or a multiple of 32; any statistics).
 inline bool Packable(const spqr::Attributes& a) {
@@ -147,12 +155,12 @@ void PackedGemvInt8Inputs(const PackedWeights& w, const float* x, int64_t xstrid
 // CPU/build lacks AVX-512.
 using PackedGemvFn = void (*)(const PackedGemvArgs& args, int64_t b0, int64_t b1);
 PackedGemvFn PackedGemvAvx512(const PackedWeights& w, int64_t M);
-// sum over p in [p0, p1) of val[p] * x[col[p]] over a row's outliers as the op stores them (fp16 values, uint16
-// columns), 16 per gather (AVX-512), or nullptr. No copy: 4 bytes per outlier stay 4 bytes of traffic.
-using PackedOutlierDotFn = float (*)(const uint16_t* val, const uint16_t* col, const float* x, int32_t p0,
-                                     int32_t p1);
-PackedOutlierDotFn PackedOutlierDot();
-PackedOutlierDotFn PackedOutlierDotAvx2();  // 8 per gather, AVX2 + FMA + F16C, or nullptr
+// y[n - n0] += sum over p in [row_ptr[n], row_ptr[n + 1]) of val[p] * x[col[p]] for rows n in [n0, n1): the
+// outliers as the op stores them (fp16 values, uint16 columns; no copy: 4 bytes per outlier stay 4 bytes of
+// traffic), scalar with F16C conversions, or nullptr where the CPU lacks F16C + FMA.
+using PackedOutlierRowsFn = void (*)(const uint16_t* val, const uint16_t* col, const int32_t* row_ptr,
+                                     const float* x, int64_t n0, int64_t n1, float* y);
+PackedOutlierRowsFn PackedOutlierRowsF16c();
 // Prefill (GEMM) on the packed weights: chunks [c0, c1) of a block of 16 rows decoded into a column-major fp32 tile,
 // wt[16 (k - 32 c0) + r] = W[16 blk + r, k] (stored column order; columns past K get finite values that meet zero
 // x), multiplied with the rows of X by a register-blocked micro-kernel.

@@ -64,7 +64,7 @@ QC_AVX512_INLINE void FinishGroup(const PackedGemvArgs& a, int64_t blk, int64_t 
     const __m128i bytes =
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.stat_codes.data() + (blk * w.G + g) * kPackRows));
     const __m512i c = _mm512_cvtepu8_epi32(bytes);
-    const float* v = w.stat_values.data() + (blk * w.G + g) * 4;
+    const float* v = CodedStatValues(w, blk, g);
     const __m512 sc = _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15)));
     const __m512 zc = _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4));
     s = _mm512_mul_ps(_mm512_set1_ps(v[0]), _mm512_sub_ps(sc, _mm512_set1_ps(v[1])));
@@ -135,6 +135,7 @@ QC_VNNI void GemvInt8(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
   constexpr int NC = MM == 1 ? 2 : 1;  // integer chains per half and row
   const int64_t chunks_per_group = HALF ? 1 : w.group_size / spqr::kChunk;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i high4 = _mm512_set1_epi8(static_cast<char>(0xF0));
   for (int64_t blk = b0; blk < b1; ++blk) {
     const uint32_t* nib = w.nibbles.data() + blk * w.chunks * 4 * kPackRows;
     __m512 y[MM];
@@ -156,7 +157,9 @@ QC_VNNI void GemvInt8(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
         for (int i = 0; i < 4; ++i) {
           const __m512i z = _mm512_loadu_si512(nib + (c * 4 + i) * kPackRows);
           const __m512i lo = _mm512_and_si512(z, low4);
-          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), low4);
+          // one row: the high nibbles stay in place (16 q: products up to 240 * 127, exact in int32) and their
+          // chain is shifted back once per half-chunk; with rows interleaved they share the low chain, so shift.
+          const __m512i hi = NC == 2 ? _mm512_and_si512(z, high4) : _mm512_and_si512(_mm512_srli_epi16(z, 4), low4);
           const int h = HALF && i >= 2 ? 1 : 0;
 #pragma GCC unroll 8
           for (int m = 0; m < MM; ++m) {
@@ -169,7 +172,7 @@ QC_VNNI void GemvInt8(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
 #pragma GCC unroll 8
           for (int m = 0; m < MM; ++m) {
             __m512i v = acc[h][m][0];
-            if (NC == 2) v = _mm512_add_epi32(v, acc[h][m][NC - 1]);
+            if (NC == 2) v = _mm512_add_epi32(v, _mm512_srai_epi32(acc[h][m][NC - 1], 4));  // exact: a multiple of 16
             t[h][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(a.xd[c * MM + m]), t[h][m]);
           }
         }
@@ -219,7 +222,7 @@ QC_AVX512_INLINE void GroupStats(const PackedWeights& w, int64_t blk, int64_t g,
   if (CODED) {
     const __m512i c = _mm512_cvtepu8_epi32(
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.stat_codes.data() + (blk * w.G + g) * kPackRows)));
-    const float* v = w.stat_values.data() + (blk * w.G + g) * 4;
+    const float* v = CodedStatValues(w, blk, g);
     s = _mm512_mul_ps(_mm512_set1_ps(v[0]),
                       _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15))), _mm512_set1_ps(v[1])));
     z = _mm512_mul_ps(_mm512_set1_ps(v[2]), _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)), _mm512_set1_ps(v[3])));
@@ -315,26 +318,7 @@ bool CpuHasAvx512() {
   return has;
 }
 
-QC_AVX512 float OutlierDotAvx512(const uint16_t* val, const uint16_t* col, const float* x, int32_t p0, int32_t p1) {
-  __m512 acc = _mm512_setzero_ps();
-  int32_t p = p0;
-  for (; p + 16 <= p1; p += 16) {
-    const __m512i c = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + p)));
-    const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(val + p)));
-    acc = _mm512_fmadd_ps(v, _mm512_i32gather_ps(c, x, 4), acc);
-  }
-  if (p < p1) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (p1 - p)) - 1u);
-    const __m512i c = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, col + p));
-    const __m512 v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, val + p));
-    acc = _mm512_fmadd_ps(v, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, c, x, 4), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
 }  // namespace
-
-PackedOutlierDotFn PackedOutlierDot() { return CpuHasAvx512() ? &OutlierDotAvx512 : nullptr; }
 
 PackedDecodeFn PackedDecodeAvx512(const PackedWeights& w) {
   if (!CpuHasAvx512() || w.codes.empty()) return nullptr;
@@ -381,7 +365,6 @@ PackedGemvFn PackedGemvVnni(const PackedWeights& w, int64_t M) {
 
 #else  // not x86-64 GCC/Clang
 
-PackedOutlierDotFn PackedOutlierDot() { return nullptr; }
 PackedGemvFn PackedGemvAvx512(const PackedWeights&, int64_t) { return nullptr; }
 bool PackedAvx512Available() { return false; }
 PackedDecodeFn PackedDecodeAvx512(const PackedWeights&) { return nullptr; }

@@ -197,7 +197,7 @@ struct Job {
   int64_t packed_xq_row = 0, packed_xd_row = 0;  // int8 path: words of xq / scales of xd per row of X
   const float* xt = nullptr;  // packed path with outliers and M >= kTransposeMinRows: X transposed, [K, M]
   PackedGemvArgs packed;
-  PackedOutlierDotFn outlier_dot = nullptr;  // packed path: the AVX-512 / AVX2 gather version (else OutlierDot)
+  PackedOutlierRowsFn outlier_rows = nullptr;  // packed path: the F16C version (else OutlierDot per row)
   PackedDecodeFn packed_decode = nullptr;     // packed prefill path: the block decoder and micro-kernels by rows
   PackedMicroFn packed_micro[kGemmRowsMax + 1] = {};
   int64_t gemm_blocks = 1;
@@ -568,22 +568,24 @@ void PackedTask(void* user, size_t task) {
     j.packed_fns[slice](args, b0, b1);
   }
   const int64_t n0 = b0 * kPackRows, n1 = std::min(j.a.N, b1 * kPackRows);
-  thread_local std::vector<float> out;  // one row's outlier sums over all M rows of X
-  out.resize(std::max(out.size(), static_cast<size_t>(j.M)));
-  for (int64_t n = n0; n < n1; ++n) {
-    if (j.row_ptr != nullptr) {
-      const int32_t p0 = j.row_ptr[n], p1 = j.row_ptr[n + 1];
-      if (j.xt != nullptr) {  // X transposed: each outlier is one axpy over the M rows
-        std::fill(out.begin(), out.begin() + j.M, 0.f);
-        for (int32_t p = p0; p < p1; ++p) Axpy(HalfToFloat(j.values[p]), j.xt + j.col_idx[p] * j.M, out.data(), j.M);
-        for (int64_t m = 0; m < j.M; ++m) y[m * stride + (n - n0)] += out[m];
+  if (j.row_ptr != nullptr && j.xt == nullptr) {  // M < kTransposeMinRows: per row of X, a dot per row of W
+    for (int64_t m = 0; m < j.M; ++m) {
+      const float* x = j.xp + m * j.xstride;
+      if (j.outlier_rows != nullptr) {
+        j.outlier_rows(j.values, j.col_idx, j.row_ptr, x, n0, n1, y + m * stride);
       } else {
-        for (int64_t m = 0; m < j.M; ++m) {
-          const float* x = j.xp + m * j.xstride;
-          y[m * stride + (n - n0)] += j.outlier_dot != nullptr ? j.outlier_dot(j.values, j.col_idx, x, p0, p1)
-                                                               : OutlierDot(j, n, x);
-        }
+        for (int64_t n = n0; n < n1; ++n) y[m * stride + (n - n0)] += OutlierDot(j, n, x);
       }
+    }
+  } else if (j.row_ptr != nullptr) {  // X transposed: each outlier is one axpy over the M rows
+    thread_local std::vector<float> out;  // one row's outlier sums over all M rows of X
+    out.resize(std::max(out.size(), static_cast<size_t>(j.M)));
+    for (int64_t n = n0; n < n1; ++n) {
+      std::fill(out.begin(), out.begin() + j.M, 0.f);
+      for (int32_t p = j.row_ptr[n]; p < j.row_ptr[n + 1]; ++p) {
+        Axpy(HalfToFloat(j.values[p]), j.xt + j.col_idx[p] * j.M, out.data(), j.M);
+      }
+      for (int64_t m = 0; m < j.M; ++m) y[m * stride + (n - n0)] += out[m];
     }
   }
   float bias[kPackRows * kPackTaskMaxBlocks];
@@ -1002,7 +1004,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       j.packed_rows = std::move(slice_rows);
       j.packed_fns = std::move(slice_fns);
       j.packed.w = &pw;
-      j.outlier_dot = packed_avx2_ ? PackedOutlierDotAvx2() : PackedOutlierDot();
+      j.outlier_rows = PackedOutlierRowsF16c();
       j.packed_task_blocks = kPackTaskBlocks;
       if (j.packed_rows.size() > 1) {  // several slices: bigger tasks (at least 8 of them)
         const int64_t block_bytes = pw.chunks * (int8_ ? 4 : pw.bits) * kPackRows * 4;
