@@ -91,6 +91,10 @@ PRESETS: list[dict[str, Any]] = [
              "identity-initialized transforms",
      "options": {"bits": 3, "group_size": 64, "epochs": 20, "batch_size": 1, "aug_loss": True, "sf": 0.01,
                  "init": "identity"}},
+    {"name": "affinequant-w3g64-lwc", "method": "affinequant",
+     "note": "LWC only (identity transforms, OmniQuant's weight-only setting): the settings probe's best AffineQuant "
+             "variant; batch 1, aug_loss",
+     "options": {"bits": 3, "group_size": 64, "epochs": 20, "batch_size": 1, "aug_loss": True, "let": False}},
     {"name": "affinequant-w2g64", "method": "affinequant",
      "options": {"bits": 2, "group_size": 64, "epochs": 20, "batch_size": 4, "aug_loss": True}},
     {"name": "affinequant-w4g64", "method": "affinequant",

@@ -184,6 +184,95 @@ QC_VNNI void GemvInt8(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
   }
 }
 
+// The scale and zero of codes 0..15 in block blk, group g: s[i] = v0 (i - v1), z[i] = v2 (i - v3), FinishGroup's
+// expressions (the same operations in the same order, so the same values); a vpermps by the codes then gives the 16
+// rows' s and z.
+struct StatTables {
+  __m512 s, z;
+};
+
+QC_AVX512_INLINE StatTables MakeStatTables(const float* v) {
+  const __m512 iota = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f, 14.f, 15.f);
+  return {_mm512_mul_ps(_mm512_set1_ps(v[0]), _mm512_sub_ps(iota, _mm512_set1_ps(v[1]))),
+          _mm512_mul_ps(_mm512_set1_ps(v[2]), _mm512_sub_ps(iota, _mm512_set1_ps(v[3])))};
+}
+
+// y += s * (t - z * xg) with s, z looked up from the block's codes (scale code | zero code << 4, one byte per row).
+QC_AVX512_INLINE void FinishGroupTables(const StatTables& tab, const uint8_t* codes, float xg, __m512 t, __m512& y) {
+  const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  const __m512 s = _mm512_permutexvar_ps(c, tab.s);  // vpermps reads the index's low 4 bits: the scale code
+  const __m512 z = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), tab.z);
+  y = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, _mm512_set1_ps(xg), t), y);
+}
+
+// The int8 path at M = 1 with coded statistics, two blocks (32 rows) per pass: the x words, the chunk scales and the
+// group sums are loaded once for both, and the statistics tables are built once when the two blocks share their
+// second-level group (β2 ≥ 32). A trailing odd block takes GemvInt8. Same arithmetic as GemvInt8<1, HALF, true>.
+template <bool HALF>
+QC_VNNI void GemvInt8Pair(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
+  const PackedWeights& w = *a.w;
+  constexpr int H = HALF ? 2 : 1;
+  const int64_t chunks_per_group = HALF ? 1 : w.group_size / spqr::kChunk;
+  const int64_t block_words = w.chunks * 4 * kPackRows;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i high4 = _mm512_set1_epi8(static_cast<char>(0xF0));
+  int64_t blk = b0;
+  for (; blk + 2 <= b1; blk += 2) {
+    const uint32_t* nib[2] = {w.nibbles.data() + blk * block_words, w.nibbles.data() + (blk + 1) * block_words};
+    const bool shared = (blk >> w.stat_shift) == ((blk + 1) >> w.stat_shift);
+    __m512 y[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t c0 = 0, g = 0; c0 < w.chunks; c0 += chunks_per_group, g += H) {
+      __m512 t[2][H];
+      for (auto& tb : t)
+        for (auto& v : tb) v = _mm512_setzero_ps();
+      for (int64_t c = c0, c1 = std::min(w.chunks, c0 + chunks_per_group); c < c1; ++c) {
+        __m512i acc[2][H][2];  // [block][half][low, high nibbles]
+        for (auto& ab : acc)
+          for (auto& ah : ab)
+            for (auto& v : ah) v = _mm512_setzero_si512();
+        const int32_t* xq = a.xq + c * 8;
+        for (int b = 0; b < 2; ++b) {
+          for (int i = 0; i < 4; ++i) {
+            _mm_prefetch(reinterpret_cast<const char*>(nib[b] + ((c + kPrefetchChunks) * 4 + i) * kPackRows),
+                         _MM_HINT_T0);
+          }
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          const __m512i xl = _mm512_set1_epi32(xq[2 * i]), xh = _mm512_set1_epi32(xq[2 * i + 1]);
+          const int h = HALF && i >= 2 ? 1 : 0;
+          for (int b = 0; b < 2; ++b) {
+            const __m512i z = _mm512_loadu_si512(nib[b] + (c * 4 + i) * kPackRows);
+            acc[b][h][0] = _mm512_dpbusd_epi32(acc[b][h][0], _mm512_and_si512(z, low4), xl);
+            acc[b][h][1] = _mm512_dpbusd_epi32(acc[b][h][1], _mm512_and_si512(z, high4), xh);  // 16 q: see GemvInt8
+          }
+        }
+        const __m512 xd = _mm512_set1_ps(a.xd[c]);
+        for (int b = 0; b < 2; ++b) {
+          for (int h = 0; h < H; ++h) {
+            const __m512i v = _mm512_add_epi32(acc[b][h][0], _mm512_srai_epi32(acc[b][h][1], 4));
+            t[b][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), xd, t[b][h]);
+          }
+        }
+      }
+      for (int h = 0; h < H && g + h < w.G; ++h) {
+        const StatTables t0 = MakeStatTables(CodedStatValues(w, blk, g + h));
+        const StatTables t1 = shared ? t0 : MakeStatTables(CodedStatValues(w, blk + 1, g + h));
+        const float xg = a.xg[g + h];
+        FinishGroupTables(t0, w.stat_codes.data() + (blk * w.G + g + h) * kPackRows, xg, t[0][h], y[0]);
+        FinishGroupTables(t1, w.stat_codes.data() + ((blk + 1) * w.G + g + h) * kPackRows, xg, t[1][h], y[1]);
+      }
+    }
+    _mm512_storeu_ps(a.y + (blk - b0) * kPackRows, y[0]);
+    _mm512_storeu_ps(a.y + (blk + 1 - b0) * kPackRows, y[1]);
+  }
+  if (blk < b1) {
+    PackedGemvArgs tail = a;
+    tail.y = a.y + (blk - b0) * kPackRows;
+    GemvInt8<1, HALF, true>(tail, blk, b1);
+  }
+}
+
 // ---- prefill: decode a block to a column-major tile, then a 16-column micro-kernel ----
 
 // Code C of a chunk (d: its BITS words) for the 16 rows: its piece(s) (3-bit codes 30 and 31 straddle two words)
@@ -359,6 +448,7 @@ PackedGemvFn PackedGemvVnni(const PackedWeights& w, int64_t M) {
   if (!PackedInt8Available() || w.nibbles.empty() || M < 1 || M > kPackedMaxRows) return nullptr;
   const bool half = w.group_size == 16;
   if (!half && w.group_size % spqr::kChunk != 0) return nullptr;
+  if (M == 1 && w.coded_stats) return half ? &GemvInt8Pair<true> : &GemvInt8Pair<false>;
   if (half) return w.coded_stats ? kInt8Fns<true, true>[M] : kInt8Fns<true, false>[M];
   return w.coded_stats ? kInt8Fns<false, true>[M] : kInt8Fns<false, false>[M];
 }
