@@ -1,0 +1,116 @@
+"""CUDA kernel of `qcompiler::SpQRMatMul` against the NumPy reference `SpQRWeight.matmul` (marker `gpu`).
+
+These run only where ONNX Runtime has the CUDA execution provider (`onnxruntime-gpu`) and the op library was built
+with its CUDA kernel (nvcc at build time); everywhere else they are skipped. The sessions are created with ORT's CPU
+fallback disabled, so a node that the CUDA kernel does not take fails the session instead of silently running on
+the CPU kernel. Run on a GPU machine with `QCOMPILER_REQUIRE_GPU=1 pytest -m gpu tests/test_spqr_matmul_cuda.py`
+(the variable turns "skipped" into an error there).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from qcompiler import ops
+from qcompiler.format import SpQRWeight, random_weight
+from qcompiler.onnx_op import single_op_model
+
+
+def _cuda_ready() -> bool:
+    """The CUDA EP really starts here (the onnxruntime-gpu wheel lists it even where CUDA or the GPU is missing, then
+    falls back to the CPU at session creation) and the library has its CUDA kernel."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers() or not ops.has_cuda_kernel():
+            return False
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+        model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y]),
+                                  ir_version=10, opset_imports=[helper.make_opsetid("", 17)])
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider"])
+        return "CUDAExecutionProvider" in sess.get_providers()
+    except (ImportError, FileNotFoundError):
+        return False
+
+
+_READY = _cuda_ready()
+if not _READY and os.environ.get("QCOMPILER_REQUIRE_GPU") == "1":  # on a GPU machine: fail instead of skipping
+    raise RuntimeError("QCOMPILER_REQUIRE_GPU=1 but ONNX Runtime's CUDA EP does not start or the op library has no "
+                       "CUDA kernel")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not _READY, reason="needs ONNX Runtime's CUDA EP and an op library built with CUDA"),
+]
+
+
+def _cuda_session(model):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    return ops.session(model.SerializeToString(), providers=["CUDAExecutionProvider"], sess_options=so)
+
+
+def _check(weight: SpQRWeight, x: np.ndarray, **model_kw) -> None:
+    model = single_op_model(weight, x_dtype=x.dtype, x_shape=[f"d{i}" for i in range(x.ndim - 1)] + [None],
+                            **model_kw)
+    y = _cuda_session(model).run(None, {"X": x})[0]
+    ref = weight.matmul(x)
+    assert y.dtype == x.dtype and y.shape == x.shape[:-1] + (weight.N,)
+    scale = float(np.abs(ref.astype(np.float32)).max())
+    rel = 1e-4 if x.dtype == np.float32 else 2e-3  # fp16: the output's rounding (2^-10 relative) dominates
+    err = float(np.abs(y.astype(np.float32) - ref.astype(np.float32)).max())
+    assert err <= rel * scale, f"max |err| {err:.3g} > {rel} * {scale:.3g}"
+
+
+def _x(shape, dtype=np.float32, seed=1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=shape).astype(dtype)
+
+
+# K=600 / 584: a padded last chunk and (β1=16) a ragged group count; K=100 with β1=32: a ragged last group
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size,K", [(16, 600), (16, 584), (32, 100), (64, 576)])
+@pytest.mark.parametrize("stats", [(3, 16), (3, 32), (0, 16), (2, 8)])
+@pytest.mark.parametrize("M", [1, 4, 64])
+def test_matches_reference(bits, group_size, K, stats, M):
+    w = random_weight(N=70, K=K, bits=bits, group_size=group_size, stat_bits=stats[0], stat_group_size=stats[1],
+                      outlier_rate=0.02, permute=True, bias=True, seed=bits * 100 + group_size + K + M)
+    _check(w, _x((M, K), seed=M))
+    _check(w, _x((M, K), np.float16, seed=M))
+
+
+@pytest.mark.parametrize("outliers", [0.0, 0.05])
+@pytest.mark.parametrize("permute", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_optional_inputs(outliers, permute, bias):
+    w = random_weight(N=48, K=96, bits=3, group_size=16, stat_bits=3, stat_group_size=16, outlier_rate=outliers,
+                      permute=permute, bias=bias, seed=7)
+    _check(w, _x((5, 96)))
+    _check(w, _x((2, 3, 96), np.float16))
+
+
+def test_fp16_bias_with_fp32_x():
+    w = random_weight(N=40, K=64, bits=4, group_size=16, bias=True, seed=3)
+    _check(w, _x((4, 64)), bias_dtype=np.float16)
+
+
+def test_zero_rows_give_an_empty_output():
+    w = random_weight(N=32, K=64, bits=3, group_size=16, seed=4)
+    model = single_op_model(w, x_shape=("m", None))
+    y = _cuda_session(model).run(None, {"X": np.zeros((0, 64), np.float32)})[0]
+    assert y.shape == (0, 32)
+
+
+def test_large_layer():
+    # A SmolLM2-sized MLP weight at the 3-bit preset (1 % outliers), decode and prefill batch sizes.
+    w = random_weight(N=1536, K=576, bits=3, group_size=16, stat_bits=3, stat_group_size=32, outlier_rate=0.01,
+                      permute=True, seed=11)
+    for M in (1, 16, 512):
+        _check(w, _x((M, 576), np.float16, seed=M))
