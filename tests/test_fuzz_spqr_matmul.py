@@ -117,6 +117,9 @@ def test_valid_configurations_match_the_reference():
             sess = ops.session(_model(w, case.dtype).SerializeToString())
         y = sess.run(None, {"X": x})[0]
         assert y.dtype == x.dtype and y.shape == (x.shape[0], case.N)
+        if w.bias is not None:  # the reference adds the bias the model stores (X's dtype: fp16 rounds it), so an
+            # output that cancels most of a larger bias is not held to that bias's own rounding (found by a 20000-case run)
+            w = dataclasses.replace(w, bias=w.bias.astype(case.dtype).astype(np.float32))
         ref = w.matmul(x).astype(np.float32)
         scale = float(np.abs(ref).max()) if ref.size else 0.0
         rel = 1e-4 if case.dtype == "float32" else 2e-3
