@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import onnx
 import pytest
+from conftest import assert_matches_reference
 from onnx import TensorProto, helper
 
 from qcompiler import ops
@@ -23,13 +24,7 @@ def _run(weight: SpQRWeight, x: np.ndarray, **model_kw) -> np.ndarray:
 
 
 def _check(weight: SpQRWeight, x: np.ndarray, **model_kw) -> None:
-    y = _run(weight, x, **model_kw)
-    ref = weight.matmul(x)
-    assert y.dtype == x.dtype and y.shape == x.shape[:-1] + (weight.N,)
-    scale = float(np.abs(ref.astype(np.float32)).max())
-    rel = 1e-4 if x.dtype == np.float32 else 2e-3  # fp16: output rounding (1 ulp = 2^-10 relative) dominates
-    err = float(np.abs(y.astype(np.float32) - ref.astype(np.float32)).max())
-    assert err <= rel * scale, f"max |err| {err:.3g} > {rel} * {scale:.3g}"
+    assert_matches_reference(weight, x, _run(weight, x, **model_kw))
 
 
 def _x(shape, dtype=np.float32, seed=1) -> np.ndarray:

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import assert_matches_reference
 
 from qcompiler import ops
 from qcompiler.format import SpQRWeight, random_weight
@@ -61,13 +62,7 @@ def _cuda_session(model):
 def _check(weight: SpQRWeight, x: np.ndarray, **model_kw) -> None:
     model = single_op_model(weight, x_dtype=x.dtype, x_shape=[f"d{i}" for i in range(x.ndim - 1)] + [None],
                             **model_kw)
-    y = _cuda_session(model).run(None, {"X": x})[0]
-    ref = weight.matmul(x)
-    assert y.dtype == x.dtype and y.shape == x.shape[:-1] + (weight.N,)
-    scale = float(np.abs(ref.astype(np.float32)).max())
-    rel = 1e-4 if x.dtype == np.float32 else 2e-3  # fp16: the output's rounding (2^-10 relative) dominates
-    err = float(np.abs(y.astype(np.float32) - ref.astype(np.float32)).max())
-    assert err <= rel * scale, f"max |err| {err:.3g} > {rel} * {scale:.3g}"
+    assert_matches_reference(weight, x, _cuda_session(model).run(None, {"X": x})[0])
 
 
 def _x(shape, dtype=np.float32, seed=1) -> np.ndarray:

@@ -55,25 +55,28 @@ QC_AVX512_INLINE void AllPieces(const __m512i* d, const float* xs, ChunkAcc<BITS
   (OnePiece<BITS, MM, HALF, static_cast<int>(Ps)>(d, xs, acc), ...);
 }
 
-// y[m] += s * (t[m] - z * xg[m][g]) for the 16 rows of block `blk`, group g.
-template <int MM, bool CODED>
-QC_AVX512_INLINE void FinishGroup(const PackedGemvArgs& a, int64_t blk, int64_t g, const __m512* t, __m512* y) {
-  const PackedWeights& w = *a.w;
-  __m512 s, z;
+// The scale s and zero z of the 16 rows of block blk, group g: w = s * (q - z), the quantizer's own expression.
+template <bool CODED>
+QC_AVX512_INLINE void GroupStats(const PackedWeights& w, int64_t blk, int64_t g, __m512& s, __m512& z) {
   if (CODED) {
-    const __m128i bytes =
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.stat_codes.data() + (blk * w.G + g) * kPackRows));
-    const __m512i c = _mm512_cvtepu8_epi32(bytes);
+    const __m512i c = _mm512_cvtepu8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.stat_codes.data() + (blk * w.G + g) * kPackRows)));
     const float* v = CodedStatValues(w, blk, g);
-    const __m512 sc = _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15)));
-    const __m512 zc = _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4));
-    s = _mm512_mul_ps(_mm512_set1_ps(v[0]), _mm512_sub_ps(sc, _mm512_set1_ps(v[1])));
-    z = _mm512_mul_ps(_mm512_set1_ps(v[2]), _mm512_sub_ps(zc, _mm512_set1_ps(v[3])));
+    s = _mm512_mul_ps(_mm512_set1_ps(v[0]),
+                      _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15))), _mm512_set1_ps(v[1])));
+    z = _mm512_mul_ps(_mm512_set1_ps(v[2]), _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)), _mm512_set1_ps(v[3])));
   } else {
     const float* v = w.stat_values.data() + (blk * w.G + g) * 2 * kPackRows;
     s = _mm512_loadu_ps(v);
     z = _mm512_loadu_ps(v + kPackRows);
   }
+}
+
+// y[m] += s * (t[m] - z * xg[m][g]) for the 16 rows of block `blk`, group g.
+template <int MM, bool CODED>
+QC_AVX512_INLINE void FinishGroup(const PackedGemvArgs& a, int64_t blk, int64_t g, const __m512* t, __m512* y) {
+  __m512 s, z;
+  GroupStats<CODED>(*a.w, blk, g, s, z);
 #pragma GCC unroll 8
   for (int m = 0; m < MM; ++m) {
     const __m512 d = _mm512_fnmadd_ps(z, _mm512_set1_ps(a.xg[m * a.xg_stride + g]), t[m]);
@@ -184,7 +187,7 @@ QC_VNNI void GemvInt8(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
   }
 }
 
-// The scale and zero of codes 0..15 in block blk, group g: s[i] = v0 (i - v1), z[i] = v2 (i - v3), FinishGroup's
+// The scale and zero of codes 0..15 in block blk, group g: s[i] = v0 (i - v1), z[i] = v2 (i - v3), GroupStats'
 // expressions (the same operations in the same order, so the same values); a vpermps by the codes then gives the 16
 // rows' s and z.
 struct StatTables {
@@ -302,24 +305,6 @@ template <int BITS, size_t... Cs>
 QC_AVX512_INLINE void DecodeCodes(const __m512i* d, __m512 s0, __m512 z0, __m512 s1, __m512 z1, float* dst,
                                   std::index_sequence<Cs...>) {
   (DecodeCode<BITS, static_cast<int>(Cs)>(d, Cs < 16 ? s0 : s1, Cs < 16 ? z0 : z1, dst), ...);
-}
-
-// The scale s and zero z of the 16 rows of block blk, group g (decoded as FinishGroup does): w = s * (q - z), the
-// quantizer's own expression.
-template <bool CODED>
-QC_AVX512_INLINE void GroupStats(const PackedWeights& w, int64_t blk, int64_t g, __m512& s, __m512& z) {
-  if (CODED) {
-    const __m512i c = _mm512_cvtepu8_epi32(
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.stat_codes.data() + (blk * w.G + g) * kPackRows)));
-    const float* v = CodedStatValues(w, blk, g);
-    s = _mm512_mul_ps(_mm512_set1_ps(v[0]),
-                      _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15))), _mm512_set1_ps(v[1])));
-    z = _mm512_mul_ps(_mm512_set1_ps(v[2]), _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)), _mm512_set1_ps(v[3])));
-  } else {
-    const float* v = w.stat_values.data() + (blk * w.G + g) * 2 * kPackRows;
-    s = _mm512_loadu_ps(v);
-    z = _mm512_loadu_ps(v + kPackRows);
-  }
 }
 
 template <int BITS, bool HALF, bool CODED>

@@ -42,6 +42,11 @@ __device__ __forceinline__ void GroupStats(const SpQRMatMulArgs& a, int64_t g, i
   z = Half(st[2]) * (zc - Half(st[3]));
 }
 
+__device__ __forceinline__ float BiasOf(const SpQRMatMulArgs& a, int64_t n) {
+  if (a.bias == nullptr) return 0.f;
+  return a.bias_is_half ? Half(static_cast<const uint16_t*>(a.bias)[n]) : static_cast<const float*>(a.bias)[n];
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) SpQRMatMulKernel(const SpQRMatMulArgs a) {
   const int lane = threadIdx.x & 31;
@@ -52,10 +57,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) SpQRMatMulKernel(const Sp
   T* __restrict__ y = static_cast<T*>(a.y);
   const uint8_t* qrow = a.qweight + n * spqr::PackedRowBytes(a.K, a.bits);
   const int64_t chunks = (a.K + spqr::kChunk - 1) / spqr::kChunk;
-  float bias = 0.f;
-  if (a.bias != nullptr) {
-    bias = a.bias_is_half ? Half(static_cast<const uint16_t*>(a.bias)[n]) : static_cast<const float*>(a.bias)[n];
-  }
+  const float bias = BiasOf(a, n);
   const int32_t p_begin = a.row_ptr ? a.row_ptr[n] : 0;
   const int32_t p_end = a.row_ptr ? a.row_ptr[n + 1] : 0;
 
@@ -201,11 +203,7 @@ __global__ void __launch_bounds__(kPrefillThreads) SpQRMatMulPrefillKernel(const
     const int r = e / kTileN, col = e % kTileN;
     const int64_t m = m0 + r, n = n0 + col;
     if (m >= a.M || n >= a.N) continue;
-    float b = 0.f;
-    if (a.bias != nullptr) {
-      b = a.bias_is_half ? Half(static_cast<const uint16_t*>(a.bias)[n]) : static_cast<const float*>(a.bias)[n];
-    }
-    y[m * a.N + n] = __float2half_rn(out[r][col] + b);
+    y[m * a.N + n] = __float2half_rn(out[r][col] + BiasOf(a, n));
   }
 }
 
