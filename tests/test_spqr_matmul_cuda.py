@@ -1,10 +1,13 @@
-"""CUDA kernel of `qcompiler::SpQRMatMul` against the NumPy reference `SpQRWeight.matmul` (marker `gpu`).
+"""CUDA kernels of `qcompiler::SpQRMatMul` against the NumPy reference `SpQRWeight.matmul`, on two backends:
 
-These run only where ONNX Runtime has the CUDA execution provider (`onnxruntime-gpu`) and the op library was built
-with its CUDA kernel (nvcc at build time); everywhere else they are skipped. The sessions are created with ORT's CPU
-fallback disabled, so a node that the CUDA kernel does not take fails the session instead of silently running on
-the CPU kernel. Run on a GPU machine with `QCOMPILER_REQUIRE_GPU=1 pytest -m gpu tests/test_spqr_matmul_cuda.py`
-(the variable turns "skipped" into an error there).
+- `cuda` (marker `gpu`): through ONNX Runtime's CUDA execution provider, where it starts (`onnxruntime-gpu`, a GPU)
+  and the op library was built with its CUDA kernel (nvcc at build time); skipped everywhere else. The sessions are
+  created with ORT's CPU fallback disabled, so a node that the CUDA kernel does not take fails the session instead of
+  silently running on the CPU kernel. Run on a GPU machine with
+  `QCOMPILER_REQUIRE_GPU=1 pytest -m gpu tests/test_spqr_matmul_cuda.py` (the variable turns "skipped" into an error).
+- `emu`: the same device code compiled for the CPU under the CUDA emulation of custom_ops/emu (tests/cuda_emu.py),
+  launched directly (not through ORT), wherever a C++ compiler is. It checks indexing, decoding, barriers and warp
+  collectives, not speed, and not the ORT binding (spqr_matmul_cuda.cc).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 import pytest
 from conftest import assert_matches_reference
 
+import cuda_emu
 from qcompiler import ops
 from qcompiler.format import SpQRWeight, random_weight
 from qcompiler.onnx_op import single_op_model
@@ -45,9 +49,10 @@ _READY = _cuda_ready()
 if not _READY and os.environ.get("QCOMPILER_REQUIRE_GPU") == "1":  # on a GPU machine: fail instead of skipping
     raise RuntimeError("QCOMPILER_REQUIRE_GPU=1 but ONNX Runtime's CUDA EP does not start or the op library has no "
                        "CUDA kernel")
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not _READY, reason="needs ONNX Runtime's CUDA EP and an op library built with CUDA"),
+BACKENDS = [
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not _READY, reason="needs ONNX Runtime's CUDA EP and an op library built with CUDA")]),
+    pytest.param("emu", marks=pytest.mark.skipif(cuda_emu.compiler() is None, reason="no C++ compiler")),
 ]
 
 
@@ -59,10 +64,27 @@ def _cuda_session(model):
     return ops.session(model.SerializeToString(), providers=["CUDAExecutionProvider"], sess_options=so)
 
 
-def _check(weight: SpQRWeight, x: np.ndarray, **model_kw) -> None:
-    model = single_op_model(weight, x_dtype=x.dtype, x_shape=[f"d{i}" for i in range(x.ndim - 1)] + [None],
-                            **model_kw)
-    assert_matches_reference(weight, x, _cuda_session(model).run(None, {"X": x})[0])
+@pytest.fixture(scope="session")
+def emulated_kernel():
+    return cuda_emu.EmulatedKernel(cuda_emu.build())
+
+
+@pytest.fixture(params=BACKENDS)
+def run(request):
+    """`run(weight, x, bias_dtype=None) -> y` on the backend under test."""
+    if request.param == "emu":
+        return request.getfixturevalue("emulated_kernel").run
+
+    def on_cuda(weight, x, bias_dtype=None):
+        model = single_op_model(weight, x_dtype=x.dtype, x_shape=[f"d{i}" for i in range(x.ndim - 1)] + [None],
+                                bias_dtype=bias_dtype)
+        return _cuda_session(model).run(None, {"X": x})[0]
+
+    return on_cuda
+
+
+def _check(run, weight: SpQRWeight, x: np.ndarray, **kw) -> None:
+    assert_matches_reference(weight, x, run(weight, x, **kw))
 
 
 def _x(shape, dtype=np.float32, seed=1) -> np.ndarray:
@@ -74,38 +96,36 @@ def _x(shape, dtype=np.float32, seed=1) -> np.ndarray:
 @pytest.mark.parametrize("group_size,K", [(16, 600), (16, 584), (32, 100), (64, 576)])
 @pytest.mark.parametrize("stats", [(3, 16), (3, 32), (0, 16), (2, 8)])
 @pytest.mark.parametrize("M", [1, 4, 64])
-def test_matches_reference(bits, group_size, K, stats, M):
+def test_matches_reference(run, bits, group_size, K, stats, M):
     w = random_weight(N=70, K=K, bits=bits, group_size=group_size, stat_bits=stats[0], stat_group_size=stats[1],
                       outlier_rate=0.02, permute=True, bias=True, seed=bits * 100 + group_size + K + M)
-    _check(w, _x((M, K), seed=M))
-    _check(w, _x((M, K), np.float16, seed=M))
+    _check(run, w, _x((M, K), seed=M))
+    _check(run, w, _x((M, K), np.float16, seed=M))
 
 
 @pytest.mark.parametrize("outliers", [0.0, 0.05])
 @pytest.mark.parametrize("permute", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_optional_inputs(outliers, permute, bias):
+def test_optional_inputs(run, outliers, permute, bias):
     w = random_weight(N=48, K=96, bits=3, group_size=16, stat_bits=3, stat_group_size=16, outlier_rate=outliers,
                       permute=permute, bias=bias, seed=7)
-    _check(w, _x((5, 96)))
-    _check(w, _x((2, 3, 96), np.float16))
+    _check(run, w, _x((5, 96)))
+    _check(run, w, _x((2, 3, 96), np.float16))
 
 
-def test_fp16_bias_with_fp32_x():
+def test_fp16_bias_with_fp32_x(run):
     w = random_weight(N=40, K=64, bits=4, group_size=16, bias=True, seed=3)
-    _check(w, _x((4, 64)), bias_dtype=np.float16)
+    _check(run, w, _x((4, 64)), bias_dtype=np.float16)
 
 
-def test_zero_rows_give_an_empty_output():
+def test_zero_rows_give_an_empty_output(run):
     w = random_weight(N=32, K=64, bits=3, group_size=16, seed=4)
-    model = single_op_model(w, x_shape=("m", None))
-    y = _cuda_session(model).run(None, {"X": np.zeros((0, 64), np.float32)})[0]
-    assert y.shape == (0, 32)
+    assert run(w, np.zeros((0, 64), np.float32)).shape == (0, 32)
 
 
-def test_large_layer():
+def test_large_layer(run):
     # A SmolLM2-sized MLP weight at the 3-bit preset (1 % outliers), decode and prefill batch sizes.
     w = random_weight(N=1536, K=576, bits=3, group_size=16, stat_bits=3, stat_group_size=32, outlier_rate=0.01,
                       permute=True, seed=11)
     for M in (1, 16, 512):
-        _check(w, _x((M, 576), np.float16, seed=M))
+        _check(run, w, _x((M, 576), np.float16, seed=M))

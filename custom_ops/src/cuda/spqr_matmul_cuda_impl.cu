@@ -10,6 +10,7 @@
 #include <mma.h>
 
 #include "common/spqr_format.h"
+#include "cuda/launch.cuh"
 #include "cuda/spqr_matmul_cuda_impl.cuh"
 
 namespace qcompiler {
@@ -218,11 +219,11 @@ int LaunchSpQRMatMul(const SpQRMatMulArgs& args, void* stream) {
   if (args.x_is_half && args.M >= kPrefillMinRows && (args.group_size == 16 || args.group_size >= 32)) {
     const dim3 pgrid(static_cast<unsigned>((args.N + kTileN - 1) / kTileN),
                      static_cast<unsigned>((args.M + kTileM - 1) / kTileM));
-    SpQRMatMulPrefillKernel<<<pgrid, dim3(kPrefillThreads), 0, s>>>(args);
+    QC_LAUNCH(SpQRMatMulPrefillKernel, pgrid, dim3(kPrefillThreads), s, args);
   } else if (args.x_is_half) {
-    SpQRMatMulKernel<__half><<<grid, block, 0, s>>>(args);
+    QC_LAUNCH(SpQRMatMulKernel<__half>, grid, block, s, args);
   } else {
-    SpQRMatMulKernel<float><<<grid, block, 0, s>>>(args);
+    QC_LAUNCH(SpQRMatMulKernel<float>, grid, block, s, args);
   }
   return static_cast<int>(cudaGetLastError());
 }

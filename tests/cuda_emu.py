@@ -1,0 +1,113 @@
+"""The SpQRMatMul CUDA kernels (custom_ops/src/cuda/spqr_matmul_cuda_impl.cu) run on the CPU under the emulation of
+custom_ops/emu: the same device code, compiled by the host C++ compiler, its threads as fibers (see
+custom_ops/emu/cuda_emu.h for what is and is not modelled). Tests only: it checks the kernels' indexing, decoding,
+barriers and warp collectives where no GPU is; it says nothing about their speed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from qcompiler.format import SpQRWeight
+
+REPO = Path(__file__).resolve().parents[1]
+OPS = REPO / "custom_ops"
+SOURCES = [OPS / "src/cuda/spqr_matmul_cuda_impl.cu", OPS / "emu/cuda_emu.cc", OPS / "emu/spqr_matmul_emu.cc",
+           OPS / "emu/emu_selftest.cc"]
+HEADERS = [OPS / "emu/cuda_emu.h", OPS / "src/cuda/spqr_matmul_cuda_impl.cuh", OPS / "src/cuda/launch.cuh",
+           OPS / "src/common/spqr_format.h"]
+
+
+def compiler() -> Optional[str]:
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def build(out_root: Path = REPO / "build" / "cuda-emu") -> Path:
+    """Compile libqcompiler_cuda_emu.so (cached by the sources' hash). Raises RuntimeError with the compiler output."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (set CXX)")
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:16]
+    lib = out_root / digest / "libqcompiler_cuda_emu.so"
+    if lib.is_file():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+    cmd = [cxx, "-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Wextra",
+           "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-DQCOMPILER_CUDA_EMU",
+           f"-I{OPS / 'emu/include'}", f"-I{OPS / 'emu'}", f"-I{OPS / 'src'}",
+           "-x", "c++", str(SOURCES[0]), "-x", "none", *map(str, SOURCES[1:]), "-o", str(tmp)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"building the CUDA emulation failed:\n{' '.join(cmd)}\n{r.stderr}")
+    tmp.replace(lib)
+    return lib
+
+
+class _Buffer:
+    """An emulator buffer (256-aligned, a guard page after it) holding a copy of `array`."""
+
+    def __init__(self, lib, array: np.ndarray):
+        self.lib, self.nbytes = lib, max(int(array.nbytes), 1)
+        self.ptr = lib.qc_emu_alloc(self.nbytes)
+        if not self.ptr:
+            raise MemoryError("qc_emu_alloc failed")
+        ctypes.memmove(self.ptr, np.ascontiguousarray(array).ctypes.data, array.nbytes)
+
+    def read(self, like: np.ndarray) -> np.ndarray:
+        out = np.empty_like(like)
+        ctypes.memmove(out.ctypes.data, self.ptr, out.nbytes)
+        return out
+
+    def free(self) -> None:
+        self.lib.qc_emu_free(self.ptr, self.nbytes)
+
+
+class EmulatedKernel:
+    """`run(weight, x)`: Y = SpQRMatMul(X) by the CUDA launcher under emulation, with the inputs bound as the CUDA EP
+    binding (custom_ops/src/cuda/spqr_matmul_cuda.cc) binds them."""
+
+    def __init__(self, lib_path: Path):
+        lib = ctypes.CDLL(str(lib_path))
+        lib.qc_emu_alloc.restype = ctypes.c_void_p
+        lib.qc_emu_alloc.argtypes = [ctypes.c_size_t]
+        lib.qc_emu_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+        lib.qc_emu_spqr_matmul.restype = i32
+        lib.qc_emu_spqr_matmul.argtypes = [i64, i64, i64, i32, i64, i32, i64, p, i32, p, p, p, p, p, p, p, p, p, i32,
+                                           p, ctypes.c_uint, ctypes.c_char_p, ctypes.c_size_t]
+        self.lib = lib
+
+    def run(self, weight: SpQRWeight, x: np.ndarray, *, bias_dtype=None, seed: int = 0) -> np.ndarray:
+        """`x` [..., K] fp32 or fp16 -> [..., N] of the same dtype. Raises RuntimeError on a failed launch."""
+        w = weight
+        M = int(np.prod(x.shape[:-1], dtype=np.int64))
+        y = np.full((M, w.N), np.nan, dtype=x.dtype)
+        bias = None if w.bias is None else w.bias.astype(bias_dtype or x.dtype)
+        u16 = (lambda a: None if a is None else np.ascontiguousarray(a).view(np.uint16))
+        arrays = [x.reshape(M, w.K), w.qweight, w.scales if w.stat_bits else u16(w.scales),
+                  w.zeros if w.stat_bits else u16(w.zeros), u16(w.stats2), w.outlier_row_ptr, w.outlier_col_idx,
+                  u16(w.outlier_values), w.perm, bias, y]
+        bufs = [None if a is None else _Buffer(self.lib, a) for a in arrays]
+        ptr = [None if b is None else b.ptr for b in bufs]
+        msg = ctypes.create_string_buffer(512)
+        try:
+            err = self.lib.qc_emu_spqr_matmul(M, w.K, w.N, w.bits, w.group_size, w.stat_bits, w.stat_group_size,
+                                              ptr[0], int(x.dtype == np.float16), *ptr[1:9],
+                                              ptr[9], int(bias is not None and bias.dtype == np.float16), ptr[10],
+                                              seed, msg, len(msg))
+            if err:
+                raise RuntimeError(f"emulated launch failed (cudaError {err}): {msg.value.decode()}")
+            return bufs[10].read(y).reshape(*x.shape[:-1], w.N)
+        finally:
+            for b in bufs:
+                if b is not None:
+                    b.free()
