@@ -91,14 +91,36 @@ def _x(shape, dtype=np.float32, seed=1) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=shape).astype(dtype)
 
 
-# K=600 / 584: a padded last chunk and (β1=16) a ragged group count; K=100 with β1=32: a ragged last group
+# K=600 / 584: a padded last chunk and (β1=16) a ragged group count; K=100 with β1=32: a ragged last group.
+# M: the decode kernel's row tiles 1, 4 (3 rows) and 8, and M=64 (fp16: the prefill kernel; fp32: the row kernel).
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size,K", [(16, 600), (16, 584), (32, 100), (64, 576)])
 @pytest.mark.parametrize("stats", [(3, 16), (3, 32), (0, 16), (2, 8)])
-@pytest.mark.parametrize("M", [1, 4, 64])
+@pytest.mark.parametrize("M", [1, 3, 8, 64])
 def test_matches_reference(run, bits, group_size, K, stats, M):
     w = random_weight(N=70, K=K, bits=bits, group_size=group_size, stat_bits=stats[0], stat_group_size=stats[1],
                       outlier_rate=0.02, permute=True, bias=True, seed=bits * 100 + group_size + K + M)
+    _check(run, w, _x((M, K), seed=M))
+    _check(run, w, _x((M, K), np.float16, seed=M))
+
+
+# The decode kernel stages X in slabs of 1024 columns: K=2100 takes three (the last ragged), K=1056 two.
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size,K", [(16, 2100), (64, 1056)])
+@pytest.mark.parametrize("M", [1, 2, 5])
+def test_several_slabs(run, bits, group_size, K, M):
+    w = random_weight(N=40, K=K, bits=bits, group_size=group_size, stat_bits=3, stat_group_size=16,
+                      outlier_rate=0.02, permute=True, bias=True, seed=bits + K + M)
+    _check(run, w, _x((M, K), seed=M))
+    _check(run, w, _x((M, K), np.float16, seed=M))
+
+
+# Group sizes that the decode kernel does not take (not 16 or a multiple of 32): the row kernel at every M.
+@pytest.mark.parametrize("group_size,K", [(8, 200), (48, 300)])
+@pytest.mark.parametrize("M", [1, 8, 40])
+def test_other_group_sizes(run, group_size, K, M):
+    w = random_weight(N=36, K=K, bits=3, group_size=group_size, stat_bits=3, stat_group_size=16, outlier_rate=0.02,
+                      permute=True, bias=True, seed=group_size + M)
     _check(run, w, _x((M, K), seed=M))
     _check(run, w, _x((M, K), np.float16, seed=M))
 

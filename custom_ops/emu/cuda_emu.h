@@ -94,6 +94,31 @@ inline T max(T a, T b) {
   return a < b ? b : a;
 }
 
+// ------------------------------------------------------------------------------------------- vector types, bits
+struct __attribute__((aligned(8))) uint2 {
+  unsigned x, y;
+};
+struct __attribute__((aligned(16))) uint4 {
+  unsigned x, y, z, w;
+};
+// PTX prmt (default mode): byte k of the result is byte (s >> 4k) & 7 of the 8 bytes {x, y}
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t b = static_cast<uint64_t>(y) << 32 | x;
+  unsigned r = 0;
+  for (int k = 0; k < 4; ++k) r |= static_cast<unsigned>((b >> (8 * ((s >> (4 * k)) & 7u))) & 0xffu) << (8 * k);
+  return r;
+}
+inline float __uint_as_float(unsigned v) {
+  float f;
+  std::memcpy(&f, &v, 4);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned v;
+  std::memcpy(&v, &f, 4);
+  return v;
+}
+
 // ---------------------------------------------------------------------------------------------------------- fp16
 struct __half {
   uint16_t bits_;

@@ -1,7 +1,11 @@
-// SpQRMatMul CUDA device code. Decode and small batches, and fp32 X: one warp per output row n, decoding W on the
-// fly (SpQRMatMulKernel). Prefill with fp16 X (M >= kPrefillMinRows): tensor cores (SpQRMatMulPrefillKernel).
+// SpQRMatMul CUDA device code, three kernels:
+// - decode, M <= 8 (group_size 16 or a multiple of 32): SpQRGemvKernel, a lane per 32-code chunk, X staged in shared
+//   memory;
+// - prefill with fp16 X (M >= kPrefillMinRows): SpQRMatMulPrefillKernel, tensor cores;
+// - everything else (fp32 X with M > 8, other group sizes): SpQRMatMulKernel, one warp per output row n, decoding W on
+//   the fly, described here.
 //
-// Lane l of the warp owns column 32c + l of every 32-code chunk c: it extracts its code from the chunk (all lanes
+// SpQRMatMulKernel: lane l of the warp owns column 32c + l of every 32-code chunk c: it extracts its code from the chunk (all lanes
 // read the same 4*bits bytes), applies its group's (scale, zero) (bilevel statistics decoded in place), gathers
 // X[m, perm[k]] directly (no permuted copy of X) and accumulates up to kMTile rows of X at once in fp32. Outliers are
 // added by striding the row's CSR entries over the lanes; a warp shuffle reduction finishes the dot products.
@@ -103,6 +107,194 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) SpQRMatMulKernel(const Sp
     if (lane == 0) {
       for (int i = 0; i < mt; ++i) Store(y + (m0 + i) * a.N + n, acc[i] + bias);
     }
+  }
+}
+
+// ---- decode GEMV (M <= 8, group_size 16 or a multiple of 32): a lane per 32-code chunk ----
+//
+// X is staged in shared memory per slab of 1024 columns (through perm, so in stored column order, as fp32, laid out
+// xs[m][i][c] for element 32c + i: lane c reads its chunk without bank conflicts), with the sums of each chunk's two
+// 16-column halves. Lane c of a warp then owns chunk c of the slab for the warp's 4 rows: it loads the chunk's
+// 4*bits bytes with one to three vector loads (all rows first, so their loads are in flight together), decodes the
+// codes four at a time (byte lanes of a 32-bit word, turned into fp32 by a byte permute into 2^23's mantissa), and
+// for each group segment g of the chunk (one, or two halves at group_size 16) adds
+//   s_g * (sum_i q_i x_i - z_g * sum_i x_i)
+// so that the statistics cost two multiplies per segment, not per weight. Outliers follow (global X, through perm),
+// then one shuffle reduction per row. Consecutive rows per block share their statistics' cache lines.
+constexpr int kGemvWarps = 8;
+constexpr int kGemvRowsPerWarp = 4;
+constexpr int kSlabChunks = 32;  // one chunk per lane
+constexpr int kSlab = kSlabChunks * spqr::kChunk;
+constexpr int64_t kGemvMaxRows = 8;
+
+template <int BITS>
+struct ChunkWords {
+  uint32_t w[BITS];
+};
+
+template <int BITS>
+__device__ __forceinline__ ChunkWords<BITS> LoadChunk(const uint8_t* p) {
+  ChunkWords<BITS> c;
+  if (BITS == 4) {
+    QC_DEVICE_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, "4-bit chunk not 16-byte aligned");
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    c.w[0] = v.x, c.w[1] = v.y, c.w[BITS > 2 ? 2 : 0] = v.z, c.w[BITS > 3 ? 3 : 0] = v.w;
+  } else if (BITS == 2) {
+    QC_DEVICE_CHECK(reinterpret_cast<uintptr_t>(p) % 8 == 0, "2-bit chunk not 8-byte aligned");
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    c.w[0] = v.x, c.w[1] = v.y;
+  } else {
+    QC_DEVICE_CHECK(reinterpret_cast<uintptr_t>(p) % 4 == 0, "3-bit chunk not 4-byte aligned");
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(p);
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) c.w[i] = w[i];
+  }
+  return c;
+}
+
+// Codes 4j .. 4j+3 of a chunk (j = 0..7), one per byte.
+template <int BITS>
+__device__ __forceinline__ uint32_t CodeBytes(const ChunkWords<BITS>& c, int j) {
+  if (BITS == 4) return j < 4 ? c.w[j] & 0x0f0f0f0fu : (c.w[j - 4] >> 4) & 0x0f0f0f0fu;
+  // 2-bit part: byte b of the chunk holds codes b, b+8, b+16, b+24 at bits 0, 2, 4, 6
+  uint32_t v = (c.w[j & 1] >> (2 * (j >> 1))) & 0x03030303u;
+  if (BITS == 3) {  // bit i of word 2 is bit 2 of code i: spread bits 4j..4j+3 to bit 2 of the four bytes
+    const uint32_t h = (c.w[BITS - 1] >> (4 * j)) & 0xfu;
+    v |= ((h * 0x00204081u) & 0x01010101u) << 2;
+  }
+  return v;
+}
+
+__device__ __forceinline__ float ByteToFloat(uint32_t v, int byte) {  // 2^23 + b, exactly, minus 2^23
+  return __uint_as_float(__byte_perm(v, 0x4b000000u, 0x7540u | static_cast<uint32_t>(byte))) - 8388608.f;
+}
+
+template <typename T, int BITS, int MT>
+__global__ void __launch_bounds__(kGemvWarps * 32) SpQRGemvKernel(const SpQRMatMulArgs a) {
+  __shared__ float xs[MT][spqr::kChunk][kSlabChunks + 1];
+  __shared__ float xsum[MT][kSlabChunks][2];  // over codes 0..15 and 16..31 of each chunk
+  const int lane = threadIdx.x & 31;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5)) * kGemvRowsPerWarp;
+  const T* __restrict__ x = static_cast<const T*>(a.x);
+  const int64_t row_bytes = spqr::PackedRowBytes(a.K, BITS);
+  const int64_t n_groups = (a.K + a.group_size - 1) / a.group_size;
+  const bool halves = a.group_size == 16;
+  float acc[kGemvRowsPerWarp][MT];
+#pragma unroll
+  for (int r = 0; r < kGemvRowsPerWarp; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
+
+  for (int64_t k0 = 0; k0 < a.K; k0 += kSlab) {
+    __syncthreads();  // the previous slab is consumed
+    for (int e = threadIdx.x; e < MT * kSlab; e += kGemvWarps * 32) {
+      const int m = e / kSlab, j = e % kSlab;
+      const int64_t k = k0 + j;
+      float v = 0.f;
+      if (m < a.M && k < a.K) v = ToFloat(x[m * a.K + (a.perm ? a.perm[k] : k)]);
+      xs[m][j % spqr::kChunk][j / spqr::kChunk] = v;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < MT * kSlabChunks * 2; e += kGemvWarps * 32) {
+      const int m = e / (2 * kSlabChunks), c = (e / 2) % kSlabChunks, h = e % 2;
+      float t = 0.f;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) t += xs[m][16 * h + i][c];
+      xsum[m][c][h] = t;
+    }
+    __syncthreads();
+
+    const int64_t chunk = k0 / spqr::kChunk + lane;
+    if (chunk * spqr::kChunk >= a.K) continue;
+    ChunkWords<BITS> words[kGemvRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kGemvRowsPerWarp; ++r) {
+      if (n0 + r < a.N) words[r] = LoadChunk<BITS>(a.qweight + (n0 + r) * row_bytes + chunk * 4 * BITS);
+    }
+    // the chunk's group segments: g_lo for codes 0..15, g_hi for 16..31 (the same unless group_size is 16)
+    const int64_t g_lo = chunk * spqr::kChunk / a.group_size;
+    const int64_t g_hi = halves ? g_lo + 1 : g_lo;
+#pragma unroll
+    for (int r = 0; r < kGemvRowsPerWarp; ++r) {
+      const int64_t n = n0 + r;
+      if (n >= a.N) break;
+      float s_lo, z_lo, s_hi, z_hi;
+      GroupStats(a, g_lo, n, s_lo, z_lo);
+      if (g_hi < n_groups) {
+        GroupStats(a, g_hi, n, s_hi, z_hi);
+      } else {  // past K: those columns of X are zero
+        s_hi = 0.f, z_hi = 0.f;
+      }
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        float d_lo = 0.f, d_hi = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const uint32_t q = CodeBytes<BITS>(words[r], j);
+#pragma unroll
+          for (int b = 0; b < 4; ++b) {
+            const float p = ByteToFloat(q, b) * xs[m][4 * j + b][lane];
+            if (j < 4) {
+              d_lo += p;
+            } else {
+              d_hi += p;
+            }
+          }
+        }
+        acc[r][m] += s_lo * (d_lo - z_lo * xsum[m][lane][0]) + s_hi * (d_hi - z_hi * xsum[m][lane][1]);
+      }
+    }
+  }
+
+  T* __restrict__ y = static_cast<T*>(a.y);
+#pragma unroll
+  for (int r = 0; r < kGemvRowsPerWarp; ++r) {
+    const int64_t n = n0 + r;
+    if (n >= a.N) break;  // the same for every lane of the warp
+    if (a.row_ptr != nullptr) {
+      for (int32_t p = a.row_ptr[n] + lane; p < a.row_ptr[n + 1]; p += 32) {
+        const int64_t j = a.col_idx[p];
+        const int64_t col = a.perm ? a.perm[j] : j;
+        const float v = Half(a.values[p]);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if (m < a.M) acc[r][m] += v * ToFloat(x[m * a.K + col]);
+        }
+      }
+    }
+    const float bias = BiasOf(a, n);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], off);
+      if (lane == 0 && m < a.M) Store(y + m * a.N + n, acc[r][m] + bias);
+    }
+  }
+}
+
+template <typename T, int BITS>
+void LaunchGemv(const SpQRMatMulArgs& a, cudaStream_t s) {
+  const dim3 grid(static_cast<unsigned>((a.N + kGemvWarps * kGemvRowsPerWarp - 1) / (kGemvWarps * kGemvRowsPerWarp)));
+  const dim3 block(kGemvWarps * 32);
+  if (a.M <= 1) {
+    QC_LAUNCH((SpQRGemvKernel<T, BITS, 1>), grid, block, s, a);
+  } else if (a.M <= 2) {
+    QC_LAUNCH((SpQRGemvKernel<T, BITS, 2>), grid, block, s, a);
+  } else if (a.M <= 4) {
+    QC_LAUNCH((SpQRGemvKernel<T, BITS, 4>), grid, block, s, a);
+  } else {
+    QC_LAUNCH((SpQRGemvKernel<T, BITS, 8>), grid, block, s, a);
+  }
+}
+
+template <typename T>
+void LaunchGemv(const SpQRMatMulArgs& a, cudaStream_t s) {
+  if (a.bits == 2) {
+    LaunchGemv<T, 2>(a, s);
+  } else if (a.bits == 3) {
+    LaunchGemv<T, 3>(a, s);
+  } else {
+    LaunchGemv<T, 4>(a, s);
   }
 }
 
@@ -216,10 +408,15 @@ int LaunchSpQRMatMul(const SpQRMatMulArgs& args, void* stream) {
   const dim3 grid(static_cast<unsigned>((args.N + kWarpsPerBlock - 1) / kWarpsPerBlock));
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   // a 32-column chunk must meet at most two groups: group_size 16 or >= 32
+  const bool gemv_groups = args.group_size == 16 || args.group_size % 32 == 0;
   if (args.x_is_half && args.M >= kPrefillMinRows && (args.group_size == 16 || args.group_size >= 32)) {
     const dim3 pgrid(static_cast<unsigned>((args.N + kTileN - 1) / kTileN),
                      static_cast<unsigned>((args.M + kTileM - 1) / kTileM));
     QC_LAUNCH(SpQRMatMulPrefillKernel, pgrid, dim3(kPrefillThreads), s, args);
+  } else if (args.M <= kGemvMaxRows && gemv_groups && args.x_is_half) {
+    LaunchGemv<__half>(args, s);
+  } else if (args.M <= kGemvMaxRows && gemv_groups) {
+    LaunchGemv<float>(args, s);
   } else if (args.x_is_half) {
     QC_LAUNCH(SpQRMatMulKernel<__half>, grid, block, s, args);
   } else {
