@@ -120,9 +120,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) SpQRMatMulKernel(const Sp
 // for each group segment g of the chunk (one, or two halves at group_size 16) adds
 //   s_g * (sum_i q_i x_i - z_g * sum_i x_i)
 // so that the statistics cost two multiplies per segment, not per weight. Outliers follow (global X, through perm),
-// then one shuffle reduction per row. Consecutive rows per block share their statistics' cache lines.
+// then one shuffle reduction per row. Consecutive rows per block share their statistics' cache lines. Each lane
+// keeps per (row, X row, half) sums in registers: at most 4 rows per warp (2 at M > 4).
 constexpr int kGemvWarps = 8;
-constexpr int kGemvRowsPerWarp = 4;
 constexpr int kSlabChunks = 32;  // one chunk per lane
 constexpr int kSlab = kSlabChunks * spqr::kChunk;
 constexpr int64_t kGemvMaxRows = 8;
@@ -169,19 +169,24 @@ __device__ __forceinline__ float ByteToFloat(uint32_t v, int byte) {  // 2^23 + 
   return __uint_as_float(__byte_perm(v, 0x4b000000u, 0x7540u | static_cast<uint32_t>(byte))) - 8388608.f;
 }
 
+// Rows per warp: fewer at MT = 8 so that the per-row sums stay in registers.
+template <int MT>
+constexpr int kGemvRowsPerWarp = MT >= 8 ? 2 : 4;
+
 template <typename T, int BITS, int MT>
-__global__ void __launch_bounds__(kGemvWarps * 32) SpQRGemvKernel(const SpQRMatMulArgs a) {
+__global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRMatMulArgs a) {
+  constexpr int R = kGemvRowsPerWarp<MT>;
   __shared__ float xs[MT][spqr::kChunk][kSlabChunks + 1];
   __shared__ float xsum[MT][kSlabChunks][2];  // over codes 0..15 and 16..31 of each chunk
   const int lane = threadIdx.x & 31;
-  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5)) * kGemvRowsPerWarp;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5)) * R;
   const T* __restrict__ x = static_cast<const T*>(a.x);
   const int64_t row_bytes = spqr::PackedRowBytes(a.K, BITS);
   const int64_t n_groups = (a.K + a.group_size - 1) / a.group_size;
   const bool halves = a.group_size == 16;
-  float acc[kGemvRowsPerWarp][MT];
+  float acc[R][MT];
 #pragma unroll
-  for (int r = 0; r < kGemvRowsPerWarp; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
 
@@ -206,49 +211,60 @@ __global__ void __launch_bounds__(kGemvWarps * 32) SpQRGemvKernel(const SpQRMatM
 
     const int64_t chunk = k0 / spqr::kChunk + lane;
     if (chunk * spqr::kChunk >= a.K) continue;
-    ChunkWords<BITS> words[kGemvRowsPerWarp];
+    const int rows = static_cast<int>(min(static_cast<int64_t>(R), a.N - n0));  // <= 0 past N: the warp idles
+    ChunkWords<BITS> words[R];
 #pragma unroll
-    for (int r = 0; r < kGemvRowsPerWarp; ++r) {
-      if (n0 + r < a.N) words[r] = LoadChunk<BITS>(a.qweight + (n0 + r) * row_bytes + chunk * 4 * BITS);
+    for (int r = 0; r < R; ++r) {
+      if (r < rows) words[r] = LoadChunk<BITS>(a.qweight + (n0 + r) * row_bytes + chunk * 4 * BITS);
     }
     // the chunk's group segments: g_lo for codes 0..15, g_hi for 16..31 (the same unless group_size is 16)
     const int64_t g_lo = chunk * spqr::kChunk / a.group_size;
     const int64_t g_hi = halves ? g_lo + 1 : g_lo;
+    float s_lo[R], z_lo[R], s_hi[R], z_hi[R];
 #pragma unroll
-    for (int r = 0; r < kGemvRowsPerWarp; ++r) {
-      const int64_t n = n0 + r;
-      if (n >= a.N) break;
-      float s_lo, z_lo, s_hi, z_hi;
-      GroupStats(a, g_lo, n, s_lo, z_lo);
-      if (g_hi < n_groups) {
-        GroupStats(a, g_hi, n, s_hi, z_hi);
-      } else {  // past K: those columns of X are zero
-        s_hi = 0.f, z_hi = 0.f;
-      }
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        float d_lo = 0.f, d_hi = 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const uint32_t q = CodeBytes<BITS>(words[r], j);
-#pragma unroll
-          for (int b = 0; b < 4; ++b) {
-            const float p = ByteToFloat(q, b) * xs[m][4 * j + b][lane];
-            if (j < 4) {
-              d_lo += p;
-            } else {
-              d_hi += p;
-            }
-          }
-        }
-        acc[r][m] += s_lo * (d_lo - z_lo * xsum[m][lane][0]) + s_hi * (d_hi - z_hi * xsum[m][lane][1]);
+    for (int r = 0; r < R; ++r) {
+      s_lo[r] = z_lo[r] = s_hi[r] = z_hi[r] = 0.f;
+      if (r < rows) {
+        GroupStats(a, g_lo, n0 + r, s_lo[r], z_lo[r]);
+        if (g_hi < n_groups) GroupStats(a, g_hi, n0 + r, s_hi[r], z_hi[r]);  // else past K: X is zero there
       }
     }
+    // code sums per (row, X row, half): four codes at a time, X's four values loaded once for all rows
+    float d[R][MT][2];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < MT; ++m) d[r][m][0] = d[r][m][1] = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      float xv[MT][4];
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int b = 0; b < 4; ++b) xv[m][b] = xs[m][4 * j + b][lane];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const uint32_t q = CodeBytes<BITS>(words[r], j);
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          const float w = ByteToFloat(q, b);
+#pragma unroll
+          for (int m = 0; m < MT; ++m) d[r][m][j >> 2] += w * xv[m][b];
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        acc[r][m] += s_lo[r] * (d[r][m][0] - z_lo[r] * xsum[m][lane][0]) +
+                     s_hi[r] * (d[r][m][1] - z_hi[r] * xsum[m][lane][1]);
+      }
   }
 
   T* __restrict__ y = static_cast<T*>(a.y);
 #pragma unroll
-  for (int r = 0; r < kGemvRowsPerWarp; ++r) {
+  for (int r = 0; r < R; ++r) {
     const int64_t n = n0 + r;
     if (n >= a.N) break;  // the same for every lane of the warp
     if (a.row_ptr != nullptr) {
@@ -272,18 +288,23 @@ __global__ void __launch_bounds__(kGemvWarps * 32) SpQRGemvKernel(const SpQRMatM
   }
 }
 
+template <typename T, int BITS, int MT>
+void LaunchGemvTile(const SpQRMatMulArgs& a, cudaStream_t s) {
+  constexpr int rows_per_block = kGemvWarps * kGemvRowsPerWarp<MT>;
+  const dim3 grid(static_cast<unsigned>((a.N + rows_per_block - 1) / rows_per_block));
+  QC_LAUNCH((SpQRGemvKernel<T, BITS, MT>), grid, dim3(kGemvWarps * 32), s, a);
+}
+
 template <typename T, int BITS>
 void LaunchGemv(const SpQRMatMulArgs& a, cudaStream_t s) {
-  const dim3 grid(static_cast<unsigned>((a.N + kGemvWarps * kGemvRowsPerWarp - 1) / (kGemvWarps * kGemvRowsPerWarp)));
-  const dim3 block(kGemvWarps * 32);
   if (a.M <= 1) {
-    QC_LAUNCH((SpQRGemvKernel<T, BITS, 1>), grid, block, s, a);
+    LaunchGemvTile<T, BITS, 1>(a, s);
   } else if (a.M <= 2) {
-    QC_LAUNCH((SpQRGemvKernel<T, BITS, 2>), grid, block, s, a);
+    LaunchGemvTile<T, BITS, 2>(a, s);
   } else if (a.M <= 4) {
-    QC_LAUNCH((SpQRGemvKernel<T, BITS, 4>), grid, block, s, a);
+    LaunchGemvTile<T, BITS, 4>(a, s);
   } else {
-    QC_LAUNCH((SpQRGemvKernel<T, BITS, 8>), grid, block, s, a);
+    LaunchGemvTile<T, BITS, 8>(a, s);
   }
 }
 
