@@ -1,0 +1,49 @@
+"""bench/kernels_gpu.py's models, on the CPU (the timing itself needs a GPU): each variant holds `copies` distinct
+layer instances on one X, and every instance computes the layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import load_bench_script
+
+from qcompiler import ops
+
+
+@pytest.fixture(scope="module")
+def bench():
+    with load_bench_script("kernels_gpu") as module:
+        yield module
+
+
+@pytest.mark.parametrize("variant", ["fp16", "spqr-w3", "spqr-w4", "nbits"])
+def test_copies_are_distinct_initializers_of_one_layer(bench, variant):
+    K, N, copies = 64, 48, 3
+    w16 = (np.random.default_rng(0).standard_normal((K, N)) / 8).astype(np.float16)
+    one, many = bench.build(variant, K, N, 1, w16), bench.build(variant, K, N, copies, w16)
+    assert len(many.graph.node) == copies * len(one.graph.node)
+    assert [o.name for o in many.graph.output] == [f"Y{i}" for i in range(copies)]
+    names = [t.name for t in many.graph.initializer]
+    assert len(set(names)) == len(names)
+    assert bench.weight_bytes(many) == copies * bench.weight_bytes(one)
+
+
+@pytest.mark.parametrize("variant", ["fp16", "spqr-w3"])
+def test_every_copy_computes_the_layer(bench, variant):
+    K, N = 96, 40
+    w16 = (np.random.default_rng(1).standard_normal((K, N)) / 8).astype(np.float16)
+    x = np.random.default_rng(2).standard_normal((2, K)).astype(np.float16)
+    ys = ops.session(bench.build(variant, K, N, 3, w16).SerializeToString()).run(None, {"X": x})
+    if variant == "fp16":
+        ref = (x.astype(np.float32) @ w16.astype(np.float32))
+    else:
+        from qcompiler.format import random_weight
+
+        ref = random_weight(N=N, K=K, seed=K + N, **bench.SPQR_PRESETS[variant]).matmul(x).astype(np.float32)
+    for y in ys:
+        np.testing.assert_allclose(y.astype(np.float32), ref, rtol=0, atol=2e-3 * np.abs(ref).max())
+
+
+def test_copies_cover_the_stream_size(bench):
+    assert bench.copies_for(22_000_000, 512) == 24
+    assert bench.copies_for(600_000_000, 512) == 1
