@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
+import cuda_emu
 from qcompiler import ops
 
 ort.set_default_logger_severity(4)  # hundreds of expected kernel errors: keep ORT's own log quiet
@@ -105,6 +106,19 @@ def _model(w: SpQRWeight, dtype) -> onnx.ModelProto:
     return single_op_model(w, x_dtype=np.dtype(dtype), x_shape=["m", None])
 
 
+def _assert_matches_reference(case: Case, w: SpQRWeight, x: np.ndarray, y: np.ndarray) -> None:
+    assert y.dtype == x.dtype and y.shape == (x.shape[0], case.N)
+    if w.bias is not None:  # the reference adds the bias the model stores (X's dtype: fp16 rounds it), so an
+        # output that cancels most of a larger bias is not held to that bias's own rounding (found by a 20000-case run)
+        w = dataclasses.replace(w, bias=w.bias.astype(case.dtype).astype(np.float32))
+    ref = w.matmul(x).astype(np.float32)
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    rel = 1e-4 if case.dtype == "float32" else 2e-3
+    err = float(np.abs(y.astype(np.float32) - ref).max()) if ref.size else 0.0
+    assert np.isfinite(y).all()
+    assert err <= rel * scale + 1e-6, f"{case}: max |err| {err:.3g} > {rel} * {scale:.3g}"
+
+
 def test_valid_configurations_match_the_reference():
     ran: list[Case] = []
 
@@ -116,16 +130,7 @@ def test_valid_configurations_match_the_reference():
         with _isa(case.isa):
             sess = ops.session(_model(w, case.dtype).SerializeToString())
         y = sess.run(None, {"X": x})[0]
-        assert y.dtype == x.dtype and y.shape == (x.shape[0], case.N)
-        if w.bias is not None:  # the reference adds the bias the model stores (X's dtype: fp16 rounds it), so an
-            # output that cancels most of a larger bias is not held to that bias's own rounding (found by a 20000-case run)
-            w = dataclasses.replace(w, bias=w.bias.astype(case.dtype).astype(np.float32))
-        ref = w.matmul(x).astype(np.float32)
-        scale = float(np.abs(ref).max()) if ref.size else 0.0
-        rel = 1e-4 if case.dtype == "float32" else 2e-3
-        err = float(np.abs(y.astype(np.float32) - ref).max()) if ref.size else 0.0
-        assert np.isfinite(y).all()
-        assert err <= rel * scale + 1e-6, f"{case}: max |err| {err:.3g} > {rel} * {scale:.3g}"
+        _assert_matches_reference(case, w, x, y)
         ran.append(case)
 
     check()
@@ -134,6 +139,29 @@ def test_valid_configurations_match_the_reference():
     assert {c.bits for c in ran} == {2, 3, 4} and {c.stat_bits for c in ran} == {0, 2, 3, 4}
     assert any(c.outlier_rate > 0 and c.permute for c in ran) and any(math.prod(c.lead) == 0 for c in ran)
     assert {c.isa for c in ran} == {"auto", "avx512-rows", "portable"} and {c.dtype for c in ran} == {"float32", "float16"}
+
+
+@pytest.mark.skipif(cuda_emu.compiler() is None, reason="no C++ compiler")
+def test_emulated_cuda_kernels_match_the_reference():
+    """The same valid configurations through the CUDA kernels under the CPU emulation (tests/cuda_emu.py): the decode
+    GEMV, the tensor-core prefill (fp16 X, 33 rows) and the row kernel (other group sizes, fp32 X with 9+ rows)."""
+    kernel = cuda_emu.EmulatedKernel(cuda_emu.build())
+    ran: list[Case] = []
+
+    @settings(max_examples=N_VALID // 2, **_SETTINGS)
+    @given(case=cases())
+    def check(case: Case):
+        w = case.weight()
+        x = case.x().reshape(-1, case.K)
+        _assert_matches_reference(case, w, x, kernel.run(w, x, seed=case.seed))
+        ran.append(case)
+
+    check()
+    assert len(ran) >= N_VALID // 2
+    assert any((c.group_size == 16 or c.group_size >= 32) and c.dtype == "float16" and math.prod(c.lead) >= 32
+               for c in ran)  # prefill
+    assert any(c.group_size % 32 == 0 and math.prod(c.lead) <= 8 for c in ran)  # decode GEMV
+    assert any(c.group_size not in (16,) and c.group_size % 32 for c in ran)  # row kernel
 
 
 # ------------------------------------------------------------------------------------------------------- corruption
