@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build libqcompiler_ops.so with AddressSanitizer + UndefinedBehaviorSanitizer (CPU kernel; the CUDA kernel is not
-# built) and run the kernel tests and the fuzz suite against it. Needs .venv (scripts/setup.sh) and a C++ compiler.
+# built) and run the kernel tests and the fuzz suite against it; then the CUDA kernels under the CPU emulation with
+# UBSan. Needs .venv (scripts/setup.sh) and a C++ compiler.
 #   bash scripts/sanitize.sh [extra pytest args]
 # The Python process is not instrumented, so libasan/libubsan are preloaded; leak checking is off (CPython and ORT
 # keep allocations alive at exit by design); any ASan or UBSan report aborts the process and fails the run.
@@ -19,3 +20,7 @@ QCOMPILER_OPS_LIBRARY="$BUILD/libqcompiler_ops.so" LD_PRELOAD="$PRELOAD" \
   ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:strict_string_checks=1 \
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_spqr_matmul_cpu.py tests/test_fuzz_spqr_matmul.py "$@"
+# the CUDA kernels under the CPU emulation (tests/cuda_emu.py), their device code built with UBSan
+QCOMPILER_EMU_SANITIZE=undefined UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_spqr_matmul_cuda.py tests/test_cuda_emu.py \
+  tests/test_fuzz_spqr_matmul.py -k "emu or emulated"

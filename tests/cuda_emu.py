@@ -31,11 +31,16 @@ def compiler() -> Optional[str]:
 
 
 def build(out_root: Path = REPO / "build" / "cuda-emu") -> Path:
-    """Compile libqcompiler_cuda_emu.so (cached by the sources' hash). Raises RuntimeError with the compiler output."""
+    """Compile libqcompiler_cuda_emu.so (cached by the sources' hash and flags). `$QCOMPILER_EMU_SANITIZE=undefined`
+    adds -fsanitize=undefined (scripts/sanitize.sh): shifts, overflows and misaligned accesses in the device code
+    abort the process. Raises RuntimeError with the compiler output."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (set CXX)")
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:16]
+    sanitize = os.environ.get("QCOMPILER_EMU_SANITIZE", "")
+    extra = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all"] if sanitize else []
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(extra).encode()
+                            ).hexdigest()[:16]
     lib = out_root / digest / "libqcompiler_cuda_emu.so"
     if lib.is_file():
         return lib
@@ -44,7 +49,7 @@ def build(out_root: Path = REPO / "build" / "cuda-emu") -> Path:
     cmd = [cxx, "-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Wextra",
            "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-DQCOMPILER_CUDA_EMU",
            f"-I{OPS / 'emu/include'}", f"-I{OPS / 'emu'}", f"-I{OPS / 'src'}",
-           "-x", "c++", str(SOURCES[0]), "-x", "none", *map(str, SOURCES[1:]), "-o", str(tmp)]
+           *extra, "-x", "c++", str(SOURCES[0]), "-x", "none", *map(str, SOURCES[1:]), "-o", str(tmp)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"building the CUDA emulation failed:\n{' '.join(cmd)}\n{r.stderr}")
