@@ -115,6 +115,17 @@ def test_several_slabs(run, bits, group_size, K, M):
     _check(run, w, _x((M, K), np.float16, seed=M))
 
 
+# The decode kernel copies X's rows into shared memory when perm is present and they fit (K=11008 fp32: 44 KB, above
+# the 48 KB default with the kernel's static arrays, so the launcher raises the kernel's limit; on the emulated
+# device's budget M=2 no longer fits and X is gathered from global memory).
+@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_long_rows(run, M, dtype):
+    w = random_weight(N=20, K=11008, bits=3, group_size=16, stat_bits=3, stat_group_size=16, outlier_rate=0.01,
+                      permute=True, bias=True, seed=M)
+    _check(run, w, _x((M, 11008), dtype, seed=M))
+
+
 # Group sizes that the decode kernel does not take (not 16 or a multiple of 32): the row kernel at every M.
 @pytest.mark.parametrize("group_size,K", [(8, 200), (48, 300)])
 @pytest.mark.parametrize("M", [1, 8, 40])

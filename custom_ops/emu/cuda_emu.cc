@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -110,6 +111,9 @@ Block* g_block = nullptr;
 cudaError_t g_last_error = cudaSuccess;
 std::string g_message;
 unsigned g_seed = 1;
+constexpr int kDefaultSmem = 48 * 1024, kOptinSmem = 99 * 1024, kSmemPerSm = 100 * 1024;
+std::map<const void*, int> g_max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
+std::vector<unsigned char> g_dynamic_shared;
 
 Fiber& Self() { return g_block->fibers[g_block->current]; }
 
@@ -233,12 +237,16 @@ uint64_t WarpExchange(unsigned mask, uint64_t value, int src_lane) {
   return out;
 }
 
-void RunGrid(dim3 grid, dim3 block, const std::function<void()>& body) {
+void* DynamicShared() { return g_dynamic_shared.data(); }
+
+void RunGrid(const void* func, dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
   const size_t threads = static_cast<size_t>(block.x) * block.y * block.z;
+  const auto raised = g_max_dynamic_smem.find(func);
+  const size_t smem_limit = raised == g_max_dynamic_smem.end() ? kDefaultSmem : raised->second;
   if (threads == 0 || threads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
-      grid.z > 65535) {
+      grid.z > 65535 || smem_bytes > smem_limit) {
     g_last_error = cudaErrorInvalidConfiguration;
-    g_message = "invalid launch configuration";
+    g_message = smem_bytes > smem_limit ? "dynamic shared memory above the kernel's limit" : "invalid launch configuration";
     return;
   }
   Block b;
@@ -253,6 +261,7 @@ void RunGrid(dim3 grid, dim3 block, const std::function<void()>& body) {
   for (unsigned bz = 0; ok && bz < grid.z; ++bz)
     for (unsigned by = 0; ok && by < grid.y; ++by)
       for (unsigned bx = 0; ok && bx < grid.x; ++bx) {
+        g_dynamic_shared.assign(std::max<size_t>(smem_bytes, 16), 0xff);
         for (size_t t = 0; t < threads; ++t) StartFiber(b.fibers[t], t, dim3(bx, by, bz), block, grid);
         ok = RunBlock(b, rng);
         if (!ok) {
@@ -274,10 +283,38 @@ cudaError_t cudaGetLastError() {
   return e;
 }
 
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0) return cudaErrorInvalidValue;
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = qcompiler::emu::kOptinSmem;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
+      *value = qcompiler::emu::kSmemPerSm;
+      return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t cudaFuncSetAttributeBytes(const void* func, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > qcompiler::emu::kOptinSmem) {
+    return cudaErrorInvalidValue;
+  }
+  qcompiler::emu::g_max_dynamic_smem[func] = value;
+  return cudaSuccess;
+}
+
 const char* cudaGetErrorString(cudaError_t error) {
   switch (error) {
     case cudaSuccess:
       return "no error";
+    case cudaErrorInvalidValue:
+      return "invalid argument (emulated)";
     case cudaErrorInvalidConfiguration:
       return "invalid configuration argument (emulated)";
     default:

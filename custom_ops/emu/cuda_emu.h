@@ -10,9 +10,11 @@
 // of shared memory written by another thread without a barrier between sees a different value from run to run.
 // Checked and reported as a launch error (cudaGetLastError): a __syncthreads reached after some threads of the block
 // returned, a warp collective that not all 32 lanes reach, a partial shuffle mask, a deadlock, WMMA pointers not 32-byte
-// aligned or strides not a multiple of 16 bytes, a launch with more than 1024 threads per block. Not modelled: memory
-// ordering between blocks, timing, shared memory's size limit, local arrays' register spills, uninitialized shared
-// memory (`__shared__` arrays are function statics here: zero at the first block, then last block's values).
+// aligned or strides not a multiple of 16 bytes, a launch with more than 1024 threads per block, dynamic shared
+// memory above 48 KB (or above the kernel's cudaFuncSetAttribute limit). Dynamic shared memory starts as 0xff bytes
+// in every block. Not modelled: memory ordering between blocks, timing, the static `__shared__` arrays' share of
+// the shared-memory limit, register spills, uninitialized static shared memory (`__shared__` arrays are function
+// statics here: zero at the first block, then the last block's values).
 #pragma once
 
 #include <cstdint>
@@ -35,9 +37,25 @@ struct dim3 {
 
 // ------------------------------------------------------------------------------------------------------- runtime
 typedef struct CUstream_st* cudaStream_t;
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9, cudaErrorLaunchFailure = 719 };
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchFailure = 719
+};
 cudaError_t cudaGetLastError();  // returns and clears the emulator's last launch error
 const char* cudaGetErrorString(cudaError_t error);
+// The emulated device: one device (0), sm_86-like shared memory: 48 KB per block by default, 99 KB opt-in, 100 KB
+// per SM.
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
+cudaError_t cudaFuncSetAttributeBytes(const void* func, cudaFuncAttribute attr, int value);
+template <class F>
+cudaError_t cudaFuncSetAttribute(F* func, cudaFuncAttribute attr, int value) {
+  return cudaFuncSetAttributeBytes(reinterpret_cast<const void*>(func), attr, value);
+}
 
 namespace qcompiler {
 namespace emu {
@@ -47,8 +65,10 @@ struct ThreadCoords {
 };
 const ThreadCoords& Current();  // of the running fiber
 
-// Runs `body` for every thread of every block (see the model above); a failure is kept for cudaGetLastError.
-void RunGrid(dim3 grid, dim3 block, const std::function<void()>& body);
+// Runs `body` for every thread of every block (see the model above) with `smem_bytes` of dynamic shared memory
+// (refused above 48 KB unless cudaFuncSetAttribute raised `func`'s limit); a failure is kept for cudaGetLastError.
+void RunGrid(const void* func, dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
+void* DynamicShared();  // of the running block
 
 // Warp collectives: the calling lane's value in, lane `src`'s value out. Fails unless all 32 lanes take part.
 uint64_t WarpExchange(unsigned mask, uint64_t value, int src_lane);
@@ -58,8 +78,8 @@ const char* LastErrorMessage();            // of the last failed launch ("" if n
 unsigned& ScheduleSeed();                  // seed of the fiber order shuffles
 
 template <class... P, class... A>
-void Launch(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t, const A&... args) {
-  RunGrid(grid, block, [&] { kernel(args...); });
+void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t, const A&... args) {
+  RunGrid(reinterpret_cast<const void*>(kernel), grid, block, smem_bytes, [&] { kernel(args...); });
 }
 
 }  // namespace emu

@@ -58,16 +58,16 @@ __attribute__((visibility("default"))) int qc_emu_selftest(int which, unsigned s
   switch (which) {
     case 0:
     case 1:
-      QC_LAUNCH(NeighbourKernel, grid, block, s, out, tag, which == 0);
+      QC_LAUNCH(NeighbourKernel, grid, block, 0, s, out, tag, which == 0);
       break;
     case 2:
-      QC_LAUNCH(EarlyReturnKernel, grid, block, s, out);
+      QC_LAUNCH(EarlyReturnKernel, grid, block, 0, s, out);
       break;
     case 3:
-      QC_LAUNCH(HalfWarpShuffleKernel, grid, block, s, out);
+      QC_LAUNCH(HalfWarpShuffleKernel, grid, block, 0, s, out);
       break;
     default:
-      QC_LAUNCH(MisalignedWmmaKernel, grid, block, s, out);
+      QC_LAUNCH(MisalignedWmmaKernel, grid, block, 0, s, out);
       break;
   }
   return Finish(message, message_bytes);

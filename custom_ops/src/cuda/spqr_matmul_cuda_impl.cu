@@ -112,14 +112,15 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) SpQRMatMulKernel(const Sp
 
 // ---- decode GEMV (M <= 8, group_size 16 or a multiple of 32): a lane per 32-code chunk ----
 //
-// X is staged in shared memory per slab of 1024 columns (through perm, so in stored column order, as fp32, laid out
-// xs[m][i][c] for element 32c + i: lane c reads its chunk without bank conflicts), with the sums of each chunk's two
-// 16-column halves. Lane c of a warp then owns chunk c of the slab for the warp's 4 rows: it loads the chunk's
+// With perm, X's rows are first copied whole into dynamic shared memory when they fit (so the permuted reads below
+// hit shared memory, not global memory). X is staged per slab of 1024 columns (through perm, so in stored column
+// order, as fp32, laid out xs[m][i][c] for element 32c + i: lane c reads its chunk without bank conflicts), with the
+// sums of each chunk's two 16-column halves. Lane c of a warp then owns chunk c of the slab for the warp's 4 rows: it loads the chunk's
 // 4*bits bytes with one to three vector loads (all rows first, so their loads are in flight together), decodes the
 // codes four at a time (byte lanes of a 32-bit word, turned into fp32 by a byte permute into 2^23's mantissa), and
 // for each group segment g of the chunk (one, or two halves at group_size 16) adds
 //   s_g * (sum_i q_i x_i - z_g * sum_i x_i)
-// so that the statistics cost two multiplies per segment, not per weight. Outliers follow (global X, through perm),
+// so that the statistics cost two multiplies per segment, not per weight. Outliers follow (X through perm),
 // then one shuffle reduction per row. Consecutive rows per block share their statistics' cache lines. Each lane
 // keeps per (row, X row, half) sums in registers: at most 4 rows per warp (2 at M > 4).
 constexpr int kGemvWarps = 8;
@@ -174,7 +175,7 @@ template <int MT>
 constexpr int kGemvRowsPerWarp = MT >= 8 ? 2 : 4;
 
 template <typename T, int BITS, int MT>
-__global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRMatMulArgs a) {
+__global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRMatMulArgs a, int stage_rows) {
   constexpr int R = kGemvRowsPerWarp<MT>;
   __shared__ float xs[MT][spqr::kChunk][kSlabChunks + 1];
   __shared__ float xsum[MT][kSlabChunks][2];  // over codes 0..15 and 16..31 of each chunk
@@ -184,6 +185,16 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRM
   const int64_t row_bytes = spqr::PackedRowBytes(a.K, BITS);
   const int64_t n_groups = (a.K + a.group_size - 1) / a.group_size;
   const bool halves = a.group_size == 16;
+  // stage_rows: X's rows, unpermuted, in dynamic shared memory [MT][K], read once with coalesced loads; the
+  // permuted gathers below then hit shared memory instead of global memory (set by the launcher when perm is
+  // present and the rows fit)
+  QC_DYNAMIC_SHARED(T, xrows);
+  const T* __restrict__ xg = stage_rows ? xrows : x;
+  if (stage_rows) {
+    for (int64_t e = threadIdx.x; e < MT * a.K; e += kGemvWarps * 32) {
+      xrows[e] = e < a.M * a.K ? x[e] : T();  // rows past M: zero bits
+    }
+  }
   float acc[R][MT];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -196,7 +207,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRM
       const int m = e / kSlab, j = e % kSlab;
       const int64_t k = k0 + j;
       float v = 0.f;
-      if (m < a.M && k < a.K) v = ToFloat(x[m * a.K + (a.perm ? a.perm[k] : k)]);
+      if (m < a.M && k < a.K) v = ToFloat(xg[m * a.K + (a.perm ? a.perm[k] : k)]);
       xs[m][j % spqr::kChunk][j / spqr::kChunk] = v;
     }
     __syncthreads();
@@ -274,7 +285,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRM
         const float v = Half(a.values[p]);
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
-          if (m < a.M) acc[r][m] += v * ToFloat(x[m * a.K + col]);
+          if (m < a.M) acc[r][m] += v * ToFloat(xg[m * a.K + col]);
         }
       }
     }
@@ -288,11 +299,42 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRM
   }
 }
 
+// Shared memory for one of two blocks per SM on the current device: min(opt-in per block, per SM / 2 - the 1 KB
+// the runtime reserves per block). Cached per device.
+int SharedBudgetPerBlock() {
+  static int cached[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 48 * 1024;
+  if (cached[device] == 0) {
+    int optin = 0, per_sm = 0;
+    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 48 * 1024;
+    }
+    cached[device] = min(optin, per_sm / 2 - 1024);
+  }
+  return cached[device];
+}
+
 template <typename T, int BITS, int MT>
 void LaunchGemvTile(const SpQRMatMulArgs& a, cudaStream_t s) {
   constexpr int rows_per_block = kGemvWarps * kGemvRowsPerWarp<MT>;
   const dim3 grid(static_cast<unsigned>((a.N + rows_per_block - 1) / rows_per_block));
-  QC_LAUNCH((SpQRGemvKernel<T, BITS, MT>), grid, dim3(kGemvWarps * 32), s, a);
+  auto kernel = SpQRGemvKernel<T, BITS, MT>;
+  // X's rows staged in shared memory when perm makes the slab gathers random and they fit next to the static
+  // shared memory (xs, xsum: MT * 4.4 KB) in the budget of two blocks per SM
+  constexpr int kStaticBytes = MT * (spqr::kChunk * (kSlabChunks + 1) + kSlabChunks * 2) * 4;
+  const int64_t row_bytes = MT * a.K * static_cast<int64_t>(sizeof(T));
+  const int budget = SharedBudgetPerBlock() - kStaticBytes;
+  int stage_rows = a.perm != nullptr && row_bytes <= budget;
+  if (stage_rows && row_bytes > 48 * 1024 - kStaticBytes &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(row_bytes)) !=
+          cudaSuccess) {
+    (void)cudaGetLastError();  // not raised on this device: gather from global memory instead
+    stage_rows = 0;
+  }
+  QC_LAUNCH(kernel, grid, dim3(kGemvWarps * 32), stage_rows ? static_cast<size_t>(row_bytes) : 0, s, a, stage_rows);
 }
 
 template <typename T, int BITS>
@@ -433,15 +475,15 @@ int LaunchSpQRMatMul(const SpQRMatMulArgs& args, void* stream) {
   if (args.x_is_half && args.M >= kPrefillMinRows && (args.group_size == 16 || args.group_size >= 32)) {
     const dim3 pgrid(static_cast<unsigned>((args.N + kTileN - 1) / kTileN),
                      static_cast<unsigned>((args.M + kTileM - 1) / kTileM));
-    QC_LAUNCH(SpQRMatMulPrefillKernel, pgrid, dim3(kPrefillThreads), s, args);
+    QC_LAUNCH(SpQRMatMulPrefillKernel, pgrid, dim3(kPrefillThreads), 0, s, args);
   } else if (args.M <= kGemvMaxRows && gemv_groups && args.x_is_half) {
     LaunchGemv<__half>(args, s);
   } else if (args.M <= kGemvMaxRows && gemv_groups) {
     LaunchGemv<float>(args, s);
   } else if (args.x_is_half) {
-    QC_LAUNCH(SpQRMatMulKernel<__half>, grid, block, s, args);
+    QC_LAUNCH(SpQRMatMulKernel<__half>, grid, block, 0, s, args);
   } else {
-    QC_LAUNCH(SpQRMatMulKernel<float>, grid, block, s, args);
+    QC_LAUNCH(SpQRMatMulKernel<float>, grid, block, 0, s, args);
   }
   return static_cast<int>(cudaGetLastError());
 }
