@@ -68,7 +68,10 @@ __attribute__((visibility("default"))) int qc_emu_spqr_matmul(
   a.bias_is_half = bias_is_half != 0;
   a.y = y;
   qcompiler::emu::ScheduleSeed() = seed;
+  const size_t scratch_bytes = qcompiler::Cuda::ScratchBytes(a);
+  a.scratch = scratch_bytes ? qc_emu_alloc(scratch_bytes) : nullptr;  // as ORT's allocator would, after the output
   const int err = qcompiler::Cuda::LaunchSpQRMatMul(a, nullptr);
+  qc_emu_free(a.scratch, scratch_bytes);
   if (message != nullptr && message_bytes > 0) {
     std::strncpy(message, err ? qcompiler::emu::LastErrorMessage() : "", message_bytes - 1);
     message[message_bytes - 1] = '\0';

@@ -10,6 +10,34 @@ namespace {
 
 using spqr::BoundInputs;
 
+// Device scratch from ORT's allocator for this node's device, on the compute stream (KernelContext_GetScratchBuffer:
+// stream-ordered, so it may be handed back as soon as the kernels are enqueued), returned on destruction.
+class Scratch {
+ public:
+  Scratch(OrtKernelContext* context, int device_id, size_t bytes)
+      : context_(context), info_("Cuda", OrtArenaAllocator, device_id, OrtMemTypeDefault) {
+    if (bytes == 0) return;
+    Ort::ThrowOnError(Ort::GetApi().KernelContext_GetScratchBuffer(context_, info_, bytes, &data_));
+    if (data_ == nullptr) throw Ort::Exception("no device scratch memory from ORT", ORT_FAIL);
+  }
+  ~Scratch() {
+    if (data_ == nullptr) return;
+    OrtAllocator* allocator = nullptr;
+    if (Ort::GetApi().KernelContext_GetAllocator(context_, info_, &allocator) == nullptr && allocator != nullptr) {
+      allocator->Free(allocator, data_);
+      Ort::GetApi().ReleaseAllocator(allocator);
+    }
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  void* data() const { return data_; }
+
+ private:
+  OrtKernelContext* context_;
+  Ort::MemoryInfo info_;
+  void* data_ = nullptr;
+};
+
 struct SpQRMatMulCudaKernel : spqr::KernelBase<SpQRMatMulCudaKernel> {
   SpQRMatMulCudaKernel(const OrtKernelInfo* info, ONNXTensorElementDataType x_type)
       : prefix_(spqr::ErrorPrefix(info)), attrs_(spqr::ReadAttributes(info, prefix_)), x_type_(x_type) {}
@@ -51,6 +79,8 @@ struct SpQRMatMulCudaKernel : spqr::KernelBase<SpQRMatMulCudaKernel> {
     args.bias = b.in[spqr::kBias].data;
     args.bias_is_half = b.in[spqr::kBias].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     args.y = y.GetTensorMutableRawData();
+    const Scratch scratch(context, ctx.GetInput(spqr::kX).GetTensorMemoryInfo().GetDeviceId(), ScratchBytes(args));
+    args.scratch = scratch.data();
     const int err = LaunchSpQRMatMul(args, stream);
     if (err != 0) {
       throw Ort::Exception(prefix_ + "CUDA kernel launch failed: " + CudaErrorString(err), ORT_EP_FAIL);

@@ -13,6 +13,8 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <algorithm>
+
 #include "common/spqr_format.h"
 #include "cuda/launch.cuh"
 #include "cuda/spqr_matmul_cuda_impl.cuh"
@@ -465,17 +467,47 @@ __global__ void __launch_bounds__(kPrefillThreads) SpQRMatMulPrefillKernel(const
 
 }  // namespace
 
+namespace {
+bool UsesPrefill(const SpQRMatMulArgs& a) {  // a 32-column chunk must meet at most two groups
+  return a.x_is_half && a.M >= kPrefillMinRows && (a.group_size == 16 || a.group_size >= 32);
+}
+
+// out[m, j] = x[m, perm[j]]: X's columns in stored order, once per call, so that the prefill kernel's blocks read
+// contiguous rows instead of gathering single halves from all of X (every block of a column of tiles would repeat it)
+__global__ void PermuteColumnsKernel(const __half* __restrict__ x, const int32_t* __restrict__ perm,
+                                     __half* __restrict__ out, int64_t M, int64_t K) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < M * K; e += stride) {
+    const int64_t m = e / K, j = e % K;
+    out[e] = x[m * K + perm[j]];
+  }
+}
+}  // namespace
+
+size_t ScratchBytes(const SpQRMatMulArgs& args) {
+  return UsesPrefill(args) && args.perm != nullptr ? static_cast<size_t>(args.M * args.K) * sizeof(__half) : 0;
+}
+
 int LaunchSpQRMatMul(const SpQRMatMulArgs& args, void* stream) {
   if (args.M == 0 || args.N == 0) return static_cast<int>(cudaSuccess);
   const dim3 block(kWarpsPerBlock * 32);
   const dim3 grid(static_cast<unsigned>((args.N + kWarpsPerBlock - 1) / kWarpsPerBlock));
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  // a 32-column chunk must meet at most two groups: group_size 16 or >= 32
   const bool gemv_groups = args.group_size == 16 || args.group_size % 32 == 0;
-  if (args.x_is_half && args.M >= kPrefillMinRows && (args.group_size == 16 || args.group_size >= 32)) {
+  if (UsesPrefill(args)) {
+    SpQRMatMulArgs p = args;
+    if (args.perm != nullptr) {
+      if (args.scratch == nullptr) return static_cast<int>(cudaErrorInvalidValue);  // ScratchBytes was not honoured
+      const int64_t total = args.M * args.K;
+      const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 4096));
+      QC_LAUNCH(PermuteColumnsKernel, dim3(blocks), dim3(256), 0, s, static_cast<const __half*>(args.x), args.perm,
+                static_cast<__half*>(args.scratch), args.M, args.K);
+      p.x = args.scratch;
+      p.perm = nullptr;  // X is in stored order now; outliers index stored columns anyway
+    }
     const dim3 pgrid(static_cast<unsigned>((args.N + kTileN - 1) / kTileN),
                      static_cast<unsigned>((args.M + kTileM - 1) / kTileM));
-    QC_LAUNCH(SpQRMatMulPrefillKernel, pgrid, dim3(kPrefillThreads), 0, s, args);
+    QC_LAUNCH(SpQRMatMulPrefillKernel, pgrid, dim3(kPrefillThreads), 0, s, p);
   } else if (args.M <= kGemvMaxRows && gemv_groups && args.x_is_half) {
     LaunchGemv<__half>(args, s);
   } else if (args.M <= kGemvMaxRows && gemv_groups) {

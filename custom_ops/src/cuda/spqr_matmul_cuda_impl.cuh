@@ -2,6 +2,7 @@
 // (spqr_matmul_cuda.cc) and by the nvcc-compiled device code (spqr_matmul_cuda_impl.cu).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace qcompiler {
@@ -29,7 +30,13 @@ struct SpQRMatMulArgs {
   const void* bias = nullptr;         // [N] float or half
   bool bias_is_half = false;
   void* y = nullptr;  // [M, N], same type as x
+  void* scratch = nullptr;  // ScratchBytes(*this) bytes of device memory when that is not 0 (X's columns in stored
+                            // order for the prefill kernel)
 };
+
+// Device memory LaunchSpQRMatMul needs in `args.scratch` (0: none). Only X's type, M, K, group_size and whether perm
+// is present matter.
+size_t ScratchBytes(const SpQRMatMulArgs& args);
 
 // Enqueues Y = X * W^T + bias on `stream` (a cudaStream_t). Returns a cudaError_t value (0 = success).
 int LaunchSpQRMatMul(const SpQRMatMulArgs& args, void* stream);
