@@ -1,14 +1,15 @@
-// SpQRMatMul CUDA device code, three kernels:
-// - decode, M <= 8 (group_size 16 or a multiple of 32): SpQRGemvKernel, a lane per 32-code chunk, X staged in shared
-//   memory;
-// - prefill with fp16 X (M >= kPrefillMinRows): SpQRMatMulPrefillKernel, tensor cores;
-// - everything else (fp32 X with M > 8, other group sizes): SpQRMatMulKernel, one warp per output row n, decoding W on
-//   the fly, described here.
+// SpQRMatMul CUDA device code, three kernels (docs/kernels.md):
+// - decode, M <= 8 (group_size 16 or a multiple of 32): SpQRGemvKernel, a lane per 32-code chunk, X staged in
+//   shared memory;
+// - prefill with fp16 X (M >= kPrefillMinRows): SpQRMatMulPrefillKernel, tensor cores, X permuted once into scratch;
+// - everything else (fp32 X with M > 8, other group sizes): SpQRMatMulKernel, one warp per output row n, decoding W
+//   on the fly, described here.
 //
-// SpQRMatMulKernel: lane l of the warp owns column 32c + l of every 32-code chunk c: it extracts its code from the chunk (all lanes
-// read the same 4*bits bytes), applies its group's (scale, zero) (bilevel statistics decoded in place), gathers
-// X[m, perm[k]] directly (no permuted copy of X) and accumulates up to kMTile rows of X at once in fp32. Outliers are
-// added by striding the row's CSR entries over the lanes; a warp shuffle reduction finishes the dot products.
+// SpQRMatMulKernel: lane l of the warp owns column 32c + l of every 32-code chunk c: it extracts its code from the
+// chunk (all lanes read the same 4*bits bytes), applies its group's (scale, zero) (bilevel statistics decoded in
+// place), gathers X[m, perm[k]] directly (no permuted copy of X) and accumulates up to kMTile rows of X at once in
+// fp32. Outliers are added by striding the row's CSR entries over the lanes; a warp shuffle reduction finishes the
+// dot products.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
