@@ -50,6 +50,42 @@ __device__ __forceinline__ void GroupStats(const SpQRMatMulArgs& a, int64_t g, i
   z = Half(st[2]) * (zc - Half(st[3]));
 }
 
+// Where row n's first-level statistics live, computed once per row so that the per-chunk lookups below need no
+// 64-bit division by a runtime value (each is a call of ~100 instructions on the GPU).
+struct StatRow {
+  int64_t n;
+  int64_t stat_group;  // n / stat_group_size (coded statistics)
+  int32_t chunk_byte;  // (n / 32) * 4 * stat_bits: n's chunk in a packed statistics row
+  int32_t i;           // n % 32
+};
+
+__device__ __forceinline__ StatRow MakeStatRow(const SpQRMatMulArgs& a, int64_t n) {
+  StatRow r;
+  r.n = n;
+  r.stat_group = a.stat_bits ? n / a.stat_group_size : 0;
+  r.chunk_byte = static_cast<int32_t>(n / spqr::kChunk) * 4 * a.stat_bits;
+  r.i = static_cast<int32_t>(n % spqr::kChunk);
+  return r;
+}
+
+// GroupStats for (group g, row r.n); n2 = number of second-level groups per statistics row.
+__device__ __forceinline__ void GroupStatsAt(const SpQRMatMulArgs& a, int64_t n2, int64_t row_bytes, int64_t g,
+                                             const StatRow& r, float& s, float& z) {
+  if (a.stat_bits == 0) {
+    s = Half(static_cast<const uint16_t*>(a.scales)[g * a.N + r.n]);
+    z = Half(static_cast<const uint16_t*>(a.zeros)[g * a.N + r.n]);
+    return;
+  }
+  const int64_t off = g * row_bytes + r.chunk_byte;
+  const uint16_t* st = a.stats2 + (g * n2 + r.stat_group) * 4;
+  QC_DEVICE_CHECK(reinterpret_cast<uintptr_t>(st) % 8 == 0, "second-level statistics not 8-byte aligned");
+  const uint2 v = *reinterpret_cast<const uint2*>(st);  // the group's four fp16 values in one load
+  const float sc = static_cast<float>(spqr::ExtractCode(static_cast<const uint8_t*>(a.scales) + off, a.stat_bits, r.i));
+  const float zc = static_cast<float>(spqr::ExtractCode(static_cast<const uint8_t*>(a.zeros) + off, a.stat_bits, r.i));
+  s = Half(v.x & 0xffffu) * (sc - Half(v.x >> 16));
+  z = Half(v.y & 0xffffu) * (zc - Half(v.y >> 16));
+}
+
 __device__ __forceinline__ float BiasOf(const SpQRMatMulArgs& a, int64_t n) {
   if (a.bias == nullptr) return 0.f;
   return a.bias_is_half ? Half(static_cast<const uint16_t*>(a.bias)[n]) : static_cast<const float*>(a.bias)[n];
@@ -120,12 +156,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) SpQRMatMulKernel(const Sp
 // order, as fp32, laid out xs[m][i][c] for element 32c + i: lane c reads its chunk without bank conflicts), with the
 // sums of each chunk's two 16-column halves. Lane c of a warp then owns chunk c of the slab for the warp's 4 rows: it loads the chunk's
 // 4*bits bytes with one to three vector loads (all rows first, so their loads are in flight together), decodes the
-// codes four at a time (byte lanes of a 32-bit word, turned into fp32 by a byte permute into 2^23's mantissa), and
-// for each group segment g of the chunk (one, or two halves at group_size 16) adds
+// codes four at a time (byte lanes of a 32-bit word, each turned into the float 1/2 + q/256 by one byte permute:
+// CodeAsFloat), and for each group segment g of the chunk (one, or two halves at group_size 16) adds
 //   s_g * (sum_i q_i x_i - z_g * sum_i x_i)
 // so that the statistics cost two multiplies per segment, not per weight. Outliers follow (X through perm),
 // then one shuffle reduction per row. Consecutive rows per block share their statistics' cache lines. Each lane
-// keeps per (row, X row, half) sums in registers: at most 4 rows per warp (2 at M > 4).
+// keeps per (row, X row, half) sums in registers: at most 4 rows per warp (2 at M > 2).
 constexpr int kGemvWarps = 8;
 constexpr int kSlabChunks = 32;  // one chunk per lane
 constexpr int kSlab = kSlabChunks * spqr::kChunk;
@@ -169,13 +205,18 @@ __device__ __forceinline__ uint32_t CodeBytes(const ChunkWords<BITS>& c, int j) 
   return v;
 }
 
-__device__ __forceinline__ float ByteToFloat(uint32_t v, int byte) {  // 2^23 + b, exactly, minus 2^23
-  return __uint_as_float(__byte_perm(v, 0x4b000000u, 0x7540u | static_cast<uint32_t>(byte))) - 8388608.f;
+// Code byte `byte` of v (a code < 16) as the float 1/2 + q/256, exactly, in one byte permute: the code becomes bits
+// 16..23 of the float, 0x3f its top byte (exponent 2^-1). Sums against x then give
+//   sum_i q_i x_i = 256 * sum_i v_i x_i - 128 * sum_i x_i,
+// folded into the group correction (a subtraction of 2^23 per code, the usual magic-number decode, costs an FADD).
+// Precision: the 128 * sum x cancelled is at most ~20x the wanted sum, about 4 of fp32's 24 bits.
+__device__ __forceinline__ float CodeAsFloat(uint32_t v, int byte) {
+  return __uint_as_float(__byte_perm(v, 0x3f000000u, 0x7054u | (static_cast<uint32_t>(byte) << 8)));
 }
 
 // Rows per warp: fewer at MT = 8 so that the per-row sums stay in registers.
 template <int MT>
-constexpr int kGemvRowsPerWarp = MT >= 8 ? 2 : 4;
+constexpr int kGemvRowsPerWarp = MT >= 4 ? 2 : 4;
 
 template <typename T, int BITS, int MT>
 __global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRMatMulArgs a, int stage_rows) {
@@ -188,6 +229,11 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRM
   const int64_t row_bytes = spqr::PackedRowBytes(a.K, BITS);
   const int64_t n_groups = (a.K + a.group_size - 1) / a.group_size;
   const bool halves = a.group_size == 16;
+  const int64_t stat_row_bytes = spqr::PackedRowBytes(a.N, a.stat_bits);
+  const int64_t n2 = a.stat_bits ? (a.N + a.stat_group_size - 1) / a.stat_group_size : 0;
+  StatRow stat_rows[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) stat_rows[r] = MakeStatRow(a, n0 + r);
   // stage_rows: X's rows, unpermuted, in dynamic shared memory [MT][K], read once with coalesced loads; the
   // permuted gathers below then hit shared memory instead of global memory (set by the launcher when perm is
   // present and the rows fit)
@@ -232,15 +278,18 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRM
       if (r < rows) words[r] = LoadChunk<BITS>(a.qweight + (n0 + r) * row_bytes + chunk * 4 * BITS);
     }
     // the chunk's group segments: g_lo for codes 0..15, g_hi for 16..31 (the same unless group_size is 16)
-    const int64_t g_lo = chunk * spqr::kChunk / a.group_size;
+    // 32-bit division: K < 2^31 (and no 64-bit division call per chunk)
+    const int64_t g_lo = static_cast<uint32_t>(chunk * spqr::kChunk) / static_cast<uint32_t>(a.group_size);
     const int64_t g_hi = halves ? g_lo + 1 : g_lo;
     float s_lo[R], z_lo[R], s_hi[R], z_hi[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       s_lo[r] = z_lo[r] = s_hi[r] = z_hi[r] = 0.f;
       if (r < rows) {
-        GroupStats(a, g_lo, n0 + r, s_lo[r], z_lo[r]);
-        if (g_hi < n_groups) GroupStats(a, g_hi, n0 + r, s_hi[r], z_hi[r]);  // else past K: X is zero there
+        GroupStatsAt(a, n2, stat_row_bytes, g_lo, stat_rows[r], s_lo[r], z_lo[r]);
+        if (g_hi < n_groups) {  // else past K: X is zero there
+          GroupStatsAt(a, n2, stat_row_bytes, g_hi, stat_rows[r], s_hi[r], z_hi[r]);
+        }
       }
     }
     // code sums per (row, X row, half): four codes at a time, X's four values loaded once for all rows
@@ -261,7 +310,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRM
         const uint32_t q = CodeBytes<BITS>(words[r], j);
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
-          const float w = ByteToFloat(q, b);
+          const float w = CodeAsFloat(q, b);
 #pragma unroll
           for (int m = 0; m < MT; ++m) d[r][m][j >> 2] += w * xv[m][b];
         }
@@ -271,8 +320,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRM
     for (int r = 0; r < R; ++r)
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
-        acc[r][m] += s_lo[r] * (d[r][m][0] - z_lo[r] * xsum[m][lane][0]) +
-                     s_hi[r] * (d[r][m][1] - z_hi[r] * xsum[m][lane][1]);
+        acc[r][m] += s_lo[r] * (256.f * d[r][m][0] - (128.f + z_lo[r]) * xsum[m][lane][0]) +
+                     s_hi[r] * (256.f * d[r][m][1] - (128.f + z_hi[r]) * xsum[m][lane][1]);
       }
   }
 
