@@ -1,0 +1,93 @@
+"""Static cost of the CUDA decode GEMV: instructions per weight in its SASS, where no GPU is to time it.
+
+Compiles custom_ops/src/cuda/spqr_matmul_cuda_impl.cu with nvcc for one architecture, with the runtime statistics
+width and group size pinned to constants (`--stat-bits`, `--group-size`; a copy of the source with `a.stat_bits` /
+`a.group_size` replaced, so the branches not taken drop out and the straight-line count is the executed one),
+disassembles it with cuobjdump and counts the instructions of the slab loop's compute part (after the slab's last
+barrier, up to the branch back to the loop head) of each SpQRGemvKernel<T, bits, MT>. One slab iteration of one lane
+covers rows-per-warp × 32 weights, so instructions per weight = count / (rows × 32).
+
+    python bench/cuda_sass.py                     # sm_90, fp16 X, stats 3-bit, group 16
+    python bench/cuda_sass.py --arch sm_87 --group-size 64
+
+Needs nvcc (/usr/local/cuda/bin or PATH) and cuobjdump (the CUDA toolkit's, or `pip install nvidia-cuda-cuobjdump`).
+A static count is not a timing: memory stalls, dual issue and occupancy are not in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "custom_ops" / "src"
+
+
+def find_tool(name: str) -> str:
+    for cand in (shutil.which(name), f"/usr/local/cuda/bin/{name}"):
+        if cand and Path(cand).is_file():
+            return cand
+    try:  # the pip wheel nvidia-cuda-cuobjdump
+        import nvidia
+
+        for base in nvidia.__path__:
+            for p in Path(base).rglob(name):
+                return str(p)
+    except ImportError:
+        pass
+    sys.exit(f"{name} not found (CUDA toolkit, or pip install nvidia-cuda-{name})")
+
+
+def slab_loop(sass: str, kernel: str) -> list[str]:
+    """Instructions of the slab loop's compute part of the first function whose name contains `kernel`."""
+    m = re.search(r"Function : \S*" + re.escape(kernel) + r"\S*\n(.*?)(?=\n\s*Function :|\Z)", sass, re.S)
+    if m is None:
+        raise SystemExit(f"no function matching {kernel}")
+    ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s*(.*?);", m.group(1))]
+    bars = [a for a, t in ins if "BAR.SYNC" in t]
+    head, last = bars[0], bars[-1]
+    back = next(a for a, t in ins if a > last and "BRA" in t and int(t.split("0x")[-1], 16) <= head + 0x40)
+    return [t for a, t in ins if last < a <= back]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="sm_90")
+    p.add_argument("--stat-bits", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=16)
+    p.add_argument("--x", default="half", choices=["half", "float"], help="X's type")
+    args = p.parse_args(argv)
+    nvcc, cuobjdump = find_tool("nvcc"), find_tool("cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = (SRC / "cuda" / "spqr_matmul_cuda_impl.cu").read_text()
+        src = src.replace("a.stat_bits", str(args.stat_bits)).replace("a.group_size", str(args.group_size))
+        cu = Path(tmp) / "impl.cu"
+        cu.write_text(src)
+        cubin = Path(tmp) / "impl.cubin"
+        subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch={args.arch}", "-cubin", f"-I{SRC}", str(cu), "-o",
+                        str(cubin)], check=True)
+        sass = subprocess.run([cuobjdump, "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
+    t = "6__half" if args.x == "half" else "f"
+    print(f"{args.arch}, X {args.x}, stat bits {args.stat_bits}, group size {args.group_size}: SpQRGemvKernel slab "
+          "loop (compute part), per lane")
+    print("| bits | rows of X (MT) | rows per warp | instructions | per weight | calls | top instructions |")
+    print("|--:|--:|--:|--:|--:|--:|---|")
+    for bits in (2, 3, 4):
+        for mt in (1, 2, 4, 8):
+            body = slab_loop(sass, f"SpQRGemvKernelI{t}Li{bits}ELi{mt}E")
+            ops = Counter((b.split()[1] if b.startswith("@") else b.split()[0]).split(".")[0] for b in body)
+            rows = 4 if mt <= 2 else 2
+            top = ", ".join(f"{k} {v}" for k, v in ops.most_common(5))
+            print(f"| {bits} | {mt} | {rows} | {len(body)} | {len(body) / (rows * 32):.2f} | {ops.get('CALL', 0)} | "
+                  f"{top} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
