@@ -10,13 +10,15 @@ covers rows-per-warp Ã— 32 weights, so instructions per weight = count / (rows Ã
     python bench/cuda_sass.py                     # sm_90, fp16 X, stats 3-bit, group 16
     python bench/cuda_sass.py --arch sm_87 --group-size 64
 
-Needs nvcc (/usr/local/cuda/bin or PATH) and cuobjdump (the CUDA toolkit's, or `pip install nvidia-cuda-cuobjdump`).
+Needs nvcc (/usr/local/cuda/bin or PATH) and cuobjdump + nvdisasm (the CUDA toolkit's, or the pip wheels
+nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm of the dev extra).
 A static count is not a timing: memory stalls, dual issue and occupancy are not in it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -29,11 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "custom_ops" / "src"
 
 
-def find_tool(name: str) -> str:
+def find_tool(name: str, required: bool = True):
+    """Path of a CUDA tool: PATH, /usr/local/cuda/bin, or the pip wheels nvidia-cuda-{cuobjdump,nvdisasm} (dev extra).
+    None when absent and not `required`."""
     for cand in (shutil.which(name), f"/usr/local/cuda/bin/{name}"):
         if cand and Path(cand).is_file():
             return cand
-    try:  # the pip wheel nvidia-cuda-cuobjdump
+    try:
         import nvidia
 
         for base in nvidia.__path__:
@@ -41,7 +45,16 @@ def find_tool(name: str) -> str:
                 return str(p)
     except ImportError:
         pass
-    sys.exit(f"{name} not found (CUDA toolkit, or pip install nvidia-cuda-{name})")
+    if required:
+        sys.exit(f"{name} not found (CUDA toolkit, or pip install nvidia-cuda-{name})")
+    return None
+
+
+def disassemble(cubin: Path) -> str:
+    """cuobjdump -sass of `cubin` (cuobjdump runs nvdisasm, found the same way)."""
+    env = dict(os.environ, NVDISASM_PATH=str(Path(find_tool("nvdisasm")).parent))
+    return subprocess.run([find_tool("cuobjdump"), "-sass", str(cubin)], check=True, capture_output=True, text=True,
+                          env=env).stdout
 
 
 def slab_loop(sass: str, kernel: str) -> list[str]:
@@ -63,7 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--x", default="half", choices=["half", "float"], help="X's type")
     args = p.parse_args(argv)
-    nvcc, cuobjdump = find_tool("nvcc"), find_tool("cuobjdump")
+    nvcc = find_tool("nvcc")
     with tempfile.TemporaryDirectory() as tmp:
         src = (SRC / "cuda" / "spqr_matmul_cuda_impl.cu").read_text()
         src = src.replace("a.stat_bits", str(args.stat_bits)).replace("a.group_size", str(args.group_size))
@@ -72,7 +85,7 @@ def main(argv=None) -> int:
         cubin = Path(tmp) / "impl.cubin"
         subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch={args.arch}", "-cubin", f"-I{SRC}", str(cu), "-o",
                         str(cubin)], check=True)
-        sass = subprocess.run([cuobjdump, "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
+        sass = disassemble(cubin)
     t = "6__half" if args.x == "half" else "f"
     print(f"{args.arch}, X {args.x}, stat bits {args.stat_bits}, group size {args.group_size}: SpQRGemvKernel slab "
           "loop (compute part), per lane")

@@ -1,0 +1,43 @@
+"""Static checks of the CUDA kernels' machine code (sm_90), where nvcc is: no register spills in any kernel, and no
+call (the 64-bit division routine) in the decode GEMV's slab loop — the two regressions that cost it most before.
+Counts are bench/cuda_sass.py's job; these only fail on a spill or a call."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+from conftest import load_bench_script
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    with load_bench_script("cuda_sass") as tool:
+        nvcc = tool.find_tool("nvcc", required=False)
+        if nvcc is None or tool.find_tool("cuobjdump", required=False) is None or \
+                tool.find_tool("nvdisasm", required=False) is None:
+            pytest.skip("needs nvcc, cuobjdump and nvdisasm")
+        cubin = tmp_path_factory.mktemp("sass") / "impl.cubin"
+        r = subprocess.run([nvcc, "-std=c++17", "-O3", "-arch=sm_90", "-cubin", "--resource-usage",
+                            f"-I{tool.SRC}", str(tool.SRC / "cuda" / "spqr_matmul_cuda_impl.cu"), "-o", str(cubin)],
+                           capture_output=True, text=True, check=True)
+        yield r.stdout + r.stderr, tool.disassemble(cubin), tool
+
+
+def test_no_kernel_spills(compiled):
+    ptxas, _, _ = compiled
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)
+    assert len(spills) >= 28  # 24 decode GEMV instantiations, 2 row kernels, prefill, permute
+    assert all(s == ("0", "0") for s in spills), ptxas
+
+
+@pytest.mark.parametrize("x", ["6__half", "f"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("mt", [1, 2, 4, 8])
+def test_decode_slab_loop_calls_nothing(compiled, x, bits, mt):
+    _, sass, tool = compiled
+    body = tool.slab_loop(sass, f"SpQRGemvKernelI{x}Li{bits}ELi{mt}E")
+    assert len(body) > 300  # the loop was found (its codes alone take 2 instructions each)
+    calls = [b for b in body if "CALL" in b]
+    assert not calls, calls
