@@ -2,7 +2,8 @@
 
 Compiles custom_ops/src/cuda/spqr_matmul_cuda_impl.cu with nvcc for one architecture, with the runtime statistics
 width and group size pinned to constants (`--stat-bits`, `--group-size`; a copy of the source with `a.stat_bits` /
-`a.group_size` replaced, so the branches not taken drop out and the straight-line count is the executed one),
+`a.group_size` replaced) and the warp's rows sharing their second-level group (every preset's case), so the
+branches not taken drop out and the straight-line count is the executed one,
 disassembles it with cuobjdump and counts the instructions of the slab loop's compute part (after the slab's last
 barrier, up to the branch back to the loop head) of each SpQRGemvKernel<T, bits, MT>. One slab iteration of one lane
 covers rows-per-warp × 32 weights, so instructions per weight = count / (rows × 32).
@@ -80,6 +81,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         src = (SRC / "cuda" / "spqr_matmul_cuda_impl.cu").read_text()
         src = src.replace("a.stat_bits", str(args.stat_bits)).replace("a.group_size", str(args.group_size))
+        # the warp's rows share their second-level group (stat_group_size a multiple of 4, as every preset)
+        shared = "const bool shared = rs[0].stat_group == rs[rows - 1].stat_group;"
+        if src.count(shared) != 1:
+            raise SystemExit("bench/cuda_sass.py: the second-level sharing test moved; update the pin")
+        src = src.replace(shared, "const bool shared = true;")
         cu = Path(tmp) / "impl.cu"
         cu.write_text(src)
         cubin = Path(tmp) / "impl.cubin"

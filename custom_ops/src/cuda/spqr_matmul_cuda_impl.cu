@@ -86,6 +86,61 @@ __device__ __forceinline__ void GroupStatsAt(const SpQRMatMulArgs& a, int64_t n2
   z = Half(v.y & 0xffffu) * (zc - Half(v.y >> 16));
 }
 
+// Code i (0..31) of a packed chunk held in registers (the layout of spqr::ExtractCode), without indexing the array
+// by a runtime value (which would put it in local memory).
+__device__ __forceinline__ uint32_t CodeFromWords(const uint32_t (&w)[4], int bits, int i) {
+  if (bits == 4) {
+    const int b = i & 15;
+    const uint32_t word = (b & 8) ? ((b & 4) ? w[3] : w[2]) : ((b & 4) ? w[1] : w[0]);
+    return (word >> (8 * (b & 3) + (i & 16 ? 4 : 0))) & 15u;
+  }
+  const int b = i & 7;
+  uint32_t code = (((b & 4) ? w[1] : w[0]) >> (8 * (b & 3) + 2 * (i >> 3))) & 3u;
+  if (bits == 3) code |= ((w[2] >> i) & 1u) << 2;
+  return code;
+}
+
+// First-level (scale, zero) of group g for `rows` consecutive rows starting at a multiple of R (so in one 32-row chunk
+// of the packed statistics): with coded statistics the chunk's words are loaded once for all rows (a 4-byte load
+// each, stat_bits of them per array) and each row's code is cut from registers.
+template <int R>
+__device__ __forceinline__ void GroupStatsRows(const SpQRMatMulArgs& a, int64_t n2, int64_t row_bytes, int64_t g,
+                                               const StatRow (&rs)[R], int rows, float (&s)[R], float (&z)[R]) {
+  if (a.stat_bits == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r < rows) GroupStatsAt(a, n2, row_bytes, g, rs[r], s[r], z[r]);
+    }
+    return;
+  }
+  const int64_t off = g * row_bytes + rs[0].chunk_byte;
+  const uint32_t* ps = reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(a.scales) + off);
+  const uint32_t* pz = reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(a.zeros) + off);
+  QC_DEVICE_CHECK(reinterpret_cast<uintptr_t>(ps) % 4 == 0 && reinterpret_cast<uintptr_t>(pz) % 4 == 0,
+                  "packed statistics not 4-byte aligned");
+  uint32_t ws[4], wz[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    ws[i] = i < a.stat_bits ? ps[i] : 0u;
+    wz[i] = i < a.stat_bits ? pz[i] : 0u;
+  }
+  // second-level values: one load when the rows share their second-level group (stat_group_size a multiple of R)
+  const uint16_t* st2 = a.stats2 + g * n2 * 4;
+  const bool shared = rs[0].stat_group == rs[rows - 1].stat_group;
+  float v0 = 0.f, v1 = 0.f, v2 = 0.f, v3 = 0.f;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r >= rows) break;
+    QC_DEVICE_CHECK(rs[r].chunk_byte == rs[0].chunk_byte, "rows of one warp in two statistics chunks");
+    if (r == 0 || !shared) {
+      const uint2 v = *reinterpret_cast<const uint2*>(st2 + rs[r].stat_group * 4);
+      v0 = Half(v.x & 0xffffu), v1 = Half(v.x >> 16), v2 = Half(v.y & 0xffffu), v3 = Half(v.y >> 16);
+    }
+    s[r] = v0 * (static_cast<float>(CodeFromWords(ws, a.stat_bits, rs[r].i)) - v1);
+    z[r] = v2 * (static_cast<float>(CodeFromWords(wz, a.stat_bits, rs[r].i)) - v3);
+  }
+}
+
 __device__ __forceinline__ float BiasOf(const SpQRMatMulArgs& a, int64_t n) {
   if (a.bias == nullptr) return 0.f;
   return a.bias_is_half ? Half(static_cast<const uint16_t*>(a.bias)[n]) : static_cast<const float*>(a.bias)[n];
@@ -283,13 +338,14 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRM
     const int64_t g_hi = halves ? g_lo + 1 : g_lo;
     float s_lo[R], z_lo[R], s_hi[R], z_hi[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      s_lo[r] = z_lo[r] = s_hi[r] = z_hi[r] = 0.f;
-      if (r < rows) {
-        GroupStatsAt(a, n2, stat_row_bytes, g_lo, stat_rows[r], s_lo[r], z_lo[r]);
-        if (g_hi < n_groups) {  // else past K: X is zero there
-          GroupStatsAt(a, n2, stat_row_bytes, g_hi, stat_rows[r], s_hi[r], z_hi[r]);
-        }
+    for (int r = 0; r < R; ++r) s_lo[r] = z_lo[r] = s_hi[r] = z_hi[r] = 0.f;
+    if (rows > 0) {
+      GroupStatsRows<R>(a, n2, stat_row_bytes, g_lo, stat_rows, rows, s_lo, z_lo);
+      if (g_hi != g_lo && g_hi < n_groups) {  // past K: X is zero there
+        GroupStatsRows<R>(a, n2, stat_row_bytes, g_hi, stat_rows, rows, s_hi, z_hi);
+      } else if (g_hi == g_lo) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) s_hi[r] = s_lo[r], z_hi[r] = z_lo[r];
       }
     }
     // code sums per (row, X row, half): four codes at a time, X's four values loaded once for all rows
