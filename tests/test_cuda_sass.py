@@ -1,6 +1,7 @@
-"""Static checks of the CUDA kernels' machine code (sm_90), where nvcc is: no register spills in any kernel, and no
-call (the 64-bit division routine) in the decode GEMV's slab loop — the two regressions that cost it most before.
-Counts are bench/cuda_sass.py's job; these only fail on a spill or a call."""
+"""Static checks of the CUDA kernels' machine code (sm_90), where nvcc is: no register spills in any kernel, no call
+(the 64-bit division routine: ~100 instructions) in the decode GEMV's slab loop, nor anywhere in the prefill and row
+kernels — the regressions that cost the decode kernel most before (17 calls in its slab loop). Counts are
+bench/cuda_sass.py's job; these only fail on a spill or a call."""
 
 from __future__ import annotations
 
@@ -41,3 +42,11 @@ def test_decode_slab_loop_calls_nothing(compiled, x, bits, mt):
     assert len(body) > 300  # the loop was found (its codes alone take 2 instructions each)
     calls = [b for b in body if "CALL" in b]
     assert not calls, calls
+
+
+@pytest.mark.parametrize("kernel", ["SpQRMatMulPrefillKernel", "SpQRMatMulKernelIfE", "SpQRMatMulKernelI6__halfE"])
+def test_other_kernels_call_nothing(compiled, kernel):
+    _, sass, _ = compiled
+    m = re.search(r"Function : \S*" + kernel + r"\S*\n(.*?)(?=\n\s*Function :|\Z)", sass, re.S)
+    assert m is not None
+    assert not re.findall(r"\bCALL\b", m.group(1))

@@ -34,6 +34,12 @@ __device__ __forceinline__ void Store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void Store(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ float Half(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
 
+// a / b for 0 <= a, 0 < b < 2^31 (K, N, group sizes and indices into them; the launcher refuses larger): the GPU has
+// no 64-bit divide instruction, and its division routine is a call of ~100 instructions.
+__device__ __forceinline__ int64_t Div(int64_t a, int64_t b) {
+  return static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+}
+
 // First-level (scale, zero) of (group g, row n).
 __device__ __forceinline__ void GroupStats(const SpQRMatMulArgs& a, int64_t g, int64_t n, float& s, float& z) {
   if (a.stat_bits == 0) {
@@ -42,8 +48,8 @@ __device__ __forceinline__ void GroupStats(const SpQRMatMulArgs& a, int64_t g, i
     return;
   }
   const int64_t row_bytes = spqr::PackedRowBytes(a.N, a.stat_bits);
-  const int64_t n2 = (a.N + a.stat_group_size - 1) / a.stat_group_size;
-  const uint16_t* st = a.stats2 + (g * n2 + n / a.stat_group_size) * 4;
+  const int64_t n2 = Div(a.N + a.stat_group_size - 1, a.stat_group_size);
+  const uint16_t* st = a.stats2 + (g * n2 + Div(n, a.stat_group_size)) * 4;
   const float sc = static_cast<float>(spqr::ExtractCode(static_cast<const uint8_t*>(a.scales) + g * row_bytes, a.stat_bits, n));
   const float zc = static_cast<float>(spqr::ExtractCode(static_cast<const uint8_t*>(a.zeros) + g * row_bytes, a.stat_bits, n));
   s = Half(st[0]) * (sc - Half(st[1]));
@@ -62,7 +68,7 @@ struct StatRow {
 __device__ __forceinline__ StatRow MakeStatRow(const SpQRMatMulArgs& a, int64_t n) {
   StatRow r;
   r.n = n;
-  r.stat_group = a.stat_bits ? n / a.stat_group_size : 0;
+  r.stat_group = a.stat_bits ? Div(n, a.stat_group_size) : 0;
   r.chunk_byte = static_cast<int32_t>(n / spqr::kChunk) * 4 * a.stat_bits;
   r.i = static_cast<int32_t>(n % spqr::kChunk);
   return r;
@@ -172,7 +178,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) SpQRMatMulKernel(const Sp
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t k = c * spqr::kChunk + lane;
       if (k >= a.K) break;
-      const int64_t g = k / a.group_size;
+      const int64_t g = Div(k, a.group_size);
       if (g != cur_g) {
         GroupStats(a, g, n, s, z);
         cur_g = g;
@@ -282,10 +288,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRM
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5)) * R;
   const T* __restrict__ x = static_cast<const T*>(a.x);
   const int64_t row_bytes = spqr::PackedRowBytes(a.K, BITS);
-  const int64_t n_groups = (a.K + a.group_size - 1) / a.group_size;
+  const int64_t n_groups = Div(a.K + a.group_size - 1, a.group_size);
   const bool halves = a.group_size == 16;
   const int64_t stat_row_bytes = spqr::PackedRowBytes(a.N, a.stat_bits);
-  const int64_t n2 = a.stat_bits ? (a.N + a.stat_group_size - 1) / a.stat_group_size : 0;
+  const int64_t n2 = a.stat_bits ? Div(a.N + a.stat_group_size - 1, a.stat_group_size) : 0;
   StatRow stat_rows[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) stat_rows[r] = MakeStatRow(a, n0 + r);
@@ -333,8 +339,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRM
       if (r < rows) words[r] = LoadChunk<BITS>(a.qweight + (n0 + r) * row_bytes + chunk * 4 * BITS);
     }
     // the chunk's group segments: g_lo for codes 0..15, g_hi for 16..31 (the same unless group_size is 16)
-    // 32-bit division: K < 2^31 (and no 64-bit division call per chunk)
-    const int64_t g_lo = static_cast<uint32_t>(chunk * spqr::kChunk) / static_cast<uint32_t>(a.group_size);
+    const int64_t g_lo = Div(chunk * spqr::kChunk, a.group_size);
     const int64_t g_hi = halves ? g_lo + 1 : g_lo;
     float s_lo[R], z_lo[R], s_hi[R], z_hi[R];
 #pragma unroll
@@ -501,7 +506,7 @@ __global__ void __launch_bounds__(kPrefillThreads) SpQRMatMulPrefillKernel(const
     // statistics of the chunk's groups: (row r, group k0 / gs + i) for i = 0, 1
     {
       const int r = threadIdx.x >> 1, i = threadIdx.x & 1;
-      const int64_t n = n0 + r, g = k0 / a.group_size + i;
+      const int64_t n = n0 + r, g = Div(k0, a.group_size) + i;
       float s = 0.f, z = 0.f;
       if (n < a.N && g * a.group_size < a.K) GroupStats(a, g, n, s, z);
       st_s[r][i] = s;
@@ -515,13 +520,13 @@ __global__ void __launch_bounds__(kPrefillThreads) SpQRMatMulPrefillKernel(const
       xs[r][kk] = v;
     }
     __syncthreads();
-    const int64_t g0 = k0 / a.group_size;
+    const int64_t next = (Div(k0, a.group_size) + 1) * a.group_size - k0;  // first column of the chunk's 2nd group
     for (int e = threadIdx.x; e < kTileN * kTileK; e += kPrefillThreads) {
       const int r = e / kTileK, kk = e % kTileK;
       const int64_t n = n0 + r, k = k0 + kk;
       float w = 0.f;
       if (n < a.N && k < a.K) {
-        const int i = static_cast<int>(k / a.group_size - g0);  // 0 or 1 (group_size 16 or >= 32)
+        const int i = kk >= next ? 1 : 0;  // group_size 16 or >= 32: at most two groups per chunk
         w = st_s[r][i] * (static_cast<float>(spqr::ExtractCode(a.qweight + n * row_bytes, a.bits, k)) - st_z[r][i]);
       }
       ws[r][kk] = __float2half(w);
@@ -582,10 +587,11 @@ bool UsesPrefill(const SpQRMatMulArgs& a) {  // a 32-column chunk must meet at m
 // contiguous rows instead of gathering single halves from all of X (every block of a column of tiles would repeat it)
 __global__ void PermuteColumnsKernel(const __half* __restrict__ x, const int32_t* __restrict__ perm,
                                      __half* __restrict__ out, int64_t M, int64_t K) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < M * K; e += stride) {
-    const int64_t m = e / K, j = e % K;
-    out[e] = x[m * K + perm[j]];
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
+    for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < K;
+         j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      out[m * K + j] = x[m * K + perm[j]];
+    }
   }
 }
 }  // namespace
@@ -596,6 +602,10 @@ size_t ScratchBytes(const SpQRMatMulArgs& args) {
 
 int LaunchSpQRMatMul(const SpQRMatMulArgs& args, void* stream) {
   if (args.M == 0 || args.N == 0) return static_cast<int>(cudaSuccess);
+  constexpr int64_t kMax32 = (int64_t{1} << 31) - 1;  // the kernels divide in 32 bits (Div)
+  if (args.K + 32 > kMax32 || args.N + 32 > kMax32 || args.M * args.K > (int64_t{1} << 40)) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
   const dim3 block(kWarpsPerBlock * 32);
   const dim3 grid(static_cast<unsigned>((args.N + kWarpsPerBlock - 1) / kWarpsPerBlock));
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -604,9 +614,8 @@ int LaunchSpQRMatMul(const SpQRMatMulArgs& args, void* stream) {
     SpQRMatMulArgs p = args;
     if (args.perm != nullptr) {
       if (args.scratch == nullptr) return static_cast<int>(cudaErrorInvalidValue);  // ScratchBytes was not honoured
-      const int64_t total = args.M * args.K;
-      const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 4096));
-      QC_LAUNCH(PermuteColumnsKernel, dim3(blocks), dim3(256), 0, s, static_cast<const __half*>(args.x), args.perm,
+      const dim3 pgrid(static_cast<unsigned>((args.K + 255) / 256), static_cast<unsigned>(std::min<int64_t>(args.M, 65535)));
+      QC_LAUNCH(PermuteColumnsKernel, pgrid, dim3(256), 0, s, static_cast<const __half*>(args.x), args.perm,
                 static_cast<__half*>(args.scratch), args.M, args.K);
       p.x = args.scratch;
       p.perm = nullptr;  // X is in stored order now; outliers index stored columns anyway
