@@ -15,6 +15,7 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "common/spqr_format.h"
 #include "cuda/launch.cuh"
@@ -441,11 +442,22 @@ void LaunchGemvTile(const SpQRMatMulArgs& a, cudaStream_t s) {
   const int64_t row_bytes = MT * a.K * static_cast<int64_t>(sizeof(T));
   const int budget = SharedBudgetPerBlock() - kStaticBytes;
   int stage_rows = a.perm != nullptr && row_bytes <= budget;
-  if (stage_rows && row_bytes > 48 * 1024 - kStaticBytes &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(row_bytes)) !=
-          cudaSuccess) {
-    (void)cudaGetLastError();  // not raised on this device: gather from global memory instead
-    stage_rows = 0;
+  if (stage_rows && row_bytes > 48 * 1024 - kStaticBytes) {
+    // raise the kernel's limit to the budget once per device (not per call: a CUDA graph capture, which ORT starts
+    // after its first runs, then finds nothing to do here)
+    static std::atomic<int> raised[64];
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
+      (void)cudaGetLastError();
+      stage_rows = 0;
+    } else if (raised[device].load(std::memory_order_relaxed) < budget) {
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, budget) == cudaSuccess) {
+        raised[device].store(budget, std::memory_order_relaxed);
+      } else {
+        (void)cudaGetLastError();  // not raised on this device: gather from global memory instead
+        stage_rows = 0;
+      }
+    }
   }
   QC_LAUNCH(kernel, grid, dim3(kGemvWarps * 32), stage_rows ? static_cast<size_t>(row_bytes) : 0, s, a, stage_rows);
 }
