@@ -44,24 +44,7 @@ __device__ __forceinline__ int64_t Div(int64_t a, int64_t b) {
   return static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
 }
 
-// First-level (scale, zero) of (group g, row n).
-__device__ __forceinline__ void GroupStats(const SpQRMatMulArgs& a, int64_t g, int64_t n, float& s, float& z) {
-  if (a.stat_bits == 0) {
-    s = Half(static_cast<const uint16_t*>(a.scales)[g * a.N + n]);
-    z = Half(static_cast<const uint16_t*>(a.zeros)[g * a.N + n]);
-    return;
-  }
-  const int64_t row_bytes = spqr::PackedRowBytes(a.N, a.stat_bits);
-  const int64_t n2 = Div(a.N + a.stat_group_size - 1, a.stat_group_size);
-  const uint16_t* st = a.stats2 + (g * n2 + Div(n, a.stat_group_size)) * 4;
-  const float sc = static_cast<float>(spqr::ExtractCode(static_cast<const uint8_t*>(a.scales) + g * row_bytes, a.stat_bits, n));
-  const float zc = static_cast<float>(spqr::ExtractCode(static_cast<const uint8_t*>(a.zeros) + g * row_bytes, a.stat_bits, n));
-  s = Half(st[0]) * (sc - Half(st[1]));
-  z = Half(st[2]) * (zc - Half(st[3]));
-}
-
-// Where row n's first-level statistics live, computed once per row so that the per-chunk lookups below need no
-// 64-bit division by a runtime value (each is a call of ~100 instructions on the GPU).
+// Where row n's first-level statistics live, computed once per row (not per chunk and group).
 struct StatRow {
   int64_t n;
   int64_t stat_group;  // n / stat_group_size (coded statistics)
@@ -94,6 +77,12 @@ __device__ __forceinline__ void GroupStatsAt(const SpQRMatMulArgs& a, int64_t n2
   const float zc = static_cast<float>(spqr::ExtractCode(static_cast<const uint8_t*>(a.zeros) + off, a.stat_bits, r.i));
   s = Half(v.x & 0xffffu) * (sc - Half(v.x >> 16));
   z = Half(v.y & 0xffffu) * (zc - Half(v.y >> 16));
+}
+
+// First-level (scale, zero) of (group g, row n), locating the row on the spot.
+__device__ __forceinline__ void GroupStats(const SpQRMatMulArgs& a, int64_t g, int64_t n, float& s, float& z) {
+  const int64_t n2 = a.stat_bits ? Div(a.N + a.stat_group_size - 1, a.stat_group_size) : 0;
+  GroupStatsAt(a, n2, spqr::PackedRowBytes(a.N, a.stat_bits), g, MakeStatRow(a, n), s, z);
 }
 
 // Code i (0..31) of a packed chunk held in registers (the layout of spqr::ExtractCode), without indexing the array
