@@ -170,6 +170,10 @@ constexpr int kGemmRowsMax = 12;                              // rows of X per m
 // c[16 m + r] += sum_{k < kc} x[m * xstride + k] * wt[16 k + r] for m < mr (1..kGemmRowsMax)
 using PackedMicroFn = void (*)(const float* x, int64_t xstride, const float* wt, int64_t kc, float* c);
 PackedMicroFn PackedMicroAvx512(int mr);
+// dst[i] = src[i] (fp16 bits) as fp32 for i < n, 16 at a time (vcvtph2ps), or nullptr without AVX-512: the packed
+// GEMM's outliers, converted once per call in order instead of one libgcc call (no F16C in the baseline build) each.
+using HalvesToFloatsFn = void (*)(const uint16_t* src, float* dst, int64_t n);
+HalvesToFloatsFn HalvesToFloatsAvx512();
 
 // The same fp32 GEMV with AVX2 + FMA (x86-64 without AVX-512), for M = 1..kPackedAvx2MaxRows, or nullptr.
 constexpr int kPackedAvx2MaxRows = 4;

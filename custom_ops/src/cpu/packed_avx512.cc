@@ -422,6 +422,19 @@ PackedGemvFn PackedGemvAvx512(const PackedWeights& w, int64_t M) {
   }
 }
 
+QC_AVX512 void HalvesToFloats(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  }
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(dst + i, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src + i)));
+  }
+}
+
+HalvesToFloatsFn HalvesToFloatsAvx512() { return CpuHasAvx512() ? &HalvesToFloats : nullptr; }
+
 bool PackedAvx512Available() { return CpuHasAvx512(); }
 
 bool PackedInt8Available() {
@@ -444,6 +457,7 @@ PackedGemvFn PackedGemvAvx512(const PackedWeights&, int64_t) { return nullptr; }
 bool PackedAvx512Available() { return false; }
 PackedDecodeFn PackedDecodeAvx512(const PackedWeights&) { return nullptr; }
 PackedMicroFn PackedMicroAvx512(int) { return nullptr; }
+HalvesToFloatsFn HalvesToFloatsAvx512() { return nullptr; }
 bool PackedInt8Available() { return false; }
 PackedGemvFn PackedGemvVnni(const PackedWeights&, int64_t) { return nullptr; }
 

@@ -200,6 +200,7 @@ struct Job {
   PackedOutlierRowsFn outlier_rows = nullptr;  // packed path: the F16C version (else OutlierDot per row)
   PackedDecodeFn packed_decode = nullptr;     // packed prefill path: the block decoder and micro-kernels by rows
   PackedMicroFn packed_micro[kGemmRowsMax + 1] = {};
+  HalvesToFloatsFn halves_to_floats = nullptr;  // packed prefill path: the outliers' values, vectorized
   int64_t gemm_blocks = 1;
   float* y_f32 = nullptr;     // exactly one of y_f32 / y_f16
   uint16_t* y_f16 = nullptr;
@@ -637,12 +638,19 @@ void PackedGemmTask(void* user, size_t task) {
     for (int64_t t = 0; t < steps; ++t) start[t + 1] += start[t];
     thread_local std::vector<int32_t> fill;
     fill.assign(start.begin(), start.end() - 1);
+    thread_local std::vector<float> values;  // the task's outlier values as fp32, in CSR order
+    values.resize(std::max(values.size(), static_cast<size_t>(q1 - q0)));
+    if (j.halves_to_floats != nullptr) {
+      j.halves_to_floats(j.values + q0, values.data(), q1 - q0);
+    } else {
+      for (int32_t q = q0; q < q1; ++q) values[q - q0] = HalfToFloat(j.values[q]);
+    }
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t bi = (n - n0) / kPackRows, r = (n - n0) % kPackRows;
       for (int32_t q = j.row_ptr[n]; q < j.row_ptr[n + 1]; ++q) {
         const int64_t k = j.col_idx[q], t = k / kPackedGemmKc;
         at[fill[t]] = static_cast<int32_t>((bi * kPackedGemmKc + k - t * kPackedGemmKc) * kPackRows + r);
-        val[fill[t]++] = HalfToFloat(j.values[q]);
+        val[fill[t]++] = values[q - q0];
       }
     }
   }
@@ -949,6 +957,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       j.packed.w = packed_.get();
       j.packed_decode = gemm_decode;
       for (int mr = 1; mr <= kGemmRowsMax; ++mr) j.packed_micro[mr] = PackedMicroAvx512(mr);
+      j.halves_to_floats = HalvesToFloatsAvx512();
       // blocks per task: X is read once per task, and at least ~8 tasks keep the threads balanced
       j.gemm_blocks = std::clamp<int64_t>(packed_->blocks / 8, 1, kPackedGemmMaxBlocks);
       ctx.ParallelFor(&PackedGemmTask, static_cast<size_t>((packed_->blocks + j.gemm_blocks - 1) / j.gemm_blocks), 0,
