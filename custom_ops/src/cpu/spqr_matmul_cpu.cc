@@ -200,7 +200,7 @@ struct Job {
   PackedOutlierRowsFn outlier_rows = nullptr;  // packed path: the F16C version (else OutlierDot per row)
   PackedDecodeFn packed_decode = nullptr;     // packed prefill path: the block decoder and micro-kernels by rows
   PackedMicroFn packed_micro[kGemmRowsMax + 1] = {};
-  HalvesToFloatsFn halves_to_floats = nullptr;  // packed prefill path: the outliers' values, vectorized
+  HalvesToFloatsFn halves_to_floats = nullptr;  // packed paths: the outliers' values, vectorized (or nullptr)
   int64_t gemm_blocks = 1;
   float* y_f32 = nullptr;     // exactly one of y_f32 / y_f16
   uint16_t* y_f16 = nullptr;
@@ -581,10 +581,18 @@ void PackedTask(void* user, size_t task) {
   } else if (j.row_ptr != nullptr) {  // X transposed: each outlier is one axpy over the M rows
     thread_local std::vector<float> out;  // one row's outlier sums over all M rows of X
     out.resize(std::max(out.size(), static_cast<size_t>(j.M)));
+    const int32_t q0 = j.row_ptr[n0];
+    thread_local std::vector<float> values;  // the task's outlier values as fp32 (vectorized where it can be)
+    values.resize(std::max(values.size(), static_cast<size_t>(j.row_ptr[n1] - q0)));
+    if (j.halves_to_floats != nullptr) {
+      j.halves_to_floats(j.values + q0, values.data(), j.row_ptr[n1] - q0);
+    } else {
+      for (int32_t p = q0; p < j.row_ptr[n1]; ++p) values[p - q0] = HalfToFloat(j.values[p]);
+    }
     for (int64_t n = n0; n < n1; ++n) {
       std::fill(out.begin(), out.begin() + j.M, 0.f);
       for (int32_t p = j.row_ptr[n]; p < j.row_ptr[n + 1]; ++p) {
-        Axpy(HalfToFloat(j.values[p]), j.xt + j.col_idx[p] * j.M, out.data(), j.M);
+        Axpy(values[p - q0], j.xt + j.col_idx[p] * j.M, out.data(), j.M);
       }
       for (int64_t m = 0; m < j.M; ++m) y[m * stride + (n - n0)] += out[m];
     }
@@ -1014,6 +1022,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       j.packed_fns = std::move(slice_fns);
       j.packed.w = &pw;
       j.outlier_rows = PackedOutlierRowsF16c();
+      j.halves_to_floats = HalvesToFloatsAvx512();
       j.packed_task_blocks = kPackTaskBlocks;
       if (j.packed_rows.size() > 1) {  // several slices: bigger tasks (at least 8 of them)
         const int64_t block_bytes = pw.chunks * (int8_ ? 4 : pw.bits) * kPackRows * 4;
