@@ -124,11 +124,12 @@ def test_export_end_to_end_matches_pytorch(kind, flags, tiny_dirs, tmp_path):
     _export_and_compare(kind, ["--method", "affinequant", *flags], tiny_dirs, tmp_path)
 
 
-def test_lwc_preset_learns_clipping_only(tiny_dirs, tmp_path):
-    cfg = _export_and_compare("llama", ["--method", "affinequant", "--preset", "w3a16g64-lwc", "--group-size", "16"],
+@pytest.mark.parametrize("preset,bits", [("w3a16g64-lwc", 3), ("w2a16g64-lwc", 2)])
+def test_lwc_preset_learns_clipping_only(preset, bits, tiny_dirs, tmp_path):
+    cfg = _export_and_compare("llama", ["--method", "affinequant", "--preset", preset, "--group-size", "16"],
                               tiny_dirs, tmp_path)
     c = cfg["config"]
-    assert (c["let"], c["lwc"], c["bits"], c["batch_size"], c["aug_loss"]) == (False, True, 3, 1, True)
+    assert (c["let"], c["lwc"], c["bits"], c["batch_size"], c["aug_loss"]) == (False, True, bits, 1, True)
 
 
 def test_affinequant_then_spqr_exports_spqr_layers_on_transformed_weights(tiny_dirs, tmp_path):

@@ -403,6 +403,9 @@ class AffineQuant(Method):
         # learned clipping alone (the reference's --lwc without --let), one window per step: on SmolLM2-135M w3g64
         # 45.3 ppl vs 64.6 with the transforms learned and GPTQ's 63.5 (bench/results/quality-affinequant-lwc.md)
         "w3a16g64-lwc": {"bits": 3, "group_size": 64, "epochs": 20, "batch_size": 1, "aug_loss": True, "let": False},
+        # the same at 2 bits: 270 ppl vs 7340 with the transforms learned and GPTQ's 15700
+        # (bench/results/quality-affinequant-w2-lwc.md)
+        "w2a16g64-lwc": {"bits": 2, "group_size": 64, "epochs": 20, "batch_size": 1, "aug_loss": True, "let": False},
         # the reference's llama w4a4 script: per-channel weights, aug_loss, sf 0.1 (its q/k matrix is not used here)
         "w4a4": {"bits": 4, "group_size": 0, "abits": 4, "epochs": 20, "aug_loss": True, "sf": 0.1},
     }
