@@ -58,12 +58,18 @@ def disassemble(cubin: Path) -> str:
                           env=env).stdout
 
 
-def slab_loop(sass: str, kernel: str) -> list[str]:
-    """Instructions of the slab loop's compute part of the first function whose name contains `kernel`."""
+def function_sass(sass: str, kernel: str) -> str:
+    """The SASS text of the first function whose name contains `kernel`."""
     m = re.search(r"Function : \S*" + re.escape(kernel) + r"\S*\n(.*?)(?=\n\s*Function :|\Z)", sass, re.S)
     if m is None:
         raise SystemExit(f"no function matching {kernel}")
-    ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s*(.*?);", m.group(1))]
+    return m.group(1)
+
+
+def slab_loop(sass: str, kernel: str) -> list[str]:
+    """Instructions of the slab loop's compute part of the first function whose name contains `kernel`."""
+    ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s*(.*?);",
+                                                          function_sass(sass, kernel))]
     bars = [a for a, t in ins if "BAR.SYNC" in t]
     head, last = bars[0], bars[-1]
     back = next(a for a, t in ins if a > last and "BRA" in t and int(t.split("0x")[-1], 16) <= head + 0x40)

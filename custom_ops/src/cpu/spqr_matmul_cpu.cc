@@ -487,6 +487,19 @@ void TileTask(void* user, size_t task) {
   }
 }
 
+// Outlier values [q0, q1) as fp32 in a thread-local buffer (valid until the next call on this thread): 16 at a time
+// where the packed path set halves_to_floats, else one by one.
+const float* OutlierValues(const Job& j, int32_t q0, int32_t q1) {
+  thread_local std::vector<float> values;
+  values.resize(std::max(values.size(), static_cast<size_t>(q1 - q0)));
+  if (j.halves_to_floats != nullptr) {
+    j.halves_to_floats(j.values + q0, values.data(), q1 - q0);
+  } else {
+    for (int32_t q = q0; q < q1; ++q) values[q - q0] = HalfToFloat(j.values[q]);
+  }
+  return values.data();
+}
+
 // GEMV path, one task = rows [n0, n0 + kGemvRows) of W for all M (< kGemmMinRows) rows of X.
 void GemvTask(void* user, size_t task) {
   const Job& j = *static_cast<const Job*>(user);
@@ -582,13 +595,7 @@ void PackedTask(void* user, size_t task) {
     thread_local std::vector<float> out;  // one row's outlier sums over all M rows of X
     out.resize(std::max(out.size(), static_cast<size_t>(j.M)));
     const int32_t q0 = j.row_ptr[n0];
-    thread_local std::vector<float> values;  // the task's outlier values as fp32 (vectorized where it can be)
-    values.resize(std::max(values.size(), static_cast<size_t>(j.row_ptr[n1] - q0)));
-    if (j.halves_to_floats != nullptr) {
-      j.halves_to_floats(j.values + q0, values.data(), j.row_ptr[n1] - q0);
-    } else {
-      for (int32_t p = q0; p < j.row_ptr[n1]; ++p) values[p - q0] = HalfToFloat(j.values[p]);
-    }
+    const float* values = OutlierValues(j, q0, j.row_ptr[n1]);
     for (int64_t n = n0; n < n1; ++n) {
       std::fill(out.begin(), out.begin() + j.M, 0.f);
       for (int32_t p = j.row_ptr[n]; p < j.row_ptr[n + 1]; ++p) {
@@ -646,13 +653,7 @@ void PackedGemmTask(void* user, size_t task) {
     for (int64_t t = 0; t < steps; ++t) start[t + 1] += start[t];
     thread_local std::vector<int32_t> fill;
     fill.assign(start.begin(), start.end() - 1);
-    thread_local std::vector<float> values;  // the task's outlier values as fp32, in CSR order
-    values.resize(std::max(values.size(), static_cast<size_t>(q1 - q0)));
-    if (j.halves_to_floats != nullptr) {
-      j.halves_to_floats(j.values + q0, values.data(), q1 - q0);
-    } else {
-      for (int32_t q = q0; q < q1; ++q) values[q - q0] = HalfToFloat(j.values[q]);
-    }
+    const float* values = OutlierValues(j, q0, q1);
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t bi = (n - n0) / kPackRows, r = (n - n0) % kPackRows;
       for (int32_t q = j.row_ptr[n]; q < j.row_ptr[n + 1]; ++q) {
