@@ -46,14 +46,20 @@ BATCHES = [1, 16, 512]
 VARIANTS = ["fp16", "spqr-w3", "spqr-w4", "nbits"]
 
 
+def _layers_model(nodes, inits, K: int, N: int, opsets) -> onnx.ModelProto:
+    """One fp16 input X [M, K], the nodes' outputs Y0.. [M, N] (one per node)."""
+    graph = helper.make_graph(
+        nodes, "layers", [helper.make_tensor_value_info("X", TensorProto.FLOAT16, ["M", K])],
+        [helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT16, ["M", N]) for i in range(len(nodes))],
+        initializer=inits)
+    return helper.make_model(graph, opset_imports=opsets, ir_version=8)
+
+
 def _fp16_layers(w16: np.ndarray, copies: int) -> onnx.ModelProto:
     K, N = w16.shape
     nodes = [helper.make_node("MatMul", ["X", f"W{i}"], [f"Y{i}"], name=f"layer{i}/MatMul") for i in range(copies)]
-    graph = helper.make_graph(
-        nodes, "fp16_layers", [helper.make_tensor_value_info("X", TensorProto.FLOAT16, ["M", K])],
-        [helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT16, ["M", N]) for i in range(copies)],
-        initializer=[numpy_helper.from_array(w16, f"W{i}") for i in range(copies)])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    inits = [numpy_helper.from_array(w16, f"W{i}") for i in range(copies)]
+    return _layers_model(nodes, inits, K, N, [helper.make_opsetid("", 17)])
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
@@ -75,12 +81,8 @@ def build(variant: str, K: int, N: int, copies: int, w16: np.ndarray) -> onnx.Mo
             node, init = spqr_node(w, x="X", y=f"Y{i}", prefix=f"layer{i}", bias_dtype=np.float16)
             nodes.append(node)
             inits += init
-        graph = helper.make_graph(
-            nodes, "spqr_layers", [helper.make_tensor_value_info("X", TensorProto.FLOAT16, ["M", K])],
-            [helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT16, ["M", N]) for i in range(copies)],
-            initializer=inits)
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                       helper.make_opsetid(DOMAIN, OPSET_VERSION)], ir_version=8)
+        return _layers_model(nodes, inits, K, N, [helper.make_opsetid("", 18),
+                                                  helper.make_opsetid(DOMAIN, OPSET_VERSION)])
     if variant == "nbits":
         import onnxruntime.quantization.matmul_nbits_quantizer as mnq
 
