@@ -17,6 +17,7 @@
 // statics here: zero at the first block, then the last block's values).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -120,6 +121,9 @@ struct __attribute__((aligned(8))) uint2 {
 };
 struct __attribute__((aligned(16))) uint4 {
   unsigned x, y, z, w;
+};
+struct __attribute__((aligned(16))) float4 {
+  float x, y, z, w;
 };
 // PTX prmt (default mode): byte k of the result is byte (s >> 4k) & 7 of the 8 bytes {x, y}
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {

@@ -85,26 +85,40 @@ __device__ __forceinline__ void GroupStats(const SpQRMatMulArgs& a, int64_t g, i
   GroupStatsAt(a, n2, spqr::PackedRowBytes(a.N, a.stat_bits), g, MakeStatRow(a, n), s, z);
 }
 
-// Code i (0..31) of a packed chunk held in registers (the layout of spqr::ExtractCode), without indexing the array
-// by a runtime value (which would put it in local memory).
-__device__ __forceinline__ uint32_t CodeFromWords(const uint32_t (&w)[4], int bits, int i) {
-  if (bits == 4) {
-    const int b = i & 15;
-    const uint32_t word = (b & 8) ? ((b & 4) ? w[3] : w[2]) : ((b & 4) ? w[1] : w[0]);
-    return (word >> (8 * (b & 3) + (i & 16 ? 4 : 0))) & 15u;
-  }
-  const int b = i & 7;
-  uint32_t code = (((b & 4) ? w[1] : w[0]) >> (8 * (b & 3) + 2 * (i >> 3))) & 3u;
-  if (bits == 3) code |= ((w[2] >> i) & 1u) << 2;
-  return code;
+// Codes 4j .. 4j+3 of a packed chunk, one per byte (the layout of spqr::ExtractCode), from two of its 32-bit words:
+// `low`, word QuadLowWord(bits, j), which holds their 2-bit parts (their 4-bit codes at 4 bits), and `high`, word 2
+// (bit i is bit 2 of code i; used at 3 bits only). With j known at compile time this is 2 (2, 4 bits) or 6 (3 bits)
+// instructions.
+__device__ __forceinline__ int QuadLowWord(int bits, int j) { return bits == 4 ? j & 3 : j & 1; }
+
+__device__ __forceinline__ uint32_t QuadFromWords(uint32_t low, uint32_t high, int bits, int j) {
+  if (bits == 4) return (low >> (4 * (j >> 2))) & 0x0f0f0f0fu;
+  const uint32_t v = (low >> (2 * (j >> 1))) & 0x03030303u;  // byte b of the chunk: codes b, b+8, b+16, b+24
+  if (bits != 3) return v;
+  // bits 4j .. 4j+3 of word 2 to bit 2 of bytes 0..3: h * 0x00810204 is four copies of h shifted by 2, 9, 16 and 23
+  // (no overlap, so no carries); bit b of the copy shifted by 2 + 7b lands on bit 8b + 2
+  const uint32_t h = (high >> (4 * j)) & 0xfu;
+  return ((h * 0x00810204u) & 0x04040404u) | v;
 }
 
-// First-level (scale, zero) of group g for `rows` consecutive rows starting at a multiple of R (so in one 32-row chunk
-// of the packed statistics): with coded statistics the chunk's words are loaded once for all rows (a 4-byte load
-// each, stat_bits of them per array) and each row's code is cut from registers.
+// Code byte `byte` of v (a code < 16) as the float 1/2 + q/256, exactly, in one byte permute: the code becomes bits
+// 16..23 of the float, 0x3f its top byte (exponent 2^-1). Sums against x then give
+//   sum_i q_i x_i = 256 * sum_i v_i x_i - 128 * sum_i x_i,
+// folded into the group correction (a subtraction of 2^23 per code, the usual magic-number decode, costs an FADD).
+// Precision: the 128 * sum x cancelled is at most ~20x the wanted sum, about 4 of fp32's 24 bits.
+// `magic` is 0x3f000000 (from QcOpaque: a register, so the selector can be the immediate).
+__device__ __forceinline__ float CodeAsFloat(uint32_t v, int byte, uint32_t magic) {
+  return __uint_as_float(__byte_perm(v, magic, 0x7054u | (static_cast<uint32_t>(byte) << 8)));
+}
+
+// First-level (scale, zero) of group g for `rows` consecutive rows starting at a multiple of R <= 4: in one 32-row
+// chunk of the packed statistics, codes 4j + b0 + r of it (j = i0 / 4, b0 = i0 % 4 for the first row's i0). With
+// coded statistics each array costs one or two 4-byte loads (the quad's low word, and word 2 at 3 bits) and the
+// rows' codes are bytes of one QuadFromWords; the values follow the reference's v0 * (code - v1) exactly.
 template <int R>
 __device__ __forceinline__ void GroupStatsRows(const SpQRMatMulArgs& a, int64_t n2, int64_t row_bytes, int64_t g,
                                                const StatRow (&rs)[R], int rows, float (&s)[R], float (&z)[R]) {
+  static_assert(R <= 4 && 4 % R == 0, "a warp's rows must lie in one quad of a statistics chunk");
   if (a.stat_bits == 0) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -117,12 +131,11 @@ __device__ __forceinline__ void GroupStatsRows(const SpQRMatMulArgs& a, int64_t 
   const uint32_t* pz = reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(a.zeros) + off);
   QC_DEVICE_CHECK(reinterpret_cast<uintptr_t>(ps) % 4 == 0 && reinterpret_cast<uintptr_t>(pz) % 4 == 0,
                   "packed statistics not 4-byte aligned");
-  uint32_t ws[4], wz[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    ws[i] = i < a.stat_bits ? ps[i] : 0u;
-    wz[i] = i < a.stat_bits ? pz[i] : 0u;
-  }
+  const int j = rs[0].i >> 2, b0 = rs[0].i & 3, low = QuadLowWord(a.stat_bits, j);
+  const bool three = a.stat_bits == 3;
+  const uint32_t magic = QcOpaque(0x3f000000u);
+  const uint32_t qs = QuadFromWords(ps[low], three ? ps[2] : 0u, a.stat_bits, j);
+  const uint32_t qz = QuadFromWords(pz[low], three ? pz[2] : 0u, a.stat_bits, j);
   // second-level values: one load when the rows share their second-level group (stat_group_size a multiple of R)
   const uint16_t* st2 = a.stats2 + g * n2 * 4;
   const bool shared = rs[0].stat_group == rs[rows - 1].stat_group;
@@ -130,13 +143,15 @@ __device__ __forceinline__ void GroupStatsRows(const SpQRMatMulArgs& a, int64_t 
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     if (r >= rows) break;
-    QC_DEVICE_CHECK(rs[r].chunk_byte == rs[0].chunk_byte, "rows of one warp in two statistics chunks");
+    QC_DEVICE_CHECK(rs[r].chunk_byte == rs[0].chunk_byte && rs[r].i == rs[0].i + r,
+                    "rows of one warp not consecutive in one statistics chunk");
     if (r == 0 || !shared) {
       const uint2 v = *reinterpret_cast<const uint2*>(st2 + rs[r].stat_group * 4);
       v0 = Half(v.x & 0xffffu), v1 = Half(v.x >> 16), v2 = Half(v.y & 0xffffu), v3 = Half(v.y >> 16);
     }
-    s[r] = v0 * (static_cast<float>(CodeFromWords(ws, a.stat_bits, rs[r].i)) - v1);
-    z[r] = v2 * (static_cast<float>(CodeFromWords(wz, a.stat_bits, rs[r].i)) - v3);
+    // 256 * (1/2 + q/256) - 128 = q exactly
+    s[r] = v0 * (fmaf(CodeAsFloat(qs, b0 + r, magic), 256.f, -128.f) - v1);
+    z[r] = v2 * (fmaf(CodeAsFloat(qz, b0 + r, magic), 256.f, -128.f) - v3);
   }
 }
 
@@ -207,8 +222,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) SpQRMatMulKernel(const Sp
 //
 // With perm, X's rows are first copied whole into dynamic shared memory when they fit (so the permuted reads below
 // hit shared memory, not global memory). X is staged per slab of 1024 columns (through perm, so in stored column
-// order, as fp32, laid out xs[m][i][c] for element 32c + i: lane c reads its chunk without bank conflicts), with the
-// sums of each chunk's two 16-column halves. Lane c of a warp then owns chunk c of the slab for the warp's 4 rows: it loads the chunk's
+// order, as fp32, laid out xs[m][c][i] for element 32c + i with rows padded to 36 floats: lane c reads its chunk four
+// values per 16-byte load without bank conflicts), with the sums of each chunk's two 16-column halves. Lane c of a
+// warp then owns chunk c of the slab for the warp's 4 rows: it loads the chunk's
 // 4*bits bytes with one to three vector loads (all rows first, so their loads are in flight together), decodes the
 // codes four at a time (byte lanes of a 32-bit word, each turned into the float 1/2 + q/256 by one byte permute:
 // CodeAsFloat), and for each group segment g of the chunk (one, or two halves at group_size 16) adds
@@ -220,6 +236,9 @@ constexpr int kGemvWarps = 8;
 constexpr int kSlabChunks = 32;  // one chunk per lane
 constexpr int kSlab = kSlabChunks * spqr::kChunk;
 constexpr int64_t kGemvMaxRows = 8;
+// xs row stride in floats: 36 = 9 x 16 bytes, odd, so that a quarter warp's 16-byte loads of 8 chunks hit 8
+// different bank groups
+constexpr int kXsStride = spqr::kChunk + 4;
 
 template <int BITS>
 struct ChunkWords {
@@ -246,26 +265,10 @@ __device__ __forceinline__ ChunkWords<BITS> LoadChunk(const uint8_t* p) {
   return c;
 }
 
-// Codes 4j .. 4j+3 of a chunk (j = 0..7), one per byte.
+// Codes 4j .. 4j+3 of a chunk (j = 0..7, a compile-time constant once unrolled), one per byte.
 template <int BITS>
 __device__ __forceinline__ uint32_t CodeBytes(const ChunkWords<BITS>& c, int j) {
-  if (BITS == 4) return j < 4 ? c.w[j] & 0x0f0f0f0fu : (c.w[j - 4] >> 4) & 0x0f0f0f0fu;
-  // 2-bit part: byte b of the chunk holds codes b, b+8, b+16, b+24 at bits 0, 2, 4, 6
-  uint32_t v = (c.w[j & 1] >> (2 * (j >> 1))) & 0x03030303u;
-  if (BITS == 3) {  // bit i of word 2 is bit 2 of code i: spread bits 4j..4j+3 to bit 2 of the four bytes
-    const uint32_t h = (c.w[BITS - 1] >> (4 * j)) & 0xfu;
-    v |= ((h * 0x00204081u) & 0x01010101u) << 2;
-  }
-  return v;
-}
-
-// Code byte `byte` of v (a code < 16) as the float 1/2 + q/256, exactly, in one byte permute: the code becomes bits
-// 16..23 of the float, 0x3f its top byte (exponent 2^-1). Sums against x then give
-//   sum_i q_i x_i = 256 * sum_i v_i x_i - 128 * sum_i x_i,
-// folded into the group correction (a subtraction of 2^23 per code, the usual magic-number decode, costs an FADD).
-// Precision: the 128 * sum x cancelled is at most ~20x the wanted sum, about 4 of fp32's 24 bits.
-__device__ __forceinline__ float CodeAsFloat(uint32_t v, int byte) {
-  return __uint_as_float(__byte_perm(v, 0x3f000000u, 0x7054u | (static_cast<uint32_t>(byte) << 8)));
+  return QuadFromWords(c.w[QuadLowWord(BITS, j)], c.w[BITS == 3 ? 2 : 0], BITS, j);
 }
 
 // Rows per warp: fewer at MT = 8 so that the per-row sums stay in registers.
@@ -275,7 +278,7 @@ constexpr int kGemvRowsPerWarp = MT >= 4 ? 2 : 4;
 template <typename T, int BITS, int MT>
 __global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRMatMulArgs a, int stage_rows) {
   constexpr int R = kGemvRowsPerWarp<MT>;
-  __shared__ float xs[MT][spqr::kChunk][kSlabChunks + 1];
+  __shared__ __align__(16) float xs[MT][kSlabChunks][kXsStride];
   __shared__ float xsum[MT][kSlabChunks][2];  // over codes 0..15 and 16..31 of each chunk
   const int lane = threadIdx.x & 31;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5)) * R;
@@ -311,14 +314,17 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRM
       const int64_t k = k0 + j;
       float v = 0.f;
       if (m < a.M && k < a.K) v = ToFloat(xg[m * a.K + (a.perm ? a.perm[k] : k)]);
-      xs[m][j % spqr::kChunk][j / spqr::kChunk] = v;
+      xs[m][j / spqr::kChunk][j % spqr::kChunk] = v;
     }
     __syncthreads();
     for (int e = threadIdx.x; e < MT * kSlabChunks * 2; e += kGemvWarps * 32) {
       const int m = e / (2 * kSlabChunks), c = (e / 2) % kSlabChunks, h = e % 2;
       float t = 0.f;
 #pragma unroll
-      for (int i = 0; i < 16; ++i) t += xs[m][16 * h + i][c];
+      for (int i = 0; i < 16; i += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(&xs[m][c][16 * h + i]);
+        t += v.x, t += v.y, t += v.z, t += v.w;
+      }
       xsum[m][c][h] = t;
     }
     __syncthreads();
@@ -331,7 +337,34 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRM
     for (int r = 0; r < R; ++r) {
       if (r < rows) words[r] = LoadChunk<BITS>(a.qweight + (n0 + r) * row_bytes + chunk * 4 * BITS);
     }
-    // the chunk's group segments: g_lo for codes 0..15, g_hi for 16..31 (the same unless group_size is 16)
+    // code sums per (row, X row, half): four codes at a time, X's four values loaded once for all rows
+    const uint32_t magic = QcOpaque(0x3f000000u);
+    float d[R][MT][2];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < MT; ++m) d[r][m][0] = d[r][m][1] = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      float w[R][4];  // the rows' codes 4j .. 4j+3 as 1/2 + q/256
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const uint32_t q = CodeBytes<BITS>(words[r], j);
+#pragma unroll
+        for (int b = 0; b < 4; ++b) w[r][b] = CodeAsFloat(q, b, magic);
+      }
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {  // one X row at a time: 4 values live, not 4 * MT
+        QC_DEVICE_CHECK(reinterpret_cast<uintptr_t>(&xs[m][lane][4 * j]) % 16 == 0, "X slab not 16-byte aligned");
+        const float4 v = *reinterpret_cast<const float4*>(&xs[m][lane][4 * j]);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float& t = d[r][m][j >> 2];
+          t += w[r][0] * v.x, t += w[r][1] * v.y, t += w[r][2] * v.z, t += w[r][3] * v.w;
+        }
+      }
+    }
+    // then the statistics (after the sums: fewer values live through them) of the chunk's group segments: g_lo for codes 0..15, g_hi for 16..31 (the same unless group_size is 16)
     const int64_t g_lo = Div(chunk * spqr::kChunk, a.group_size);
     const int64_t g_hi = halves ? g_lo + 1 : g_lo;
     float s_lo[R], z_lo[R], s_hi[R], z_hi[R];
@@ -344,30 +377,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRM
       } else if (g_hi == g_lo) {
 #pragma unroll
         for (int r = 0; r < R; ++r) s_hi[r] = s_lo[r], z_hi[r] = z_lo[r];
-      }
-    }
-    // code sums per (row, X row, half): four codes at a time, X's four values loaded once for all rows
-    float d[R][MT][2];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int m = 0; m < MT; ++m) d[r][m][0] = d[r][m][1] = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      float xv[MT][4];
-#pragma unroll
-      for (int m = 0; m < MT; ++m)
-#pragma unroll
-        for (int b = 0; b < 4; ++b) xv[m][b] = xs[m][4 * j + b][lane];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const uint32_t q = CodeBytes<BITS>(words[r], j);
-#pragma unroll
-        for (int b = 0; b < 4; ++b) {
-          const float w = CodeAsFloat(q, b);
-#pragma unroll
-          for (int m = 0; m < MT; ++m) d[r][m][j >> 2] += w * xv[m][b];
-        }
       }
     }
 #pragma unroll
@@ -430,7 +439,7 @@ void LaunchGemvTile(const SpQRMatMulArgs& a, cudaStream_t s) {
   auto kernel = SpQRGemvKernel<T, BITS, MT>;
   // X's rows staged in shared memory when perm makes the slab gathers random and they fit next to the static
   // shared memory (xs, xsum: MT * 4.4 KB) in the budget of two blocks per SM
-  constexpr int kStaticBytes = MT * (spqr::kChunk * (kSlabChunks + 1) + kSlabChunks * 2) * 4;
+  constexpr int kStaticBytes = MT * (kSlabChunks * kXsStride + kSlabChunks * 2) * 4;
   const int64_t row_bytes = MT * a.K * static_cast<int64_t>(sizeof(T));
   const int budget = SharedBudgetPerBlock() - kStaticBytes;
   int stage_rows = a.perm != nullptr && row_bytes <= budget;
