@@ -275,8 +275,13 @@ __device__ __forceinline__ uint32_t CodeBytes(const ChunkWords<BITS>& c, int j) 
 template <int MT>
 constexpr int kGemvRowsPerWarp = MT >= 4 ? 2 : 4;
 
+// Blocks per SM the register budget is set for: two (128 registers per thread), one at MT = 8 (whose 2 x 8 x 2 sums
+// and 2 x 8 accumulators spill at 128).
+template <int MT>
+constexpr int kGemvMinBlocks = MT >= 8 ? 1 : 2;
+
 template <typename T, int BITS, int MT>
-__global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRMatMulArgs a, int stage_rows) {
+__global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvKernel(const SpQRMatMulArgs a, int stage_rows) {
   constexpr int R = kGemvRowsPerWarp<MT>;
   __shared__ __align__(16) float xs[MT][kSlabChunks][kXsStride];
   __shared__ float xsum[MT][kSlabChunks][2];  // over codes 0..15 and 16..31 of each chunk
@@ -306,8 +311,29 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRM
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
+  const int rows = static_cast<int>(min(static_cast<int64_t>(R), a.N - n0));  // <= 0 past N: the warp idles
+  // the lane's chunk of the warp's rows in slab k0 (left as is past K or N)
+  auto load_words = [&](int64_t k0, ChunkWords<BITS>(&w)[R]) {
+    const int64_t chunk = k0 / spqr::kChunk + lane;
+    if (chunk * spqr::kChunk >= a.K) return;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r < rows) w[r] = LoadChunk<BITS>(a.qweight + (n0 + r) * row_bytes + chunk * 4 * BITS);
+    }
+  };
+  // one slab ahead (the next slab's chunks in flight while this one is staged and computed), except at MT = 8
+  // (where the 3 * R more registers would spill)
+  constexpr bool kAhead = MT <= 4;
+  ChunkWords<BITS> words[R] = {};
+  if (kAhead) load_words(0, words);
 
   for (int64_t k0 = 0; k0 < a.K; k0 += kSlab) {
+    ChunkWords<BITS> next[R] = {};
+    if (!kAhead) {
+      load_words(k0, words);
+    } else if (k0 + kSlab < a.K) {
+      load_words(k0 + kSlab, next);
+    }
     __syncthreads();  // the previous slab is consumed
     for (int e = threadIdx.x; e < MT * kSlab; e += kGemvWarps * 32) {
       const int m = e / kSlab, j = e % kSlab;
@@ -330,62 +356,65 @@ __global__ void __launch_bounds__(kGemvWarps * 32, 2) SpQRGemvKernel(const SpQRM
     __syncthreads();
 
     const int64_t chunk = k0 / spqr::kChunk + lane;
-    if (chunk * spqr::kChunk >= a.K) continue;
-    const int rows = static_cast<int>(min(static_cast<int64_t>(R), a.N - n0));  // <= 0 past N: the warp idles
-    ChunkWords<BITS> words[R];
+    if (chunk * spqr::kChunk < a.K) {
+      // code sums per (row, X row, half): four codes at a time, X's four values loaded once for all rows
+      const uint32_t magic = QcOpaque(0x3f000000u);
+      float d[R][MT][2];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (r < rows) words[r] = LoadChunk<BITS>(a.qweight + (n0 + r) * row_bytes + chunk * 4 * BITS);
-    }
-    // code sums per (row, X row, half): four codes at a time, X's four values loaded once for all rows
-    const uint32_t magic = QcOpaque(0x3f000000u);
-    float d[R][MT][2];
+      for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MT; ++m) d[r][m][0] = d[r][m][1] = 0.f;
 #pragma unroll
-      for (int m = 0; m < MT; ++m) d[r][m][0] = d[r][m][1] = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      float w[R][4];  // the rows' codes 4j .. 4j+3 as 1/2 + q/256
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const uint32_t q = CodeBytes<BITS>(words[r], j);
-#pragma unroll
-        for (int b = 0; b < 4; ++b) w[r][b] = CodeAsFloat(q, b, magic);
-      }
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {  // one X row at a time: 4 values live, not 4 * MT
-        QC_DEVICE_CHECK(reinterpret_cast<uintptr_t>(&xs[m][lane][4 * j]) % 16 == 0, "X slab not 16-byte aligned");
-        const float4 v = *reinterpret_cast<const float4*>(&xs[m][lane][4 * j]);
+      for (int j = 0; j < 8; ++j) {
+        float w[R][4];  // the rows' codes 4j .. 4j+3 as 1/2 + q/256
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          float& t = d[r][m][j >> 2];
-          t += w[r][0] * v.x, t += w[r][1] * v.y, t += w[r][2] * v.z, t += w[r][3] * v.w;
+          const uint32_t q = CodeBytes<BITS>(words[r], j);
+#pragma unroll
+          for (int b = 0; b < 4; ++b) w[r][b] = CodeAsFloat(q, b, magic);
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {  // one X row at a time: 4 values live, not 4 * MT
+          QC_DEVICE_CHECK(reinterpret_cast<uintptr_t>(&xs[m][lane][4 * j]) % 16 == 0, "X slab not 16-byte aligned");
+          const float4 v = *reinterpret_cast<const float4*>(&xs[m][lane][4 * j]);
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            float& t = d[r][m][j >> 2];
+            t += w[r][0] * v.x, t += w[r][1] * v.y, t += w[r][2] * v.z, t += w[r][3] * v.w;
+          }
+        }
+      }
+      // then the statistics (after the sums: fewer values live through them), per group segment of the chunk: one
+      // segment (group_size >= 32), or codes 0..15 and 16..31 (group_size 16)
+      const int64_t g_lo = Div(chunk * spqr::kChunk, a.group_size);
+      float s[R] = {}, z[R] = {};
+      if (rows > 0) GroupStatsRows<R>(a, n2, stat_row_bytes, g_lo, stat_rows, rows, s, z);
+      if (!halves) {
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            const float dx = d[r][m][0] + d[r][m][1], sx = xsum[m][lane][0] + xsum[m][lane][1];
+            acc[r][m] += s[r] * (256.f * dx - (128.f + z[r]) * sx);
+          }
+      } else {
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int m = 0; m < MT; ++m) acc[r][m] += s[r] * (256.f * d[r][m][0] - (128.f + z[r]) * xsum[m][lane][0]);
+        if (g_lo + 1 < n_groups) {  // (past K X is zero: nothing to add)
+          if (rows > 0) GroupStatsRows<R>(a, n2, stat_row_bytes, g_lo + 1, stat_rows, rows, s, z);
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int m = 0; m < MT; ++m) acc[r][m] += s[r] * (256.f * d[r][m][1] - (128.f + z[r]) * xsum[m][lane][1]);
         }
       }
     }
-    // then the statistics (after the sums: fewer values live through them) of the chunk's group segments: g_lo for codes 0..15, g_hi for 16..31 (the same unless group_size is 16)
-    const int64_t g_lo = Div(chunk * spqr::kChunk, a.group_size);
-    const int64_t g_hi = halves ? g_lo + 1 : g_lo;
-    float s_lo[R], z_lo[R], s_hi[R], z_hi[R];
+    if (kAhead) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) s_lo[r] = z_lo[r] = s_hi[r] = z_hi[r] = 0.f;
-    if (rows > 0) {
-      GroupStatsRows<R>(a, n2, stat_row_bytes, g_lo, stat_rows, rows, s_lo, z_lo);
-      if (g_hi != g_lo && g_hi < n_groups) {  // past K: X is zero there
-        GroupStatsRows<R>(a, n2, stat_row_bytes, g_hi, stat_rows, rows, s_hi, z_hi);
-      } else if (g_hi == g_lo) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) s_hi[r] = s_lo[r], z_hi[r] = z_lo[r];
-      }
+      for (int r = 0; r < R; ++r) words[r] = next[r];
     }
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        acc[r][m] += s_lo[r] * (256.f * d[r][m][0] - (128.f + z_lo[r]) * xsum[m][lane][0]) +
-                     s_hi[r] * (256.f * d[r][m][1] - (128.f + z_hi[r]) * xsum[m][lane][1]);
-      }
   }
 
   T* __restrict__ y = static_cast<T*>(a.y);
