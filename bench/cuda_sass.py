@@ -2,11 +2,12 @@
 
 Compiles custom_ops/src/cuda/spqr_matmul_cuda_impl.cu with nvcc for one architecture, with the runtime statistics
 width and group size pinned to constants (`--stat-bits`, `--group-size`; a copy of the source with `a.stat_bits` /
-`a.group_size` replaced) and the warp's rows sharing their second-level group (every preset's case), so the
-branches not taken drop out and the straight-line count is the executed one,
-disassembles it with cuobjdump and counts the instructions of the slab loop's compute part (after the slab's last
-barrier, up to the branch back to the loop head) of each SpQRGemvKernel<T, bits, MT>. One slab iteration of one lane
-covers rows-per-warp × 32 weights, so instructions per weight = count / (rows × 32).
+`a.group_size` replaced), the warp's rows sharing their second-level group (every preset's case) and X resident in
+shared memory (the decode default wherever it fits: no staging inside the loop), so the branches not taken drop out
+and the straight-line count is the executed one, disassembles it with cuobjdump and counts the instructions of the
+slab loop (all of it: the next slab's loads, decode, sums, statistics, loop control) of each
+SpQRGemvKernel<T, bits, MT>. One slab iteration of one lane covers rows-per-warp × 32 weights, so instructions per
+weight = count / (rows × 32).
 
     python bench/cuda_sass.py                     # sm_90, fp16 X, stats 3-bit, group 16
     python bench/cuda_sass.py --arch sm_87 --group-size 64
@@ -66,14 +67,24 @@ def function_sass(sass: str, kernel: str) -> str:
     return m.group(1)
 
 
-def slab_loop(sass: str, kernel: str) -> list[str]:
-    """Instructions of the slab loop's compute part of the first function whose name contains `kernel`."""
+def hot_loop(sass: str, kernel: str) -> list[str]:
+    """Instructions of the decode GEMV's slab loop in the first function whose name contains `kernel`: of the loops
+    (a backward branch and its target), the one with the most FFMA instructions, the innermost of equals."""
     ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s*(.*?);",
                                                           function_sass(sass, kernel))]
-    bars = [a for a, t in ins if "BAR.SYNC" in t]
-    head, last = bars[0], bars[-1]
-    back = next(a for a, t in ins if a > last and "BRA" in t and int(t.split("0x")[-1], 16) <= head + 0x40)
-    return [t for a, t in ins if last < a <= back]
+    loops = []
+    for a, t in ins:
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", t)
+        if m and int(m.group(1), 16) <= a:
+            loops.append((int(m.group(1), 16), a))
+    if not loops:
+        raise SystemExit(f"no loop in {kernel}")
+
+    def ffma(loop):
+        return sum(1 for a, t in ins if loop[0] <= a <= loop[1] and "FFMA" in t)
+
+    head, back = max(loops, key=lambda lp: (ffma(lp), -(lp[1] - lp[0])))
+    return [t for a, t in ins if head <= a <= back]
 
 
 def main(argv=None) -> int:
@@ -87,11 +98,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         src = (SRC / "cuda" / "spqr_matmul_cuda_impl.cu").read_text()
         src = src.replace("a.stat_bits", str(args.stat_bits)).replace("a.group_size", str(args.group_size))
-        # the warp's rows share their second-level group (stat_group_size a multiple of 4, as every preset)
-        shared = "const bool shared = rs[0].stat_group == rs[rows - 1].stat_group;"
-        if src.count(shared) != 1:
-            raise SystemExit("bench/cuda_sass.py: the second-level sharing test moved; update the pin")
-        src = src.replace(shared, "const bool shared = true;")
+        # the warp's rows share their second-level group (stat_group_size a multiple of 4, as every preset); X resident
+        # in shared memory (M = 1 up to K ~ 23k on H100-class parts)
+        for pin, value in (("const bool shared = rs[0].stat_group == rs[rows - 1].stat_group;",
+                            "const bool shared = true;"),
+                           ("const bool resident = mode == kXResident;", "const bool resident = true;"),
+                           ("if (mode == kXSlabsRows) {", "if (false) {")):
+            if src.count(pin) != 1:
+                raise SystemExit(f"bench/cuda_sass.py: {pin!r} moved; update the pin")
+            src = src.replace(pin, value)
         cu = Path(tmp) / "impl.cu"
         cu.write_text(src)
         cubin = Path(tmp) / "impl.cubin"
@@ -99,13 +114,13 @@ def main(argv=None) -> int:
                         str(cubin)], check=True)
         sass = disassemble(cubin)
     t = "6__half" if args.x == "half" else "f"
-    print(f"{args.arch}, X {args.x}, stat bits {args.stat_bits}, group size {args.group_size}: SpQRGemvKernel slab "
-          "loop (compute part), per lane")
+    print(f"{args.arch}, X {args.x}, stat bits {args.stat_bits}, group size {args.group_size}, X resident: "
+          "SpQRGemvKernel slab loop (all of it), per lane")
     print("| bits | rows of X (MT) | rows per warp | instructions | per weight | calls | top instructions |")
     print("|--:|--:|--:|--:|--:|--:|---|")
     for bits in (2, 3, 4):
         for mt in (1, 2, 4, 8):
-            body = slab_loop(sass, f"SpQRGemvKernelI{t}Li{bits}ELi{mt}E")
+            body = hot_loop(sass, f"SpQRGemvKernelI{t}Li{bits}ELi{mt}E")
             ops = Counter((b.split()[1] if b.startswith("@") else b.split()[0]).split(".")[0] for b in body)
             rows = 4 if mt <= 2 else 2
             top = ", ".join(f"{k} {v}" for k, v in ops.most_common(5))

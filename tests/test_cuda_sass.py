@@ -38,7 +38,7 @@ def test_no_kernel_spills(compiled):
 @pytest.mark.parametrize("mt", [1, 2, 4, 8])
 def test_decode_slab_loop_calls_nothing(compiled, x, bits, mt):
     _, sass, tool = compiled
-    body = tool.slab_loop(sass, f"SpQRGemvKernelI{x}Li{bits}ELi{mt}E")
+    body = tool.hot_loop(sass, f"SpQRGemvKernelI{x}Li{bits}ELi{mt}E")
     assert len(body) > 300  # the loop was found (its codes alone take 2 instructions each)
     calls = [b for b in body if "CALL" in b]
     assert not calls, calls

@@ -115,15 +115,30 @@ def test_several_slabs(run, bits, group_size, K, M):
     _check(run, w, _x((M, K), np.float16, seed=M))
 
 
-# The decode kernel copies X's rows into shared memory when perm is present and they fit (K=11008 fp32: 44 KB, above
-# the 48 KB default with the kernel's static arrays, so the launcher raises the kernel's limit; on the emulated
-# device's budget M=2 no longer fits and X is gathered from global memory).
+# Long rows: at M=1 all of X is staged once (K=11008: 52 KB as fp32 with the sums, above the 48 KB default, so the
+# launcher raises the kernel's limit where the budget allows; on the emulated device's (49 KB) it does not fit and X
+# goes in slabs, from a copy of X's rows in shared memory when those fit, else from global memory).
 @pytest.mark.parametrize("M", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_long_rows(run, M, dtype):
     w = random_weight(N=20, K=11008, bits=3, group_size=16, stat_bits=3, stat_group_size=16, outlier_rate=0.01,
                       permute=True, bias=True, seed=M)
     _check(run, w, _x((M, 11008), dtype, seed=M))
+
+
+# The decode kernel's three ways to hold X (QCOMPILER_CUDA_GEMV_X forces one where it fits): all of K staged once
+# (resident: by default wherever it fits), per 1024-column slab gathered from global memory (slabs), per slab from a
+# copy of X's rows in shared memory (rows: needs perm). K=2100: three slabs, the last ragged; M=5: the 8-row tile.
+@pytest.mark.parametrize("mode", ["resident", "slabs", "rows"])
+@pytest.mark.parametrize("M", [1, 2, 5])
+@pytest.mark.parametrize("group_size", [16, 64])
+@pytest.mark.parametrize("permute", [False, True])
+def test_x_staging_modes(run, monkeypatch, mode, M, group_size, permute):
+    monkeypatch.setenv("QCOMPILER_CUDA_GEMV_X", mode)
+    w = random_weight(N=40, K=2100, bits=3, group_size=group_size, stat_bits=3, stat_group_size=16,
+                      outlier_rate=0.02, permute=permute, bias=True, seed=M + group_size)
+    _check(run, w, _x((M, 2100), seed=M))
+    _check(run, w, _x((M, 2100), np.float16, seed=M))
 
 
 # Group sizes that the decode kernel does not take (not 16 or a multiple of 32): the row kernel at every M.

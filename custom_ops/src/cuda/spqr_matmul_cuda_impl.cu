@@ -16,6 +16,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 #include "common/spqr_format.h"
 #include "cuda/launch.cuh"
@@ -220,18 +222,20 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) SpQRMatMulKernel(const Sp
 
 // ---- decode GEMV (M <= 8, group_size 16 or a multiple of 32): a lane per 32-code chunk ----
 //
-// With perm, X's rows are first copied whole into dynamic shared memory when they fit (so the permuted reads below
-// hit shared memory, not global memory). X is staged per slab of 1024 columns (through perm, so in stored column
-// order, as fp32, laid out xs[m][c][i] for element 32c + i with rows padded to 36 floats: lane c reads its chunk four
-// values per 16-byte load without bank conflicts), with the sums of each chunk's two 16-column halves. Lane c of a
-// warp then owns chunk c of the slab for the warp's 4 rows: it loads the chunk's
-// 4*bits bytes with one to three vector loads (all rows first, so their loads are in flight together), decodes the
-// codes four at a time (byte lanes of a 32-bit word, each turned into the float 1/2 + q/256 by one byte permute:
-// CodeAsFloat), and for each group segment g of the chunk (one, or two halves at group_size 16) adds
+// X lives in shared memory as fp32 in stored column order (read through perm), laid out xs[m][c][i] for element
+// 32c + i with rows padded to 36 floats (lane c reads its chunk four values per 16-byte load without bank
+// conflicts), next to the sums of each chunk's two 16-column halves (GemvMode):
+// - kXResident, whenever it fits (M = 1 up to K ~ 23k on H100-class parts): all of X, staged once per block; the
+//   warps then run through K with no further barriers;
+// - otherwise per slab of 1024 columns, staged between barriers, gathering through perm from global memory
+//   (kXSlabs) or, when X's rows fit, from a copy of them in shared memory (kXSlabsRows).
+// Lane c of a warp owns chunk c of each slab for the warp's 4 rows (2 at M > 2): it loads the chunk's 4*bits bytes
+// with one to three vector loads one slab ahead (the next slab's loads in flight while this one is computed),
+// decodes the codes four at a time (byte lanes of a 32-bit word, each turned into the float 1/2 + q/256 by one byte
+// permute: CodeAsFloat), and for each group segment g of the chunk (one, or two halves at group_size 16) adds
 //   s_g * (sum_i q_i x_i - z_g * sum_i x_i)
-// so that the statistics cost two multiplies per segment, not per weight. Outliers follow (X through perm),
-// then one shuffle reduction per row. Consecutive rows per block share their statistics' cache lines. Each lane
-// keeps per (row, X row, half) sums in registers: at most 4 rows per warp (2 at M > 2).
+// so that the statistics cost two multiplies per segment, not per weight. Outliers follow, then one shuffle
+// reduction per row. Consecutive rows per block share their statistics' cache lines.
 constexpr int kGemvWarps = 8;
 constexpr int kSlabChunks = 32;  // one chunk per lane
 constexpr int kSlab = kSlabChunks * spqr::kChunk;
@@ -280,11 +284,15 @@ constexpr int kGemvRowsPerWarp = MT >= 4 ? 2 : 4;
 template <int MT>
 constexpr int kGemvMinBlocks = MT >= 8 ? 1 : 2;
 
+enum GemvMode : int { kXResident = 0, kXSlabs = 1, kXSlabsRows = 2 };
+
+// Floats of the X staging area for `chunks` chunks per row: xs [mt][chunks][kXsStride], then xsum [mt][chunks][2].
+constexpr int64_t GemvXsFloats(int mt, int64_t chunks) { return mt * chunks * (kXsStride + 2); }
+
 template <typename T, int BITS, int MT>
-__global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvKernel(const SpQRMatMulArgs a, int stage_rows) {
+__global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvKernel(const SpQRMatMulArgs a,
+                                                                                      int mode) {
   constexpr int R = kGemvRowsPerWarp<MT>;
-  __shared__ __align__(16) float xs[MT][kSlabChunks][kXsStride];
-  __shared__ float xsum[MT][kSlabChunks][2];  // over codes 0..15 and 16..31 of each chunk
   const int lane = threadIdx.x & 31;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5)) * R;
   const T* __restrict__ x = static_cast<const T*>(a.x);
@@ -296,67 +304,88 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvK
   StatRow stat_rows[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) stat_rows[r] = MakeStatRow(a, n0 + r);
-  // stage_rows: X's rows, unpermuted, in dynamic shared memory [MT][K], read once with coalesced loads; the
-  // permuted gathers below then hit shared memory instead of global memory (set by the launcher when perm is
-  // present and the rows fit)
-  QC_DYNAMIC_SHARED(T, xrows);
-  const T* __restrict__ xg = stage_rows ? xrows : x;
-  if (stage_rows) {
+
+  // dynamic shared memory: xs, xsum (GemvXsFloats) for all of K's chunks (kXResident) or one slab's, then at
+  // kXSlabsRows X's rows [MT][K] of T, unpermuted (read once with coalesced loads, so that the permuted gathers of
+  // the slab staging hit shared memory)
+  const bool resident = mode == kXResident;
+  const int xs_chunks = resident ? static_cast<int>((a.K + spqr::kChunk - 1) / spqr::kChunk) : kSlabChunks;
+  QC_DYNAMIC_SHARED(float, xs);
+  float* xsum = xs + MT * xs_chunks * kXsStride;
+  const T* __restrict__ xg = x;
+  if (mode == kXSlabsRows) {
+    T* xrows = reinterpret_cast<T*>(xsum + MT * xs_chunks * 2);
     for (int64_t e = threadIdx.x; e < MT * a.K; e += kGemvWarps * 32) {
       xrows[e] = e < a.M * a.K ? x[e] : T();  // rows past M: zero bits
     }
+    xg = xrows;
   }
+  // X's columns [k0, k0 + 32 * xs_chunks) into xs (columns past K and rows past M as 0), then the half-chunk sums;
+  // ends with a barrier
+  auto stage = [&](int64_t k0) {
+    const int cols = xs_chunks * spqr::kChunk;
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      for (int j = threadIdx.x; j < cols; j += kGemvWarps * 32) {
+        const int64_t k = k0 + j;
+        float v = 0.f;
+        if (m < a.M && k < a.K) v = ToFloat(xg[m * a.K + (a.perm ? a.perm[k] : k)]);
+        xs[(m * xs_chunks + j / spqr::kChunk) * kXsStride + j % spqr::kChunk] = v;
+      }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < MT * xs_chunks * 2; e += kGemvWarps * 32) {  // e = (m * xs_chunks + c) * 2 + h
+      const float* p = xs + (e >> 1) * kXsStride + 16 * (e & 1);
+      float t = 0.f;
+#pragma unroll
+      for (int i = 0; i < 16; i += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(p + i);
+        t += v.x, t += v.y, t += v.z, t += v.w;
+      }
+      xsum[e] = t;
+    }
+    __syncthreads();
+  };
+
   float acc[R][MT];
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
   const int rows = static_cast<int>(min(static_cast<int64_t>(R), a.N - n0));  // <= 0 past N: the warp idles
-  // the lane's chunk of the warp's rows in slab k0 (left as is past K or N)
-  auto load_words = [&](int64_t k0, ChunkWords<BITS>(&w)[R]) {
-    const int64_t chunk = k0 / spqr::kChunk + lane;
+  // chunk `chunk` of the warp's rows, at p for the first row (left as is past K or N)
+  auto load_words = [&](const uint8_t* p, int64_t chunk, ChunkWords<BITS>(&w)[R]) {
     if (chunk * spqr::kChunk >= a.K) return;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      if (r < rows) w[r] = LoadChunk<BITS>(a.qweight + (n0 + r) * row_bytes + chunk * 4 * BITS);
+      if (r < rows) w[r] = LoadChunk<BITS>(p + r * row_bytes);
     }
   };
+  constexpr int64_t kSlabBytes = kSlabChunks * 4 * BITS;  // one slab of a row
+  // the lane's chunk of row n0 in the current slab (computed once: the loop only advances it)
+  const uint8_t* wp = a.qweight + n0 * row_bytes + lane * 4 * BITS;
   // one slab ahead (the next slab's chunks in flight while this one is staged and computed), except at MT = 8
   // (where the 3 * R more registers would spill)
   constexpr bool kAhead = MT <= 4;
   ChunkWords<BITS> words[R] = {};
-  if (kAhead) load_words(0, words);
+  if (kAhead) load_words(wp, lane, words);
+  if (resident) stage(0);
 
-  for (int64_t k0 = 0; k0 < a.K; k0 += kSlab) {
+  for (int64_t k0 = 0; k0 < a.K; k0 += kSlab, wp += kSlabBytes) {
     ChunkWords<BITS> next[R] = {};
     if (!kAhead) {
-      load_words(k0, words);
+      load_words(wp, k0 / spqr::kChunk + lane, words);
     } else if (k0 + kSlab < a.K) {
-      load_words(k0 + kSlab, next);
+      load_words(wp + kSlabBytes, (k0 + kSlab) / spqr::kChunk + lane, next);
     }
-    __syncthreads();  // the previous slab is consumed
-    for (int e = threadIdx.x; e < MT * kSlab; e += kGemvWarps * 32) {
-      const int m = e / kSlab, j = e % kSlab;
-      const int64_t k = k0 + j;
-      float v = 0.f;
-      if (m < a.M && k < a.K) v = ToFloat(xg[m * a.K + (a.perm ? a.perm[k] : k)]);
-      xs[m][j / spqr::kChunk][j % spqr::kChunk] = v;
+    if (!resident) {
+      __syncthreads();  // the previous slab is consumed
+      stage(k0);
     }
-    __syncthreads();
-    for (int e = threadIdx.x; e < MT * kSlabChunks * 2; e += kGemvWarps * 32) {
-      const int m = e / (2 * kSlabChunks), c = (e / 2) % kSlabChunks, h = e % 2;
-      float t = 0.f;
-#pragma unroll
-      for (int i = 0; i < 16; i += 4) {
-        const float4 v = *reinterpret_cast<const float4*>(&xs[m][c][16 * h + i]);
-        t += v.x, t += v.y, t += v.z, t += v.w;
-      }
-      xsum[m][c][h] = t;
-    }
-    __syncthreads();
 
     const int64_t chunk = k0 / spqr::kChunk + lane;
     if (chunk * spqr::kChunk < a.K) {
+      const int c = resident ? static_cast<int>(chunk) : lane;  // the lane's chunk in xs
       // code sums per (row, X row, half): four codes at a time, X's four values loaded once for all rows
       const uint32_t magic = QcOpaque(0x3f000000u);
       float d[R][MT][2];
@@ -375,8 +404,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvK
         }
 #pragma unroll
         for (int m = 0; m < MT; ++m) {  // one X row at a time: 4 values live, not 4 * MT
-          QC_DEVICE_CHECK(reinterpret_cast<uintptr_t>(&xs[m][lane][4 * j]) % 16 == 0, "X slab not 16-byte aligned");
-          const float4 v = *reinterpret_cast<const float4*>(&xs[m][lane][4 * j]);
+          const float* px = xs + (m * xs_chunks + c) * kXsStride + 4 * j;
+          QC_DEVICE_CHECK(reinterpret_cast<uintptr_t>(px) % 16 == 0, "X in shared memory not 16-byte aligned");
+          const float4 v = *reinterpret_cast<const float4*>(px);
 #pragma unroll
           for (int r = 0; r < R; ++r) {
             float& t = d[r][m][j >> 2];
@@ -394,20 +424,27 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvK
         for (int r = 0; r < R; ++r)
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
-            const float dx = d[r][m][0] + d[r][m][1], sx = xsum[m][lane][0] + xsum[m][lane][1];
+            const float* ps = xsum + (m * xs_chunks + c) * 2;
+            const float dx = d[r][m][0] + d[r][m][1], sx = ps[0] + ps[1];
             acc[r][m] += s[r] * (256.f * dx - (128.f + z[r]) * sx);
           }
       } else {
 #pragma unroll
         for (int r = 0; r < R; ++r)
 #pragma unroll
-          for (int m = 0; m < MT; ++m) acc[r][m] += s[r] * (256.f * d[r][m][0] - (128.f + z[r]) * xsum[m][lane][0]);
+          for (int m = 0; m < MT; ++m) {
+            const float sx = xsum[(m * xs_chunks + c) * 2];
+            acc[r][m] += s[r] * (256.f * d[r][m][0] - (128.f + z[r]) * sx);
+          }
         if (g_lo + 1 < n_groups) {  // (past K X is zero: nothing to add)
           if (rows > 0) GroupStatsRows<R>(a, n2, stat_row_bytes, g_lo + 1, stat_rows, rows, s, z);
 #pragma unroll
           for (int r = 0; r < R; ++r)
 #pragma unroll
-            for (int m = 0; m < MT; ++m) acc[r][m] += s[r] * (256.f * d[r][m][1] - (128.f + z[r]) * xsum[m][lane][1]);
+            for (int m = 0; m < MT; ++m) {
+              const float sx = xsum[(m * xs_chunks + c) * 2 + 1];
+              acc[r][m] += s[r] * (256.f * d[r][m][1] - (128.f + z[r]) * sx);
+            }
         }
       }
     }
@@ -424,12 +461,15 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvK
     if (n >= a.N) break;  // the same for every lane of the warp
     if (a.row_ptr != nullptr) {
       for (int32_t p = a.row_ptr[n] + lane; p < a.row_ptr[n + 1]; p += 32) {
-        const int64_t j = a.col_idx[p];
+        const int64_t j = a.col_idx[p];  // a stored column: resident X is in stored order already
         const int64_t col = a.perm ? a.perm[j] : j;
         const float v = Half(a.values[p]);
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
-          if (m < a.M) acc[r][m] += v * ToFloat(xg[m * a.K + col]);
+          if (m >= a.M) continue;
+          const float xv = resident ? xs[(m * xs_chunks + j / spqr::kChunk) * kXsStride + j % spqr::kChunk]
+                                    : ToFloat(xg[m * a.K + col]);
+          acc[r][m] += v * xv;
         }
       }
     }
@@ -443,22 +483,37 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvK
   }
 }
 
-// Shared memory for one of two blocks per SM on the current device: min(opt-in per block, per SM / 2 - the 1 KB
-// the runtime reserves per block). Cached per device.
-int SharedBudgetPerBlock() {
-  static int cached[64] = {};
+// Shared memory for one of `blocks` blocks per SM on the current device: min(opt-in per block, per SM / blocks - the
+// 1 KB the runtime reserves per block). Cached per device.
+int SharedBudgetPerBlock(int blocks) {
+  static int optin[64] = {}, per_sm[64] = {};
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 48 * 1024;
-  if (cached[device] == 0) {
-    int optin = 0, per_sm = 0;
-    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess) {
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
+    (void)cudaGetLastError();
+    return 48 * 1024;
+  }
+  if (optin[device] == 0) {
+    int o = 0, p = 0;
+    if (cudaDeviceGetAttribute(&o, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&p, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess) {
       (void)cudaGetLastError();
       return 48 * 1024;
     }
-    cached[device] = min(optin, per_sm / 2 - 1024);
+    per_sm[device] = p;
+    optin[device] = o;
   }
-  return cached[device];
+  return max(48 * 1024, min(optin[device], per_sm[device] / blocks - 1024));
+}
+
+// QCOMPILER_CUDA_GEMV_X = resident | slabs | rows: the decode GEMV's X staging forced where it fits (tests, A/B
+// timing); unset: resident when it fits, else rows when perm is present and X's rows fit, else slabs.
+int ForcedGemvMode() {
+  const char* v = std::getenv("QCOMPILER_CUDA_GEMV_X");
+  if (v == nullptr || *v == '\0') return -1;
+  if (std::strcmp(v, "resident") == 0) return kXResident;
+  if (std::strcmp(v, "slabs") == 0) return kXSlabs;
+  if (std::strcmp(v, "rows") == 0) return kXSlabsRows;
+  return -1;
 }
 
 template <typename T, int BITS, int MT>
@@ -466,30 +521,35 @@ void LaunchGemvTile(const SpQRMatMulArgs& a, cudaStream_t s) {
   constexpr int rows_per_block = kGemvWarps * kGemvRowsPerWarp<MT>;
   const dim3 grid(static_cast<unsigned>((a.N + rows_per_block - 1) / rows_per_block));
   auto kernel = SpQRGemvKernel<T, BITS, MT>;
-  // X's rows staged in shared memory when perm makes the slab gathers random and they fit next to the static
-  // shared memory (xs, xsum: MT * 4.4 KB) in the budget of two blocks per SM
-  constexpr int kStaticBytes = MT * (kSlabChunks * kXsStride + kSlabChunks * 2) * 4;
-  const int64_t row_bytes = MT * a.K * static_cast<int64_t>(sizeof(T));
-  const int budget = SharedBudgetPerBlock() - kStaticBytes;
-  int stage_rows = a.perm != nullptr && row_bytes <= budget;
-  if (stage_rows && row_bytes > 48 * 1024 - kStaticBytes) {
+  const int budget = SharedBudgetPerBlock(kGemvMinBlocks<MT>);
+  const int64_t chunks = (a.K + spqr::kChunk - 1) / spqr::kChunk;
+  const int64_t resident = GemvXsFloats(MT, chunks) * 4, slab = GemvXsFloats(MT, kSlabChunks) * 4;
+  const int64_t rows = slab + MT * a.K * static_cast<int64_t>(sizeof(T));
+  const int forced = ForcedGemvMode();
+  int mode = kXSlabs;
+  if (resident <= budget && (forced < 0 || forced == kXResident)) {
+    mode = kXResident;
+  } else if (a.perm != nullptr && rows <= budget && (forced < 0 || forced == kXSlabsRows)) {
+    mode = kXSlabsRows;
+  }
+  int64_t bytes = mode == kXResident ? resident : mode == kXSlabsRows ? rows : slab;  // slab: <= 38 KB
+  if (bytes > 48 * 1024) {
     // raise the kernel's limit to the budget once per device (not per call: a CUDA graph capture, which ORT starts
     // after its first runs, then finds nothing to do here)
     static std::atomic<int> raised[64];
     int device = 0;
-    if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
+    bool ok = cudaGetDevice(&device) == cudaSuccess && device >= 0 && device < 64;
+    if (ok && raised[device].load(std::memory_order_relaxed) < budget) {
+      ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, budget) == cudaSuccess;
+      if (ok) raised[device].store(budget, std::memory_order_relaxed);
+    }
+    if (!ok) {  // not raised on this device: one slab at a time from global memory
       (void)cudaGetLastError();
-      stage_rows = 0;
-    } else if (raised[device].load(std::memory_order_relaxed) < budget) {
-      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, budget) == cudaSuccess) {
-        raised[device].store(budget, std::memory_order_relaxed);
-      } else {
-        (void)cudaGetLastError();  // not raised on this device: gather from global memory instead
-        stage_rows = 0;
-      }
+      mode = kXSlabs;
+      bytes = slab;
     }
   }
-  QC_LAUNCH(kernel, grid, dim3(kGemvWarps * 32), stage_rows ? static_cast<size_t>(row_bytes) : 0, s, a, stage_rows);
+  QC_LAUNCH(kernel, grid, dim3(kGemvWarps * 32), static_cast<size_t>(bytes), s, a, mode);
 }
 
 template <typename T, int BITS>
