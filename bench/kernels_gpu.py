@@ -16,6 +16,7 @@ at 4096×11008.
 
     python bench/kernels_gpu.py                                   # 4096x11008 and 11008x4096, batches 1, 16, 512
     python bench/kernels_gpu.py --shapes 4096x11008 --batches 1 -o $OUT/kernels-gpu.md
+    python bench/kernels_gpu.py --batches 1 --variants fp16,spqr-w3 --gemv-x default,slabs,rows   # A/B X staging
 
 Needs a CUDA GPU, onnxruntime-gpu, torch with CUDA (for the copy bandwidth) and the op library built with CUDA.
 """
@@ -28,6 +29,7 @@ import io
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -168,6 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--number", type=int, default=20, help="runs per round (default 20)")
     p.add_argument("--no-cuda-graph", action="store_true", help="time plain runs (no CUDA graph capture)")
+    p.add_argument("--gemv-x", default="default",
+                   help="SpQR at batch <= 8: the decode GEMV's X staging modes to time, comma-separated, of default, "
+                        "resident, slabs, rows (QCOMPILER_CUDA_GEMV_X; a mode that does not fit falls back)")
     p.add_argument("-o", "--output", type=Path, default=None, help="also write the table here (and .json)")
     args = p.parse_args(argv)
 
@@ -193,23 +198,33 @@ def main(argv=None) -> int:
         for M in map(int, args.batches.split(",")):
             x = rng.standard_normal((M, K)).astype(np.float16)
             base = None
-            for v, (model, copies, nbytes) in models.items():
+            runs = [(v, v, mode) for v in models for mode in
+                    (args.gemv_x.split(",") if v.startswith("spqr") and M <= 8 else ["default"])]
+            for v, label, mode in runs:
+                model, copies, nbytes = models[v]
+                if mode != "default":
+                    label = f"{v} [{mode}]"
                 try:
+                    os.environ.pop("QCOMPILER_CUDA_GEMV_X", None)
+                    if mode != "default":
+                        os.environ["QCOMPILER_CUDA_GEMV_X"] = mode  # read at each launch, so at graph capture
                     run = GpuRun(model, x, cuda_graph=not args.no_cuda_graph)
                     t = time_run(run, repeat=args.repeat, number=args.number) / copies
                 except Exception as e:  # a variant that does not run here is reported, not fatal
-                    line = f"| {shape} | {M} | {v} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} |"
+                    line = f"| {shape} | {M} | {label} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} |"
                     print(line, flush=True)
                     lines.append(line)
                     continue
+                finally:
+                    os.environ.pop("QCOMPILER_CUDA_GEMV_X", None)
                 if v == "fp16":
                     base = t
                 gbs = nbytes / t / 1e9
-                row = dict(shape=shape, M=M, variant=v, us=t * 1e6, copies=copies, weight_mb=nbytes / 1e6, gbs=gbs,
+                row = dict(shape=shape, M=M, variant=label, us=t * 1e6, copies=copies, weight_mb=nbytes / 1e6, gbs=gbs,
                            pct_copy=100 * gbs / copy_gbs, vs_fp16=t / base if base else float("nan"))
                 rows.append(row)
-                line = (f"| {shape} | {M} | {v} | {row['us']:.1f} | {row['vs_fp16']:.2f}× | {row['weight_mb']:.1f} | "
-                        f"{gbs:.0f} | {row['pct_copy']:.0f} % | {err:.3g} |")
+                line = (f"| {shape} | {M} | {label} | {row['us']:.1f} | {row['vs_fp16']:.2f}× | {row['weight_mb']:.1f} | "
+                        f"{gbs:.0f} | {row['pct_copy']:.0f} % |")
                 print(line, flush=True)
                 lines.append(line)
     if args.output:

@@ -3,6 +3,8 @@ layer instances on one X, and every instance computes the layer."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from conftest import load_bench_script
@@ -47,3 +49,33 @@ def test_every_copy_computes_the_layer(bench, variant):
 def test_copies_cover_the_stream_size(bench):
     assert bench.copies_for(22_000_000, 512) == 24
     assert bench.copies_for(600_000_000, 512) == 1
+
+
+def test_main_prints_a_row_per_variant_and_staging_mode(bench, monkeypatch, tmp_path):
+    """The table and JSON code path, with the GPU parts replaced (a session that only records the staging mode it was
+    created under, a fixed copy bandwidth): every variant and, for SpQR at batch <= 8, every --gemv-x mode gets a row
+    with numbers, and the mode reaches the environment only while its session is made."""
+    import onnxruntime as ort
+
+    made = []
+
+    class FakeRun:
+        def __init__(self, model, x, *, cuda_graph):
+            made.append((model.graph.node[0].op_type, x.shape[0], os.environ.get("QCOMPILER_CUDA_GEMV_X")))
+
+        def __call__(self):
+            pass
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(bench, "GpuRun", FakeRun)
+    monkeypatch.setattr(bench, "copy_bandwidth_gbs", lambda: 1000.0)
+    monkeypatch.delenv("QCOMPILER_CUDA_GEMV_X", raising=False)
+    out = tmp_path / "k.md"
+    assert bench.main(["--shapes", "64x48", "--batches", "1,16", "--variants", "fp16,spqr-w3", "--stream-mb", "0.01",
+                       "--repeat", "1", "--number", "1", "--gemv-x", "default,slabs", "-o", str(out)]) == 0
+    assert made == [("MatMul", 1, None), ("SpQRMatMul", 1, None), ("SpQRMatMul", 1, "slabs"),
+                    ("MatMul", 16, None), ("SpQRMatMul", 16, None)]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 64x48")]
+    assert [r.split(" | ")[2] for r in rows] == ["fp16", "spqr-w3", "spqr-w3 [slabs]", "fp16", "spqr-w3"]
+    assert all("failed" not in r and r.count("|") == 9 for r in rows)
+    assert "QCOMPILER_CUDA_GEMV_X" not in os.environ
