@@ -67,9 +67,8 @@ def function_sass(sass: str, kernel: str) -> str:
     return m.group(1)
 
 
-def hot_loop(sass: str, kernel: str) -> list[str]:
-    """Instructions of the decode GEMV's slab loop in the first function whose name contains `kernel`: of the loops
-    (a backward branch and its target), the one with the most FFMA instructions, the innermost of equals."""
+def _loops(sass: str, kernel: str):
+    """(instructions as (address, text), loops as (head, back-branch address)) of the first function matching."""
     ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s*(.*?);",
                                                           function_sass(sass, kernel))]
     loops = []
@@ -79,12 +78,31 @@ def hot_loop(sass: str, kernel: str) -> list[str]:
             loops.append((int(m.group(1), 16), a))
     if not loops:
         raise SystemExit(f"no loop in {kernel}")
+    return ins, loops
 
-    def ffma(loop):
-        return sum(1 for a, t in ins if loop[0] <= a <= loop[1] and "FFMA" in t)
 
-    head, back = max(loops, key=lambda lp: (ffma(lp), -(lp[1] - lp[0])))
+def _hot(ins, loops, op: str):
+    def count(loop):
+        return sum(1 for a, t in ins if loop[0] <= a <= loop[1] and op in t)
+
+    return max(loops, key=lambda lp: (count(lp), -(lp[1] - lp[0])))
+
+
+def hot_loop(sass: str, kernel: str, op: str = "FFMA") -> list[str]:
+    """Instructions of the loop (a backward branch and its target) with the most `op` instructions (the innermost of
+    equals) in the first function whose name contains `kernel`: the decode GEMV's slab loop (FFMA), the prefill
+    kernel's chunk loop (HMMA)."""
+    ins, loops = _loops(sass, kernel)
+    head, back = _hot(ins, loops, op)
     return [t for a, t in ins if head <= a <= back]
+
+
+def inner_loop_sizes(sass: str, kernel: str, op: str = "HMMA") -> list[int]:
+    """Instruction counts of the loops nested in hot_loop(sass, kernel, op) (each counted once in its static size)."""
+    ins, loops = _loops(sass, kernel)
+    head, back = _hot(ins, loops, op)
+    return [sum(1 for a, _ in ins if h <= a <= b) for h, b in sorted(set(loops))
+            if head <= h and b <= back and (h, b) != (head, back)]
 
 
 def main(argv=None) -> int:
@@ -126,6 +144,15 @@ def main(argv=None) -> int:
             top = ", ".join(f"{k} {v}" for k, v in ops.most_common(5))
             print(f"| {bits} | {mt} | {rows} | {len(body)} | {len(body) / (rows * 32):.2f} | {ops.get('CALL', 0)} | "
                   f"{top} |")
+    print()
+    print(f"{args.arch}: SpQRMatMulPrefillKernel<bits> chunk loop (64 rows of W x 32 columns per block of 128 threads), "
+          "per thread; static, nested loops (X staging, outliers) counted once")
+    print("| bits | instructions | nested loops |")
+    print("|--:|--:|---|")
+    for bits in (2, 3, 4):
+        kernel = f"SpQRMatMulPrefillKernelILi{bits}E"
+        body = hot_loop(sass, kernel, "HMMA")
+        print(f"| {bits} | {len(body)} | {', '.join(map(str, inner_loop_sizes(sass, kernel)))} |")
     return 0
 
 

@@ -122,6 +122,7 @@ struct __attribute__((aligned(8))) uint2 {
 struct __attribute__((aligned(16))) uint4 {
   unsigned x, y, z, w;
 };
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
 struct __attribute__((aligned(16))) float4 {
   float x, y, z, w;
 };
@@ -148,6 +149,7 @@ struct __half {
   uint16_t bits_;
 };
 inline __half __ushort_as_half(unsigned short bits) { return __half{bits}; }
+inline unsigned short __half_as_ushort(__half h) { return h.bits_; }
 inline float __half2float(__half h) {
   _Float16 f;
   std::memcpy(&f, &h.bits_, 2);

@@ -578,15 +578,18 @@ void LaunchGemv(const SpQRMatMulArgs& a, cudaStream_t s) {
 
 // ---- prefill (fp16 X, M >= kPrefillMinRows): 64 x 64 output tiles on tensor cores ----
 //
-// Per 32-column chunk a block stages X's 64 rows (read through perm, so in stored column order) and W's 64 rows
-// decoded to fp16 in shared memory: the first-level statistics of the chunk's (at most two) groups are decoded once
-// per row, the codes per element, the row's outliers that fall in the chunk added into the tile. Four warps each
-// accumulate a 32 x 32 quarter in fp32 (2 x 2 WMMA 16x16x16 fragments); the epilogue adds the bias and rounds to
-// fp16 once. W is decoded once per 64 rows of X.
+// Per 32-column chunk a block stages X's 64 rows (in stored column order: the launcher permuted X's columns first)
+// and W's 64 rows decoded to fp16 in shared memory, then four warps each accumulate a 32 x 32 quarter in fp32 (2 x 2
+// WMMA 16x16x16 fragments); the epilogue adds the bias and rounds to fp16 once. W is decoded once per 64 rows of X:
+// the first-level statistics of the chunk's (at most two) groups once per row, the codes four at a time (a thread per
+// (row, quad): QuadFromWords on the two words that hold them, each code to fp32 by a byte permute, s * (q - z) as the
+// reference, four halves stored at once), then the rows' outliers in the chunk added into the tile. X's rows load 16
+// bytes at a time where K allows (K % 8 == 0); its rows past M are never read into the stored outputs, so not staged.
 constexpr int kTileM = 64, kTileN = 64, kTileK = spqr::kChunk, kTilePad = 8;
 constexpr int kPrefillThreads = 128;
 
-__global__ void __launch_bounds__(kPrefillThreads) SpQRMatMulPrefillKernel(const SpQRMatMulArgs a) {
+template <int BITS>
+__global__ void __launch_bounds__(kPrefillThreads, 4) SpQRMatMulPrefillKernel(const SpQRMatMulArgs a) {
   using namespace nvcuda;
   __shared__ __align__(32) __half xs[kTileM][kTileK + kTilePad];
   __shared__ __align__(32) __half ws[kTileN][kTileK + kTilePad];
@@ -596,8 +599,11 @@ __global__ void __launch_bounds__(kPrefillThreads) SpQRMatMulPrefillKernel(const
   const __half* __restrict__ x = static_cast<const __half*>(a.x);
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM, n0 = static_cast<int64_t>(blockIdx.x) * kTileN;
   const int warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
-  const int64_t row_bytes = spqr::PackedRowBytes(a.K, a.bits);
+  const int64_t row_bytes = spqr::PackedRowBytes(a.K, BITS);
   const int64_t chunks = (a.K + kTileK - 1) / kTileK;
+  const int rows_m = static_cast<int>(min(static_cast<int64_t>(kTileM), a.M - m0));  // X's rows in the tile
+  const bool x_vec = a.K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  const uint32_t magic = QcOpaque(0x3f000000u);
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
   for (auto& row : acc)
@@ -609,29 +615,59 @@ __global__ void __launch_bounds__(kPrefillThreads) SpQRMatMulPrefillKernel(const
     {
       const int r = threadIdx.x >> 1, i = threadIdx.x & 1;
       const int64_t n = n0 + r, g = Div(k0, a.group_size) + i;
-      float s = 0.f, z = 0.f;
-      if (n < a.N && g * a.group_size < a.K) GroupStats(a, g, n, s, z);
-      st_s[r][i] = s;
-      st_z[r][i] = z;
+      float sv = 0.f, zv = 0.f;
+      if (n < a.N && g * a.group_size < a.K) GroupStats(a, g, n, sv, zv);
+      st_s[r][i] = sv;
+      st_z[r][i] = zv;
     }
-    for (int e = threadIdx.x; e < kTileM * kTileK; e += kPrefillThreads) {
-      const int r = e / kTileK, kk = e % kTileK;
-      const int64_t m = m0 + r, k = k0 + kk;
-      __half v = __float2half(0.f);
-      if (m < a.M && k < a.K) v = x[m * a.K + (a.perm ? a.perm[k] : k)];
-      xs[r][kk] = v;
+    // X: 8 columns per step, (row r, columns 8v .. 8v+7) for e = 4r + v; rows past M are left as they are (they only
+    // reach output rows past M, which are not stored)
+    for (int e = threadIdx.x; e < rows_m * (kTileK / 8); e += kPrefillThreads) {
+      const int r = e >> 2, v = e & 3;
+      const int64_t k = k0 + 8 * v;
+      __half* dst = &xs[r][8 * v];
+      if (x_vec && k + 8 <= a.K) {
+        const __half* src = x + (m0 + r) * a.K + k;
+        QC_DEVICE_CHECK(reinterpret_cast<uintptr_t>(src) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0,
+                        "X tile row not 16-byte aligned");
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+      } else {
+        for (int t = 0; t < 8; ++t) {  // (the ragged case: K % 8 != 0, or the last chunk)
+          dst[t] = k + t < a.K ? x[(m0 + r) * a.K + k + t] : __float2half(0.f);
+        }
+      }
     }
     __syncthreads();
-    const int64_t next = (Div(k0, a.group_size) + 1) * a.group_size - k0;  // first column of the chunk's 2nd group
-    for (int e = threadIdx.x; e < kTileN * kTileK; e += kPrefillThreads) {
-      const int r = e / kTileK, kk = e % kTileK;
-      const int64_t n = n0 + r, k = k0 + kk;
-      float w = 0.f;
-      if (n < a.N && k < a.K) {
-        const int i = kk >= next ? 1 : 0;  // group_size 16 or >= 32: at most two groups per chunk
-        w = st_s[r][i] * (static_cast<float>(spqr::ExtractCode(a.qweight + n * row_bytes, a.bits, k)) - st_z[r][i]);
+    // W: codes 4j .. 4j+3 of row r for e = 8r + j; the chunk's second group (if any) starts at column `next`
+    const bool tail = k0 + kTileK > a.K;
+    const int tail_cols = static_cast<int>(a.K - k0);
+    const int next = static_cast<int>(min(static_cast<int64_t>(kTileK),
+                                          (Div(k0, a.group_size) + 1) * a.group_size - k0));
+#pragma unroll
+    for (int it = 0; it < kTileN * 8 / kPrefillThreads; ++it) {
+      const int e = threadIdx.x + it * kPrefillThreads, r = e >> 3, j = e & 7;
+      const int64_t n = n0 + r;
+      uint32_t lo = 0u, hi = 0u;
+      if (n < a.N) {
+        const uint32_t* w = reinterpret_cast<const uint32_t*>(a.qweight + n * row_bytes + c * 4 * BITS);
+        QC_DEVICE_CHECK(reinterpret_cast<uintptr_t>(w) % 4 == 0, "packed chunk not 4-byte aligned");
+        lo = w[QuadLowWord(BITS, j)];
+        if (BITS == 3) hi = w[2];
       }
-      ws[r][kk] = __float2half(w);
+      const uint32_t q = QuadFromWords(lo, hi, BITS, j);
+      // (rows past N: statistics 0, so weights 0)
+      const float s0 = st_s[r][0], s1 = st_s[r][1], z0 = st_z[r][0], z1 = st_z[r][1];
+      uint32_t h[4];
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const float code = fmaf(CodeAsFloat(q, b, magic), 256.f, -128.f);  // exactly q_b
+        const bool second = 4 * j + b >= next;
+        float wv = (second ? s1 : s0) * (code - (second ? z1 : z0));
+        if (tail && 4 * j + b >= tail_cols) wv = 0.f;  // past K (the last chunk only)
+        h[b] = __half_as_ushort(__float2half(wv));
+      }
+      QC_DEVICE_CHECK(reinterpret_cast<uintptr_t>(&ws[r][4 * j]) % 8 == 0, "W tile not 8-byte aligned");
+      *reinterpret_cast<uint2*>(&ws[r][4 * j]) = make_uint2(h[0] | h[1] << 16, h[2] | h[3] << 16);
     }
     __syncthreads();
     if (a.row_ptr != nullptr && threadIdx.x < kTileN) {  // the tile rows' outliers in this chunk, a thread per row
@@ -724,7 +760,13 @@ int LaunchSpQRMatMul(const SpQRMatMulArgs& args, void* stream) {
     }
     const dim3 pgrid(static_cast<unsigned>((args.N + kTileN - 1) / kTileN),
                      static_cast<unsigned>((args.M + kTileM - 1) / kTileM));
-    QC_LAUNCH(SpQRMatMulPrefillKernel, pgrid, dim3(kPrefillThreads), 0, s, p);
+    if (args.bits == 2) {
+      QC_LAUNCH(SpQRMatMulPrefillKernel<2>, pgrid, dim3(kPrefillThreads), 0, s, p);
+    } else if (args.bits == 3) {
+      QC_LAUNCH(SpQRMatMulPrefillKernel<3>, pgrid, dim3(kPrefillThreads), 0, s, p);
+    } else {
+      QC_LAUNCH(SpQRMatMulPrefillKernel<4>, pgrid, dim3(kPrefillThreads), 0, s, p);
+    }
   } else if (args.M <= kGemvMaxRows && gemv_groups && args.x_is_half) {
     LaunchGemv<__half>(args, s);
   } else if (args.M <= kGemvMaxRows && gemv_groups) {
