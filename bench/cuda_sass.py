@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         src = (SRC / "cuda" / "spqr_matmul_cuda_impl.cu").read_text()
         src = src.replace("a.stat_bits", str(args.stat_bits)).replace("a.group_size", str(args.group_size))
         # the warp's rows share their second-level group (stat_group_size a multiple of 4, as every preset); X resident
-        # in shared memory (M = 1 up to K ~ 23k on H100-class parts)
+        # in shared memory (M = 1 up to K ~ 24k on H100-class parts)
         for pin, value in (("const bool shared = rs[0].stat_group == rs[rows - 1].stat_group;",
                             "const bool shared = true;"),
                            ("const bool resident = mode == kXResident;", "const bool resident = true;"),

@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) SpQRMatMulKernel(const Sp
 // X lives in shared memory as fp32 in stored column order (read through perm), laid out xs[m][c][i] for element
 // 32c + i with rows padded to 36 floats (lane c reads its chunk four values per 16-byte load without bank
 // conflicts), next to the sums of each chunk's two 16-column halves (GemvMode):
-// - kXResident, whenever it fits (M = 1 up to K ~ 23k on H100-class parts): all of X, staged once per block; the
+// - kXResident, whenever it fits (M = 1 up to K ~ 24k on H100-class parts): all of X, staged once per block; the
 //   warps then run through K with no further barriers;
 // - otherwise per slab of 1024 columns, staged between barriers, gathering through perm from global memory
 //   (kXSlabs) or, when X's rows fit, from a copy of them in shared memory (kXSlabsRows).
