@@ -101,8 +101,8 @@ def inner_loop_sizes(sass: str, kernel: str, op: str = "HMMA") -> list[int]:
     """Instruction counts of the loops nested in hot_loop(sass, kernel, op) (each counted once in its static size)."""
     ins, loops = _loops(sass, kernel)
     head, back = _hot(ins, loops, op)
-    return [sum(1 for a, _ in ins if h <= a <= b) for h, b in sorted(set(loops))
-            if head <= h and b <= back and (h, b) != (head, back)]
+    nested = [(h, b) for h, b in sorted(set(loops)) if head <= h and b <= back and (h, b) != (head, back)]
+    return [sum(1 for a, _ in ins if h <= a <= b) for h, b in nested]
 
 
 def main(argv=None) -> int:

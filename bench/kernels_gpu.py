@@ -161,19 +161,24 @@ def time_run(run: GpuRun, *, repeat: int, number: int) -> float:
     return statistics.median(rounds)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def gpu_bench_arguments(p: argparse.ArgumentParser, variants: list) -> None:
+    """The options this benchmark shares with bench/kernels_cuda_direct.py."""
     p.add_argument("--shapes", default=",".join(SHAPES), help="K x N, comma-separated")
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(variants))
     p.add_argument("--stream-mb", type=float, default=512, help="weight bytes per run, per variant (default 512)")
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--number", type=int, default=20, help="runs per round (default 20)")
-    p.add_argument("--no-cuda-graph", action="store_true", help="time plain runs (no CUDA graph capture)")
+    p.add_argument("--number", type=int, default=20, help="runs (graph replays) per round (default 20)")
     p.add_argument("--gemv-x", default="default",
                    help="SpQR at batch <= 8: the decode GEMV's X staging modes to time, comma-separated, of default, "
                         "resident, slabs, rows (QCOMPILER_CUDA_GEMV_X; a mode that does not fit falls back)")
     p.add_argument("-o", "--output", type=Path, default=None, help="also write the table here (and .json)")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    gpu_bench_arguments(p, VARIANTS)
+    p.add_argument("--no-cuda-graph", action="store_true", help="time plain runs (no CUDA graph capture)")
     args = p.parse_args(argv)
 
     import onnxruntime as ort
@@ -220,11 +225,11 @@ def main(argv=None) -> int:
                 if v == "fp16":
                     base = t
                 gbs = nbytes / t / 1e9
-                row = dict(shape=shape, M=M, variant=label, us=t * 1e6, copies=copies, weight_mb=nbytes / 1e6, gbs=gbs,
-                           pct_copy=100 * gbs / copy_gbs, vs_fp16=t / base if base else float("nan"))
+                row = dict(shape=shape, M=M, variant=label, us=t * 1e6, copies=copies, weight_mb=nbytes / 1e6,
+                           gbs=gbs, pct_copy=100 * gbs / copy_gbs, vs_fp16=t / base if base else float("nan"))
                 rows.append(row)
-                line = (f"| {shape} | {M} | {label} | {row['us']:.1f} | {row['vs_fp16']:.2f}× | {row['weight_mb']:.1f} | "
-                        f"{gbs:.0f} | {row['pct_copy']:.0f} % |")
+                line = (f"| {shape} | {M} | {label} | {row['us']:.1f} | {row['vs_fp16']:.2f}× | "
+                        f"{row['weight_mb']:.1f} | {gbs:.0f} | {row['pct_copy']:.0f} % |")
                 print(line, flush=True)
                 lines.append(line)
     if args.output:

@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 OPS = REPO / "custom_ops"
 SOURCES = [OPS / "src/cuda/spqr_matmul_cuda_impl.cu", OPS / "emu/cuda_emu.cc", OPS / "emu/spqr_matmul_emu.cc",
            OPS / "emu/emu_selftest.cc"]
-HEADERS = [OPS / "emu/cuda_emu.h", OPS / "src/cuda/spqr_matmul_cuda_impl.cuh", OPS / "src/cuda/launch.cuh",
-           OPS / "src/common/spqr_format.h"]
+HEADERS = [OPS / "emu/cuda_emu.h", OPS / "src/cuda/spqr_matmul_cuda_impl.cuh", OPS / "src/cuda/spqr_matmul_c_args.h",
+           OPS / "src/cuda/launch.cuh", OPS / "src/common/spqr_format.h"]
 
 
 def compiler() -> Optional[str]:
@@ -39,20 +39,28 @@ def build(out_root: Path = REPO / "build" / "cuda-emu") -> Path:
         raise RuntimeError("no C++ compiler (set CXX)")
     sanitize = os.environ.get("QCOMPILER_EMU_SANITIZE", "")
     extra = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all"] if sanitize else []
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(extra).encode()
-                            ).hexdigest()[:16]
-    lib = out_root / digest / "libqcompiler_cuda_emu.so"
+    return cached_library(out_root / "libqcompiler_cuda_emu.so", SOURCES + HEADERS, " ".join(extra), lambda out: [
+        cxx, "-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Wextra",
+        "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-DQCOMPILER_CUDA_EMU",
+        f"-I{OPS / 'emu/include'}", f"-I{OPS / 'emu'}", f"-I{OPS / 'src'}",
+        *extra, "-x", "c++", str(SOURCES[0]), "-x", "none", *map(str, SOURCES[1:]), "-o", str(out)],
+        "the CUDA emulation")
+
+
+def cached_library(path: Path, inputs: list, salt: str, command, what: str) -> Path:
+    """`path` with a folder named by the hash of `inputs` and `salt` inserted before its name, built by
+    `command(output_path)` unless already there (written to a temporary name, then renamed: concurrent builds do not
+    see half a library). Raises RuntimeError with the compiler's output."""
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in inputs) + salt.encode()).hexdigest()[:16]
+    lib = path.parent / digest / path.name
     if lib.is_file():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-    cmd = [cxx, "-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Wextra",
-           "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-DQCOMPILER_CUDA_EMU",
-           f"-I{OPS / 'emu/include'}", f"-I{OPS / 'emu'}", f"-I{OPS / 'src'}",
-           *extra, "-x", "c++", str(SOURCES[0]), "-x", "none", *map(str, SOURCES[1:]), "-o", str(tmp)]
+    cmd = command(tmp)
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"building the CUDA emulation failed:\n{' '.join(cmd)}\n{r.stderr}")
+        raise RuntimeError(f"building {what} failed:\n{' '.join(cmd)}\n{r.stderr}")
     tmp.replace(lib)
     return lib
 
@@ -76,6 +84,34 @@ class _Buffer:
         self.lib.qc_emu_free(self.ptr, self.nbytes)
 
 
+class KernelCall:
+    """One SpQRMatMul call's host arrays, in the order of the C entries' pointer arguments (x, qweight, scales, zeros,
+    stats2, row_ptr, col_idx, values, perm, bias, y; None for an absent input), bound as the CUDA EP binding
+    (custom_ops/src/cuda/spqr_matmul_cuda.cc) binds them; `c_args(pointers)` is the C entries' argument list up to y.
+    Shared by the emulated kernels and the direct GPU runs (tests/cuda_direct.py)."""
+
+    def __init__(self, weight: SpQRWeight, x: np.ndarray, bias_dtype=None):
+        w = self.weight = weight
+        self.M = int(np.prod(x.shape[:-1], dtype=np.int64))
+        self.lead = x.shape[:-1]
+        self.x_is_half = x.dtype == np.float16
+        bias = None if w.bias is None else w.bias.astype(bias_dtype or x.dtype)
+        self.bias_is_half = bias is not None and bias.dtype == np.float16
+        u16 = (lambda a: None if a is None else np.ascontiguousarray(a).view(np.uint16))
+        self.arrays = [x.reshape(self.M, w.K), w.qweight, w.scales if w.stat_bits else u16(w.scales),
+                       w.zeros if w.stat_bits else u16(w.zeros), u16(w.stats2), w.outlier_row_ptr,
+                       w.outlier_col_idx, u16(w.outlier_values), w.perm, bias,
+                       np.full((self.M, w.N), np.nan, dtype=x.dtype)]
+
+    def c_args(self, ptr: list) -> list:
+        w = self.weight
+        return [self.M, w.K, w.N, w.bits, w.group_size, w.stat_bits, w.stat_group_size, ptr[0], int(self.x_is_half),
+                *ptr[1:9], ptr[9], int(self.bias_is_half), ptr[10]]
+
+    def result(self, y: np.ndarray) -> np.ndarray:
+        return y.reshape(*self.lead, self.weight.N)
+
+
 class EmulatedKernel:
     """`run(weight, x)`: Y = SpQRMatMul(X) by the CUDA launcher under emulation, with the inputs bound as the CUDA EP
     binding (custom_ops/src/cuda/spqr_matmul_cuda.cc) binds them."""
@@ -93,25 +129,15 @@ class EmulatedKernel:
 
     def run(self, weight: SpQRWeight, x: np.ndarray, *, bias_dtype=None, seed: int = 0) -> np.ndarray:
         """`x` [..., K] fp32 or fp16 -> [..., N] of the same dtype. Raises RuntimeError on a failed launch."""
-        w = weight
-        M = int(np.prod(x.shape[:-1], dtype=np.int64))
-        y = np.full((M, w.N), np.nan, dtype=x.dtype)
-        bias = None if w.bias is None else w.bias.astype(bias_dtype or x.dtype)
-        u16 = (lambda a: None if a is None else np.ascontiguousarray(a).view(np.uint16))
-        arrays = [x.reshape(M, w.K), w.qweight, w.scales if w.stat_bits else u16(w.scales),
-                  w.zeros if w.stat_bits else u16(w.zeros), u16(w.stats2), w.outlier_row_ptr, w.outlier_col_idx,
-                  u16(w.outlier_values), w.perm, bias, y]
-        bufs = [None if a is None else _Buffer(self.lib, a) for a in arrays]
-        ptr = [None if b is None else b.ptr for b in bufs]
+        call = KernelCall(weight, x, bias_dtype)
+        bufs = [None if a is None else _Buffer(self.lib, a) for a in call.arrays]
         msg = ctypes.create_string_buffer(512)
         try:
-            err = self.lib.qc_emu_spqr_matmul(M, w.K, w.N, w.bits, w.group_size, w.stat_bits, w.stat_group_size,
-                                              ptr[0], int(x.dtype == np.float16), *ptr[1:9],
-                                              ptr[9], int(bias is not None and bias.dtype == np.float16), ptr[10],
-                                              seed, msg, len(msg))
+            err = self.lib.qc_emu_spqr_matmul(*call.c_args([None if b is None else b.ptr for b in bufs]), seed, msg,
+                                              len(msg))
             if err:
                 raise RuntimeError(f"emulated launch failed (cudaError {err}): {msg.value.decode()}")
-            return bufs[10].read(y).reshape(*x.shape[:-1], w.N)
+            return call.result(bufs[-1].read(call.arrays[-1]))
         finally:
             for b in bufs:
                 if b is not None:

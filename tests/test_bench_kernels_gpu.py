@@ -79,3 +79,16 @@ def test_main_prints_a_row_per_variant_and_staging_mode(bench, monkeypatch, tmp_
     assert [r.split(" | ")[2] for r in rows] == ["fp16", "spqr-w3", "spqr-w3 [slabs]", "fp16", "spqr-w3"]
     assert all("failed" not in r and r.count("|") == 9 for r in rows)
     assert "QCOMPILER_CUDA_GEMV_X" not in os.environ
+
+
+@pytest.mark.parametrize("variant", ["spqr-w3", "spqr-w4"])
+def test_direct_bench_counts_the_bytes_the_ort_bench_counts(bench, variant):
+    """bench/kernels_cuda_direct.py (no ONNX Runtime) reports GB/s over the same weight bytes as this benchmark's
+    models hold as initializers, so the two tables compare."""
+    from qcompiler.format import random_weight
+
+    K, N = 256, 96
+    w16 = np.zeros((K, N), np.float16)
+    with load_bench_script("kernels_cuda_direct") as direct:
+        w = random_weight(N=N, K=K, seed=K + N, **direct.SPQR_PRESETS[variant])
+        assert direct.weight_bytes(w) == bench.weight_bytes(bench.build(variant, K, N, 1, w16)) > 0

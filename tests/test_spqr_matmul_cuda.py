@@ -1,10 +1,13 @@
-"""CUDA kernels of `qcompiler::SpQRMatMul` against the NumPy reference `SpQRWeight.matmul`, on two backends:
+"""CUDA kernels of `qcompiler::SpQRMatMul` against the NumPy reference `SpQRWeight.matmul`, on three backends:
 
 - `cuda` (marker `gpu`): through ONNX Runtime's CUDA execution provider, where it starts (`onnxruntime-gpu`, a GPU)
   and the op library was built with its CUDA kernel (nvcc at build time); skipped everywhere else. The sessions are
   created with ORT's CPU fallback disabled, so a node that the CUDA kernel does not take fails the session instead of
-  silently running on the CPU kernel. Run on a GPU machine with
-  `QCOMPILER_REQUIRE_GPU=1 pytest -m gpu tests/test_spqr_matmul_cuda.py` (the variable turns "skipped" into an error).
+  silently running on the CPU kernel.
+- `direct` (marker `gpu`): the same launcher built by nvcc for the GPU at hand and called with PyTorch's device buffers
+  (tests/cuda_direct.py), where PyTorch sees a GPU and nvcc is found: no onnxruntime-gpu or CUDA op-library build
+  needed. Run on a GPU machine with `QCOMPILER_REQUIRE_GPU=1 pytest -m gpu tests/test_spqr_matmul_cuda.py`: the
+  variable turns a skipped `direct` case into an error (`QCOMPILER_REQUIRE_CUDA_EP=1` likewise for `cuda`).
 - `emu`: the same device code compiled for the CPU under the CUDA emulation of custom_ops/emu (tests/cuda_emu.py),
   launched directly (not through ORT), wherever a C++ compiler is. It checks indexing, decoding, barriers and warp
   collectives, not speed, and not the ORT binding (spqr_matmul_cuda.cc).
@@ -18,6 +21,7 @@ import numpy as np
 import pytest
 from conftest import assert_matches_reference
 
+import cuda_direct
 import cuda_emu
 from qcompiler import ops
 from qcompiler.format import SpQRWeight, random_weight
@@ -46,12 +50,17 @@ def _cuda_ready() -> bool:
 
 
 _READY = _cuda_ready()
-if not _READY and os.environ.get("QCOMPILER_REQUIRE_GPU") == "1":  # on a GPU machine: fail instead of skipping
-    raise RuntimeError("QCOMPILER_REQUIRE_GPU=1 but ONNX Runtime's CUDA EP does not start or the op library has no "
+_DIRECT = cuda_direct.ready()
+if not _READY and os.environ.get("QCOMPILER_REQUIRE_CUDA_EP") == "1":  # on a GPU machine: fail instead of skipping
+    raise RuntimeError("QCOMPILER_REQUIRE_CUDA_EP=1 but ONNX Runtime's CUDA EP does not start or the op library has no "
                        "CUDA kernel")
+if not _DIRECT and os.environ.get("QCOMPILER_REQUIRE_GPU") == "1":
+    raise RuntimeError("QCOMPILER_REQUIRE_GPU=1 but PyTorch sees no CUDA device or nvcc is not found")
 BACKENDS = [
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
         not _READY, reason="needs ONNX Runtime's CUDA EP and an op library built with CUDA")]),
+    pytest.param("direct", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not _DIRECT, reason="needs PyTorch with a CUDA device and nvcc")]),
     pytest.param("emu", marks=pytest.mark.skipif(cuda_emu.compiler() is None, reason="no C++ compiler")),
 ]
 
@@ -69,11 +78,18 @@ def emulated_kernel():
     return cuda_emu.EmulatedKernel(cuda_emu.build())
 
 
+@pytest.fixture(scope="session")
+def direct_kernel():
+    return cuda_direct.DirectKernel(cuda_direct.build(cuda_direct.gpu_arch()))
+
+
 @pytest.fixture(params=BACKENDS)
 def run(request):
     """`run(weight, x, bias_dtype=None) -> y` on the backend under test."""
     if request.param == "emu":
         return request.getfixturevalue("emulated_kernel").run
+    if request.param == "direct":
+        return request.getfixturevalue("direct_kernel").run
 
     def on_cuda(weight, x, bias_dtype=None):
         model = single_op_model(weight, x_dtype=x.dtype, x_shape=[f"d{i}" for i in range(x.ndim - 1)] + [None],

@@ -6,6 +6,7 @@
 
 #include <cstring>
 
+#include "cuda/spqr_matmul_c_args.h"
 #include "cuda/spqr_matmul_cuda_impl.cuh"
 #include "cuda_emu.h"
 
@@ -46,27 +47,9 @@ __attribute__((visibility("default"))) int qc_emu_spqr_matmul(
     const uint16_t* stats2, const int32_t* row_ptr, const uint16_t* col_idx, const uint16_t* values,
     const int32_t* perm, const void* bias, int bias_is_half, void* y, unsigned seed, char* message,
     size_t message_bytes) {
-  qcompiler::Cuda::SpQRMatMulArgs a;
-  a.M = M;
-  a.K = K;
-  a.N = N;
-  a.bits = bits;
-  a.group_size = group_size;
-  a.stat_bits = stat_bits;
-  a.stat_group_size = stat_group_size;
-  a.x = x;
-  a.x_is_half = x_is_half != 0;
-  a.qweight = qweight;
-  a.scales = scales;
-  a.zeros = zeros;
-  a.stats2 = stats2;
-  a.row_ptr = row_ptr;
-  a.col_idx = col_idx;
-  a.values = values;
-  a.perm = perm;
-  a.bias = bias;
-  a.bias_is_half = bias_is_half != 0;
-  a.y = y;
+  qcompiler::Cuda::SpQRMatMulArgs a =
+      qcompiler::Cuda::MakeArgs(M, K, N, bits, group_size, stat_bits, stat_group_size, x, x_is_half, qweight, scales,
+                                zeros, stats2, row_ptr, col_idx, values, perm, bias, bias_is_half, y);
   qcompiler::emu::ScheduleSeed() = seed;
   const size_t scratch_bytes = qcompiler::Cuda::ScratchBytes(a);
   a.scratch = scratch_bytes ? qc_emu_alloc(scratch_bytes) : nullptr;  // as ORT's allocator would, after the output

@@ -752,7 +752,8 @@ int LaunchSpQRMatMul(const SpQRMatMulArgs& args, void* stream) {
     SpQRMatMulArgs p = args;
     if (args.perm != nullptr) {
       if (args.scratch == nullptr) return static_cast<int>(cudaErrorInvalidValue);  // ScratchBytes was not honoured
-      const dim3 pgrid(static_cast<unsigned>((args.K + 255) / 256), static_cast<unsigned>(std::min<int64_t>(args.M, 65535)));
+      const dim3 pgrid(static_cast<unsigned>((args.K + 255) / 256),
+                       static_cast<unsigned>(std::min<int64_t>(args.M, 65535)));
       QC_LAUNCH(PermuteColumnsKernel, pgrid, dim3(256), 0, s, static_cast<const __half*>(args.x), args.perm,
                 static_cast<__half*>(args.scratch), args.M, args.K);
       p.x = args.scratch;
