@@ -80,9 +80,8 @@ class Launch:
                 a = a.view(np.int16)
             return torch.from_numpy(a).cuda()
 
-        self.tensors = [dev(a) for a in call.arrays]
-        if x is not None:  # a shared X already on the device (benchmarks)
-            self.tensors[0] = x
+        # x: a shared X already on the device (benchmarks), else a copy of the call's
+        self.tensors = [x if x is not None else dev(call.arrays[0])] + [dev(a) for a in call.arrays[1:]]
         ptr = [None if t is None else t.data_ptr() for t in self.tensors]
         self.args = call.c_args(ptr)
         nbytes = int(lib.qc_cuda_scratch_bytes(*self.args))
