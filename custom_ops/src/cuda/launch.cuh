@@ -5,8 +5,6 @@
 //   it with 0xff bytes (fp16/fp32 NaN) before each block, so a read before a write shows in the result.
 // - QC_DEVICE_CHECK(cond, what): an assumption the device code relies on (say, a vector load's alignment); the
 //   emulation fails the launch with `what` when it does not hold, nvcc compiles it away.
-// - QcOpaque(v): v, in a register the compiler cannot see into (so it keeps one register for a constant instead of
-//   rematerializing it as an immediate next to every use).
 #pragma once
 
 #ifdef QCOMPILER_CUDA_EMU
@@ -24,14 +22,4 @@
   extern __shared__ __align__(16) unsigned char name##_bytes_[]; \
   T* name = reinterpret_cast<T*>(name##_bytes_)
 #define QC_DEVICE_CHECK(cond, what) ((void)0)
-#endif
-
-#ifdef QCOMPILER_CUDA_EMU
-inline unsigned QcOpaque(unsigned v) { return v; }
-#else
-__device__ __forceinline__ unsigned QcOpaque(unsigned v) {
-  unsigned r;
-  asm("mov.b32 %0, %1;" : "=r"(r) : "r"(v));
-  return r;
-}
 #endif

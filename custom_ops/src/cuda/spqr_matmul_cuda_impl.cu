@@ -108,9 +108,8 @@ __device__ __forceinline__ uint32_t QuadFromWords(uint32_t low, uint32_t high, i
 //   sum_i q_i x_i = 256 * sum_i v_i x_i - 128 * sum_i x_i,
 // folded into the group correction (a subtraction of 2^23 per code, the usual magic-number decode, costs an FADD).
 // Precision: the 128 * sum x cancelled is at most ~20x the wanted sum, about 4 of fp32's 24 bits.
-// `magic` is 0x3f000000 (from QcOpaque: a register, so the selector can be the immediate).
-__device__ __forceinline__ float CodeAsFloat(uint32_t v, int byte, uint32_t magic) {
-  return __uint_as_float(__byte_perm(v, magic, 0x7054u | (static_cast<uint32_t>(byte) << 8)));
+__device__ __forceinline__ float CodeAsFloat(uint32_t v, int byte) {
+  return __uint_as_float(__byte_perm(v, 0x3f000000u, 0x7054u | (static_cast<uint32_t>(byte) << 8)));
 }
 
 // First-level (scale, zero) of group g for `rows` consecutive rows starting at a multiple of R <= 4: in one 32-row
@@ -135,7 +134,6 @@ __device__ __forceinline__ void GroupStatsRows(const SpQRMatMulArgs& a, int64_t 
                   "packed statistics not 4-byte aligned");
   const int j = rs[0].i >> 2, b0 = rs[0].i & 3, low = QuadLowWord(a.stat_bits, j);
   const bool three = a.stat_bits == 3;
-  const uint32_t magic = QcOpaque(0x3f000000u);
   const uint32_t qs = QuadFromWords(ps[low], three ? ps[2] : 0u, a.stat_bits, j);
   const uint32_t qz = QuadFromWords(pz[low], three ? pz[2] : 0u, a.stat_bits, j);
   // second-level values: one load when the rows share their second-level group (stat_group_size a multiple of R)
@@ -152,8 +150,8 @@ __device__ __forceinline__ void GroupStatsRows(const SpQRMatMulArgs& a, int64_t 
       v0 = Half(v.x & 0xffffu), v1 = Half(v.x >> 16), v2 = Half(v.y & 0xffffu), v3 = Half(v.y >> 16);
     }
     // 256 * (1/2 + q/256) - 128 = q exactly
-    s[r] = v0 * (fmaf(CodeAsFloat(qs, b0 + r, magic), 256.f, -128.f) - v1);
-    z[r] = v2 * (fmaf(CodeAsFloat(qz, b0 + r, magic), 256.f, -128.f) - v3);
+    s[r] = v0 * (fmaf(CodeAsFloat(qs, b0 + r), 256.f, -128.f) - v1);
+    z[r] = v2 * (fmaf(CodeAsFloat(qz, b0 + r), 256.f, -128.f) - v3);
   }
 }
 
@@ -387,7 +385,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvK
     if (chunk * spqr::kChunk < a.K) {
       const int c = resident ? static_cast<int>(chunk) : lane;  // the lane's chunk in xs
       // code sums per (row, X row, half): four codes at a time, X's four values loaded once for all rows
-      const uint32_t magic = QcOpaque(0x3f000000u);
       float d[R][MT][2];
 #pragma unroll
       for (int r = 0; r < R; ++r)
@@ -400,7 +397,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvK
         for (int r = 0; r < R; ++r) {
           const uint32_t q = CodeBytes<BITS>(words[r], j);
 #pragma unroll
-          for (int b = 0; b < 4; ++b) w[r][b] = CodeAsFloat(q, b, magic);
+          for (int b = 0; b < 4; ++b) w[r][b] = CodeAsFloat(q, b);
         }
 #pragma unroll
         for (int m = 0; m < MT; ++m) {  // one X row at a time: 4 values live, not 4 * MT
@@ -524,15 +521,15 @@ void LaunchGemvTile(const SpQRMatMulArgs& a, cudaStream_t s) {
   const int budget = SharedBudgetPerBlock(kGemvMinBlocks<MT>);
   const int64_t chunks = (a.K + spqr::kChunk - 1) / spqr::kChunk;
   const int64_t resident = GemvXsFloats(MT, chunks) * 4, slab = GemvXsFloats(MT, kSlabChunks) * 4;
-  const int64_t rows = slab + MT * a.K * static_cast<int64_t>(sizeof(T));
+  const int64_t with_rows = slab + MT * a.K * static_cast<int64_t>(sizeof(T));  // kXSlabsRows: a slab + X's rows
   const int forced = ForcedGemvMode();
   int mode = kXSlabs;
   if (resident <= budget && (forced < 0 || forced == kXResident)) {
     mode = kXResident;
-  } else if (a.perm != nullptr && rows <= budget && (forced < 0 || forced == kXSlabsRows)) {
+  } else if (a.perm != nullptr && with_rows <= budget && (forced < 0 || forced == kXSlabsRows)) {
     mode = kXSlabsRows;
   }
-  int64_t bytes = mode == kXResident ? resident : mode == kXSlabsRows ? rows : slab;  // slab: <= 38 KB
+  int64_t bytes = mode == kXResident ? resident : mode == kXSlabsRows ? with_rows : slab;  // slab: <= 38 KB
   if (bytes > 48 * 1024) {
     // raise the kernel's limit to the budget once per device (not per call: a CUDA graph capture, which ORT starts
     // after its first runs, then finds nothing to do here)
@@ -603,7 +600,6 @@ __global__ void __launch_bounds__(kPrefillThreads, 4) SpQRMatMulPrefillKernel(co
   const int64_t chunks = (a.K + kTileK - 1) / kTileK;
   const int rows_m = static_cast<int>(min(static_cast<int64_t>(kTileM), a.M - m0));  // X's rows in the tile
   const bool x_vec = a.K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  const uint32_t magic = QcOpaque(0x3f000000u);
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
   for (auto& row : acc)
@@ -660,7 +656,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 4) SpQRMatMulPrefillKernel(co
       uint32_t h[4];
 #pragma unroll
       for (int b = 0; b < 4; ++b) {
-        const float code = fmaf(CodeAsFloat(q, b, magic), 256.f, -128.f);  // exactly q_b
+        const float code = fmaf(CodeAsFloat(q, b), 256.f, -128.f);  // exactly q_b
         const bool second = 4 * j + b >= next;
         float wv = (second ? s1 : s0) * (code - (second ? z1 : z0));
         if (tail && 4 * j + b >= tail_cols) wv = 0.f;  // past K (the last chunk only)
