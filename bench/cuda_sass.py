@@ -6,7 +6,7 @@ width and group size pinned to constants (`--stat-bits`, `--group-size`; a copy 
 shared memory (the decode default wherever it fits: no staging inside the loop), so the branches not taken drop out
 and the straight-line count is the executed one, disassembles it with cuobjdump and counts the instructions of the
 slab loop (all of it: the next slab's loads, decode, sums, statistics, loop control) of each
-SpQRGemvKernel<T, bits, MT>. One slab iteration of one lane covers rows-per-warp × 32 weights, so instructions per
+SpQRGemvKernel<T, bits, MT, R>. One slab iteration of one lane covers rows-per-warp × 32 weights, so instructions per
 weight = count / (rows × 32).
 
     python bench/cuda_sass.py                     # sm_90, fp16 X, stats 3-bit, group 16
@@ -30,6 +30,8 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# rows per warp each tile of MT rows of X offers (GemvOffers in the .cu), most first
+GEMV_ROWS = {1: (4, 2, 1), 2: (4, 2), 4: (2, 1), 8: (2, 1)}
 SRC = REPO / "custom_ops" / "src"
 
 
@@ -138,12 +140,12 @@ def main(argv=None) -> int:
     print("|--:|--:|--:|--:|--:|--:|---|")
     for bits in (2, 3, 4):
         for mt in (1, 2, 4, 8):
-            body = hot_loop(sass, f"SpQRGemvKernelI{t}Li{bits}ELi{mt}E")
-            ops = Counter((b.split()[1] if b.startswith("@") else b.split()[0]).split(".")[0] for b in body)
-            rows = 4 if mt <= 2 else 2
-            top = ", ".join(f"{k} {v}" for k, v in ops.most_common(5))
-            print(f"| {bits} | {mt} | {rows} | {len(body)} | {len(body) / (rows * 32):.2f} | {ops.get('CALL', 0)} | "
-                  f"{top} |")
+            for rows in GEMV_ROWS[mt]:
+                body = hot_loop(sass, f"SpQRGemvKernelI{t}Li{bits}ELi{mt}ELi{rows}E")
+                ops = Counter((b.split()[1] if b.startswith("@") else b.split()[0]).split(".")[0] for b in body)
+                top = ", ".join(f"{k} {v}" for k, v in ops.most_common(5))
+                print(f"| {bits} | {mt} | {rows} | {len(body)} | {len(body) / (rows * 32):.2f} | "
+                      f"{ops.get('CALL', 0)} | {top} |")
     print()
     print(f"{args.arch}: SpQRMatMulPrefillKernel<bits> chunk loop (64 rows of W x 32 columns per block of 128 threads), "
           "per thread; static, nested loops (X staging, outliers) counted once")

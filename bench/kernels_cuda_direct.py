@@ -12,7 +12,7 @@ The issue's GPU target: SpQR 3-bit decode (batch 1) at ≥ 60 % of copy bandwidt
 4096×11008 (K×N).
 
     python bench/kernels_cuda_direct.py -o $OUT/kernels-cuda-direct.md
-    python bench/kernels_cuda_direct.py --shapes 4096x11008 --batches 1 --gemv-x default,slabs,rows
+    python bench/kernels_cuda_direct.py --shapes 4096x11008,11008x4096 --batches 1 --gemv-x slabs --gemv-rows 4,2,1
 
 Needs PyTorch with CUDA and nvcc (the project's Python package on PYTHONPATH: numpy and onnx are the only imports).
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -34,7 +33,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 from kernels import SPQR_PRESETS  # noqa: E402  (the same presets as the CPU and ORT-GPU benchmarks)
-from kernels_gpu import copies_for, copy_bandwidth_gbs, gpu_bench_arguments  # noqa: E402
+from kernels_gpu import (copies_for, copy_bandwidth_gbs, gemv_environment, gemv_settings,  # noqa: E402
+                         gpu_bench_arguments)
 
 VARIANTS = ["spqr-w3", "spqr-w4"]
 
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
         p.error("PyTorch sees no CUDA device")
     kernel = cuda_direct.DirectKernel(cuda_direct.build(arch))
     copy_gbs = copy_bandwidth_gbs()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     lines = [f"{torch.cuda.get_device_name()} ({arch}); copy bandwidth (read + write): {copy_gbs:.0f} GB/s; "
              f"CUDA graphs of `copies` layers, ≥ {args.stream_mb:.0f} MB of weights per replay", "",
              "| K×N | batch | variant | µs / layer | vs fp16 cuBLAS | weight MB | GB/s | % of copy bw | max error |",
@@ -106,34 +107,31 @@ def main(argv=None) -> int:
             base = time_graph(lambda: [torch.matmul(x, w, out=y) for w, y in zip(ws, ys)], repeat=args.repeat,
                               number=args.number) / copies
             refs = {v: w.matmul(x_np.astype(np.float32)) for v, w in weights.items()}  # once per variant and batch
-            runs = [("fp16", None, None)] + [
-                (v, w, mode) for v, w in weights.items()
-                for mode in (args.gemv_x.split(",") if M <= 8 else ["default"])]
-            for v, w, mode in runs:
-                label = v if mode in (None, "default") else f"{v} [{mode}]"
+            # the default's rows per warp in its label (the launcher's choice for this GPU)
+            chosen = f" (rows={kernel.gemv_rows_per_warp(M, N, sms)})" if M <= 8 else ""
+            runs = [("fp16", "fp16", None, {})] + [(v, v + (suffix or chosen), w, env) for v, w in weights.items()
+                                                   for suffix, env in gemv_settings(args, M)]
+            for v, label, w, env in runs:
                 if w is None:
                     t, nbytes, err = base, K * N * 2, float("nan")
                 else:
-                    os.environ.pop("QCOMPILER_CUDA_GEMV_X", None)
-                    if mode != "default":
-                        os.environ["QCOMPILER_CUDA_GEMV_X"] = mode  # read at each launch, so at graph capture
                     try:
-                        nbytes = weight_bytes(w)
-                        n = copies_for(nbytes, args.stream_mb)
-                        launches = [kernel.launch(w, x_np, x_device=x) for _ in range(n)]
-                        launches[0]()
-                        ref = refs[v]
-                        err = float(np.abs(launches[0].output().astype(np.float32) - ref).max() / np.abs(ref).max())
-                        t = time_graph(lambda: [launch() for launch in launches], repeat=args.repeat,
-                                       number=args.number) / n
+                        with gemv_environment(env):  # read at each launch, so at graph capture
+                            nbytes = weight_bytes(w)
+                            n = copies_for(nbytes, args.stream_mb)
+                            launches = [kernel.launch(w, x_np, x_device=x) for _ in range(n)]
+                            launches[0]()
+                            ref = refs[v]
+                            err = float(np.abs(launches[0].output().astype(np.float32) - ref).max() /
+                                        np.abs(ref).max())
+                            t = time_graph(lambda: [launch() for launch in launches], repeat=args.repeat,
+                                           number=args.number) / n
                     except Exception as e:  # a variant that does not run is reported, not fatal
                         why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
                         line = f"| {shape} | {M} | {label} | failed: {why} |"
                         print(line, flush=True)
                         lines.append(line)
                         continue
-                    finally:
-                        os.environ.pop("QCOMPILER_CUDA_GEMV_X", None)
                 gbs = nbytes / t / 1e9
                 row = dict(shape=shape, M=M, variant=label, us=t * 1e6, vs_fp16=t / base, weight_mb=nbytes / 1e6,
                            gbs=gbs, pct_copy=100 * gbs / copy_gbs, max_error=err)

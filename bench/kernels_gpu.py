@@ -16,7 +16,7 @@ at 4096×11008.
 
     python bench/kernels_gpu.py                                   # 4096x11008 and 11008x4096, batches 1, 16, 512
     python bench/kernels_gpu.py --shapes 4096x11008 --batches 1 -o $OUT/kernels-gpu.md
-    python bench/kernels_gpu.py --batches 1 --variants fp16,spqr-w3 --gemv-x default,slabs,rows   # A/B X staging
+    python bench/kernels_gpu.py --batches 1 --variants fp16,spqr-w3 --gemv-x slabs,rows --gemv-rows 2,1  # A/B
 
 Needs a CUDA GPU, onnxruntime-gpu, torch with CUDA (for the copy bandwidth) and the op library built with CUDA.
 """
@@ -161,6 +161,33 @@ def time_run(run: GpuRun, *, repeat: int, number: int) -> float:
     return statistics.median(rounds)
 
 
+GEMV_VARIABLES = ("QCOMPILER_CUDA_GEMV_X", "QCOMPILER_CUDA_GEMV_ROWS")
+
+
+def gemv_settings(args, M: int) -> list:
+    """(label suffix, environment) of each decode GEMV setting to time at batch M: the default (suffix ""), then, at
+    M <= 8, each --gemv-x mode and --gemv-rows count (suffix " [x=slabs]", " [rows=2]")."""
+    out = [("", {})]
+    if M <= 8:
+        for option, variable in zip((args.gemv_x, args.gemv_rows), GEMV_VARIABLES):
+            name = "x" if variable.endswith("_X") else "rows"
+            out += [(f" [{name}={v}]", {variable: v}) for v in option.split(",") if v and v != "default"]
+    return out
+
+
+@contextlib.contextmanager
+def gemv_environment(env: dict):
+    """The launcher reads these variables at each launch (so at graph capture): set only while a run is made."""
+    for v in GEMV_VARIABLES:
+        os.environ.pop(v, None)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for v in GEMV_VARIABLES:
+            os.environ.pop(v, None)
+
+
 def gpu_bench_arguments(p: argparse.ArgumentParser, variants: list) -> None:
     """The options this benchmark shares with bench/kernels_cuda_direct.py."""
     p.add_argument("--shapes", default=",".join(SHAPES), help="K x N, comma-separated")
@@ -170,8 +197,13 @@ def gpu_bench_arguments(p: argparse.ArgumentParser, variants: list) -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--number", type=int, default=20, help="runs (graph replays) per round (default 20)")
     p.add_argument("--gemv-x", default="default",
-                   help="SpQR at batch <= 8: the decode GEMV's X staging modes to time, comma-separated, of default, "
-                        "resident, slabs, rows (QCOMPILER_CUDA_GEMV_X; a mode that does not fit falls back)")
+                   help="SpQR at batch <= 8: the decode GEMV's X staging modes to time besides its default, "
+                        "comma-separated, of resident, slabs, rows (QCOMPILER_CUDA_GEMV_X; a mode that does not fit "
+                        "falls back)")
+    p.add_argument("--gemv-rows", default="default",
+                   help="SpQR at batch <= 8: the decode GEMV's rows per warp to time besides its default choice, "
+                        "comma-separated, of 4, 2, 1 (QCOMPILER_CUDA_GEMV_ROWS; a count the tile does not offer "
+                        "falls back)")
     p.add_argument("-o", "--output", type=Path, default=None, help="also write the table here (and .json)")
 
 
@@ -203,25 +235,19 @@ def main(argv=None) -> int:
         for M in map(int, args.batches.split(",")):
             x = rng.standard_normal((M, K)).astype(np.float16)
             base = None
-            runs = [(v, v, mode) for v in models for mode in
-                    (args.gemv_x.split(",") if v.startswith("spqr") and M <= 8 else ["default"])]
-            for v, label, mode in runs:
+            runs = [(v, v + suffix, env) for v in models
+                    for suffix, env in (gemv_settings(args, M) if v.startswith("spqr") else [("", {})])]
+            for v, label, env in runs:
                 model, copies, nbytes = models[v]
-                if mode != "default":
-                    label = f"{v} [{mode}]"
                 try:
-                    os.environ.pop("QCOMPILER_CUDA_GEMV_X", None)
-                    if mode != "default":
-                        os.environ["QCOMPILER_CUDA_GEMV_X"] = mode  # read at each launch, so at graph capture
-                    run = GpuRun(model, x, cuda_graph=not args.no_cuda_graph)
-                    t = time_run(run, repeat=args.repeat, number=args.number) / copies
+                    with gemv_environment(env):  # (plain runs read it at each launch)
+                        run = GpuRun(model, x, cuda_graph=not args.no_cuda_graph)
+                        t = time_run(run, repeat=args.repeat, number=args.number) / copies
                 except Exception as e:  # a variant that does not run here is reported, not fatal
                     line = f"| {shape} | {M} | {label} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} |"
                     print(line, flush=True)
                     lines.append(line)
                     continue
-                finally:
-                    os.environ.pop("QCOMPILER_CUDA_GEMV_X", None)
                 if v == "fp16":
                     base = t
                 gbs = nbytes / t / 1e9

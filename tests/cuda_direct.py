@@ -117,7 +117,13 @@ class DirectKernel:
         lib.qc_cuda_spqr_matmul.argtypes = flat + [p, ctypes.c_size_t, p]
         lib.qc_cuda_error_string.restype = ctypes.c_char_p
         lib.qc_cuda_error_string.argtypes = [i32]
+        lib.qc_cuda_gemv_rows_per_warp.restype = i32
+        lib.qc_cuda_gemv_rows_per_warp.argtypes = [i64, i64, i32]
         self.lib = lib
+
+    def gemv_rows_per_warp(self, M: int, N: int, sms: int) -> int:
+        """Rows per warp the decode GEMV takes for M rows of X and N outputs on a GPU of `sms` multiprocessors."""
+        return self.lib.qc_cuda_gemv_rows_per_warp(M, N, sms)
 
     def launch(self, weight: SpQRWeight, x: np.ndarray, *, bias_dtype=None, x_device=None) -> Launch:
         return Launch(self.lib, KernelCall(weight, x, bias_dtype), x=x_device)

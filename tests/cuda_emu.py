@@ -125,7 +125,13 @@ class EmulatedKernel:
         lib.qc_emu_spqr_matmul.restype = i32
         lib.qc_emu_spqr_matmul.argtypes = [i64, i64, i64, i32, i64, i32, i64, p, i32, p, p, p, p, p, p, p, p, p, i32,
                                            p, ctypes.c_uint, ctypes.c_char_p, ctypes.c_size_t]
+        lib.qc_emu_gemv_rows_per_warp.restype = i32
+        lib.qc_emu_gemv_rows_per_warp.argtypes = [i64, i64, i32]
         self.lib = lib
+
+    def gemv_rows_per_warp(self, M: int, N: int, sms: int) -> int:
+        """Rows per warp the decode GEMV takes for M rows of X and N outputs on a GPU of `sms` multiprocessors."""
+        return self.lib.qc_emu_gemv_rows_per_warp(M, N, sms)
 
     def run(self, weight: SpQRWeight, x: np.ndarray, *, bias_dtype=None, seed: int = 0) -> np.ndarray:
         """`x` [..., K] fp32 or fp16 -> [..., N] of the same dtype. Raises RuntimeError on a failed launch."""

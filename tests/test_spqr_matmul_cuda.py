@@ -157,6 +157,32 @@ def test_x_staging_modes(run, monkeypatch, mode, M, group_size, permute):
     _check(run, w, _x((M, 2100), np.float16, seed=M))
 
 
+# The decode kernel's rows per warp (QCOMPILER_CUDA_GEMV_ROWS forces one its tile offers: 4, 2 or 1 at M = 1; 4 or 2
+# at M = 2; 2 or 1 at M = 3..8). N = 37: a last warp with fewer rows than R, and warps past N. β1 = 16 statistics
+# (stat_group_size 16) and 2-bit ones over 8 rows: a warp's rows in one or two second-level groups.
+@pytest.mark.parametrize("rows", [4, 2, 1])
+@pytest.mark.parametrize("M", [1, 2, 3, 6])
+@pytest.mark.parametrize("stats", [(3, 16), (2, 8), (0, 16)])
+def test_gemv_rows_per_warp(run, monkeypatch, rows, M, stats):
+    monkeypatch.setenv("QCOMPILER_CUDA_GEMV_ROWS", str(rows))
+    w = random_weight(N=37, K=1100, bits=3, group_size=16, stat_bits=stats[0], stat_group_size=stats[1],
+                      outlier_rate=0.02, permute=True, bias=True, seed=M + rows)
+    _check(run, w, _x((M, 1100), np.float16, seed=M))
+
+
+# The launcher's rows per warp: the most its tile offers where that fills the GPU (N = 11008 on 132 SMs), fewer where
+# it would leave SMs idle or under-occupied (N = 4096: 128 blocks of 4 rows per warp; N = 576), the most where the SM
+# count is unknown. An estimate of its cost (docs/kernels.md), checked here as a function.
+@pytest.mark.skipif(cuda_emu.compiler() is None, reason="no C++ compiler")
+def test_gemv_rows_choice(emulated_kernel):
+    choose = emulated_kernel.gemv_rows_per_warp
+    assert [choose(1, n, 132) for n in (576, 1536, 4096, 11008)] == [1, 1, 2, 4]
+    assert [choose(m, 11008, 132) for m in (2, 4, 8)] == [4, 2, 2]
+    assert [choose(m, 576, 132) for m in (2, 4)] == [2, 1]
+    assert choose(1, 4096, 0) == 4 and choose(5, 4096, 0) == 2  # SM count unknown: the most
+    assert choose(1, 4096, 16) == 4  # a 16-SM part (Jetson AGX Orin) is filled by 4 rows per warp
+
+
 # Group sizes that the decode kernel does not take (not 16 or a multiple of 32): the row kernel, except fp16 X from
 # 9 rows on (M=40) with β1 >= 32: the prefill kernel, whose 32-column chunks then meet a group boundary inside (β1=50:
 # not even at a multiple of 4).

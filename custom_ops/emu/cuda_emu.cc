@@ -112,6 +112,7 @@ cudaError_t g_last_error = cudaSuccess;
 std::string g_message;
 unsigned g_seed = 1;
 constexpr int kDefaultSmem = 48 * 1024, kOptinSmem = 99 * 1024, kSmemPerSm = 100 * 1024;
+constexpr int kMultiprocessors = 16;  // as a Jetson AGX Orin (the launcher sizes some grids by it)
 std::map<const void*, int> g_max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 std::vector<unsigned char> g_dynamic_shared;
 
@@ -291,6 +292,9 @@ cudaError_t cudaGetDevice(int* device) {
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   if (device != 0) return cudaErrorInvalidValue;
   switch (attr) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = qcompiler::emu::kMultiprocessors;
+      return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
       *value = qcompiler::emu::kOptinSmem;
       return cudaSuccess;

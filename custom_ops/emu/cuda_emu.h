@@ -48,7 +48,11 @@ cudaError_t cudaGetLastError();  // returns and clears the emulator's last launc
 const char* cudaGetErrorString(cudaError_t error);
 // The emulated device: one device (0), sm_86-like shared memory: 48 KB per block by default, 99 KB opt-in, 100 KB
 // per SM.
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);

@@ -62,4 +62,9 @@ __attribute__((visibility("default"))) int qc_emu_spqr_matmul(
   return err;
 }
 
+// Rows per warp the decode GEMV takes for M rows of X and N outputs on a GPU of `sms` multiprocessors.
+__attribute__((visibility("default"))) int qc_emu_gemv_rows_per_warp(int64_t M, int64_t N, int sms) {
+  return qcompiler::Cuda::GemvRowsPerWarp(M, N, sms);
+}
+
 }  // extern "C"

@@ -273,9 +273,16 @@ __device__ __forceinline__ uint32_t CodeBytes(const ChunkWords<BITS>& c, int j) 
   return QuadFromWords(c.w[QuadLowWord(BITS, j)], c.w[BITS == 3 ? 2 : 0], BITS, j);
 }
 
-// Rows per warp: fewer at MT = 8 so that the per-row sums stay in registers.
+// Rows per warp (R): the launcher's choice among GemvRowChoices (GemvRowsPerWarp). The most (4 at MT <= 2, 2 at
+// MT >= 4 so that the per-row sums stay in registers) share the most per weight — the X loads of a chunk, the
+// statistics' loads, the block's X staging — but give N / (32 R) blocks: fewer rows per warp where that leaves SMs
+// idle or under-occupied (N = 4096 at M = 1: 128 blocks of 4 rows per warp for 132 SMs).
 template <int MT>
-constexpr int kGemvRowsPerWarp = MT >= 4 ? 2 : 4;
+constexpr int kGemvRowsMost = MT >= 4 ? 2 : 4;
+// Rows per warp a tile of MT rows of X offers: its most, half that, and 1 at MT = 1 (decode proper).
+constexpr bool GemvOffers(int mt, int r) {
+  return r == (mt >= 4 ? 2 : 4) || r == (mt >= 4 ? 1 : 2) || (mt == 1 && r == 1);
+}
 
 // Blocks per SM the register budget is set for: two (128 registers per thread), one at MT = 8 (whose 2 x 8 x 2 sums
 // and 2 x 8 accumulators spill at 128).
@@ -287,10 +294,9 @@ enum GemvMode : int { kXResident = 0, kXSlabs = 1, kXSlabsRows = 2 };
 // Floats of the X staging area for `chunks` chunks per row: xs [mt][chunks][kXsStride], then xsum [mt][chunks][2].
 constexpr int64_t GemvXsFloats(int mt, int64_t chunks) { return mt * chunks * (kXsStride + 2); }
 
-template <typename T, int BITS, int MT>
+template <typename T, int BITS, int MT, int R>
 __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvKernel(const SpQRMatMulArgs a,
                                                                                       int mode) {
-  constexpr int R = kGemvRowsPerWarp<MT>;
   const int lane = threadIdx.x & 31;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5)) * R;
   const T* __restrict__ x = static_cast<const T*>(a.x);
@@ -502,6 +508,61 @@ int SharedBudgetPerBlock(int blocks) {
   return max(48 * 1024, min(optin[device], per_sm[device] / blocks - 1024));
 }
 
+// Streaming multiprocessors of the current device (cached per device); 0 when it cannot be asked.
+int MultiprocessorCount() {
+  static std::atomic<int> count[64];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  int c = count[device].load(std::memory_order_relaxed);
+  if (c == 0) {
+    if (cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    count[device].store(c, std::memory_order_relaxed);
+  }
+  return c;
+}
+
+// The decode GEMV's cost model for its rows per warp (an estimate from static instruction counts, not a timing):
+// time ~ (blocks on the busiest SM) x (instructions of one block per 1024 columns of K) / (the SM's issue
+// efficiency), where a block of R rows per warp costs kGemvSlabInstr (the slab loop of one lane, R x 32 weights;
+// bench/cuda_sass.py, sm_90, fp16 X, 3 bits, group 16, 3-bit statistics) plus ~kGemvStageInstr per row of X (its
+// X staging: 4 columns per thread, perm gather, fp32 store, half-chunk sums), and an SM is taken to need
+// kGemvSaturatingWarps resident warps to hide its load latency (fewer: proportionally slower).
+constexpr int kGemvSlabInstr[4][3] = {  // [MT = 1, 2, 4, 8][R = 1, 2, 4]; 0: not offered
+    {276, 436, 764}, {0, 568, 912}, {422, 693, 0}, {607, 1080, 0}};
+constexpr int kGemvStageInstr = 45;
+constexpr int kGemvSaturatingWarps = 16;
+
+}  // namespace
+
+int GemvRowsPerWarp(int64_t M, int64_t N, int sms) {
+  const int mt = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8;
+  const int mt_index = mt == 1 ? 0 : mt == 2 ? 1 : mt == 4 ? 2 : 3;
+  const int most = mt >= 4 ? 2 : 4;  // kGemvRowsMost
+  if (sms <= 0 || N <= 0) return most;
+  const int per_sm = mt >= 8 ? 1 : 2;  // kGemvMinBlocks: the blocks per SM registers and the X budget are set for
+  int best = most;
+  double best_time = 0.0;
+  for (int r = most; r >= 1; r /= 2) {  // most first: it wins ties
+    if (!GemvOffers(mt, r)) continue;
+    const int64_t blocks = (N + kGemvWarps * r - 1) / (kGemvWarps * r);
+    const double busiest = static_cast<double>((blocks + sms - 1) / sms);
+    const double resident = std::min(static_cast<double>(blocks) / sms, static_cast<double>(per_sm)) * kGemvWarps;
+    const double efficiency = std::min(1.0, resident / kGemvSaturatingWarps);
+    const double time = busiest * (kGemvSlabInstr[mt_index][r == 1 ? 0 : r == 2 ? 1 : 2] + kGemvStageInstr * mt) /
+                        efficiency;
+    if (r == most || time < best_time) best = r, best_time = time;
+  }
+  return best;
+}
+
+namespace {
+
 // QCOMPILER_CUDA_GEMV_X = resident | slabs | rows: the decode GEMV's X staging forced where it fits (tests, A/B
 // timing); unset: resident when it fits, else rows when perm is present and X's rows fit, else slabs.
 int ForcedGemvMode() {
@@ -513,11 +574,11 @@ int ForcedGemvMode() {
   return -1;
 }
 
-template <typename T, int BITS, int MT>
+template <typename T, int BITS, int MT, int R>
 void LaunchGemvTile(const SpQRMatMulArgs& a, cudaStream_t s) {
-  constexpr int rows_per_block = kGemvWarps * kGemvRowsPerWarp<MT>;
+  constexpr int rows_per_block = kGemvWarps * R;
   const dim3 grid(static_cast<unsigned>((a.N + rows_per_block - 1) / rows_per_block));
-  auto kernel = SpQRGemvKernel<T, BITS, MT>;
+  auto kernel = SpQRGemvKernel<T, BITS, MT, R>;
   const int budget = SharedBudgetPerBlock(kGemvMinBlocks<MT>);
   const int64_t chunks = (a.K + spqr::kChunk - 1) / spqr::kChunk;
   const int64_t resident = GemvXsFloats(MT, chunks) * 4, slab = GemvXsFloats(MT, kSlabChunks) * 4;
@@ -549,16 +610,38 @@ void LaunchGemvTile(const SpQRMatMulArgs& a, cudaStream_t s) {
   QC_LAUNCH(kernel, grid, dim3(kGemvWarps * 32), static_cast<size_t>(bytes), s, a, mode);
 }
 
+// QCOMPILER_CUDA_GEMV_ROWS = 1 | 2 | 4: the decode GEMV's rows per warp forced where its tile offers it (tests, A/B
+// timing); unset, or not offered: GemvRowsPerWarp's choice.
+int ForcedGemvRows() {
+  const char* v = std::getenv("QCOMPILER_CUDA_GEMV_ROWS");
+  if (v == nullptr || *v == '\0') return 0;
+  const int r = std::atoi(v);
+  return r == 1 || r == 2 || r == 4 ? r : 0;
+}
+
+template <typename T, int BITS, int MT>
+void LaunchGemvRows(const SpQRMatMulArgs& a, cudaStream_t s) {
+  int r = ForcedGemvRows();
+  if (r == 0 || !GemvOffers(static_cast<int>(MT), r)) r = GemvRowsPerWarp(a.M, a.N, MultiprocessorCount());
+  if constexpr (GemvOffers(MT, 1)) {
+    if (r == 1) return LaunchGemvTile<T, BITS, MT, 1>(a, s);
+  }
+  if constexpr (GemvOffers(MT, 4)) {
+    if (r == 4) return LaunchGemvTile<T, BITS, MT, 4>(a, s);
+  }
+  LaunchGemvTile<T, BITS, MT, 2>(a, s);  // offered by every tile
+}
+
 template <typename T, int BITS>
 void LaunchGemv(const SpQRMatMulArgs& a, cudaStream_t s) {
   if (a.M <= 1) {
-    LaunchGemvTile<T, BITS, 1>(a, s);
+    LaunchGemvRows<T, BITS, 1>(a, s);
   } else if (a.M <= 2) {
-    LaunchGemvTile<T, BITS, 2>(a, s);
+    LaunchGemvRows<T, BITS, 2>(a, s);
   } else if (a.M <= 4) {
-    LaunchGemvTile<T, BITS, 4>(a, s);
+    LaunchGemvRows<T, BITS, 4>(a, s);
   } else {
-    LaunchGemvTile<T, BITS, 8>(a, s);
+    LaunchGemvRows<T, BITS, 8>(a, s);
   }
 }
 

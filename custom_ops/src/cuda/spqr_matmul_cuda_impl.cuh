@@ -41,6 +41,10 @@ size_t ScratchBytes(const SpQRMatMulArgs& args);
 // Enqueues Y = X * W^T + bias on `stream` (a cudaStream_t). Returns a cudaError_t value (0 = success).
 int LaunchSpQRMatMul(const SpQRMatMulArgs& args, void* stream);
 
+// Rows per warp of the decode GEMV (M <= 8) for N output rows on a GPU of `sms` multiprocessors (0: unknown, the
+// most the tile offers): the launcher's choice unless QCOMPILER_CUDA_GEMV_ROWS forces one.
+int GemvRowsPerWarp(int64_t M, int64_t N, int sms);
+
 // cudaGetErrorString for a value returned by LaunchSpQRMatMul.
 const char* CudaErrorString(int error);
 
