@@ -99,8 +99,24 @@ def run(request):
     return on_cuda
 
 
+# Rows per warp each decode GEMV tile (rows of X: 1, 2, 3-4, 5-8) offers (GemvOffers in the .cu)
+_GEMV_ROWS = {1: ("4", "2", "1"), 2: ("4", "2"), 4: ("2", "1"), 8: ("2", "1")}
+
+
 def _check(run, weight: SpQRWeight, x: np.ndarray, **kw) -> None:
-    assert_matches_reference(weight, x, run(weight, x, **kw))
+    """`run` against the reference; at M <= 8 (the decode GEMV, where its group size allows) once per rows per warp
+    the tile offers, unless the test forces one (QCOMPILER_CUDA_GEMV_ROWS): the launcher's own choice depends on the
+    device's SM count, so the emulated cases would otherwise only see the counts it picks for their small N."""
+    M = int(np.prod(x.shape[:-1]))
+    if M > 8 or os.environ.get("QCOMPILER_CUDA_GEMV_ROWS"):
+        assert_matches_reference(weight, x, run(weight, x, **kw))
+        return
+    for rows in _GEMV_ROWS[next(t for t in (1, 2, 4, 8) if M <= t)]:
+        os.environ["QCOMPILER_CUDA_GEMV_ROWS"] = rows
+        try:
+            assert_matches_reference(weight, x, run(weight, x, **kw))
+        finally:
+            del os.environ["QCOMPILER_CUDA_GEMV_ROWS"]
 
 
 def _x(shape, dtype=np.float32, seed=1) -> np.ndarray:
