@@ -107,6 +107,34 @@ def inner_loop_sizes(sass: str, kernel: str, op: str = "HMMA") -> list[int]:
     return [sum(1 for a, _ in ins if h <= a <= b) for h, b in nested]
 
 
+def pinned_sass(arch: str, stat_bits: int, group_size: int) -> str:
+    """SASS of spqr_matmul_cuda_impl.cu for `arch`, with the statistics width and group size pinned to constants, the
+    warp's rows sharing their second-level group (stat_group_size a multiple of 4, as every preset) and X resident in
+    shared memory (M = 1 up to K ~ 24k on H100-class parts): the branches not taken drop out of the slab loop."""
+    src = (SRC / "cuda" / "spqr_matmul_cuda_impl.cu").read_text()
+    src = src.replace("a.stat_bits", str(stat_bits)).replace("a.group_size", str(group_size))
+    for pin, value in (("const bool stats_shared = stat_rows[0].stat_group == stat_rows[R - 1].stat_group;",
+                        "const bool stats_shared = true;"),
+                       ("const bool resident = mode == kXResident;", "const bool resident = true;"),
+                       ("if (mode == kXSlabsRows) {", "if (false) {")):
+        if src.count(pin) != 1:
+            raise SystemExit(f"bench/cuda_sass.py: {pin!r} moved; update the pin")
+        src = src.replace(pin, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        cu = Path(tmp) / "impl.cu"
+        cu.write_text(src)
+        cubin = Path(tmp) / "impl.cubin"
+        subprocess.run([find_tool("nvcc"), "-std=c++17", "-O3", f"-arch={arch}", "-cubin", f"-I{SRC}", str(cu), "-o",
+                        str(cubin)], check=True)
+        return disassemble(cubin)
+
+
+def slab_loop_size(sass: str, x: str, bits: int, mt: int, rows: int) -> int:
+    """Instructions of SpQRGemvKernel<x, bits, mt, rows>'s slab loop (x: "half" or "float")."""
+    t = "6__half" if x == "half" else "f"
+    return len(hot_loop(sass, f"SpQRGemvKernelI{t}Li{bits}ELi{mt}ELi{rows}E"))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="sm_90")
@@ -114,25 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--x", default="half", choices=["half", "float"], help="X's type")
     args = p.parse_args(argv)
-    nvcc = find_tool("nvcc")
-    with tempfile.TemporaryDirectory() as tmp:
-        src = (SRC / "cuda" / "spqr_matmul_cuda_impl.cu").read_text()
-        src = src.replace("a.stat_bits", str(args.stat_bits)).replace("a.group_size", str(args.group_size))
-        # the warp's rows share their second-level group (stat_group_size a multiple of 4, as every preset); X resident
-        # in shared memory (M = 1 up to K ~ 24k on H100-class parts)
-        for pin, value in (("const bool shared = rs[0].stat_group == rs[rows - 1].stat_group;",
-                            "const bool shared = true;"),
-                           ("const bool resident = mode == kXResident;", "const bool resident = true;"),
-                           ("if (mode == kXSlabsRows) {", "if (false) {")):
-            if src.count(pin) != 1:
-                raise SystemExit(f"bench/cuda_sass.py: {pin!r} moved; update the pin")
-            src = src.replace(pin, value)
-        cu = Path(tmp) / "impl.cu"
-        cu.write_text(src)
-        cubin = Path(tmp) / "impl.cubin"
-        subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch={args.arch}", "-cubin", f"-I{SRC}", str(cu), "-o",
-                        str(cubin)], check=True)
-        sass = disassemble(cubin)
+    sass = pinned_sass(args.arch, args.stat_bits, args.group_size)
     t = "6__half" if args.x == "half" else "f"
     print(f"{args.arch}, X {args.x}, stat bits {args.stat_bits}, group size {args.group_size}, X resident: "
           "SpQRGemvKernel slab loop (all of it), per lane")

@@ -47,6 +47,25 @@ def test_decode_slab_loop_calls_nothing(compiled, x, bits, mt, rows):
     assert not calls, calls
 
 
+def test_gemv_cost_model_matches_the_compiled_slab_loops(compiled):
+    """The launcher's rows-per-warp model (kGemvSlabInstr in the .cu) holds bench/cuda_sass.py's counts of the slab
+    loops (sm_90, fp16 X, 3 bits, β1 = 16, 3-bit statistics); a kernel change that moves them by more than 10 % must
+    update the table."""
+    _, _, tool = compiled
+    src = (tool.SRC / "cuda" / "spqr_matmul_cuda_impl.cu").read_text()
+    body = re.search(r"kGemvSlabInstr\[4\]\[3\] = \{[^\n]*\n(.*?)\};", src, re.S).group(1)
+    table = [list(map(int, row)) for row in re.findall(r"\{(\d+), (\d+), (\d+)\}", body)]
+    assert len(table) == 4
+    sass = tool.pinned_sass("sm_90", 3, 16)
+    for i, mt in enumerate((1, 2, 4, 8)):
+        for j, rows in enumerate((1, 2, 4)):
+            if rows not in tool.GEMV_ROWS[mt]:
+                assert table[i][j] == 0, (mt, rows)
+                continue
+            measured = tool.slab_loop_size(sass, "half", 3, mt, rows)
+            assert abs(table[i][j] - measured) <= 0.1 * measured, (mt, rows, table[i][j], measured)
+
+
 @pytest.mark.parametrize("kernel", ["SpQRMatMulPrefillKernel", "SpQRMatMulKernelIfE", "SpQRMatMulKernelI6__halfE"])
 def test_other_kernels_call_nothing(compiled, kernel):
     _, sass, tool = compiled

@@ -174,11 +174,11 @@ def test_x_staging_modes(run, monkeypatch, mode, M, group_size, permute):
 
 
 # The decode kernel's rows per warp (QCOMPILER_CUDA_GEMV_ROWS forces one its tile offers: 4, 2 or 1 at M = 1; 4 or 2
-# at M = 2; 2 or 1 at M = 3..8). N = 37: a last warp with fewer rows than R, and warps past N. β1 = 16 statistics
-# (stat_group_size 16) and 2-bit ones over 8 rows: a warp's rows in one or two second-level groups.
+# at M = 2; 2 or 1 at M = 3..8). N = 37: a last warp with fewer rows than R, and warps past N. Statistics: 3-bit over
+# 16 rows, 2-bit over 8 (a warp's rows in one second-level group), 4-bit over 6 (a warp's rows in two), fp16.
 @pytest.mark.parametrize("rows", [4, 2, 1])
 @pytest.mark.parametrize("M", [1, 2, 3, 6])
-@pytest.mark.parametrize("stats", [(3, 16), (2, 8), (0, 16)])
+@pytest.mark.parametrize("stats", [(3, 16), (2, 8), (4, 6), (0, 16)])
 def test_gemv_rows_per_warp(run, monkeypatch, rows, M, stats):
     monkeypatch.setenv("QCOMPILER_CUDA_GEMV_ROWS", str(rows))
     w = random_weight(N=37, K=1100, bits=3, group_size=16, stat_bits=stats[0], stat_group_size=stats[1],

@@ -112,22 +112,31 @@ __device__ __forceinline__ float CodeAsFloat(uint32_t v, int byte) {
   return __uint_as_float(__byte_perm(v, 0x3f000000u, 0x7054u | (static_cast<uint32_t>(byte) << 8)));
 }
 
-// First-level (scale, zero) of group g for `rows` consecutive rows starting at a multiple of R <= 4: in one 32-row
-// chunk of the packed statistics, codes 4j + b0 + r of it (j = i0 / 4, b0 = i0 % 4 for the first row's i0). With
-// coded statistics each array costs one or two 4-byte loads (the quad's low word, and word 2 at 3 bits) and the
-// rows' codes are bytes of one QuadFromWords; the values follow the reference's v0 * (code - v1) exactly.
+// First-level (scale, zero) of group g for R consecutive rows starting at a multiple of R <= 4: in one 32-row chunk
+// of the packed statistics, codes 4j + b0 + r of it (j = i0 / 4, b0 = i0 % 4 for the first row's i0). With coded
+// statistics each array costs one or two 4-byte loads (the quad's low word, and word 2 at 3 bits) and the rows' codes
+// are bytes of one QuadFromWords, turned into v0 * (code - v1) by one FFMA each from c = CodeAsFloat = 1/2 + code/256:
+// (256 v0) c - v0 (128 + v1), constants per second-level group (the reference rounds the product once; this also
+// rounds v0 (128 + v1), an absolute error ~1e-5 v0). The zeros come back as z + 128, what the GEMV subtracts (its
+// codes are 1/2 + q/256 too). All R rows are decoded
+// without a branch: rows past N (the last warp's) hold their row index clamped to N - 1 (the GEMV's stat_rows), so every
+// load stays in bounds and their values go unused. Offsets are 32-bit (the launcher keeps the statistics arrays under
+// 2^31 bytes): no 64-bit multiply per group.
 template <int R>
-__device__ __forceinline__ void GroupStatsRows(const SpQRMatMulArgs& a, int64_t n2, int64_t row_bytes, int64_t g,
-                                               const StatRow (&rs)[R], int rows, float (&s)[R], float (&z)[R]) {
+__device__ __forceinline__ void GroupStatsRows(const SpQRMatMulArgs& a, uint32_t n2, uint32_t row_bytes, uint32_t g,
+                                               const StatRow (&rs)[R], bool shared, float (&s)[R],
+                                               float (&z128)[R]) {
   static_assert(R <= 4 && 4 % R == 0, "a warp's rows must lie in one quad of a statistics chunk");
   if (a.stat_bits == 0) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      if (r < rows) GroupStatsAt(a, n2, row_bytes, g, rs[r], s[r], z[r]);
+      const uint32_t e = g * static_cast<uint32_t>(a.N) + static_cast<uint32_t>(rs[r].n);
+      s[r] = Half(static_cast<const uint16_t*>(a.scales)[e]);
+      z128[r] = Half(static_cast<const uint16_t*>(a.zeros)[e]) + 128.f;
     }
     return;
   }
-  const int64_t off = g * row_bytes + rs[0].chunk_byte;
+  const uint32_t off = g * row_bytes + static_cast<uint32_t>(rs[0].chunk_byte);
   const uint32_t* ps = reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(a.scales) + off);
   const uint32_t* pz = reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(a.zeros) + off);
   QC_DEVICE_CHECK(reinterpret_cast<uintptr_t>(ps) % 4 == 0 && reinterpret_cast<uintptr_t>(pz) % 4 == 0,
@@ -138,20 +147,17 @@ __device__ __forceinline__ void GroupStatsRows(const SpQRMatMulArgs& a, int64_t 
   const uint32_t qz = QuadFromWords(pz[low], three ? pz[2] : 0u, a.stat_bits, j);
   // second-level values: one load when the rows share their second-level group (stat_group_size a multiple of R)
   const uint16_t* st2 = a.stats2 + g * n2 * 4;
-  const bool shared = rs[0].stat_group == rs[rows - 1].stat_group;
-  float v0 = 0.f, v1 = 0.f, v2 = 0.f, v3 = 0.f;
+  float sa = 0.f, sb = 0.f, za = 0.f, zb = 0.f;  // s = sa c + sb, z + 128 = za c + zb
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    if (r >= rows) break;
-    QC_DEVICE_CHECK(rs[r].chunk_byte == rs[0].chunk_byte && rs[r].i == rs[0].i + r,
-                    "rows of one warp not consecutive in one statistics chunk");
     if (r == 0 || !shared) {
-      const uint2 v = *reinterpret_cast<const uint2*>(st2 + rs[r].stat_group * 4);
-      v0 = Half(v.x & 0xffffu), v1 = Half(v.x >> 16), v2 = Half(v.y & 0xffffu), v3 = Half(v.y >> 16);
+      const uint2 v = *reinterpret_cast<const uint2*>(st2 + static_cast<uint32_t>(rs[r].stat_group) * 4);
+      const float v0 = Half(v.x & 0xffffu), v1 = Half(v.x >> 16), v2 = Half(v.y & 0xffffu), v3 = Half(v.y >> 16);
+      sa = 256.f * v0, sb = -v0 * (128.f + v1);  // 128 + v1: exact (v1 is an fp16 value)
+      za = 256.f * v2, zb = fmaf(-v2, 128.f + v3, 128.f);
     }
-    // 256 * (1/2 + q/256) - 128 = q exactly
-    s[r] = v0 * (fmaf(CodeAsFloat(qs, b0 + r), 256.f, -128.f) - v1);
-    z[r] = v2 * (fmaf(CodeAsFloat(qz, b0 + r), 256.f, -128.f) - v3);
+    s[r] = fmaf(sa, CodeAsFloat(qs, b0 + r), sb);
+    z128[r] = fmaf(za, CodeAsFloat(qz, b0 + r), zb);
   }
 }
 
@@ -227,7 +233,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) SpQRMatMulKernel(const Sp
 //   warps then run through K with no further barriers;
 // - otherwise per slab of 1024 columns, staged between barriers, gathering through perm from global memory
 //   (kXSlabs) or, when X's rows fit, from a copy of them in shared memory (kXSlabsRows).
-// Lane c of a warp owns chunk c of each slab for the warp's 4 rows (2 at M > 2): it loads the chunk's 4*bits bytes
+// Lane c of a warp owns chunk c of each slab for the warp's R rows (GemvRowsPerWarp): it loads the chunk's 4*bits bytes
 // with one to three vector loads one slab ahead (the next slab's loads in flight while this one is computed),
 // decodes the codes four at a time (byte lanes of a 32-bit word, each turned into the float 1/2 + q/256 by one byte
 // permute: CodeAsFloat), and for each group segment g of the chunk (one, or two halves at group_size 16) adds
@@ -303,11 +309,13 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvK
   const int64_t row_bytes = spqr::PackedRowBytes(a.K, BITS);
   const int64_t n_groups = Div(a.K + a.group_size - 1, a.group_size);
   const bool halves = a.group_size == 16;
-  const int64_t stat_row_bytes = spqr::PackedRowBytes(a.N, a.stat_bits);
-  const int64_t n2 = a.stat_bits ? Div(a.N + a.stat_group_size - 1, a.stat_group_size) : 0;
+  const uint32_t stat_row_bytes = static_cast<uint32_t>(spqr::PackedRowBytes(a.N, a.stat_bits));
+  const uint32_t n2 = a.stat_bits ? static_cast<uint32_t>(Div(a.N + a.stat_group_size - 1, a.stat_group_size)) : 0;
+  // the rows' statistics positions, row indices clamped to N - 1 (GroupStatsRows decodes all R rows)
   StatRow stat_rows[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) stat_rows[r] = MakeStatRow(a, n0 + r);
+  for (int r = 0; r < R; ++r) stat_rows[r] = MakeStatRow(a, min(n0 + r, a.N - 1));
+  const bool stats_shared = stat_rows[0].stat_group == stat_rows[R - 1].stat_group;
 
   // dynamic shared memory: xs, xsum (GemvXsFloats) for all of K's chunks (kXResident) or one slab's, then at
   // kXSlabsRows X's rows [MT][K] of T, unpermuted (read once with coalesced loads, so that the permuted gathers of
@@ -419,9 +427,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvK
       }
       // then the statistics (after the sums: fewer values live through them), per group segment of the chunk: one
       // segment (group_size >= 32), or codes 0..15 and 16..31 (group_size 16)
-      const int64_t g_lo = Div(chunk * spqr::kChunk, a.group_size);
-      float s[R] = {}, z[R] = {};
-      if (rows > 0) GroupStatsRows<R>(a, n2, stat_row_bytes, g_lo, stat_rows, rows, s, z);
+      const uint32_t g_lo = static_cast<uint32_t>(Div(chunk * spqr::kChunk, a.group_size));
+      float s[R], z[R];  // z: the zero + 128 (the codes' offset: they are 1/2 + q/256)
+      GroupStatsRows<R>(a, n2, stat_row_bytes, g_lo, stat_rows, stats_shared, s, z);
       if (!halves) {
 #pragma unroll
         for (int r = 0; r < R; ++r)
@@ -429,7 +437,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvK
           for (int m = 0; m < MT; ++m) {
             const float* ps = xsum + (m * xs_chunks + c) * 2;
             const float dx = d[r][m][0] + d[r][m][1], sx = ps[0] + ps[1];
-            acc[r][m] += s[r] * (256.f * dx - (128.f + z[r]) * sx);
+            acc[r][m] += s[r] * (256.f * dx - z[r] * sx);
           }
       } else {
 #pragma unroll
@@ -437,16 +445,16 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvK
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
             const float sx = xsum[(m * xs_chunks + c) * 2];
-            acc[r][m] += s[r] * (256.f * d[r][m][0] - (128.f + z[r]) * sx);
+            acc[r][m] += s[r] * (256.f * d[r][m][0] - z[r] * sx);
           }
         if (g_lo + 1 < n_groups) {  // (past K X is zero: nothing to add)
-          if (rows > 0) GroupStatsRows<R>(a, n2, stat_row_bytes, g_lo + 1, stat_rows, rows, s, z);
+          GroupStatsRows<R>(a, n2, stat_row_bytes, g_lo + 1, stat_rows, stats_shared, s, z);
 #pragma unroll
           for (int r = 0; r < R; ++r)
 #pragma unroll
             for (int m = 0; m < MT; ++m) {
               const float sx = xsum[(m * xs_chunks + c) * 2 + 1];
-              acc[r][m] += s[r] * (256.f * d[r][m][1] - (128.f + z[r]) * sx);
+              acc[r][m] += s[r] * (256.f * d[r][m][1] - z[r] * sx);
             }
         }
       }
@@ -530,11 +538,12 @@ int MultiprocessorCount() {
 // The decode GEMV's cost model for its rows per warp (an estimate from static instruction counts, not a timing):
 // time ~ (blocks on the busiest SM) x (instructions of one block per 1024 columns of K) / (the SM's issue
 // efficiency), where a block of R rows per warp costs kGemvSlabInstr (the slab loop of one lane, R x 32 weights;
-// bench/cuda_sass.py, sm_90, fp16 X, 3 bits, group 16, 3-bit statistics) plus ~kGemvStageInstr per row of X (its
+// bench/cuda_sass.py, sm_90, fp16 X, 3 bits, group 16, 3-bit statistics; tests/test_cuda_sass.py holds the table
+// within 10 % of the compiled code) plus ~kGemvStageInstr per row of X (its
 // X staging: 4 columns per thread, perm gather, fp32 store, half-chunk sums), and an SM is taken to need
 // kGemvSaturatingWarps resident warps to hide its load latency (fewer: proportionally slower).
 constexpr int kGemvSlabInstr[4][3] = {  // [MT = 1, 2, 4, 8][R = 1, 2, 4]; 0: not offered
-    {276, 436, 764}, {0, 568, 912}, {422, 693, 0}, {607, 1080, 0}};
+    {269, 419, 692}, {0, 502, 842}, {421, 679, 0}, {608, 1014, 0}};
 constexpr int kGemvStageInstr = 45;
 constexpr int kGemvSaturatingWarps = 16;
 
@@ -826,7 +835,13 @@ int LaunchSpQRMatMul(const SpQRMatMulArgs& args, void* stream) {
   const dim3 block(kWarpsPerBlock * 32);
   const dim3 grid(static_cast<unsigned>((args.N + kWarpsPerBlock - 1) / kWarpsPerBlock));
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const bool gemv_groups = args.group_size == 16 || args.group_size % 32 == 0;
+  // the decode GEMV: its group sizes, and statistics arrays it can index with 32-bit offsets (GroupStatsRows)
+  const int64_t groups = (args.K + args.group_size - 1) / args.group_size;
+  const int64_t stat_bytes = groups * (args.stat_bits ? spqr::PackedRowBytes(args.N, args.stat_bits) : args.N * 2);
+  const int64_t stats2_bytes =
+      args.stat_bits ? groups * ((args.N + args.stat_group_size - 1) / args.stat_group_size) * 8 : 0;
+  const bool gemv_groups = (args.group_size == 16 || args.group_size % 32 == 0) && stat_bytes < (int64_t{1} << 31) &&
+                           stats2_bytes < (int64_t{1} << 31);
   if (UsesPrefill(args)) {
     SpQRMatMulArgs p = args;
     if (args.perm != nullptr) {
