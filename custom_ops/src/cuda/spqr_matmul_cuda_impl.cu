@@ -366,8 +366,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvK
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
   const int rows = static_cast<int>(min(static_cast<int64_t>(R), a.N - n0));  // <= 0 past N: the warp idles
   // chunk `chunk` of the warp's rows, at p for the first row (left as is past K or N)
-  auto load_words = [&](const uint8_t* p, int64_t chunk, ChunkWords<BITS>(&w)[R]) {
-    if (chunk * spqr::kChunk >= a.K) return;
+  const int K = static_cast<int>(a.K);  // (< 2^31 - 32: the launcher's limit) 32-bit slab and chunk arithmetic
+  auto load_words = [&](const uint8_t* p, int chunk, ChunkWords<BITS>(&w)[R]) {
+    if (chunk * spqr::kChunk >= K) return;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       if (r < rows) w[r] = LoadChunk<BITS>(p + r * row_bytes);
@@ -379,15 +380,14 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvK
   // one slab ahead (the next slab's chunks in flight while this one is staged and computed), except at MT = 8
   // (where the 3 * R more registers would spill)
   constexpr bool kAhead = MT <= 4;
-  ChunkWords<BITS> words[R] = {};
+  ChunkWords<BITS> words[R] = {}, next[R] = {};  // (zeroed once: each slab overwrites what it uses)
   if (kAhead) load_words(wp, lane, words);
   if (resident) stage(0);
 
-  for (int64_t k0 = 0; k0 < a.K; k0 += kSlab, wp += kSlabBytes) {
-    ChunkWords<BITS> next[R] = {};
+  for (int k0 = 0; k0 < K; k0 += kSlab, wp += kSlabBytes) {
     if (!kAhead) {
       load_words(wp, k0 / spqr::kChunk + lane, words);
-    } else if (k0 + kSlab < a.K) {
+    } else if (k0 + kSlab < K) {
       load_words(wp + kSlabBytes, (k0 + kSlab) / spqr::kChunk + lane, next);
     }
     if (!resident) {
@@ -395,8 +395,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvK
       stage(k0);
     }
 
-    const int64_t chunk = k0 / spqr::kChunk + lane;
-    if (chunk * spqr::kChunk < a.K) {
+    const int chunk = k0 / spqr::kChunk + lane;
+    if (chunk * spqr::kChunk < K) {
       const int c = resident ? static_cast<int>(chunk) : lane;  // the lane's chunk in xs
       // code sums per (row, X row, half): four codes at a time, X's four values loaded once for all rows
       float d[R][MT][2];
@@ -543,7 +543,7 @@ int MultiprocessorCount() {
 // X staging: 4 columns per thread, perm gather, fp32 store, half-chunk sums), and an SM is taken to need
 // kGemvSaturatingWarps resident warps to hide its load latency (fewer: proportionally slower).
 constexpr int kGemvSlabInstr[4][3] = {  // [MT = 1, 2, 4, 8][R = 1, 2, 4]; 0: not offered
-    {269, 419, 692}, {0, 502, 842}, {421, 679, 0}, {608, 1014, 0}};
+    {261, 404, 654}, {0, 495, 842}, {415, 668, 0}, {605, 1013, 0}};
 constexpr int kGemvStageInstr = 45;
 constexpr int kGemvSaturatingWarps = 16;
 
@@ -828,8 +828,9 @@ size_t ScratchBytes(const SpQRMatMulArgs& args) {
 
 int LaunchSpQRMatMul(const SpQRMatMulArgs& args, void* stream) {
   if (args.M == 0 || args.N == 0) return static_cast<int>(cudaSuccess);
-  constexpr int64_t kMax32 = (int64_t{1} << 31) - 1;  // the kernels divide in 32 bits (Div)
-  if (args.K + 32 > kMax32 || args.N + 32 > kMax32 || args.M * args.K > (int64_t{1} << 40)) {
+  // the kernels divide in 32 bits (Div); the decode GEMV counts columns in int up to a slab past K
+  constexpr int64_t kMax32 = (int64_t{1} << 31) - 1;
+  if (args.K + kSlab > kMax32 || args.N + 32 > kMax32 || args.M * args.K > (int64_t{1} << 40)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   const dim3 block(kWarpsPerBlock * 32);
