@@ -14,7 +14,8 @@ weight = count / (rows × 32).
 
 Needs nvcc (/usr/local/cuda/bin or PATH) and cuobjdump + nvdisasm (the CUDA toolkit's, or the pip wheels
 nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm of the dev extra).
-A static count is not a timing: memory stalls, dual issue and occupancy are not in it.
+A static count is not a timing: memory stalls and occupancy are not in it; the "cycles ≥" column is the bound from
+issue (one instruction per cycle) and the half-rate ALU pipe, whichever is larger.
 """
 
 from __future__ import annotations
@@ -107,6 +108,14 @@ def inner_loop_sizes(sass: str, kernel: str, op: str = "HMMA") -> list[int]:
     return [sum(1 for a, _ in ins if h <= a <= b) for h, b in nested]
 
 
+# Integer/logic instructions of the 16-lane ALU pipe of an sm_80-90 SM partition: a warp's takes 2 cycles there, where
+# the scheduler issues one instruction per cycle (FP32 runs on two 16-lane pipes, so at one warp per cycle). A slab
+# loop is bound by at least max(instructions, 2 x ALU) cycles per warp and partition (IMAD, on the FMA-heavy pipe, and
+# memory instructions are left out of the ALU count).
+ALU_HALF_RATE = {"PRMT", "LOP3", "SHF", "IADD3", "ISETP", "LEA", "SEL", "VIADD", "MOV", "IMNMX", "VIMNMX", "FSEL",
+                 "SGXT", "BMSK", "FLO", "POPC"}
+
+
 def pinned_sass(arch: str, stat_bits: int, group_size: int) -> str:
     """SASS of spqr_matmul_cuda_impl.cu for `arch`, with the statistics width and group size pinned to constants, the
     warp's rows sharing their second-level group (stat_group_size a multiple of 4, as every preset) and X resident in
@@ -146,16 +155,18 @@ def main(argv=None) -> int:
     t = "6__half" if args.x == "half" else "f"
     print(f"{args.arch}, X {args.x}, stat bits {args.stat_bits}, group size {args.group_size}, X resident: "
           "SpQRGemvKernel slab loop (all of it), per lane")
-    print("| bits | rows of X (MT) | rows per warp | instructions | per weight | calls | top instructions |")
-    print("|--:|--:|--:|--:|--:|--:|---|")
+    print("| bits | rows of X (MT) | rows per warp | instructions | per weight | ALU (half rate) | cycles ≥ | calls | "
+          "top instructions |")
+    print("|--:|--:|--:|--:|--:|--:|--:|--:|---|")
     for bits in (2, 3, 4):
         for mt in (1, 2, 4, 8):
             for rows in GEMV_ROWS[mt]:
                 body = hot_loop(sass, f"SpQRGemvKernelI{t}Li{bits}ELi{mt}ELi{rows}E")
                 ops = Counter((b.split()[1] if b.startswith("@") else b.split()[0]).split(".")[0] for b in body)
                 top = ", ".join(f"{k} {v}" for k, v in ops.most_common(5))
-                print(f"| {bits} | {mt} | {rows} | {len(body)} | {len(body) / (rows * 32):.2f} | "
-                      f"{ops.get('CALL', 0)} | {top} |")
+                alu = sum(v for k, v in ops.items() if k in ALU_HALF_RATE)
+                print(f"| {bits} | {mt} | {rows} | {len(body)} | {len(body) / (rows * 32):.2f} | {alu} | "
+                      f"{max(len(body), 2 * alu)} | {ops.get('CALL', 0)} | {top} |")
     print()
     print(f"{args.arch}: SpQRMatMulPrefillKernel<bits> chunk loop (64 rows of W x 32 columns per block of 128 threads), "
           "per thread; static, nested loops (X staging, outliers) counted once")
