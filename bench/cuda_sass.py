@@ -119,13 +119,18 @@ ALU_HALF_RATE = {"PRMT", "LOP3", "SHF", "IADD3", "ISETP", "LEA", "SEL", "VIADD",
 def pinned_sass(arch: str, stat_bits: int, group_size: int) -> str:
     """SASS of spqr_matmul_cuda_impl.cu for `arch`, with the statistics width and group size pinned to constants, the
     warp's rows sharing their second-level group (stat_group_size a multiple of 4, as every preset) and X resident in
-    shared memory (M = 1 up to K ~ 24k on H100-class parts): the branches not taken drop out of the slab loop."""
+    shared memory (M = 1 up to K ~ 24k on H100-class parts); in the prefill kernel an interior chunk (no code quad
+    across a group boundary or K's end) and 16-byte-aligned X: the branches not taken drop out of the loops."""
     src = (SRC / "cuda" / "spqr_matmul_cuda_impl.cu").read_text()
     src = src.replace("a.stat_bits", str(stat_bits)).replace("a.group_size", str(group_size))
     for pin, value in (("const bool stats_shared = stat_rows[0].stat_group == stat_rows[R - 1].stat_group;",
                         "const bool stats_shared = true;"),
                        ("const bool resident = mode == kXResident;", "const bool resident = true;"),
-                       ("if (mode == kXSlabsRows) {", "if (false) {")):
+                       ("if (mode == kXSlabsRows) {", "if (false) {"),
+                       # prefill: an interior chunk (no quad across a group boundary or K's end), X 16-byte aligned
+                       ("const bool quad_groups = next % 4 == 0 && !tail;", "const bool quad_groups = true;"),
+                       ("const bool x_vec = a.K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;",
+                        "const bool x_vec = true;")):
         if src.count(pin) != 1:
             raise SystemExit(f"bench/cuda_sass.py: {pin!r} moved; update the pin")
         src = src.replace(pin, value)

@@ -676,6 +676,7 @@ void LaunchGemv(const SpQRMatMulArgs& a, cudaStream_t s) {
 // bytes at a time where K allows (K % 8 == 0); its rows past M are never read into the stored outputs, so not staged.
 constexpr int kTileM = 64, kTileN = 64, kTileK = spqr::kChunk, kTilePad = 8;
 constexpr int kPrefillThreads = 128;
+static_assert(kPrefillThreads == 2 * kTileN, "two threads per tile row load its statistics (one per group)");
 
 template <int BITS>
 __global__ void __launch_bounds__(kPrefillThreads, 4) SpQRMatMulPrefillKernel(const SpQRMatMulArgs a) {
@@ -683,7 +684,9 @@ __global__ void __launch_bounds__(kPrefillThreads, 4) SpQRMatMulPrefillKernel(co
   __shared__ __align__(32) __half xs[kTileM][kTileK + kTilePad];
   __shared__ __align__(32) __half ws[kTileN][kTileK + kTilePad];
   __shared__ __align__(32) float out[kTileM][kTileN + 4];
-  __shared__ float st_s[kTileN][2], st_z[kTileN][2];
+  // per (row, group i of the chunk): w = s (q - z) as fmaf(256 s, c, -s (128 + z)) with c = CodeAsFloat = 1/2 + q/256
+  // (the format allows fma(q, s, -s z); the rounding of -s (128 + z), ~1e-5 s, is far below fp16's)
+  __shared__ float st_a[kTileN][2], st_b[kTileN][2];
 
   const __half* __restrict__ x = static_cast<const __half*>(a.x);
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM, n0 = static_cast<int64_t>(blockIdx.x) * kTileN;
@@ -696,17 +699,29 @@ __global__ void __launch_bounds__(kPrefillThreads, 4) SpQRMatMulPrefillKernel(co
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
   for (auto& row : acc)
     for (auto& f : row) wmma::fill_fragment(f, 0.f);
+  // thread t: the statistics of row st_r = t / 2 of the tile, group st_i = t % 2 of each chunk (rows past N: 0);
+  // where that row's statistics live, computed once
+  const int st_r = threadIdx.x >> 1, st_i = threadIdx.x & 1;
+  const bool st_valid = n0 + st_r < a.N;
+  const StatRow st_row = MakeStatRow(a, st_valid ? n0 + st_r : 0);
+  const int64_t st_n2 = a.stat_bits ? Div(a.N + a.stat_group_size - 1, a.stat_group_size) : 0;
+  const int64_t st_row_bytes = spqr::PackedRowBytes(a.N, a.stat_bits);
+  // thread t < kTileN: the CSR entries of row n0 + t not yet added, [op, op_end)
+  int32_t op = 0, op_end = 0;
+  if (a.row_ptr != nullptr && threadIdx.x < kTileN && n0 + threadIdx.x < a.N) {
+    op = a.row_ptr[n0 + threadIdx.x];
+    op_end = a.row_ptr[n0 + threadIdx.x + 1];
+  }
 
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t k0 = c * kTileK;
-    // statistics of the chunk's groups: (row r, group k0 / gs + i) for i = 0, 1
+    // statistics of the chunk's groups: (row st_r, group k0 / gs + st_i)
     {
-      const int r = threadIdx.x >> 1, i = threadIdx.x & 1;
-      const int64_t n = n0 + r, g = Div(k0, a.group_size) + i;
+      const int64_t g = Div(k0, a.group_size) + st_i;
       float sv = 0.f, zv = 0.f;
-      if (n < a.N && g * a.group_size < a.K) GroupStats(a, g, n, sv, zv);
-      st_s[r][i] = sv;
-      st_z[r][i] = zv;
+      if (st_valid && g * a.group_size < a.K) GroupStatsAt(a, st_n2, st_row_bytes, g, st_row, sv, zv);
+      st_a[st_r][st_i] = 256.f * sv;
+      st_b[st_r][st_i] = -sv * (128.f + zv);
     }
     // X: 8 columns per step, (row r, columns 8v .. 8v+7) for e = 4r + v; rows past M are left as they are (they only
     // reach output rows past M, which are not stored)
@@ -731,6 +746,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 4) SpQRMatMulPrefillKernel(co
     const int tail_cols = static_cast<int>(a.K - k0);
     const int next = static_cast<int>(min(static_cast<int64_t>(kTileK),
                                           (Div(k0, a.group_size) + 1) * a.group_size - k0));
+    const bool quad_groups = next % 4 == 0 && !tail;  // the common case: no quad straddles a group or K's end
 #pragma unroll
     for (int it = 0; it < kTileN * 8 / kPrefillThreads; ++it) {
       const int e = threadIdx.x + it * kPrefillThreads, r = e >> 3, j = e & 7;
@@ -744,31 +760,32 @@ __global__ void __launch_bounds__(kPrefillThreads, 4) SpQRMatMulPrefillKernel(co
       }
       const uint32_t q = QuadFromWords(lo, hi, BITS, j);
       // (rows past N: statistics 0, so weights 0)
-      const float s0 = st_s[r][0], s1 = st_s[r][1], z0 = st_z[r][0], z1 = st_z[r][1];
       uint32_t h[4];
+      if (quad_groups) {  // the quad in one group and inside K: its (a, b) once
+        const int i = 4 * j >= next;
+        const float sa = st_a[r][i], sb = st_b[r][i];
 #pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        const float code = fmaf(CodeAsFloat(q, b), 256.f, -128.f);  // exactly q_b
-        const bool second = 4 * j + b >= next;
-        float wv = (second ? s1 : s0) * (code - (second ? z1 : z0));
-        if (tail && 4 * j + b >= tail_cols) wv = 0.f;  // past K (the last chunk only)
-        h[b] = __half_as_ushort(__float2half(wv));
+        for (int b = 0; b < 4; ++b) h[b] = __half_as_ushort(__float2half(fmaf(sa, CodeAsFloat(q, b), sb)));
+      } else {  // a group boundary inside the quad (β1 not a multiple of 4), or the last chunk
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          const int i = 4 * j + b >= next;
+          float wv = fmaf(st_a[r][i], CodeAsFloat(q, b), st_b[r][i]);
+          if (tail && 4 * j + b >= tail_cols) wv = 0.f;  // past K (the last chunk only)
+          h[b] = __half_as_ushort(__float2half(wv));
+        }
       }
       QC_DEVICE_CHECK(reinterpret_cast<uintptr_t>(&ws[r][4 * j]) % 8 == 0, "W tile not 8-byte aligned");
       *reinterpret_cast<uint2*>(&ws[r][4 * j]) = make_uint2(h[0] | h[1] << 16, h[2] | h[3] << 16);
     }
     __syncthreads();
-    if (a.row_ptr != nullptr && threadIdx.x < kTileN) {  // the tile rows' outliers in this chunk, a thread per row
-      const int64_t n = n0 + threadIdx.x;
-      if (n < a.N) {
-        for (int32_t p = a.row_ptr[n]; p < a.row_ptr[n + 1]; ++p) {
-          const int64_t j = a.col_idx[p];
-          if (j >= k0 && j < k0 + kTileK) {
-            __half& t = ws[threadIdx.x][j - k0];
-            t = __float2half(__half2float(t) + Half(a.values[p]));
-          }
-        }
-      }
+    // the tile rows' outliers in this chunk, a thread per row, each walking its row's entries once over all chunks
+    // (columns strictly increase within a row: docs/spqr-format.md)
+    for (; op < op_end; ++op) {
+      const int j = a.col_idx[op] - static_cast<int>(k0);
+      if (j >= kTileK) break;
+      __half& t = ws[threadIdx.x][j];
+      t = __float2half(__half2float(t) + Half(a.values[op]));
     }
     __syncthreads();
 #pragma unroll
