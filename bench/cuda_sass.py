@@ -33,6 +33,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # rows per warp each tile of MT rows of X offers (GemvOffers in the .cu), most first
 GEMV_ROWS = {1: (4, 2, 1), 2: (4, 2), 4: (2, 1), 8: (2, 1)}
+# the prefill kernel's tiles (PrefillSmall, PrefillLarge in the .cu): rows of X, rows of W, threads
+PREFILL_TILES = ((64, 64, 128), (128, 128, 256))
+
+
+def prefill_kernel(bits: int, tm: int, tn: int) -> str:
+    """function_sass pattern of SpQRMatMulPrefillKernel<bits, PrefillTile<tm, tn, ...>>."""
+    return f"SpQRMatMulPrefillKernelILi{bits}E*PrefillTileILi{tm}ELi{tn}E"
 SRC = REPO / "custom_ops" / "src"
 
 
@@ -63,8 +70,9 @@ def disassemble(cubin: Path) -> str:
 
 
 def function_sass(sass: str, kernel: str) -> str:
-    """The SASS text of the first function whose name contains `kernel`."""
-    m = re.search(r"Function : \S*" + re.escape(kernel) + r"\S*\n(.*?)(?=\n\s*Function :|\Z)", sass, re.S)
+    """The SASS text of the first function whose name contains `kernel` (where "*" stands for any text)."""
+    name = r"\S*".join(re.escape(part) for part in kernel.split("*"))  # "*": any mangled text in between
+    m = re.search(r"Function : \S*" + name + r"\S*\n(.*?)(?=\n\s*Function :|\Z)", sass, re.S)
     if m is None:
         raise SystemExit(f"no function matching {kernel}")
     return m.group(1)
@@ -173,14 +181,17 @@ def main(argv=None) -> int:
                 print(f"| {bits} | {mt} | {rows} | {len(body)} | {len(body) / (rows * 32):.2f} | {alu} | "
                       f"{max(len(body), 2 * alu)} | {ops.get('CALL', 0)} | {top} |")
     print()
-    print(f"{args.arch}: SpQRMatMulPrefillKernel<bits> chunk loop (64 rows of W x 32 columns per block of 128 threads), "
-          "per thread; static, nested loops (X staging, outliers) counted once")
-    print("| bits | instructions | nested loops |")
-    print("|--:|--:|---|")
+    print(f"{args.arch}: SpQRMatMulPrefillKernel<bits, tile> chunk loop (tile rows of W x 32 columns per block), per "
+          "thread; static, nested loops (X staging, outliers) counted once; per weight x row of X: instructions of "
+          "all the block's threads per (weight, row of X) of its tile")
+    print("| bits | tile (X rows x W rows, threads) | instructions | per weight x row of X | nested loops |")
+    print("|--:|---|--:|--:|---|")
     for bits in (2, 3, 4):
-        kernel = f"SpQRMatMulPrefillKernelILi{bits}E"
-        body = hot_loop(sass, kernel, "HMMA")
-        print(f"| {bits} | {len(body)} | {', '.join(map(str, inner_loop_sizes(sass, kernel)))} |")
+        for tm, tn, threads in PREFILL_TILES:
+            kernel = prefill_kernel(bits, tm, tn)
+            body = hot_loop(sass, kernel, "HMMA")
+            print(f"| {bits} | {tm} x {tn}, {threads} | {len(body)} | {len(body) * threads / (tn * 32 * tm):.3f} | "
+                  f"{', '.join(map(str, inner_loop_sizes(sass, kernel)))} |")
     return 0
 
 

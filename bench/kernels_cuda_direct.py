@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 from kernels import SPQR_PRESETS  # noqa: E402  (the same presets as the CPU and ORT-GPU benchmarks)
-from kernels_gpu import (copies_for, copy_bandwidth_gbs, gemv_environment, gemv_settings,  # noqa: E402
-                         gpu_bench_arguments)
+from kernels_gpu import (copies_for, copy_bandwidth_gbs, gpu_bench_arguments, launch_environment,  # noqa: E402
+                         launch_settings)
 
 VARIANTS = ["spqr-w3", "spqr-w4"]
 
@@ -107,16 +107,17 @@ def main(argv=None) -> int:
             base = time_graph(lambda: [torch.matmul(x, w, out=y) for w, y in zip(ws, ys)], repeat=args.repeat,
                               number=args.number) / copies
             refs = {v: w.matmul(x_np.astype(np.float32)) for v, w in weights.items()}  # once per variant and batch
-            # the default's rows per warp in its label (the launcher's choice for this GPU)
-            chosen = f" (rows={kernel.gemv_rows_per_warp(M, N, sms)})" if M <= 8 else ""
+            # the default's launch shape in its label (the launcher's choice for this GPU; fp16 X, as timed here)
+            chosen = (f" (rows={kernel.gemv_rows_per_warp(M, N, sms)})" if M <= 8 else
+                      f" (tile={128 if kernel.prefill_uses_large_tile(M, N, sms) else 64})")
             runs = [("fp16", "fp16", None, {})] + [(v, v + (suffix or chosen), w, env) for v, w in weights.items()
-                                                   for suffix, env in gemv_settings(args, M)]
+                                                   for suffix, env in launch_settings(args, M)]
             for v, label, w, env in runs:
                 if w is None:
                     t, nbytes, err = base, K * N * 2, float("nan")
                 else:
                     try:
-                        with gemv_environment(env):  # read at each launch, so at graph capture
+                        with launch_environment(env):  # read at each launch, so at graph capture
                             nbytes = weight_bytes(w)
                             n = copies_for(nbytes, args.stream_mb)
                             launches = [kernel.launch(w, x_np, x_device=x) for _ in range(n)]

@@ -16,7 +16,7 @@ at 4096×11008.
 
     python bench/kernels_gpu.py                                   # 4096x11008 and 11008x4096, batches 1, 16, 512
     python bench/kernels_gpu.py --shapes 4096x11008 --batches 1 -o $OUT/kernels-gpu.md
-    python bench/kernels_gpu.py --batches 1 --variants fp16,spqr-w3 --gemv-x slabs,rows --gemv-rows 2,1  # A/B
+    python bench/kernels_gpu.py --batches 1 --variants fp16,spqr-w3 --gemv-x slabs,rows --gemv-rows 2,1 --prefill-tile 64,128  # A/B
 
 Needs a CUDA GPU, onnxruntime-gpu, torch with CUDA (for the copy bandwidth) and the op library built with CUDA.
 """
@@ -161,30 +161,33 @@ def time_run(run: GpuRun, *, repeat: int, number: int) -> float:
     return statistics.median(rounds)
 
 
-GEMV_VARIABLES = ("QCOMPILER_CUDA_GEMV_X", "QCOMPILER_CUDA_GEMV_ROWS")
+# the launcher's choices a benchmark can force, by option: (option attribute, variable, label, batches it applies to)
+LAUNCH_CHOICES = (("gemv_x", "QCOMPILER_CUDA_GEMV_X", "x", lambda M: M <= 8),
+                  ("gemv_rows", "QCOMPILER_CUDA_GEMV_ROWS", "rows", lambda M: M <= 8),
+                  ("prefill_tile", "QCOMPILER_CUDA_PREFILL_TILE", "tile", lambda M: M >= 9))
 
 
-def gemv_settings(args, M: int) -> list:
-    """(label suffix, environment) of each decode GEMV setting to time at batch M: the default (suffix ""), then, at
-    M <= 8, each --gemv-x mode and --gemv-rows count (suffix " [x=slabs]", " [rows=2]")."""
+def launch_settings(args, M: int) -> list:
+    """(label suffix, environment) of each SpQR launch setting to time at batch M: the default (suffix ""), then each
+    value of the options that apply at M: --gemv-x, --gemv-rows at M <= 8 (suffix " [x=slabs]", " [rows=2]"),
+    --prefill-tile from 9 rows (" [tile=128]")."""
     out = [("", {})]
-    if M <= 8:
-        for option, variable in zip((args.gemv_x, args.gemv_rows), GEMV_VARIABLES):
-            name = "x" if variable.endswith("_X") else "rows"
-            out += [(f" [{name}={v}]", {variable: v}) for v in option.split(",") if v and v != "default"]
+    for attr, variable, name, applies in LAUNCH_CHOICES:
+        if applies(M):
+            out += [(f" [{name}={v}]", {variable: v}) for v in getattr(args, attr).split(",") if v and v != "default"]
     return out
 
 
 @contextlib.contextmanager
-def gemv_environment(env: dict):
+def launch_environment(env: dict):
     """The launcher reads these variables at each launch (so at graph capture): set only while a run is made."""
-    for v in GEMV_VARIABLES:
+    for _, v, _, _ in LAUNCH_CHOICES:
         os.environ.pop(v, None)
     os.environ.update(env)
     try:
         yield
     finally:
-        for v in GEMV_VARIABLES:
+        for _, v, _, _ in LAUNCH_CHOICES:
             os.environ.pop(v, None)
 
 
@@ -204,6 +207,9 @@ def gpu_bench_arguments(p: argparse.ArgumentParser, variants: list) -> None:
                    help="SpQR at batch <= 8: the decode GEMV's rows per warp to time besides its default choice, "
                         "comma-separated, of 4, 2, 1 (QCOMPILER_CUDA_GEMV_ROWS; a count the tile does not offer "
                         "falls back)")
+    p.add_argument("--prefill-tile", default="default",
+                   help="SpQR from batch 9 (fp16): the prefill kernel's tiles to time besides its default choice, "
+                        "comma-separated, of 64, 128 (QCOMPILER_CUDA_PREFILL_TILE)")
     p.add_argument("-o", "--output", type=Path, default=None, help="also write the table here (and .json)")
 
 
@@ -236,11 +242,11 @@ def main(argv=None) -> int:
             x = rng.standard_normal((M, K)).astype(np.float16)
             base = None
             runs = [(v, v + suffix, env) for v in models
-                    for suffix, env in (gemv_settings(args, M) if v.startswith("spqr") else [("", {})])]
+                    for suffix, env in (launch_settings(args, M) if v.startswith("spqr") else [("", {})])]
             for v, label, env in runs:
                 model, copies, nbytes = models[v]
                 try:
-                    with gemv_environment(env):  # (plain runs read it at each launch)
+                    with launch_environment(env):  # (plain runs read it at each launch)
                         run = GpuRun(model, x, cuda_graph=not args.no_cuda_graph)
                         t = time_run(run, repeat=args.repeat, number=args.number) / copies
                 except Exception as e:  # a variant that does not run here is reported, not fatal

@@ -4,8 +4,8 @@
 # nvcc, numpy, onnx, pytest — and neither onnxruntime-gpu nor a CUDA build of the op library: the kernels are built
 # by nvcc for the GPU at hand and called directly (tests/cuda_direct.py).
 #   1. the kernel tests on the GPU (`direct` backend of tests/test_spqr_matmul_cuda.py; a skip is an error),
-#   2. the benchmark vs fp16 cuBLAS, with the decode GEMV's X staging modes and rows per warp side by side
-#      (bench/kernels_cuda_direct.py).
+#   2. the benchmark vs fp16 cuBLAS, with the decode GEMV's X staging modes and rows per warp and the prefill
+#      kernel's tiles side by side (bench/kernels_cuda_direct.py).
 # Results and logs under $OUT (the tool's), else ./gpu-out.
 set -uo pipefail
 out=${OUT:-gpu-out}
@@ -16,7 +16,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 QCOMPILER_REQUIRE_GPU=1 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -k direct \
   tests/test_spqr_matmul_cuda.py 2>&1 | tee "$out/tests.log"
 tests=$?
-timeout 300 python3 bench/kernels_cuda_direct.py --gemv-x slabs --gemv-rows 4,2,1 \
+timeout 300 python3 bench/kernels_cuda_direct.py --gemv-x slabs --gemv-rows 4,2,1 --prefill-tile 64,128 \
   -o "$out/kernels-cuda-direct.md" 2>&1 | tee "$out/bench.log"
 bench=$?
 echo "tests exit $tests, benchmark exit $bench"

@@ -127,7 +127,13 @@ class EmulatedKernel:
                                            p, ctypes.c_uint, ctypes.c_char_p, ctypes.c_size_t]
         lib.qc_emu_gemv_rows_per_warp.restype = i32
         lib.qc_emu_gemv_rows_per_warp.argtypes = [i64, i64, i32]
+        lib.qc_emu_prefill_uses_large_tile.restype = i32
+        lib.qc_emu_prefill_uses_large_tile.argtypes = [i64, i64, i32]
         self.lib = lib
+
+    def prefill_uses_large_tile(self, M: int, N: int, sms: int) -> bool:
+        """Whether the prefill kernel takes its 128 x 128 tile for M rows of X and N outputs on `sms` multiprocessors."""
+        return bool(self.lib.qc_emu_prefill_uses_large_tile(M, N, sms))
 
     def gemv_rows_per_warp(self, M: int, N: int, sms: int) -> int:
         """Rows per warp the decode GEMV takes for M rows of X and N outputs on a GPU of `sms` multiprocessors."""

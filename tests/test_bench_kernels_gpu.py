@@ -51,40 +51,44 @@ def test_copies_cover_the_stream_size(bench):
     assert bench.copies_for(600_000_000, 512) == 1
 
 
-def test_main_prints_a_row_per_variant_and_gemv_setting(bench, monkeypatch, tmp_path):
-    """The table and JSON code path, with the GPU parts replaced (a session that only records the decode GEMV
-    settings it was created and run under, a fixed copy bandwidth): every variant and, for SpQR at batch <= 8, every
-    --gemv-x mode and --gemv-rows count gets a row with numbers, and a setting is in the environment only while its
-    session is made and timed."""
+VARIABLES = ("QCOMPILER_CUDA_GEMV_X", "QCOMPILER_CUDA_GEMV_ROWS", "QCOMPILER_CUDA_PREFILL_TILE")
+
+
+def test_main_prints_a_row_per_variant_and_launch_setting(bench, monkeypatch, tmp_path):
+    """The table and JSON code path, with the GPU parts replaced (a session that only records the launch
+    settings it was created and run under, a fixed copy bandwidth): every variant and, for SpQR, every --gemv-x mode
+    and --gemv-rows count at batch <= 8 and every --prefill-tile from 9 gets a row with numbers, and a setting is in
+    the environment only while its session is made and timed."""
     import onnxruntime as ort
 
     made, timed = [], []
 
     class FakeRun:
         def __init__(self, model, x, *, cuda_graph):
-            made.append((model.graph.node[0].op_type, x.shape[0], os.environ.get("QCOMPILER_CUDA_GEMV_X"),
-                         os.environ.get("QCOMPILER_CUDA_GEMV_ROWS")))
+            made.append((model.graph.node[0].op_type, x.shape[0], *map(os.environ.get, VARIABLES)))
 
         def __call__(self):  # plain runs read the variables at each launch: still set while timed
-            timed.append((os.environ.get("QCOMPILER_CUDA_GEMV_X"), os.environ.get("QCOMPILER_CUDA_GEMV_ROWS")))
+            timed.append(tuple(map(os.environ.get, VARIABLES)))
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(bench, "GpuRun", FakeRun)
     monkeypatch.setattr(bench, "copy_bandwidth_gbs", lambda: 1000.0)
-    monkeypatch.delenv("QCOMPILER_CUDA_GEMV_X", raising=False)
-    monkeypatch.delenv("QCOMPILER_CUDA_GEMV_ROWS", raising=False)
+    for v in VARIABLES:
+        monkeypatch.delenv(v, raising=False)
     out = tmp_path / "k.md"
     assert bench.main(["--shapes", "64x48", "--batches", "1,16", "--variants", "fp16,spqr-w3", "--stream-mb", "0.01",
                        "--repeat", "1", "--number", "1", "--gemv-x", "default,slabs", "--gemv-rows", "2",
-                       "-o", str(out)]) == 0
-    assert made == [("MatMul", 1, None, None), ("SpQRMatMul", 1, None, None), ("SpQRMatMul", 1, "slabs", None),
-                    ("SpQRMatMul", 1, None, "2"), ("MatMul", 16, None, None), ("SpQRMatMul", 16, None, None)]
-    assert set(timed) == {(None, None), ("slabs", None), (None, "2")}
+                       "--prefill-tile", "128", "-o", str(out)]) == 0
+    assert made == [("MatMul", 1, None, None, None), ("SpQRMatMul", 1, None, None, None),
+                    ("SpQRMatMul", 1, "slabs", None, None), ("SpQRMatMul", 1, None, "2", None),
+                    ("MatMul", 16, None, None, None), ("SpQRMatMul", 16, None, None, None),
+                    ("SpQRMatMul", 16, None, None, "128")]
+    assert set(timed) == {(None, None, None), ("slabs", None, None), (None, "2", None), (None, None, "128")}
     rows = [line for line in out.read_text().splitlines() if line.startswith("| 64x48")]
     assert [r.split(" | ")[2] for r in rows] == ["fp16", "spqr-w3", "spqr-w3 [x=slabs]", "spqr-w3 [rows=2]", "fp16",
-                                                 "spqr-w3"]
+                                                 "spqr-w3", "spqr-w3 [tile=128]"]
     assert all("failed" not in r and r.count("|") == 9 for r in rows)
-    assert "QCOMPILER_CUDA_GEMV_X" not in os.environ and "QCOMPILER_CUDA_GEMV_ROWS" not in os.environ
+    assert not any(v in os.environ for v in VARIABLES)
 
 
 @pytest.mark.parametrize("variant", ["spqr-w3", "spqr-w4"])

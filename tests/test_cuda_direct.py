@@ -47,11 +47,13 @@ def test_host_side_answers(kernel):
     assert kernel.lib.qc_cuda_error_string(err).decode() == "invalid argument"
 
 
-def test_gemv_rows_per_warp_is_the_launchers_choice(kernel):  # (same function as the emulation's, in nvcc's build)
+def test_launch_choices_are_the_launchers(kernel):  # (same function as the emulation's, in nvcc's build)
     assert [kernel.gemv_rows_per_warp(1, n, 132) for n in (576, 4096, 11008)] == [1, 2, 4]
+    assert [kernel.prefill_uses_large_tile(m, 11008, 132) for m in (64, 512)] == [False, True]
 
 
 def test_exports_its_c_entries():  # (built with hidden visibility: only what is marked default is there)
     lib = ctypes.CDLL(str(cuda_direct.build("sm_90")))
-    for name in ("qc_cuda_scratch_bytes", "qc_cuda_spqr_matmul", "qc_cuda_error_string", "qc_cuda_gemv_rows_per_warp"):
+    for name in ("qc_cuda_scratch_bytes", "qc_cuda_spqr_matmul", "qc_cuda_error_string", "qc_cuda_gemv_rows_per_warp",
+                 "qc_cuda_prefill_uses_large_tile"):
         assert hasattr(lib, name)

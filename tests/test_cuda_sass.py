@@ -29,7 +29,7 @@ def compiled(tmp_path_factory):
 def test_no_kernel_spills(compiled):
     ptxas, _, _ = compiled
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)
-    assert len(spills) >= 60  # 54 decode GEMV instantiations, 2 row kernels, 3 prefill, permute
+    assert len(spills) >= 63  # 54 decode GEMV instantiations, 2 row kernels, 6 prefill, permute
     assert all(s == ("0", "0") for s in spills), ptxas
 
 
@@ -66,7 +66,8 @@ def test_gemv_cost_model_matches_the_compiled_slab_loops(compiled):
             assert abs(table[i][j] - measured) <= 0.1 * measured, (mt, rows, table[i][j], measured)
 
 
-@pytest.mark.parametrize("kernel", ["SpQRMatMulPrefillKernel", "SpQRMatMulKernelIfE", "SpQRMatMulKernelI6__halfE"])
+@pytest.mark.parametrize("kernel", ["SpQRMatMulPrefillKernel*PrefillTileILi64E", "SpQRMatMulPrefillKernel*PrefillTileILi128E",
+                                    "SpQRMatMulKernelIfE", "SpQRMatMulKernelI6__halfE"])
 def test_other_kernels_call_nothing(compiled, kernel):
     _, sass, tool = compiled
     assert not re.findall(r"\bCALL\b", tool.function_sass(sass, kernel))

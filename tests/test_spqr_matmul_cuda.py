@@ -104,19 +104,26 @@ _GEMV_ROWS = {1: ("4", "2", "1"), 2: ("4", "2"), 4: ("2", "1"), 8: ("2", "1")}
 
 
 def _check(run, weight: SpQRWeight, x: np.ndarray, **kw) -> None:
-    """`run` against the reference; at M <= 8 (the decode GEMV, where its group size allows) once per rows per warp
-    the tile offers, unless the test forces one (QCOMPILER_CUDA_GEMV_ROWS): the launcher's own choice depends on the
-    device's SM count, so the emulated cases would otherwise only see the counts it picks for their small N."""
+    """`run` against the reference, once per launch shape the launcher chooses between by the device's SM count (so
+    that the emulated cases, whose small N would only see some of them, see all), unless the test forces one: at
+    M <= 8 (the decode GEMV) each rows per warp its tile offers (QCOMPILER_CUDA_GEMV_ROWS), with fp16 X from 9 rows
+    (the prefill kernel) both tiles (QCOMPILER_CUDA_PREFILL_TILE)."""
     M = int(np.prod(x.shape[:-1]))
-    if M > 8 or os.environ.get("QCOMPILER_CUDA_GEMV_ROWS"):
+    if M <= 8:
+        variable, values = "QCOMPILER_CUDA_GEMV_ROWS", _GEMV_ROWS[next(t for t in (1, 2, 4, 8) if M <= t)]
+    elif x.dtype == np.float16:
+        variable, values = "QCOMPILER_CUDA_PREFILL_TILE", ("64", "128")
+    else:
+        variable, values = None, ()
+    if variable is None or os.environ.get(variable):
         assert_matches_reference(weight, x, run(weight, x, **kw))
         return
-    for rows in _GEMV_ROWS[next(t for t in (1, 2, 4, 8) if M <= t)]:
-        os.environ["QCOMPILER_CUDA_GEMV_ROWS"] = rows
+    for value in values:
+        os.environ[variable] = value
         try:
             assert_matches_reference(weight, x, run(weight, x, **kw))
         finally:
-            del os.environ["QCOMPILER_CUDA_GEMV_ROWS"]
+            del os.environ[variable]
 
 
 def _x(shape, dtype=np.float32, seed=1) -> np.ndarray:
@@ -197,6 +204,29 @@ def test_gemv_rows_choice(emulated_kernel):
     assert [choose(m, 576, 132) for m in (2, 4)] == [2, 1]
     assert choose(1, 4096, 0) == 4 and choose(5, 4096, 0) == 2  # SM count unknown: the most
     assert choose(1, 4096, 16) == 4  # a 16-SM part (Jetson AGX Orin) is filled by 4 rows per warp
+
+
+# The prefill kernel's tiles (QCOMPILER_CUDA_PREFILL_TILE forces one): M = 200 spans two 128-row tiles (the second
+# ragged) and four 64-row ones; N = 150 leaves the last tile of either width ragged; outliers and permutation on.
+@pytest.mark.parametrize("tile", ["64", "128"])
+@pytest.mark.parametrize("bits,group_size", [(3, 16), (2, 64), (4, 50)])
+def test_prefill_tiles(run, monkeypatch, tile, bits, group_size):
+    monkeypatch.setenv("QCOMPILER_CUDA_PREFILL_TILE", tile)
+    w = random_weight(N=150, K=200, bits=bits, group_size=group_size, stat_bits=3, stat_group_size=16,
+                      outlier_rate=0.03, permute=True, bias=True, seed=bits)
+    _check(run, w, _x((200, 200), np.float16, seed=bits))
+
+
+# The launcher's prefill tile: 64 x 64 up to 64 rows of X; 128 x 128 beyond, where its grid gives every SM a block
+# (else the smaller tile's more blocks); the larger where the SM count is unknown.
+@pytest.mark.skipif(cuda_emu.compiler() is None, reason="no C++ compiler")
+def test_prefill_tile_choice(emulated_kernel):
+    large = emulated_kernel.prefill_uses_large_tile
+    assert not large(64, 11008, 16) and large(65, 11008, 16)
+    assert not large(65, 11008, 132)  # 86 blocks of 128 x 128 for 132 SMs
+    assert large(200, 11008, 132) and large(512, 11008, 132)
+    assert not large(512, 4096, 132)  # 4 x 32 = 128 blocks
+    assert large(1024, 4096, 132) and large(512, 4096, 16) and large(512, 4096, 0)
 
 
 # Group sizes that the decode kernel does not take (not 16 or a multiple of 32): the row kernel, except fp16 X from

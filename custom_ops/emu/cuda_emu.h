@@ -97,6 +97,12 @@ void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, cuda
 
 inline void __syncthreads() { ::qcompiler::emu::SyncThreads(); }
 
+// A warp barrier: the 32 lanes (full mask only, as the shuffles) meet before any goes on.
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  const int lane = static_cast<int>(::qcompiler::emu::Current().thread_idx.x & 31u);
+  (void)::qcompiler::emu::WarpExchange(mask, 0, lane);
+}
+
 template <class T>
 inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a type wider than 8 bytes");

@@ -665,38 +665,51 @@ void LaunchGemv(const SpQRMatMulArgs& a, cudaStream_t s) {
   }
 }
 
-// ---- prefill (fp16 X, M >= kPrefillMinRows): 64 x 64 output tiles on tensor cores ----
+// ---- prefill (fp16 X, M >= kPrefillMinRows): TM x TN output tiles on tensor cores ----
 //
-// Per 32-column chunk a block stages X's 64 rows (in stored column order: the launcher permuted X's columns first)
-// and W's 64 rows decoded to fp16 in shared memory, then four warps each accumulate a 32 x 32 quarter in fp32 (2 x 2
-// WMMA 16x16x16 fragments); the epilogue adds the bias and rounds to fp16 once. W is decoded once per 64 rows of X:
-// the first-level statistics of the chunk's (at most two) groups once per row, the codes four at a time (a thread per
-// (row, quad): QuadFromWords on the two words that hold them, each code to fp32 by a byte permute, s * (q - z) as the
-// reference, four halves stored at once), then the rows' outliers in the chunk added into the tile. X's rows load 16
-// bytes at a time where K allows (K % 8 == 0); its rows past M are never read into the stored outputs, so not staged.
-constexpr int kTileM = 64, kTileN = 64, kTileK = spqr::kChunk, kTilePad = 8;
-constexpr int kPrefillThreads = 128;
-static_assert(kPrefillThreads == 2 * kTileN, "two threads per tile row load its statistics (one per group)");
+// Per 32-column chunk a block stages X's TM rows (in stored column order: the launcher permuted X's columns first)
+// and W's TN rows decoded to fp16 in shared memory, then its WM x WN warps each accumulate a (TM / WM) x (TN / WN)
+// part in fp32 (WMMA 16x16x16 fragments); the epilogue adds the bias and rounds to fp16 once, a fragment at a time
+// through a small per-warp buffer. W is decoded once per TM rows of X: the first-level statistics of the chunk's (at
+// most two) groups once per row, the codes four at a time (a thread per (row, quad): QuadFromWords on the two words
+// that hold them, each code to fp32 by a byte permute and one FFMA), then the rows' outliers in the chunk added into
+// the tile. X's rows load 16 bytes at a time where K allows (K % 8 == 0); its rows past M are never read into the
+// stored outputs, so not staged. Two tiles (PrefillTiles): 64 x 64 (4 warps) up to 64 rows of X, 128 x 128 (8 warps:
+// W decoded once per 128 rows, 4x the multiply-adds per chunk for 2x the decode work) beyond, where it fills the GPU.
+constexpr int kTileK = spqr::kChunk, kTilePad = 8;
 
-template <int BITS>
-__global__ void __launch_bounds__(kPrefillThreads, 4) SpQRMatMulPrefillKernel(const SpQRMatMulArgs a) {
+template <int TM, int TN, int WM, int WN>
+struct PrefillTile {
+  static constexpr int M = TM, N = TN, kWarpsM = WM, kWarpsN = WN, kThreads = 32 * WM * WN;
+  static constexpr int kFragsM = TM / WM / 16, kFragsN = TN / WN / 16;  // per warp
+  static_assert(kThreads == 2 * TN, "two threads per tile row load its statistics (one per group)");
+  static_assert(TN * 8 % kThreads == 0 && kFragsM * WM * 16 == TM && kFragsN * WN * 16 == TN, "tile shape");
+};
+using PrefillSmall = PrefillTile<64, 64, 2, 2>;
+using PrefillLarge = PrefillTile<128, 128, 2, 4>;
+
+template <int BITS, typename Tile>
+__global__ void __launch_bounds__(Tile::kThreads, 512 / Tile::kThreads) SpQRMatMulPrefillKernel(
+    const SpQRMatMulArgs a) {
   using namespace nvcuda;
+  constexpr int kTileM = Tile::M, kTileN = Tile::N, kPrefillThreads = Tile::kThreads;
+  constexpr int FM = Tile::kFragsM, FN = Tile::kFragsN, kWarps = Tile::kWarpsM * Tile::kWarpsN;
   __shared__ __align__(32) __half xs[kTileM][kTileK + kTilePad];
   __shared__ __align__(32) __half ws[kTileN][kTileK + kTilePad];
-  __shared__ __align__(32) float out[kTileM][kTileN + 4];
+  __shared__ __align__(32) float out[kWarps][16][16 + 4];  // the epilogue's per-warp fragment buffer
   // per (row, group i of the chunk): w = s (q - z) as fmaf(256 s, c, -s (128 + z)) with c = CodeAsFloat = 1/2 + q/256
   // (the format allows fma(q, s, -s z); the rounding of -s (128 + z), ~1e-5 s, is far below fp16's)
   __shared__ float st_a[kTileN][2], st_b[kTileN][2];
 
   const __half* __restrict__ x = static_cast<const __half*>(a.x);
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM, n0 = static_cast<int64_t>(blockIdx.x) * kTileN;
-  const int warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
+  const int warp = threadIdx.x >> 5, wm = warp / Tile::kWarpsN, wn = warp % Tile::kWarpsN;
   const int64_t row_bytes = spqr::PackedRowBytes(a.K, BITS);
   const int64_t chunks = (a.K + kTileK - 1) / kTileK;
   const int rows_m = static_cast<int>(min(static_cast<int64_t>(kTileM), a.M - m0));  // X's rows in the tile
   const bool x_vec = a.K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FM][FN];
   for (auto& row : acc)
     for (auto& f : row) wmma::fill_fragment(f, 0.f);
   // thread t: the statistics of row st_r = t / 2 of the tile, group st_i = t % 2 of each chunk (rows past N: 0);
@@ -706,6 +719,15 @@ __global__ void __launch_bounds__(kPrefillThreads, 4) SpQRMatMulPrefillKernel(co
   const StatRow st_row = MakeStatRow(a, st_valid ? n0 + st_r : 0);
   const int64_t st_n2 = a.stat_bits ? Div(a.N + a.stat_group_size - 1, a.stat_group_size) : 0;
   const int64_t st_row_bytes = spqr::PackedRowBytes(a.N, a.stat_bits);
+  // the thread's code quads: quad j = t % 8 of rows t / 8 + i * (threads / 8), i < kQuads, of each chunk; their rows'
+  // packed codes (nullptr past N: weights 0)
+  constexpr int kQuads = kTileN * 8 / kPrefillThreads;
+  const uint8_t* wq[kQuads];
+#pragma unroll
+  for (int it = 0; it < kQuads; ++it) {
+    const int64_t n = n0 + (threadIdx.x >> 3) + it * (kPrefillThreads / 8);
+    wq[it] = n < a.N ? a.qweight + n * row_bytes : nullptr;
+  }
   // thread t < kTileN: the CSR entries of row n0 + t not yet added, [op, op_end)
   int32_t op = 0, op_end = 0;
   if (a.row_ptr != nullptr && threadIdx.x < kTileN && n0 + threadIdx.x < a.N) {
@@ -741,19 +763,18 @@ __global__ void __launch_bounds__(kPrefillThreads, 4) SpQRMatMulPrefillKernel(co
       }
     }
     __syncthreads();
-    // W: codes 4j .. 4j+3 of row r for e = 8r + j; the chunk's second group (if any) starts at column `next`
+    // W: codes 4j .. 4j+3 of the thread's rows r; the chunk's second group (if any) starts at column `next`
     const bool tail = k0 + kTileK > a.K;
     const int tail_cols = static_cast<int>(a.K - k0);
     const int next = static_cast<int>(min(static_cast<int64_t>(kTileK),
                                           (Div(k0, a.group_size) + 1) * a.group_size - k0));
     const bool quad_groups = next % 4 == 0 && !tail;  // the common case: no quad straddles a group or K's end
 #pragma unroll
-    for (int it = 0; it < kTileN * 8 / kPrefillThreads; ++it) {
-      const int e = threadIdx.x + it * kPrefillThreads, r = e >> 3, j = e & 7;
-      const int64_t n = n0 + r;
+    for (int it = 0; it < kQuads; ++it) {
+      const int r = (threadIdx.x >> 3) + it * (kPrefillThreads / 8), j = threadIdx.x & 7;
       uint32_t lo = 0u, hi = 0u;
-      if (n < a.N) {
-        const uint32_t* w = reinterpret_cast<const uint32_t*>(a.qweight + n * row_bytes + c * 4 * BITS);
+      if (wq[it] != nullptr) {
+        const uint32_t* w = reinterpret_cast<const uint32_t*>(wq[it] + c * 4 * BITS);
         QC_DEVICE_CHECK(reinterpret_cast<uintptr_t>(w) % 4 == 0, "packed chunk not 4-byte aligned");
         lo = w[QuadLowWord(BITS, j)];
         if (BITS == 3) hi = w[2];
@@ -790,38 +811,68 @@ __global__ void __launch_bounds__(kPrefillThreads, 4) SpQRMatMulPrefillKernel(co
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kTileK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb[2];  // B[k][n] = ws[n][k]
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa[FM];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb[FN];  // B[k][n] = ws[n][k]
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        wmma::load_matrix_sync(fa[i], &xs[wm * 32 + i * 16][kk], kTileK + kTilePad);
-        wmma::load_matrix_sync(fb[i], &ws[wn * 32 + i * 16][kk], kTileK + kTilePad);
-      }
+      for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(fa[i], &xs[(wm * FM + i) * 16][kk], kTileK + kTilePad);
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(fb[j], &ws[(wn * FN + j) * 16][kk], kTileK + kTilePad);
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+      for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
     }
     __syncthreads();
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&out[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], kTileN + 4, wmma::mem_row_major);
-  __syncthreads();
+  // epilogue: each fragment through the warp's buffer, a lane per 8 of its 256 values (a lane's column is fixed)
   __half* __restrict__ y = static_cast<__half*>(a.y);
-  for (int e = threadIdx.x; e < kTileM * kTileN; e += kPrefillThreads) {
-    const int r = e / kTileN, col = e % kTileN;
-    const int64_t m = m0 + r, n = n0 + col;
-    if (m >= a.M || n >= a.N) continue;
-    y[m * a.N + n] = __float2half_rn(out[r][col] + BiasOf(a, n));
-  }
+  const int lane = threadIdx.x & 31, ecol = lane & 15;
+#pragma unroll
+  for (int i = 0; i < FM; ++i)
+#pragma unroll
+    for (int j = 0; j < FN; ++j) {
+      wmma::store_matrix_sync(&out[warp][0][0], acc[i][j], 16 + 4, wmma::mem_row_major);
+      __syncwarp();
+      const int64_t n = n0 + (wn * FN + j) * 16 + ecol;
+      const float bias = n < a.N ? BiasOf(a, n) : 0.f;
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        const int erow = (lane >> 4) + 2 * t;
+        const int64_t m = m0 + (wm * FM + i) * 16 + erow;
+        if (m < a.M && n < a.N) y[m * a.N + n] = __float2half_rn(out[warp][erow][ecol] + bias);
+      }
+      __syncwarp();  // the buffer is read before the next fragment overwrites it
+    }
 }
 
 }  // namespace
 
+bool PrefillUsesLargeTile(int64_t M, int64_t N, int sms) {
+  const char* v = std::getenv("QCOMPILER_CUDA_PREFILL_TILE");
+  if (v != nullptr && std::strcmp(v, "64") == 0) return false;
+  if (v != nullptr && std::strcmp(v, "128") == 0) return true;
+  if (M <= PrefillSmall::M) return false;  // one row of small tiles: the large one would only add padding
+  // the large tile where its grid still gives every SM a block (an estimate: W decoded half as often per row of X,
+  // against fewer, bigger blocks)
+  const int64_t blocks =
+      ((M + PrefillLarge::M - 1) / PrefillLarge::M) * ((N + PrefillLarge::N - 1) / PrefillLarge::N);
+  return sms <= 0 || blocks >= sms;
+}
+
 namespace {
+template <typename Tile>
+void LaunchPrefill(const SpQRMatMulArgs& p, cudaStream_t s) {
+  const dim3 grid(static_cast<unsigned>((p.N + Tile::N - 1) / Tile::N),
+                  static_cast<unsigned>((p.M + Tile::M - 1) / Tile::M));
+  if (p.bits == 2) {
+    QC_LAUNCH((SpQRMatMulPrefillKernel<2, Tile>), grid, dim3(Tile::kThreads), 0, s, p);
+  } else if (p.bits == 3) {
+    QC_LAUNCH((SpQRMatMulPrefillKernel<3, Tile>), grid, dim3(Tile::kThreads), 0, s, p);
+  } else {
+    QC_LAUNCH((SpQRMatMulPrefillKernel<4, Tile>), grid, dim3(Tile::kThreads), 0, s, p);
+  }
+}
+
 bool UsesPrefill(const SpQRMatMulArgs& a) {  // a 32-column chunk must meet at most two groups
   return a.x_is_half && a.M >= kPrefillMinRows && (a.group_size == 16 || a.group_size >= 32);
 }
@@ -871,14 +922,10 @@ int LaunchSpQRMatMul(const SpQRMatMulArgs& args, void* stream) {
       p.x = args.scratch;
       p.perm = nullptr;  // X is in stored order now; outliers index stored columns anyway
     }
-    const dim3 pgrid(static_cast<unsigned>((args.N + kTileN - 1) / kTileN),
-                     static_cast<unsigned>((args.M + kTileM - 1) / kTileM));
-    if (args.bits == 2) {
-      QC_LAUNCH(SpQRMatMulPrefillKernel<2>, pgrid, dim3(kPrefillThreads), 0, s, p);
-    } else if (args.bits == 3) {
-      QC_LAUNCH(SpQRMatMulPrefillKernel<3>, pgrid, dim3(kPrefillThreads), 0, s, p);
+    if (PrefillUsesLargeTile(args.M, args.N, MultiprocessorCount())) {
+      LaunchPrefill<PrefillLarge>(p, s);
     } else {
-      QC_LAUNCH(SpQRMatMulPrefillKernel<4>, pgrid, dim3(kPrefillThreads), 0, s, p);
+      LaunchPrefill<PrefillSmall>(p, s);
     }
   } else if (args.M <= kGemvMaxRows && gemv_groups && args.x_is_half) {
     LaunchGemv<__half>(args, s);

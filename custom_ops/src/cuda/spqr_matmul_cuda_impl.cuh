@@ -45,6 +45,10 @@ int LaunchSpQRMatMul(const SpQRMatMulArgs& args, void* stream);
 // most the tile offers): the launcher's choice unless QCOMPILER_CUDA_GEMV_ROWS forces one.
 int GemvRowsPerWarp(int64_t M, int64_t N, int sms);
 
+// Whether the prefill kernel (fp16 X, M >= 9) takes its 128 x 128 tile (else 64 x 64) for M rows and N outputs on a
+// GPU of `sms` multiprocessors (0: unknown); QCOMPILER_CUDA_PREFILL_TILE=64|128 forces one.
+bool PrefillUsesLargeTile(int64_t M, int64_t N, int sms);
+
 // cudaGetErrorString for a value returned by LaunchSpQRMatMul.
 const char* CudaErrorString(int error);
 
