@@ -45,10 +45,20 @@ def test_a_missing_barrier_shows_as_a_wrong_result(selftest):
     assert wrong == 8  # each order runs some reader before its neighbour's write
 
 
+def test_syncwarp_orders_a_warps_shared_memory(selftest):  # (the prefill kernel's epilogue relies on it)
+    for seed in range(8):
+        err, _, out = selftest(5, seed, tag=seed + 100)
+        assert err == 0
+        lanes = np.arange(64)
+        assert np.array_equal(out, (seed + 100) * 64 + (lanes & ~31) + ((lanes & 31) + 1) % 32)
+
+
 @pytest.mark.parametrize("which,message", [
     (2, "__syncthreads reached after 32 threads of the block returned"),
     (3, "a warp collective reached by 16 of the 32 lanes of warp 0"),
     (4, "wmma::load_matrix_sync: pointer not 32-byte aligned"),
+    (6, "a warp collective reached by 16 of the 32 lanes of warp 0"),
+    (7, "a warp collective with a partial lane mask"),
 ])
 def test_faults_fail_the_launch(selftest, which, message):
     err, msg, _ = selftest(which)
