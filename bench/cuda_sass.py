@@ -168,8 +168,8 @@ def main(argv=None) -> int:
     t = "6__half" if args.x == "half" else "f"
     print(f"{args.arch}, X {args.x}, stat bits {args.stat_bits}, group size {args.group_size}, X resident: "
           "SpQRGemvKernel slab loop (all of it), per lane")
-    print("| bits | rows of X (MT) | rows per warp | instructions | per weight | ALU (half rate) | cycles ≥ | calls | "
-          "top instructions |")
+    print("| bits | rows of X (MT) | rows per warp | instructions | per weight | ALU (half rate) | cycles ≥ | "
+          "calls | top instructions |")
     print("|--:|--:|--:|--:|--:|--:|--:|--:|---|")
     for bits in (2, 3, 4):
         for mt in (1, 2, 4, 8):

@@ -16,7 +16,7 @@ at 4096×11008.
 
     python bench/kernels_gpu.py                                   # 4096x11008 and 11008x4096, batches 1, 16, 512
     python bench/kernels_gpu.py --shapes 4096x11008 --batches 1 -o $OUT/kernels-gpu.md
-    python bench/kernels_gpu.py --batches 1 --variants fp16,spqr-w3 --gemv-x slabs,rows --gemv-rows 2,1 --prefill-tile 64,128  # A/B
+    python bench/kernels_gpu.py --variants fp16,spqr-w3 --gemv-x slabs,rows --gemv-rows 2,1 --prefill-tile 64,128
 
 Needs a CUDA GPU, onnxruntime-gpu, torch with CUDA (for the copy bandwidth) and the op library built with CUDA.
 """

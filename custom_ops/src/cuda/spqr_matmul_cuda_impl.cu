@@ -118,10 +118,9 @@ __device__ __forceinline__ float CodeAsFloat(uint32_t v, int byte) {
 // are bytes of one QuadFromWords, turned into v0 * (code - v1) by one FFMA each from c = CodeAsFloat = 1/2 + code/256:
 // (256 v0) c - v0 (128 + v1), constants per second-level group (the reference rounds the product once; this also
 // rounds v0 (128 + v1), an absolute error ~1e-5 v0). The zeros come back as z + 128, what the GEMV subtracts (its
-// codes are 1/2 + q/256 too). All R rows are decoded
-// without a branch: rows past N (the last warp's) hold their row index clamped to N - 1 (the GEMV's stat_rows), so every
-// load stays in bounds and their values go unused. Offsets are 32-bit (the launcher keeps the statistics arrays under
-// 2^31 bytes): no 64-bit multiply per group.
+// codes are 1/2 + q/256 too). All R rows are decoded without a branch: rows past N (the last warp's) hold their row
+// index clamped to N - 1 (the GEMV's stat_rows), so every load stays in bounds and their values go unused. Offsets
+// are 32-bit (the launcher keeps the statistics arrays under 2^31 bytes): no 64-bit multiply per group.
 template <int R>
 __device__ __forceinline__ void GroupStatsRows(const SpQRMatMulArgs& a, uint32_t n2, uint32_t row_bytes, uint32_t g,
                                                const StatRow (&rs)[R], bool shared, float (&s)[R],
@@ -279,7 +278,7 @@ __device__ __forceinline__ uint32_t CodeBytes(const ChunkWords<BITS>& c, int j) 
   return QuadFromWords(c.w[QuadLowWord(BITS, j)], c.w[BITS == 3 ? 2 : 0], BITS, j);
 }
 
-// Rows per warp (R): the launcher's choice among GemvRowChoices (GemvRowsPerWarp). The most (4 at MT <= 2, 2 at
+// Rows per warp (R): the launcher's choice among those GemvOffers (GemvRowsPerWarp). The most (4 at MT <= 2, 2 at
 // MT >= 4 so that the per-row sums stay in registers) share the most per weight — the X loads of a chunk, the
 // statistics' loads, the block's X staging — but give N / (32 R) blocks: fewer rows per warp where that leaves SMs
 // idle or under-occupied (N = 4096 at M = 1: 128 blocks of 4 rows per warp for 132 SMs).
@@ -366,7 +365,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvK
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
   const int rows = static_cast<int>(min(static_cast<int64_t>(R), a.N - n0));  // <= 0 past N: the warp idles
   // chunk `chunk` of the warp's rows, at p for the first row (left as is past K or N)
-  const int K = static_cast<int>(a.K);  // (< 2^31 - 32: the launcher's limit) 32-bit slab and chunk arithmetic
+  const int K = static_cast<int>(a.K);  // 32-bit slab and chunk arithmetic (the launcher keeps K + kSlab < 2^31)
   auto load_words = [&](const uint8_t* p, int chunk, ChunkWords<BITS>(&w)[R]) {
     if (chunk * spqr::kChunk >= K) return;
 #pragma unroll
@@ -539,9 +538,9 @@ int MultiprocessorCount() {
 // time ~ (blocks on the busiest SM) x (instructions of one block per 1024 columns of K) / (the SM's issue
 // efficiency), where a block of R rows per warp costs kGemvSlabInstr (the slab loop of one lane, R x 32 weights;
 // bench/cuda_sass.py, sm_90, fp16 X, 3 bits, group 16, 3-bit statistics; tests/test_cuda_sass.py holds the table
-// within 10 % of the compiled code) plus ~kGemvStageInstr per row of X (its
-// X staging: 4 columns per thread, perm gather, fp32 store, half-chunk sums), and an SM is taken to need
-// kGemvSaturatingWarps resident warps to hide its load latency (fewer: proportionally slower).
+// within 10 % of the compiled code) plus ~kGemvStageInstr per row of X (its X staging: 4 columns per thread, perm
+// gather, fp32 store, half-chunk sums), and an SM is taken to need kGemvSaturatingWarps resident warps to hide its
+// load latency (fewer: proportionally slower).
 constexpr int kGemvSlabInstr[4][3] = {  // [MT = 1, 2, 4, 8][R = 1, 2, 4]; 0: not offered
     {261, 404, 654}, {0, 495, 842}, {415, 668, 0}, {605, 1013, 0}};
 constexpr int kGemvStageInstr = 45;
@@ -674,8 +673,9 @@ void LaunchGemv(const SpQRMatMulArgs& a, cudaStream_t s) {
 // most two) groups once per row, the codes four at a time (a thread per (row, quad): QuadFromWords on the two words
 // that hold them, each code to fp32 by a byte permute and one FFMA), then the rows' outliers in the chunk added into
 // the tile. X's rows load 16 bytes at a time where K allows (K % 8 == 0); its rows past M are never read into the
-// stored outputs, so not staged. Two tiles (PrefillTiles): 64 x 64 (4 warps) up to 64 rows of X, 128 x 128 (8 warps:
-// W decoded once per 128 rows, 4x the multiply-adds per chunk for 2x the decode work) beyond, where it fills the GPU.
+// stored outputs, so not staged. Two tiles (PrefillSmall, PrefillLarge; PrefillUsesLargeTile chooses): 64 x 64
+// (4 warps) up to 64 rows of X, 128 x 128 (8 warps: W decoded once per 128 rows, 4x the multiply-adds per chunk for 2x
+// the decode work) beyond, where its grid gives every SM a block.
 constexpr int kTileK = spqr::kChunk, kTilePad = 8;
 
 template <int TM, int TN, int WM, int WN>
