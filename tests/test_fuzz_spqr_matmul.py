@@ -65,6 +65,12 @@ class Case:
         function of the seed, not a draw of its own: another draw would change every derandomized example)."""
         return ("auto", "4", "2", "1")[self.seed % 4]
 
+    @property
+    def prefill_tile(self) -> str:
+        """The CUDA prefill kernel's tile for the emulated cases (fp16 X, 9+ rows): 64 or 128, from the seed too (set
+        outside the hypothesis-driven function: editing its source would change every derandomized example)."""
+        return ("64", "128")[self.seed // 4 % 2]
+
     def weight(self) -> SpQRWeight:
         return random_weight(N=self.N, K=self.K, bits=self.bits, group_size=self.group_size,
                              stat_bits=self.stat_bits, stat_group_size=self.stat_group_size,
@@ -125,10 +131,15 @@ def _assert_matches_reference(case: Case, w: SpQRWeight, x: np.ndarray, y: np.nd
         w = dataclasses.replace(w, bias=w.bias.astype(case.dtype).astype(np.float32))
     ref = w.matmul(x).astype(np.float32)
     scale = float(np.abs(ref).max()) if ref.size else 0.0
+    # fp32 rounding of a dot product scales with sum |w| |x|, not with its result: an output that cancels to a small
+    # part of it (found by a 12000-example run: 0.018 of 8.0, off by 3.3e-6, as much as before this allowance was
+    # needed) is held to 1e-5 of that sum too; a wrong code or statistic costs ~|w x|, far above it
+    terms = float((np.abs(x.astype(np.float32)) @ np.abs(w.dequantize()).T).max()) if ref.size else 0.0
     rel = 1e-4 if case.dtype == "float32" else 2e-3
     err = float(np.abs(y.astype(np.float32) - ref).max()) if ref.size else 0.0
     assert np.isfinite(y).all()
-    assert err <= rel * scale + 1e-6, f"{case}: max |err| {err:.3g} > {rel} * {scale:.3g}"
+    assert err <= rel * scale + 1e-5 * terms + 1e-6, \
+        f"{case}: max |err| {err:.3g} > {rel} * {scale:.3g} + 1e-5 * {terms:.3g}"
 
 
 def test_valid_configurations_match_the_reference():
@@ -157,7 +168,14 @@ def test_valid_configurations_match_the_reference():
 def test_emulated_cuda_kernels_match_the_reference():
     """The same valid configurations through the CUDA kernels under the CPU emulation (tests/cuda_emu.py): the decode
     GEMV, the tensor-core prefill (fp16 X, 33 rows) and the row kernel (other group sizes, fp32 X with 9+ rows)."""
-    kernel = cuda_emu.EmulatedKernel(cuda_emu.build())
+    emulated = cuda_emu.EmulatedKernel(cuda_emu.build())
+
+    class kernel:  # noqa: N801  (the emulated kernel, with the case's prefill tile: Case.prefill_tile, from the seed)
+        @staticmethod
+        def run(w, x, *, seed):
+            with _env("QCOMPILER_CUDA_PREFILL_TILE", ("64", "128")[seed // 4 % 2]):
+                return emulated.run(w, x, seed=seed)
+
     ran: list[Case] = []
 
     @settings(max_examples=N_VALID // 2, **_SETTINGS)
@@ -172,8 +190,9 @@ def test_emulated_cuda_kernels_match_the_reference():
 
     check()
     assert len(ran) >= N_VALID // 2
-    assert any((c.group_size == 16 or c.group_size >= 32) and c.dtype == "float16" and math.prod(c.lead) >= 32
-               for c in ran)  # prefill
+    tiles = {c.prefill_tile for c in ran if (c.group_size == 16 or c.group_size >= 32) and c.dtype == "float16" and
+             math.prod(c.lead) >= 32}
+    assert tiles == {"64", "128"} if _LONG else tiles  # prefill (each tile in a long run: the short one has few)
     assert {c.gemv_rows for c in ran if c.group_size % 32 == 0 and 0 < math.prod(c.lead) <= 2} == \
         {"auto", "4", "2", "1"}  # decode GEMV, each rows per warp
     assert any(c.group_size not in (16,) and c.group_size % 32 for c in ran)  # row kernel
