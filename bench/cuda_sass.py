@@ -31,8 +31,8 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# rows per warp each tile of MT rows of X offers (GemvOffers in the .cu), most first
-GEMV_ROWS = {1: (4, 2, 1), 2: (4, 2), 4: (2, 1), 8: (2, 1)}
+sys.path.insert(0, str(REPO / "tests"))
+from cuda_emu import GEMV_ROWS  # noqa: E402  (rows per warp each decode GEMV tile offers, most first)
 # the prefill kernel's tiles (PrefillSmall, PrefillLarge in the .cu): rows of X, rows of W, threads
 PREFILL_TILES = ((64, 64, 128), (128, 128, 256))
 

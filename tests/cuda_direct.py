@@ -18,12 +18,13 @@ from typing import Optional
 
 import numpy as np
 
-from cuda_emu import KernelCall, cached_library
+from cuda_emu import KernelCall, LaunchChoices, bind_launch_choices, cached_library
 from qcompiler.format import SpQRWeight
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "custom_ops" / "src"
-SOURCES = [SRC / "cuda/spqr_matmul_cuda_impl.cu", SRC / "cuda/spqr_matmul_cuda_direct.cc"]
+SOURCES = [SRC / "cuda/spqr_matmul_cuda_impl.cu", SRC / "cuda/spqr_matmul_cuda_direct.cc",
+           SRC / "cuda/launch_choices_c.cc"]
 HEADERS = [SRC / "cuda/spqr_matmul_cuda_impl.cuh", SRC / "cuda/spqr_matmul_c_args.h", SRC / "cuda/launch.cuh",
            SRC / "common/spqr_format.h"]
 
@@ -104,7 +105,7 @@ class Launch:
         return self.call.result(y)
 
 
-class DirectKernel:
+class DirectKernel(LaunchChoices):
     """`run(weight, x)`: Y = SpQRMatMul(X) by the CUDA launcher on the GPU; `launch(weight, x)`: a Launch to time."""
 
     def __init__(self, lib_path: Path):
@@ -117,19 +118,7 @@ class DirectKernel:
         lib.qc_cuda_spqr_matmul.argtypes = flat + [p, ctypes.c_size_t, p]
         lib.qc_cuda_error_string.restype = ctypes.c_char_p
         lib.qc_cuda_error_string.argtypes = [i32]
-        lib.qc_cuda_gemv_rows_per_warp.restype = i32
-        lib.qc_cuda_gemv_rows_per_warp.argtypes = [i64, i64, i32]
-        lib.qc_cuda_prefill_uses_large_tile.restype = i32
-        lib.qc_cuda_prefill_uses_large_tile.argtypes = [i64, i64, i32]
-        self.lib = lib
-
-    def prefill_uses_large_tile(self, M: int, N: int, sms: int) -> bool:
-        """Whether the prefill kernel takes its 128 x 128 tile for M rows of X and N outputs on `sms` multiprocessors."""
-        return bool(self.lib.qc_cuda_prefill_uses_large_tile(M, N, sms))
-
-    def gemv_rows_per_warp(self, M: int, N: int, sms: int) -> int:
-        """Rows per warp the decode GEMV takes for M rows of X and N outputs on a GPU of `sms` multiprocessors."""
-        return self.lib.qc_cuda_gemv_rows_per_warp(M, N, sms)
+        self.lib = bind_launch_choices(lib)
 
     def launch(self, weight: SpQRWeight, x: np.ndarray, *, bias_dtype=None, x_device=None) -> Launch:
         return Launch(self.lib, KernelCall(weight, x, bias_dtype), x=x_device)

@@ -21,7 +21,7 @@ from qcompiler.format import SpQRWeight
 REPO = Path(__file__).resolve().parents[1]
 OPS = REPO / "custom_ops"
 SOURCES = [OPS / "src/cuda/spqr_matmul_cuda_impl.cu", OPS / "emu/cuda_emu.cc", OPS / "emu/spqr_matmul_emu.cc",
-           OPS / "emu/emu_selftest.cc"]
+           OPS / "emu/emu_selftest.cc", OPS / "src/cuda/launch_choices_c.cc"]
 HEADERS = [OPS / "emu/cuda_emu.h", OPS / "src/cuda/spqr_matmul_cuda_impl.cuh", OPS / "src/cuda/spqr_matmul_c_args.h",
            OPS / "src/cuda/launch.cuh", OPS / "src/common/spqr_format.h"]
 
@@ -112,7 +112,34 @@ class KernelCall:
         return y.reshape(*self.lead, self.weight.N)
 
 
-class EmulatedKernel:
+# Rows per warp each decode GEMV tile (rows of X: 1, 2, 3-4, 5-8) offers, most first (GemvOffers in the .cu)
+GEMV_ROWS = {1: (4, 2, 1), 2: (4, 2), 4: (2, 1), 8: (2, 1)}
+
+
+def bind_launch_choices(lib):
+    """`lib` (either test library: both hold custom_ops/src/cuda/launch_choices_c.cc) with its launch-choice entries
+    typed."""
+    i64, i32 = ctypes.c_int64, ctypes.c_int
+    for name in ("qc_gemv_rows_per_warp", "qc_prefill_uses_large_tile"):
+        getattr(lib, name).restype = i32
+        getattr(lib, name).argtypes = [i64, i64, i32]
+    return lib
+
+
+class LaunchChoices:
+    """The launcher's modelled choices for M rows of X and N outputs on a GPU of `sms` multiprocessors, through
+    `self.lib` (bound by bind_launch_choices)."""
+
+    def gemv_rows_per_warp(self, M: int, N: int, sms: int) -> int:
+        """Rows per warp the decode GEMV takes."""
+        return self.lib.qc_gemv_rows_per_warp(M, N, sms)
+
+    def prefill_uses_large_tile(self, M: int, N: int, sms: int) -> bool:
+        """Whether the prefill kernel takes its 128 x 128 tile."""
+        return bool(self.lib.qc_prefill_uses_large_tile(M, N, sms))
+
+
+class EmulatedKernel(LaunchChoices):
     """`run(weight, x)`: Y = SpQRMatMul(X) by the CUDA launcher under emulation, with the inputs bound as the CUDA EP
     binding (custom_ops/src/cuda/spqr_matmul_cuda.cc) binds them."""
 
@@ -125,19 +152,7 @@ class EmulatedKernel:
         lib.qc_emu_spqr_matmul.restype = i32
         lib.qc_emu_spqr_matmul.argtypes = [i64, i64, i64, i32, i64, i32, i64, p, i32, p, p, p, p, p, p, p, p, p, i32,
                                            p, ctypes.c_uint, ctypes.c_char_p, ctypes.c_size_t]
-        lib.qc_emu_gemv_rows_per_warp.restype = i32
-        lib.qc_emu_gemv_rows_per_warp.argtypes = [i64, i64, i32]
-        lib.qc_emu_prefill_uses_large_tile.restype = i32
-        lib.qc_emu_prefill_uses_large_tile.argtypes = [i64, i64, i32]
-        self.lib = lib
-
-    def prefill_uses_large_tile(self, M: int, N: int, sms: int) -> bool:
-        """Whether the prefill kernel takes its 128 x 128 tile for M rows of X and N outputs on `sms` multiprocessors."""
-        return bool(self.lib.qc_emu_prefill_uses_large_tile(M, N, sms))
-
-    def gemv_rows_per_warp(self, M: int, N: int, sms: int) -> int:
-        """Rows per warp the decode GEMV takes for M rows of X and N outputs on a GPU of `sms` multiprocessors."""
-        return self.lib.qc_emu_gemv_rows_per_warp(M, N, sms)
+        self.lib = bind_launch_choices(lib)
 
     def run(self, weight: SpQRWeight, x: np.ndarray, *, bias_dtype=None, seed: int = 0) -> np.ndarray:
         """`x` [..., K] fp32 or fp16 -> [..., N] of the same dtype. Raises RuntimeError on a failed launch."""

@@ -54,6 +54,6 @@ def test_launch_choices_are_the_launchers(kernel):  # (same function as the emul
 
 def test_exports_its_c_entries():  # (built with hidden visibility: only what is marked default is there)
     lib = ctypes.CDLL(str(cuda_direct.build("sm_90")))
-    for name in ("qc_cuda_scratch_bytes", "qc_cuda_spqr_matmul", "qc_cuda_error_string", "qc_cuda_gemv_rows_per_warp",
-                 "qc_cuda_prefill_uses_large_tile"):
+    for name in ("qc_cuda_scratch_bytes", "qc_cuda_spqr_matmul", "qc_cuda_error_string", "qc_gemv_rows_per_warp",
+                 "qc_prefill_uses_large_tile"):
         assert hasattr(lib, name)

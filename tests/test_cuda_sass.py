@@ -11,6 +11,8 @@ import subprocess
 import pytest
 from conftest import load_bench_script
 
+from cuda_emu import GEMV_ROWS
+
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
@@ -35,8 +37,7 @@ def test_no_kernel_spills(compiled):
 
 @pytest.mark.parametrize("x", ["6__half", "f"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("mt,rows", [(mt, r) for mt, rs in {1: (4, 2, 1), 2: (4, 2), 4: (2, 1), 8: (2, 1)}.items()
-                                     for r in rs])
+@pytest.mark.parametrize("mt,rows", [(mt, r) for mt, rs in GEMV_ROWS.items() for r in rs])
 def test_decode_slab_loop_calls_nothing(compiled, x, bits, mt, rows):
     _, sass, tool = compiled
     assert rows in tool.GEMV_ROWS[mt]

@@ -99,10 +99,6 @@ def run(request):
     return on_cuda
 
 
-# Rows per warp each decode GEMV tile (rows of X: 1, 2, 3-4, 5-8) offers (GemvOffers in the .cu)
-_GEMV_ROWS = {1: ("4", "2", "1"), 2: ("4", "2"), 4: ("2", "1"), 8: ("2", "1")}
-
-
 def _check(run, weight: SpQRWeight, x: np.ndarray, **kw) -> None:
     """`run` against the reference, once per launch shape the launcher chooses between by the device's SM count (so
     that the emulated cases, whose small N would only see some of them, see all), unless the test forces one: at
@@ -110,7 +106,8 @@ def _check(run, weight: SpQRWeight, x: np.ndarray, **kw) -> None:
     (the prefill kernel) both tiles (QCOMPILER_CUDA_PREFILL_TILE)."""
     M = int(np.prod(x.shape[:-1]))
     if M <= 8:
-        variable, values = "QCOMPILER_CUDA_GEMV_ROWS", _GEMV_ROWS[next(t for t in (1, 2, 4, 8) if M <= t)]
+        variable = "QCOMPILER_CUDA_GEMV_ROWS"
+        values = tuple(map(str, cuda_emu.GEMV_ROWS[next(t for t in (1, 2, 4, 8) if M <= t)]))
     elif x.dtype == np.float16:
         variable, values = "QCOMPILER_CUDA_PREFILL_TILE", ("64", "128")
     else:

@@ -62,14 +62,4 @@ __attribute__((visibility("default"))) int qc_emu_spqr_matmul(
   return err;
 }
 
-// Rows per warp the decode GEMV takes for M rows of X and N outputs on a GPU of `sms` multiprocessors.
-__attribute__((visibility("default"))) int qc_emu_gemv_rows_per_warp(int64_t M, int64_t N, int sms) {
-  return qcompiler::Cuda::GemvRowsPerWarp(M, N, sms);
-}
-
-// 1 when the prefill kernel takes its 128 x 128 tile for M rows of X and N outputs on `sms` multiprocessors.
-__attribute__((visibility("default"))) int qc_emu_prefill_uses_large_tile(int64_t M, int64_t N, int sms) {
-  return qcompiler::Cuda::PrefillUsesLargeTile(M, N, sms) ? 1 : 0;
-}
-
 }  // extern "C"

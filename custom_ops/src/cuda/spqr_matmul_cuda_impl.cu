@@ -282,17 +282,15 @@ __device__ __forceinline__ uint32_t CodeBytes(const ChunkWords<BITS>& c, int j) 
 // MT >= 4 so that the per-row sums stay in registers) share the most per weight — the X loads of a chunk, the
 // statistics' loads, the block's X staging — but give N / (32 R) blocks: fewer rows per warp where that leaves SMs
 // idle or under-occupied (N = 4096 at M = 1: 128 blocks of 4 rows per warp for 132 SMs).
-template <int MT>
-constexpr int kGemvRowsMost = MT >= 4 ? 2 : 4;
+constexpr int GemvRowsMost(int mt) { return mt >= 4 ? 2 : 4; }
 // Rows per warp a tile of MT rows of X offers: its most, half that, and 1 at MT = 1 (decode proper).
 constexpr bool GemvOffers(int mt, int r) {
-  return r == (mt >= 4 ? 2 : 4) || r == (mt >= 4 ? 1 : 2) || (mt == 1 && r == 1);
+  return r == GemvRowsMost(mt) || r == GemvRowsMost(mt) / 2 || (mt == 1 && r == 1);
 }
 
 // Blocks per SM the register budget is set for: two (128 registers per thread), one at MT = 8 (whose 2 x 8 x 2 sums
 // and 2 x 8 accumulators spill at 128).
-template <int MT>
-constexpr int kGemvMinBlocks = MT >= 8 ? 1 : 2;
+constexpr int GemvMinBlocks(int mt) { return mt >= 8 ? 1 : 2; }
 
 enum GemvMode : int { kXResident = 0, kXSlabs = 1, kXSlabsRows = 2 };
 
@@ -300,7 +298,7 @@ enum GemvMode : int { kXResident = 0, kXSlabs = 1, kXSlabsRows = 2 };
 constexpr int64_t GemvXsFloats(int mt, int64_t chunks) { return mt * chunks * (kXsStride + 2); }
 
 template <typename T, int BITS, int MT, int R>
-__global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinBlocks<MT>) SpQRGemvKernel(const SpQRMatMulArgs a,
+__global__ void __launch_bounds__(kGemvWarps * 32, GemvMinBlocks(MT)) SpQRGemvKernel(const SpQRMatMulArgs a,
                                                                                       int mode) {
   const int lane = threadIdx.x & 31;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5)) * R;
@@ -551,9 +549,9 @@ constexpr int kGemvSaturatingWarps = 16;
 int GemvRowsPerWarp(int64_t M, int64_t N, int sms) {
   const int mt = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8;
   const int mt_index = mt == 1 ? 0 : mt == 2 ? 1 : mt == 4 ? 2 : 3;
-  const int most = mt >= 4 ? 2 : 4;  // kGemvRowsMost
+  const int most = GemvRowsMost(mt);
   if (sms <= 0 || N <= 0) return most;
-  const int per_sm = mt >= 8 ? 1 : 2;  // kGemvMinBlocks: the blocks per SM registers and the X budget are set for
+  const int per_sm = GemvMinBlocks(mt);  // the blocks per SM registers and the X budget are set for
   int best = most;
   double best_time = 0.0;
   for (int r = most; r >= 1; r /= 2) {  // most first: it wins ties
@@ -587,7 +585,7 @@ void LaunchGemvTile(const SpQRMatMulArgs& a, cudaStream_t s) {
   constexpr int rows_per_block = kGemvWarps * R;
   const dim3 grid(static_cast<unsigned>((a.N + rows_per_block - 1) / rows_per_block));
   auto kernel = SpQRGemvKernel<T, BITS, MT, R>;
-  const int budget = SharedBudgetPerBlock(kGemvMinBlocks<MT>);
+  const int budget = SharedBudgetPerBlock(GemvMinBlocks(MT));
   const int64_t chunks = (a.K + spqr::kChunk - 1) / spqr::kChunk;
   const int64_t resident = GemvXsFloats(MT, chunks) * 4, slab = GemvXsFloats(MT, kSlabChunks) * 4;
   const int64_t with_rows = slab + MT * a.K * static_cast<int64_t>(sizeof(T));  // kXSlabsRows: a slab + X's rows
@@ -630,7 +628,7 @@ int ForcedGemvRows() {
 template <typename T, int BITS, int MT>
 void LaunchGemvRows(const SpQRMatMulArgs& a, cudaStream_t s) {
   int r = ForcedGemvRows();
-  if (r == 0 || !GemvOffers(static_cast<int>(MT), r)) r = GemvRowsPerWarp(a.M, a.N, MultiprocessorCount());
+  if (r == 0 || !GemvOffers(MT, r)) r = GemvRowsPerWarp(a.M, a.N, MultiprocessorCount());
   if constexpr (GemvOffers(MT, 1)) {
     if (r == 1) return LaunchGemvTile<T, BITS, MT, 1>(a, s);
   }
