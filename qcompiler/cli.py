@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import time
 import sys
 import typing
@@ -18,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 from . import QCompilerError, __version__
 
-DEFAULT_DATASET = os.path.join("..", "shared", "data", "wikitext2", "test_rows.json")
+DATA_HELP = "$QCOMPILER_DATA/{name}, else ../shared/data/{name} (from the working directory or the checkout)"
 
 
 def _method_fields() -> dict[str, list[dataclasses.Field]]:
@@ -80,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activations/unquantized weights of the graph: fp32 (CPU default) or fp16 (GPU deployment)")
     cal = e.add_argument_group("calibration (methods that need data)")
     cal.add_argument("--calibration", default=None,
-                     help="calibration text file (default: ../shared/data/wikitext2/valid.tokens.txt if present)")
+                     help="calibration text file (default: "
+                     + DATA_HELP.format(name="wikitext2/valid.tokens.txt") + ")")
     cal.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
     cal.add_argument("--seqlen", type=int, default=2048, help="calibration window length (default: 2048)")
     cal.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="perplexity of an exported folder (ONNX Runtime + op library, or PyTorch)")
     v.add_argument("folder", help="folder written by `qcompiler export`")
-    v.add_argument("--dataset", default=DEFAULT_DATASET, help=f"text or JSON rows (default: {DEFAULT_DATASET})")
+    v.add_argument("--dataset", default=None,
+                   help="text or JSON rows (default: " + DATA_HELP.format(name="wikitext2/test_rows.json") + ")")
     v.add_argument("--seqlen", type=int, default=2048, help="window length (default: 2048)")
     v.add_argument("--max-windows", type=int, default=None, help="evaluate only the first M windows")
     v.add_argument("--backend", choices=("ort", "torch"), default="ort",
@@ -163,9 +164,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
             raise QCompilerError(f"{flag} does not apply to --method {args.method}")
         options[dest] = value
     calibration = args.calibration
-    default_cal = os.path.join("..", "shared", "data", "wikitext2", "valid.tokens.txt")
-    if calibration is None and getattr(method_cls, "needs_calibration", False) and os.path.exists(default_cal):
-        calibration = default_cal
+    if calibration is None and getattr(method_cls, "needs_calibration", False):
+        from .data import CALIBRATION_FILE, default_data_file, missing_data_hint
+
+        found = default_data_file(CALIBRATION_FILE)
+        if found is None:
+            raise QCompilerError(f"--method {args.method} needs calibration text: pass --calibration PATH, or "
+                                 + missing_data_hint(CALIBRATION_FILE))
+        calibration = str(found)
     export(
         args.model,
         output=args.output,
@@ -194,9 +200,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .pipeline import evaluate_folder
 
+    dataset = args.dataset
+    if dataset is None:
+        from .data import EVAL_FILE, default_data_file, missing_data_hint
+
+        found = default_data_file(EVAL_FILE)
+        if found is None:
+            raise QCompilerError("no evaluation text: pass --dataset PATH (or the name wikitext2 to fetch it with "
+                                 "`datasets`), or " + missing_data_hint(EVAL_FILE))
+        dataset = str(found)
     ppl = evaluate_folder(
         args.folder,
-        dataset=args.dataset,
+        dataset=dataset,
         seqlen=args.seqlen,
         max_windows=args.max_windows,
         backend=args.backend,

@@ -11,6 +11,7 @@ Calibration (`calibration_windows`): `nsamples` windows of `seqlen` tokens at ra
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +21,44 @@ import torch
 from . import QCompilerError
 
 HUB_DATASETS = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "test")}
+
+# The default data files (../shared/data/README.md): WikiText-2 test rows for perplexity, validation text for
+# calibration, as paths under the data folder.
+DATA_ENV = "QCOMPILER_DATA"
+EVAL_FILE = "wikitext2/test_rows.json"
+CALIBRATION_FILE = "wikitext2/valid.tokens.txt"
+
+
+def data_dirs() -> list[Path]:
+    """Folders the default data files are looked for in, in order: `$QCOMPILER_DATA` alone when it is set; otherwise
+    `../shared/data` from the working directory, then `../shared/data` beside the source checkout this package runs
+    from (so that `qcompiler` started from another folder of an editable install still finds it)."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        d = Path(env).expanduser()
+        if d.is_file():
+            raise QCompilerError(f"{DATA_ENV}={env} is a file; it names the data folder (the one holding {EVAL_FILE} "
+                                 f"and {CALIBRATION_FILE}); pass a single file with --dataset / --calibration")
+        return [d]
+    dirs: list[Path] = []
+    for d in (Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"):
+        if d.resolve() not in [x.resolve() for x in dirs]:
+            dirs.append(d)
+    return dirs
+
+
+def default_data_file(name: str) -> Optional[Path]:
+    """`name` (e.g. `EVAL_FILE`) in the first of `data_dirs()` that has it, or None."""
+    for d in data_dirs():
+        if (d / name).is_file():
+            return d / name
+    return None
+
+
+def missing_data_hint(name: str) -> str:
+    """Where `name` was looked for and how to point at it, for error messages."""
+    looked = ", ".join(str(d / name) for d in data_dirs())
+    return f"set {DATA_ENV} to the folder holding {name} (looked for {looked})"
 
 
 def _rows_from_hub(name: str) -> list[str]:
@@ -31,7 +70,7 @@ def _rows_from_hub(name: str) -> list[str]:
     except Exception as e:  # noqa: BLE001 - not installed / no network
         raise QCompilerError(
             f"dataset '{name}' is not a local file and could not be fetched with `datasets` "
-            f"({type(e).__name__}); pass a path, e.g. ../shared/data/wikitext2/test_rows.json"
+            f"({type(e).__name__}); pass a path, e.g. ../shared/data/{EVAL_FILE}"
         ) from e
 
 

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import SHARED_DATA, make_tokenizer
 
 from qcompiler import QCompilerError
-from qcompiler.data import calibration_windows, eval_windows, load_text, load_text_tokens, sample_windows
+from qcompiler.data import (
+    CALIBRATION_FILE,
+    DATA_ENV,
+    EVAL_FILE,
+    calibration_windows,
+    data_dirs,
+    default_data_file,
+    eval_windows,
+    load_text,
+    load_text_tokens,
+    missing_data_hint,
+    sample_windows,
+)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +101,54 @@ def test_hub_fallback_without_datasets(tok, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
     with pytest.raises(QCompilerError, match="pass a path"):
         load_text_tokens("wikitext2", tok)
+
+
+# ---------------------------------------------------------------------------------------------- default data files
+def _data_tree(root, names=(EVAL_FILE, CALIBRATION_FILE)):
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x")
+    return root
+
+
+def test_default_data_from_environment(tmp_path, monkeypatch):
+    data = _data_tree(tmp_path / "mydata")
+    monkeypatch.setenv(DATA_ENV, str(data))
+    assert data_dirs() == [data]  # alone: no silent fallback to another copy
+    assert default_data_file(EVAL_FILE) == data / EVAL_FILE
+    (data / CALIBRATION_FILE).unlink()
+    assert default_data_file(CALIBRATION_FILE) is None
+    assert str(data / CALIBRATION_FILE) in missing_data_hint(CALIBRATION_FILE)
+    monkeypatch.setenv(DATA_ENV, str(data / EVAL_FILE))  # the file, not its folder
+    with pytest.raises(QCompilerError, match="is a file; it names the data folder"):
+        data_dirs()
+
+
+def test_default_data_from_working_directory_then_checkout(tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    work = tmp_path / "proj" / "repo"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    checkout = Path(__file__).resolve().parents[2] / "shared" / "data"
+    assert data_dirs()[-1] == checkout  # ../shared/data beside the checkout, after the working directory's
+    shared = _data_tree(tmp_path / "proj" / "shared" / "data", names=(EVAL_FILE,))
+    assert data_dirs()[0] == shared
+    assert default_data_file(EVAL_FILE) == shared / EVAL_FILE  # the working directory's copy first
+    if (checkout / CALIBRATION_FILE).is_file():  # absent from ./../shared/data: found beside the checkout
+        assert default_data_file(CALIBRATION_FILE) == checkout / CALIBRATION_FILE
+
+
+def test_cli_fails_fast_naming_where_it_looked(tmp_path, monkeypatch, capsys):
+    from conftest import one_error_line, run_cli
+
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "empty"))
+    # before loading the model (this one does not exist: its error would come first otherwise)
+    code, _, err = run_cli(capsys, "export", tmp_path / "no-model", "--method", "spqr", "-o", tmp_path / "o")
+    line = one_error_line(err)
+    assert code == 2 and "needs calibration text" in line and str(tmp_path / "empty" / CALIBRATION_FILE) in line
+    code, _, err = run_cli(capsys, "eval", tmp_path / "no-export")
+    line = one_error_line(err)
+    assert code == 2 and "no evaluation text" in line and str(tmp_path / "empty" / EVAL_FILE) in line
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "wikitext2" / "test_rows.json").exists(), reason="shared data absent")
