@@ -11,6 +11,7 @@ from .fold_affine_linear import FoldAffineIntoLinear
 from .fold_affine_norm import FoldAffineIntoNorm
 from .quantize_activations import QuantizeActivations
 from .replace_linear import ReplaceLinear
+from .rsqrt_as_div import RsqrtAsDiv
 from .set_accuracy_level import SetAccuracyLevel
 
 __all__ = [
@@ -26,5 +27,6 @@ __all__ = [
     "PipelineResult",
     "QuantizeActivations",
     "ReplaceLinear",
+    "RsqrtAsDiv",
     "SetAccuracyLevel",
 ]

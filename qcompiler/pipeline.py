@@ -97,7 +97,7 @@ def export(
     from .loading import load_config, load_model
     from .methods import get_method
     from .passes import (AddFallback, Cleanup, FoldAffineIntoLinear, FoldAffineIntoNorm, PassContext, PassManager,
-                         QuantizeActivations, ReplaceLinear, SetAccuracyLevel)
+                         QuantizeActivations, ReplaceLinear, RsqrtAsDiv, SetAccuracyLevel)
     from .passes.base import save_model
 
     # Fail fast on everything that can be checked before loading a model.
@@ -202,7 +202,7 @@ def export(
     abits = result.config.get("abits", 16) if isinstance(result.config, dict) else 16
     if abits < 16:
         passes.append(QuantizeActivations(result.layers, abits))
-    pipeline = PassManager([*passes, Cleanup(), *([AddFallback()] if fallback else [])], context=ctx)
+    pipeline = PassManager([*passes, RsqrtAsDiv(), Cleanup(), *([AddFallback()] if fallback else [])], context=ctx)
     run = pipeline.run(exported.model)
     proto = run.model
     stage_done("passes", t)
