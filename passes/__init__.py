@@ -9,6 +9,7 @@ from .base import Pass, PassContext, PassError, PassManager, PassResult, Pipelin
 from .cleanup import Cleanup
 from .fold_affine_linear import FoldAffineIntoLinear
 from .fold_affine_norm import FoldAffineIntoNorm
+from .fuse_rotary import FuseRotary
 from .quantize_activations import QuantizeActivations
 from .replace_linear import ReplaceLinear
 from .rsqrt_as_div import RsqrtAsDiv
@@ -19,6 +20,7 @@ __all__ = [
     "Cleanup",
     "FoldAffineIntoLinear",
     "FoldAffineIntoNorm",
+    "FuseRotary",
     "Pass",
     "PassContext",
     "PassError",

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: 0, fp32 activations)")
     adv.add_argument("--no-fallback", dest="fallback", action="store_false",
                      help="omit the portable ONNX functions that let the model run without the op library")
+    adv.add_argument("--no-contrib-ops", dest="contrib_ops", action="store_false",
+                     help="standard ONNX ops only besides SpQRMatMul: keep each rotary embedding as exported instead of "
+                          "ONNX Runtime's com.microsoft::RotaryEmbedding (slower decode in ONNX Runtime)")
     adv.add_argument("--offload-weights", action="store_true",
                      help="keep the fp32 weights in a temporary file-backed mapping (local safetensors folders or "
                           "GGUF files): memory needs about one decoder layer instead of the whole model, at disk "
@@ -192,6 +195,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         memory_check=args.memory_check,
         offload_weights=args.offload_weights,
         fallback=args.fallback,
+        contrib_ops=args.contrib_ops,
         quiet=args.quiet,
     )
     return 0

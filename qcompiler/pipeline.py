@@ -89,6 +89,7 @@ def export(
     memory_check: bool = True,
     offload_weights: bool = False,
     fallback: bool = True,
+    contrib_ops: bool = True,
     quiet: bool = False,
 ) -> ExportReport:
     """Quantize `source` with `method` and write an ONNX folder to `output`. See `qcompiler export --help`."""
@@ -96,8 +97,8 @@ def export(
     from .preflight import check_linear_sizes, check_memory, estimate_memory, peak_rss_gb
     from .loading import load_config, load_model
     from .methods import get_method
-    from .passes import (AddFallback, Cleanup, FoldAffineIntoLinear, FoldAffineIntoNorm, PassContext, PassManager,
-                         QuantizeActivations, ReplaceLinear, RsqrtAsDiv, SetAccuracyLevel)
+    from .passes import (AddFallback, Cleanup, FoldAffineIntoLinear, FoldAffineIntoNorm, FuseRotary, PassContext,
+                         PassManager, QuantizeActivations, ReplaceLinear, RsqrtAsDiv, SetAccuracyLevel)
     from .passes.base import save_model
 
     # Fail fast on everything that can be checked before loading a model.
@@ -202,7 +203,13 @@ def export(
     abits = result.config.get("abits", 16) if isinstance(result.config, dict) else 16
     if abits < 16:
         passes.append(QuantizeActivations(result.layers, abits))
-    pipeline = PassManager([*passes, RsqrtAsDiv(), Cleanup(), *([AddFallback()] if fallback else [])], context=ctx)
+    # graph forms ONNX Runtime runs as fewer kernels: RMSNorm as its fusable Div form (standard ops); with contrib ops
+    # (the default) each rotary embedding as one com.microsoft::RotaryEmbedding
+    passes.append(RsqrtAsDiv())
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if contrib_ops and max_positions:
+        passes.append(FuseRotary(int(max_positions)))
+    pipeline = PassManager([*passes, Cleanup(), *([AddFallback()] if fallback else [])], context=ctx)
     run = pipeline.run(exported.model)
     proto = run.model
     stage_done("passes", t)
@@ -225,6 +232,7 @@ def export(
         "dtype": exported.manifest["dtype"],
         "memory_estimate_gib": round(memory.total / 2**30, 2),
         "fallback_functions": [f.overload for f in proto.functions if f.name == OP_TYPE],
+        "contrib_ops": sorted({n.op_type for n in proto.graph.node if n.domain == "com.microsoft"}),
         "layers": _jsonable(result.report) if getattr(result, "report", None) else {},
     }
     if result.transforms:
