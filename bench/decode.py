@@ -6,6 +6,10 @@ cache (prefill), then greedy-decodes `--new-tokens` tokens one at a time, feedin
 comes and goes hits every model alike); the table reports medians over the rounds and each model's decode speed
 relative to the first folder (by default the fp32 export).
 
+A second table times single decode steps (`session.run` of one token after the prompt's KV cache, always the same
+step), alternating the models `--step-runs` times, 4 steps per turn: its median and 10th percentile show per-step
+differences (a graph pass's) that the rounds' noise on this 2-core VM hides; `--threads 1` steadies it further.
+
     .venv/bin/python bench/decode.py                      # bench/out/{fp32,spqr-w4,spqr-w3} (bench/quality.py)
     .venv/bin/python bench/decode.py OUT1 OUT2 --threads 2 --new-tokens 64
 """
@@ -42,6 +46,16 @@ class Model:
         ids = self.gen.encode(PROMPT)
         self.prompt_ids = (ids * (prompt_tokens // max(1, len(ids)) + 1))[:prompt_tokens]
 
+    def step_feeds(self) -> dict:
+        """Feeds of the decode step right after the prompt (its KV cache, its next position)."""
+        import numpy as np
+
+        g = self.gen
+        empty = [np.zeros((1, g.num_kv_heads, 0, g.head_dim), g.past_dtype) for _ in g.past_names]
+        out = g.session.run(g.output_names, g._feeds(np.asarray([self.prompt_ids], np.int64), empty, 0))
+        token = np.asarray([[int(out[0][0, -1].argmax())]], np.int64)
+        return g._feeds(token, list(out[1:]), len(self.prompt_ids))
+
     def round(self, new_tokens: int) -> tuple[float, float, list[int]]:
         """(prefill s, decode s for new_tokens - 1 steps, generated ids), never stopping early."""
         res = self.gen.generate(self.prompt_ids, max_new_tokens=new_tokens, stop_at_eos=False)
@@ -56,6 +70,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per round (default: 64)")
     p.add_argument("--rounds", type=int, default=5, help="rounds per model, interleaved (default: 5)")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
+    p.add_argument("--step-runs", type=int, default=100,
+                   help="alternations of the single-step timing, 4 steps per model each (default: 100; 0: skip)")
     p.add_argument("-o", "--output", default=None, help="markdown table (default: bench/results/decode-DATE.md)")
     args = p.parse_args(argv)
     folders = [Path(m) for m in args.models] or [REPO / "bench" / "out" / m for m in DEFAULT_MODELS]
@@ -79,6 +95,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             generated[str(m.folder)] = tokens
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
 
+    steps: dict[str, list[float]] = {str(m.folder): [] for m in models}
+    if args.step_runs > 0:
+        import time
+
+        feeds = [m.step_feeds() for m in models]
+        for _ in range(args.step_runs):
+            for m, f in zip(models, feeds):
+                t = time.perf_counter()
+                for _ in range(4):
+                    m.gen.session.run(m.gen.output_names[:1], f)
+                steps[str(m.folder)].append((time.perf_counter() - t) / 4)
+
     rows = []
     for m in models:
         t = times[str(m.folder)]
@@ -95,7 +123,8 @@ def main(argv: Optional[list[str]] = None) -> int:
              f"ONNX Runtime {onnxruntime.__version__} CPU EP, intra-op threads: {args.threads or 'ORT default'}; "
              f"prompt {args.prompt_tokens} tokens, then {args.new_tokens} greedy tokens with the KV cache; median of "
              f"{args.rounds} interleaved rounds. Reproduce: `.venv/bin/python bench/decode.py "
-             + " ".join(str(f) for f in args.models) + (f" --threads {args.threads}" if args.threads else "") + "`.",
+             + " ".join(str(f) for f in args.models) + (f" --threads {args.threads}" if args.threads else "")
+             + (f" --rounds {args.rounds}" if args.rounds != 5 else "") + "`.",
              "", "| model | method | avg bits | prefill tok/s | decode tok/s | decode vs first | first 12 tokens |",
              "|---|---|--:|--:|--:|--:|---|"]
     for r in rows:
@@ -103,6 +132,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         text = r["text"].replace("|", "/").replace("\n", " ")
         lines.append(f"| {r['model']} | {r['method']} | {bits} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} "
                      f"| {r['decode_tok_s'] / ref:.2f}× | {text} |")
+    if args.step_runs > 0:
+        med = {k: statistics.median(v) for k, v in steps.items()}
+        first = med[str(models[0].folder)]
+        lines += ["", f"One decode step (position {args.prompt_tokens}), {args.step_runs} alternations of 4 steps per "
+                  "model:", "", "| model | median ms | p10 ms | median vs first |", "|---|--:|--:|--:|"]
+        for m in models:
+            v = sorted(steps[str(m.folder)])
+            lines.append(f"| {m.folder.name} | {med[str(m.folder)] * 1e3:.2f} | {v[len(v) // 10] * 1e3:.2f} "
+                         f"| {med[str(m.folder)] / first:.3f} |")
     table = "\n".join(lines) + "\n"
     print(table)
     out = Path(args.output) if args.output else REPO / "bench" / "results" / f"decode-{datetime.date.today()}.md"
