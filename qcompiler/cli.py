@@ -204,18 +204,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .pipeline import evaluate_folder
 
-    dataset = args.dataset
-    if dataset is None:
-        from .data import EVAL_FILE, default_data_file, missing_data_hint
-
-        found = default_data_file(EVAL_FILE)
-        if found is None:
-            raise QCompilerError("no evaluation text: pass --dataset PATH (or the name wikitext2 to fetch it with "
-                                 "`datasets`), or " + missing_data_hint(EVAL_FILE))
-        dataset = str(found)
     ppl = evaluate_folder(
         args.folder,
-        dataset=dataset,
+        dataset=args.dataset,  # None: the default data file (qcompiler.data), after the folder is checked
         seqlen=args.seqlen,
         max_windows=args.max_windows,
         backend=args.backend,

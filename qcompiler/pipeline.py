@@ -487,7 +487,7 @@ def _load_folded_norms(model: torch.nn.Module, inits: dict, modules: dict) -> No
 def evaluate_folder(
     folder: str | Path,
     *,
-    dataset: str,
+    dataset: Optional[str | Path] = None,
     seqlen: int = 2048,
     max_windows: Optional[int] = None,
     backend: str = "ort",
@@ -495,7 +495,8 @@ def evaluate_folder(
     model_override: Optional[str] = None,
     progress: bool = True,
 ) -> float:
-    """Perplexity of an exported folder on `dataset` (non-overlapping windows), in ONNX Runtime or PyTorch."""
+    """Perplexity of an exported folder on `dataset` (non-overlapping windows), in ONNX Runtime or PyTorch;
+    `dataset` None: the WikiText-2 test rows of the data folder (`qcompiler.data.default_data_file`)."""
     from transformers import AutoTokenizer
 
     from .data import eval_windows, load_text_tokens
@@ -504,6 +505,13 @@ def evaluate_folder(
     folder = Path(folder)
     if not (folder / MODEL_FILE).exists() or not (folder / CONFIG_FILE).exists():
         raise QCompilerError(f"not an exported folder (no {MODEL_FILE} / {CONFIG_FILE}): {folder}")
+    if dataset is None:
+        from .data import EVAL_FILE, default_data_file, missing_data_hint
+
+        dataset = default_data_file(EVAL_FILE)
+        if dataset is None:
+            raise QCompilerError("no evaluation text: pass --dataset PATH (or the name wikitext2 to fetch it with "
+                                 "`datasets`), or " + missing_data_hint(EVAL_FILE))
     cfg = json.loads((folder / CONFIG_FILE).read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     tokens = load_text_tokens(dataset, tokenizer)

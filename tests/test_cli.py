@@ -120,7 +120,7 @@ def test_eval_on_non_export_folder(tmp_path, capsys):
     assert "not an exported folder" in _one_error_line(err)
 
 
-def test_preset_expands_to_options_and_flags_override(monkeypatch, tiny_dirs, tmp_path):
+def test_preset_expands_to_options_and_flags_override(monkeypatch, tiny_dirs, text_file, tmp_path):
     seen = {}
 
     def fake_export(model, **kw):
@@ -129,7 +129,7 @@ def test_preset_expands_to_options_and_flags_override(monkeypatch, tiny_dirs, tm
     monkeypatch.setattr("qcompiler.pipeline.export", fake_export)
     out = tmp_path / "out"
     assert main(["export", str(tiny_dirs("llama")), "-o", str(out), "--method", "spqr", "--preset", "sub4",
-                     "--outlier-threshold", "0.5"]) == 0
+                 "--outlier-threshold", "0.5", "--calibration", str(text_file)]) == 0
     assert seen == {"bits": 3, "stat_group_size": 32, "outlier_threshold": 0.5}
     from qcompiler.methods.spqr import SpQRConfig
     SpQRConfig(**seen)  # a valid config

@@ -146,7 +146,11 @@ def test_cli_fails_fast_naming_where_it_looked(tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(capsys, "export", tmp_path / "no-model", "--method", "spqr", "-o", tmp_path / "o")
     line = one_error_line(err)
     assert code == 2 and "needs calibration text" in line and str(tmp_path / "empty" / CALIBRATION_FILE) in line
-    code, _, err = run_cli(capsys, "eval", tmp_path / "no-export")
+    export = tmp_path / "export"  # an export folder as far as the check before the data goes
+    export.mkdir()
+    (export / "model.onnx").write_bytes(b"")
+    (export / "quant_config.json").write_text("{}")
+    code, _, err = run_cli(capsys, "eval", export)
     line = one_error_line(err)
     assert code == 2 and "no evaluation text" in line and str(tmp_path / "empty" / EVAL_FILE) in line
 
