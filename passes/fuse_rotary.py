@@ -13,7 +13,8 @@ Matched only where everything is as above: the two `Mul`s share `x`, the `Slice`
 (the position ids) through per-position ops (Unsqueeze, Cast, Mul, Div, Add, Sub). Anything else — partial rotary,
 interleaved layouts, fp16 graphs (their Cast sits between Cos and Unsqueeze), attention scaling folded into the tables —
 stays as exported. Values: the tables are the graph's fp32 values, the rotation is rounded differently (≤ 1 ulp of
-each product). Positions past `max_positions` become an error of the node (the unfused graph would extrapolate).
+each product). Positions past `max_positions` become an error of the node in ONNX Runtime 1.31 (1.21 does not check
+the bound; the unfused graph would extrapolate).
 """
 
 from __future__ import annotations
