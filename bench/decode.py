@@ -51,8 +51,7 @@ class Model:
         import numpy as np
 
         g = self.gen
-        empty = [np.zeros((1, g.num_kv_heads, 0, g.head_dim), g.past_dtype) for _ in g.past_names]
-        out = g.session.run(g.output_names, g._feeds(np.asarray([self.prompt_ids], np.int64), empty, 0))
+        out = g.session.run(g.output_names, g._feeds(np.asarray([self.prompt_ids], np.int64), g.empty_past(), 0))
         token = np.asarray([[int(out[0][0, -1].argmax())]], np.int64)
         return g._feeds(token, list(out[1:]), len(self.prompt_ids))
 

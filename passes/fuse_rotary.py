@@ -25,69 +25,55 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qcompiler.external import tensor_array
-
 from .base import Pass, PassResult
+from .graph import GraphIndex
 
 MS_DOMAIN = "com.microsoft"
 _PER_POSITION = {"Unsqueeze", "Cast", "Mul", "Div", "Add", "Sub", "Constant"}
 
 
-class _Graph:
-    def __init__(self, graph: onnx.GraphProto):
-        self.graph = graph
-        self.producer = {o: n for n in graph.node for o in n.output if o}
-        self.inits = {t.name: t for t in graph.initializer}
-        self.inputs = {i.name for i in graph.input}
-
-    def node(self, name: str, op: str) -> Optional[onnx.NodeProto]:
-        n = self.producer.get(name)
-        return n if n is not None and n.op_type == op and n.domain in ("", "ai.onnx") else None
-
-    def const(self, name: str) -> Optional[np.ndarray]:
-        if name in self.inits:
-            return tensor_array(self.inits[name])
-        n = self.node(name, "Constant")
-        if n is not None and n.attribute and n.attribute[0].name == "value":
-            return numpy_helper.to_array(n.attribute[0].t)
-        return None
-
-    def ints(self, name: str) -> Optional[list[int]]:
-        v = self.const(name) if name else None
-        return None if v is None or v.dtype.kind not in "iu" else [int(i) for i in v.reshape(-1)]
+def _produced(g: GraphIndex, name: str, op: str) -> Optional[onnx.NodeProto]:
+    """The standard-domain `op` node producing `name`, else None."""
+    n = g.producer.get(name)
+    return n if n is not None and n.op_type == op and n.domain in ("", "ai.onnx") else None
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+def _ints(g: GraphIndex, name: str) -> Optional[list[int]]:
+    """An integer constant (initializer or Constant node) as a flat list, else None."""
+    v = g.const(name) if name else None
+    c = _produced(g, name, "Constant") if name and v is None else None
+    if c is not None and c.attribute and c.attribute[0].name == "value":
+        v = numpy_helper.to_array(c.attribute[0].t)
+    return None if v is None or v.dtype.kind not in "iu" else [int(i) for i in v.reshape(-1)]
 
 
 def _last_axis(node: onnx.NodeProto) -> bool:
-    return _attr(node, "axis") in (-1, 3)
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), None) in (-1, 3)
 
 
-def _half_slice(g: _Graph, node: Optional[onnx.NodeProto], x: str) -> Optional[tuple[int, int]]:
+def _half_slice(g: GraphIndex, node: Optional[onnx.NodeProto], x: str) -> Optional[tuple[int, int]]:
     """(start, end) of a Slice of x's last axis with step 1, else None."""
     if node is None or node.input[0] != x or len(node.input) < 4:
         return None
-    starts, ends, axes = g.ints(node.input[1]), g.ints(node.input[2]), g.ints(node.input[3])
-    steps = g.ints(node.input[4]) if len(node.input) > 4 and node.input[4] else [1]
+    starts, ends, axes = _ints(g, node.input[1]), _ints(g, node.input[2]), _ints(g, node.input[3])
+    steps = _ints(g, node.input[4]) if len(node.input) > 4 and node.input[4] else [1]
     if None in (starts, ends, axes, steps) or len(starts) != 1 or axes[0] not in (-1, 3) or steps != [1]:
         return None
     return starts[0], ends[0]
 
 
-def _unsqueezed(g: _Graph, name: str, op: str) -> Optional[str]:
+def _unsqueezed(g: GraphIndex, name: str, op: str) -> Optional[str]:
     """The input C of `Unsqueeze(op(C), axes=[1])`, else None."""
-    u = g.node(name, "Unsqueeze")
-    if u is None or g.ints(u.input[1] if len(u.input) > 1 else "") != [1]:
+    u = _produced(g, name, "Unsqueeze")
+    if u is None or _ints(g, u.input[1] if len(u.input) > 1 else "") != [1]:
         return None
-    t = g.node(u.input[0], op)
+    t = _produced(g, u.input[0], op)
     return t.input[0] if t is not None else None
 
 
-def _match(g: _Graph, add: onnx.NodeProto) -> Optional[tuple[str, str]]:
+def _match(g: GraphIndex, add: onnx.NodeProto) -> Optional[tuple[str, str]]:
     """(x, f) of a rotary `Add`, else None."""
-    muls = [g.node(i, "Mul") for i in add.input]
+    muls = [_produced(g, i, "Mul") for i in add.input]
     if len(muls) != 2 or None in muls:
         return None
     for cos_mul, rot_mul in (muls, muls[::-1]):
@@ -96,34 +82,35 @@ def _match(g: _Graph, add: onnx.NodeProto) -> Optional[tuple[str, str]]:
             if c is None:
                 continue
             for rot, sin_u in (rot_mul.input, rot_mul.input[::-1]):
-                cat = g.node(rot, "Concat")
+                cat = _produced(g, rot, "Concat")
                 if _unsqueezed(g, sin_u, "Sin") != c or cat is None or len(cat.input) != 2 or not _last_axis(cat):
                     continue
-                neg = g.node(cat.input[0], "Neg")
-                high = _half_slice(g, g.node(neg.input[0], "Slice"), x) if neg is not None else None
-                low = _half_slice(g, g.node(cat.input[1], "Slice"), x)
+                neg = _produced(g, cat.input[0], "Neg")
+                high = _half_slice(g, _produced(g, neg.input[0], "Slice"), x) if neg is not None else None
+                low = _half_slice(g, _produced(g, cat.input[1], "Slice"), x)
                 if high is None or low is None or low[0] != 0 or low[1] <= 0 or high[0] != low[1]:
                     continue
                 if high[1] != 2 * low[1] and high[1] < np.iinfo(np.int32).max:
                     continue  # the upper slice must run to the end of the head (2 h): full rotation
-                cc = g.node(c, "Concat")
+                cc = _produced(g, c, "Concat")
                 if cc is None or len(cc.input) != 2 or cc.input[0] != cc.input[1] or not _last_axis(cc):
                     continue
                 return x, cc.input[0]
     return None
 
 
-def _position_table(g: _Graph, f: str, positions: int) -> Optional[tuple[str, np.ndarray]]:
+def _position_table(g: GraphIndex, f: str, positions: int) -> Optional[tuple[str, np.ndarray]]:
     """(position input, f evaluated at positions 0 .. positions-1 as [positions, h]) if f is per-position."""
     import onnxruntime as ort
 
+    graph_inputs = {i.name for i in g.graph.input}
     nodes, inputs, stack, seen = [], set(), [f], set()
     while stack:
         name = stack.pop()
         if name in seen or name in g.inits or not name:
             continue
         seen.add(name)
-        if name in g.inputs:
+        if name in graph_inputs:
             inputs.add(name)
             continue
         n = g.producer.get(name)
@@ -134,11 +121,12 @@ def _position_table(g: _Graph, f: str, positions: int) -> Optional[tuple[str, np
     if len(inputs) != 1:
         return None
     (pos,) = inputs
-    inits = [g.inits[i] for n in nodes for i in n.input if i in g.inits]
+    inits = [i for n in nodes for i in n.input if i in g.inits]
+    chosen = {id(n) for n in nodes}  # (`nodes` keeps the wrappers, and so their ids, alive)
     sub = helper.make_graph(
-        list(reversed(nodes)), "f", [helper.make_tensor_value_info(pos, onnx.TensorProto.INT64, [1, positions])],
+        [n for n in g.graph.node if id(n) in chosen], "f", [helper.make_tensor_value_info(pos, onnx.TensorProto.INT64, [1, positions])],
         [helper.make_tensor_value_info(f, onnx.TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(tensor_array(t), t.name) for t in {t.name: t for t in inits}.values()])
+        [numpy_helper.from_array(g.const(name), name) for name in dict.fromkeys(inits)])
     model = helper.make_model(sub, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     try:
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -166,10 +154,9 @@ class FuseRotary(Pass):
         self.max_positions = max_positions
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        g = _Graph(model.graph)
+        g = GraphIndex(model)
         tables: dict[str, Optional[tuple[str, str, str]]] = {}  # f → (position input, cos table, sin table)
-        replace: dict[str, onnx.NodeProto] = {}  # Add output → its RotaryEmbedding
-        notes = []
+        fused, notes = 0, []
         for add in model.graph.node:
             if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
                 continue
@@ -179,36 +166,29 @@ class FuseRotary(Pass):
             x, f = m
             if f not in tables:
                 evaluated = _position_table(g, f, self.max_positions)
+                tables[f] = None
                 if evaluated is None:
                     notes.append(f"{add.name}: rotary pattern, but its angles are not a per-position function of "
                                  "one input; left as exported")
-                    tables[f] = None
                 else:
                     pos, angles = evaluated
-                    i = sum(t is not None for t in tables.values())
-                    names = (f"rotary_cos_cache_{i}", f"rotary_sin_cache_{i}")
-                    model.graph.initializer.extend([numpy_helper.from_array(np.cos(angles).astype(np.float32), names[0]),
-                                                    numpy_helper.from_array(np.sin(angles).astype(np.float32), names[1])])
-                    tables[f] = (pos, *names)
+                    tables[f] = (pos, g.set_const(g.fresh_name("rotary_cos_cache"), np.cos(angles)),
+                                 g.set_const(g.fresh_name("rotary_sin_cache"), np.sin(angles)))
             if tables[f] is None:
                 continue
-            pos, cos_name, sin_name = tables[f]
-            node = helper.make_node("RotaryEmbedding", [x, pos, cos_name, sin_name], list(add.output),
-                                    name=f"{add.name}/RotaryEmbedding", domain=MS_DOMAIN, interleaved=0)
-            node.metadata_props.extend(add.metadata_props)
-            replace[add.output[0]] = node
-        if not replace:
-            return PassResult(model, modified=False, counts={"fused": 0, "tables": 0}, notes=notes)
-        nodes = [replace.get(n.output[0], n) if n.op_type == "Add" and n.output else n for n in model.graph.node]
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            # the Add becomes the RotaryEmbedding in place (its output and metadata stay; the rest goes dead)
+            add.op_type, add.domain, add.name = "RotaryEmbedding", MS_DOMAIN, f"{add.name}/RotaryEmbedding"
+            del add.input[:]
+            add.input.extend([x, *tables[f]])
+            add.attribute.append(helper.make_attribute("interleaved", 0))
+            fused += 1
+        if fused and not any(o.domain == MS_DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-        return PassResult(model, modified=True, counts={"fused": len(replace), "tables": len(
-            [t for t in tables.values() if t is not None])}, notes=notes)
+        return PassResult(model, modified=fused > 0, notes=notes,
+                          counts={"fused": fused, "tables": sum(t is not None for t in tables.values())})
 
     def ensures(self, model: onnx.ModelProto, result: PassResult) -> None:
-        g = _Graph(model.graph)
+        g = GraphIndex(model)
         fused = [n for n in model.graph.node if n.op_type == "RotaryEmbedding" and n.domain == MS_DOMAIN]
         assert len(fused) >= result.counts["fused"], f"{result.counts['fused']} fused, {len(fused)} nodes"
         for n in fused:

@@ -14,29 +14,23 @@ other value changes.
 from __future__ import annotations
 
 import onnx
-from onnx import helper
 
 from .base import Pass, PassResult
+from .graph import GraphIndex
 
 
-def _candidates(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]]:
+def _candidates(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]]:
     """(Sqrt, Reciprocal, Mul) triples to rewrite: the Reciprocal reads the Sqrt and is read by the Mul alone."""
-    producer = {o: n for n in graph.node for o in n.output if o}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in graph.output}
+    g = GraphIndex(model)
+    outputs = {o.name for o in model.graph.output}
     found = []
-    for recip in graph.node:
-        if recip.op_type != "Reciprocal" or recip.domain not in ("", "ai.onnx"):
+    for recip in model.graph.node:
+        if recip.op_type != "Reciprocal" or recip.domain not in ("", "ai.onnx") or recip.output[0] in outputs:
             continue
-        sqrt = producer.get(recip.input[0])
-        users = consumers.get(recip.output[0], [])
-        if sqrt is None or sqrt.op_type != "Sqrt" or recip.output[0] in outputs or len(users) != 1:
-            continue
-        mul = users[0]
-        if mul.op_type == "Mul" and mul.domain in ("", "ai.onnx") and list(mul.input).count(recip.output[0]) == 1:
+        sqrt = g.producer.get(recip.input[0])
+        mul = g.sole_user(recip.output[0], ("Mul",))
+        if sqrt is not None and sqrt.op_type == "Sqrt" and mul is not None and mul.domain in ("", "ai.onnx") \
+                and list(mul.input).count(recip.output[0]) == 1:
             found.append((sqrt, recip, mul))
     return found
 
@@ -48,22 +42,20 @@ class RsqrtAsDiv(Pass):
     preserves_outputs = True
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        graph = model.graph
-        found = _candidates(graph)  # referenced until the end: a protobuf wrapper's id is only its own while it lives
-        replace: dict[int, onnx.NodeProto] = {}  # id(Mul) → its Div
-        drop: set[int] = set()  # id(Reciprocal)
-        for sqrt, recip, mul in found:
+        found = _candidates(model)  # referenced until the end: a protobuf wrapper's id is only its own while it lives
+        for sqrt, recip, mul in found:  # the Mul becomes the Div in place (its outputs and metadata stay)
             x = mul.input[1] if mul.input[0] == recip.output[0] else mul.input[0]
-            div = helper.make_node("Div", [x, sqrt.output[0]], list(mul.output), name=recip.name or mul.name)
-            div.metadata_props.extend(mul.metadata_props)  # the module path (`namespace`) Netron shows
-            replace[id(mul)] = div
-            drop.add(id(recip))
-        if replace:
-            nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
-            del graph.node[:]
-            graph.node.extend(nodes)
-        return PassResult(model, modified=bool(replace), counts={"rewritten": len(replace)})
+            mul.op_type = "Div"
+            del mul.input[:]
+            mul.input.extend([x, sqrt.output[0]])
+            mul.name = recip.name or mul.name
+        if found:
+            drop = {id(recip) for _, recip, _ in found}
+            nodes = [n for n in model.graph.node if id(n) not in drop]
+            del model.graph.node[:]
+            model.graph.node.extend(nodes)
+        return PassResult(model, modified=bool(found), counts={"rewritten": len(found)})
 
     def ensures(self, model: onnx.ModelProto, result: PassResult) -> None:
-        left = _candidates(model.graph)
+        left = _candidates(model)
         assert not left, f"{len(left)} Mul by Reciprocal(Sqrt) left, e.g. {left[0][2].name}"

@@ -166,22 +166,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if dest not in accepted:
             raise QCompilerError(f"{flag} does not apply to --method {args.method}")
         options[dest] = value
-    calibration = args.calibration
-    if calibration is None and getattr(method_cls, "needs_calibration", False):
-        from .data import CALIBRATION_FILE, default_data_file, missing_data_hint
-
-        found = default_data_file(CALIBRATION_FILE)
-        if found is None:
-            raise QCompilerError(f"--method {args.method} needs calibration text: pass --calibration PATH, or "
-                                 + missing_data_hint(CALIBRATION_FILE))
-        calibration = str(found)
     export(
         args.model,
         output=args.output,
         method=args.method,
         method_options=options,
         force=args.force,
-        calibration=calibration,
+        calibration=args.calibration,
         nsamples=args.nsamples,
         seqlen=args.seqlen,
         seed=args.seed,

@@ -61,6 +61,14 @@ def missing_data_hint(name: str) -> str:
     return f"set {DATA_ENV} to the folder holding {name} (looked for {looked})"
 
 
+def require_data_file(name: str, missing: str) -> Path:
+    """`default_data_file(name)`, or a QCompilerError "`missing`, or set QCOMPILER_DATA ... (looked for ...)"."""
+    found = default_data_file(name)
+    if found is None:
+        raise QCompilerError(f"{missing}, or {missing_data_hint(name)}")
+    return found
+
+
 def _rows_from_hub(name: str) -> list[str]:
     dataset, subset, split = HUB_DATASETS[name]
     try:

@@ -134,8 +134,12 @@ class Generator:
         except Exception as e:  # noqa: BLE001 - any tokenizer loading failure is one clear error
             raise QCompilerError(f"cannot load the tokenizer from {self.folder}: {e}") from e
         # one warm-up step: kernels pack their weights on their first call, which is load time, not prefill time
-        empty = [np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.past_dtype) for _ in self.past_names]
+        empty = self.empty_past()
         self.session.run(self.output_names[:1], self._feeds(np.zeros((1, 1), np.int64), empty, 0))
+
+    def empty_past(self) -> list[np.ndarray]:
+        """An empty KV cache (batch 1, length 0), one array per `past_names` entry."""
+        return [np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.past_dtype) for _ in self.past_names]
 
     def _feeds(self, ids: np.ndarray, past: list[np.ndarray], past_len: int) -> dict:
         S = ids.shape[1]
@@ -164,7 +168,7 @@ class Generator:
             raise QCompilerError(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
         rng = np.random.default_rng(sampling.seed)
         eos = self.tokenizer.eos_token_id
-        empty = [np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.past_dtype) for _ in self.past_names]
+        empty = self.empty_past()
         ids = np.asarray([prompt_ids], dtype=np.int64)
         t = time.perf_counter()
         out = self.session.run(self.output_names, self._feeds(ids, empty, 0))

@@ -110,9 +110,14 @@ def export(
     rtol = DEFAULT_TOLERANCE[dtype][1] if rtol is None else rtol
     method_cls = get_method(method)
     config = method_cls.Config(**method_options)
+    needs_calibration = getattr(method_cls, "needs_calibration", False)
+    if needs_calibration and calibration is None:  # the default text, or an error naming where it was looked for
+        from .data import CALIBRATION_FILE, require_data_file
+
+        calibration = str(require_data_file(
+            CALIBRATION_FILE, f"method '{method}' needs calibration text: pass --calibration PATH"))
     hf_config = load_config(source)
     family = family_for(hf_config)
-    needs_calibration = getattr(method_cls, "needs_calibration", False)
     memory = estimate_memory(hf_config, method, calibrated=needs_calibration, nsamples=nsamples, seqlen=seqlen,
                              offload=offload_weights)
     if memory_check:
@@ -153,8 +158,6 @@ def export(
     if needs_calibration:
         from .data import calibration_windows
 
-        if calibration is None:
-            raise QCompilerError(f"method '{method}' needs calibration text: pass --calibration PATH")
         calib = calibration_windows(calibration, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
 
     t = time.perf_counter()
@@ -506,12 +509,10 @@ def evaluate_folder(
     if not (folder / MODEL_FILE).exists() or not (folder / CONFIG_FILE).exists():
         raise QCompilerError(f"not an exported folder (no {MODEL_FILE} / {CONFIG_FILE}): {folder}")
     if dataset is None:
-        from .data import EVAL_FILE, default_data_file, missing_data_hint
+        from .data import EVAL_FILE, require_data_file
 
-        dataset = default_data_file(EVAL_FILE)
-        if dataset is None:
-            raise QCompilerError("no evaluation text: pass --dataset PATH (or the name wikitext2 to fetch it with "
-                                 "`datasets`), or " + missing_data_hint(EVAL_FILE))
+        dataset = require_data_file(EVAL_FILE, "no evaluation text: pass --dataset PATH (or the name wikitext2 to "
+                                               "fetch it with `datasets`)")
     cfg = json.loads((folder / CONFIG_FILE).read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     tokens = load_text_tokens(dataset, tokenizer)
