@@ -5,8 +5,10 @@ Rows (the presets below, kept as data):
 
 - `none`: our fp32 export (`qcompiler export --method none`), the reference row;
 - `rtn` / `gptq` / `spqr`: our methods, exported with `qcompiler.pipeline.export` (one `SpQRMatMul` per decoder
-  linear), evaluated in ONNX Runtime with the op library and, for comparison, as the PyTorch fake-quant model
-  (`torch_model_from_folder`); rows of methods that are not registered are skipped with a note;
+  linear), evaluated in ONNX Runtime with the op library and twice in PyTorch: the model rebuilt from the weights
+  decoded out of the exported folder (`torch_model_from_folder`), and, independently of the export, the fake-quant
+  model the method left in memory, evaluated right after `quantize` returns and before the ONNX export starts;
+  rows of methods that are not registered are skipped with a note;
 - `ort`: ONNX Runtime's own weight-only quantizer (`MatMulNBitsQuantizer`) applied to the fp32 export, restricted
   to the same 210 decoder linears (lm_head and embeddings stay fp32 in every row).
 
@@ -67,6 +69,7 @@ PRESETS: list[dict[str, Any]] = [
     {"name": "gptq-w3g32", "method": "gptq",
      "options": {"bits": 3, "group_size": 32, "act_order": True, "percdamp": 0.01}},
     {"name": "rtn-w2g64", "method": "rtn", "options": {"bits": 2, "group_size": 64}},
+    {"name": "rtn-w3g64", "method": "rtn", "options": {"bits": 3, "group_size": 64}},
     {"name": "gptq-w3g64", "method": "gptq",
      "options": {"bits": 3, "group_size": 64, "act_order": True, "percdamp": 0.01}},
     {"name": "gptq-w2g64", "method": "gptq",
@@ -76,6 +79,15 @@ PRESETS: list[dict[str, Any]] = [
                  "act_order": True, "percdamp": 1.0}},
     {"name": "spqr-w3", "method": "spqr",
      "note": "3-bit preset (β2=32, τ=0.3: ≤ 3.9 bits; the reference's τ=0.2, β2=16 stores 4.29 bits here)",
+     "options": {"bits": 3, "group_size": 16, "stat_bits": 3, "stat_group_size": 32, "outlier_threshold": 0.3,
+                 "act_order": True, "percdamp": 1.0}},
+    # `export`: further `qcompiler.pipeline.export` keywords; accuracy_level 4: int8 activations in the CPU kernel
+    {"name": "spqr-w4-a4", "method": "spqr", "export": {"accuracy_level": 4},
+     "note": "spqr-w4 with `--accuracy-level 4` (int8 X in the CPU kernel; PyTorch stays fp32)",
+     "options": {"bits": 4, "group_size": 16, "stat_bits": 3, "stat_group_size": 16, "outlier_threshold": 0.2,
+                 "act_order": True, "percdamp": 1.0}},
+    {"name": "spqr-w3-a4", "method": "spqr", "export": {"accuracy_level": 4},
+     "note": "spqr-w3 with `--accuracy-level 4` (int8 X in the CPU kernel; PyTorch stays fp32)",
      "options": {"bits": 3, "group_size": 16, "stat_bits": 3, "stat_group_size": 32, "outlier_threshold": 0.3,
                  "act_order": True, "percdamp": 1.0}},
     # AffineQuant: the reference's LLaMA w*a16 settings (diagonal norm transforms, per-KV-head v→o blocks, LWC,
@@ -106,7 +118,8 @@ PRESETS: list[dict[str, Any]] = [
      "note": "w4a4: per-channel 4-bit weights, dynamic per-token 4-bit activations (ActQuantPerToken4 nodes in ORT)",
      "options": {"bits": 4, "group_size": 0, "abits": 4, "epochs": 10, "batch_size": 4, "aug_loss": True, "sf": 0.1}},
     {"name": "affinequant+spqr-w3", "method": "affinequant+spqr",
-     "note": "AffineQuant transforms (as affinequant-w3g64's training), then SpQR's 3-bit preset on the transformed weights",
+     "note": "AffineQuant transforms trained on the SpQR grid's bits and groups (3 bits, groups of 16, LWC; 10 epochs, "
+             "4 windows per step), then SpQR's 3-bit preset on the transformed weights",
      "options": {"bits": 3, "group_size": 16, "stat_bits": 3, "stat_group_size": 32, "outlier_threshold": 0.3,
                  "act_order": True, "percdamp": 1.0, "epochs": 10, "batch_size": 4}},
     {"name": "ort-default-w4b32", "method": "ort",
@@ -152,16 +165,22 @@ class Row:
         status: "ok", "skipped" (method not available), or "failed" (`error` says why).
         avg_bits: stored bits per quantized weight parameter (codes + statistics + outliers/permutation).
         size_mb: model.onnx + model.onnx.data, in MB (10^6 bytes).
-        ppl_ort, ppl_torch: perplexity through ONNX Runtime / of the PyTorch fake-quant model (ours only).
+        ppl_ort: perplexity through ONNX Runtime with the op library.
+        ppl_torch: perplexity in PyTorch of the source model with the weights decoded out of the exported folder
+            (`torch_model_from_folder`; ours only).
+        ppl_memory: perplexity in PyTorch of the fake-quant model the method produced, in memory, evaluated before
+            the ONNX export (ours only; None for a reused folder).
         rel_diff: ppl_ort / ppl_torch − 1.
+        memory_rel_diff: ppl_torch / ppl_memory − 1 (the folder's decoded weights against the method's own).
         export_s: wall time of the export (ours: load → quantize → ONNX → passes → emit → validate; ORT rows:
             MatMulNBitsQuantizer on the fp32 export + save, not counting the fp32 export).
         reused: the folder was on disk already (`--reuse`); export_s is then the time recorded when it was made.
         export_rss_mb: peak resident memory of the export (the process's high-water mark, reset before it via
             /proc/self/clear_refs; None where that is unavailable), in MB (10^6 bytes).
-        eval_ort_s, eval_torch_s: wall time of the perplexity runs.
+        eval_ort_s, eval_torch_s, eval_memory_s: wall time of the perplexity runs (eval_memory_s runs inside the
+            export and is subtracted from export_s).
         n_quantized: quantized linears (SpQRMatMul / MatMulNBits nodes).
-        window_nll_ort, window_nll_torch: mean NLL (nats/token) of each window.
+        window_nll_ort, window_nll_torch, window_nll_memory: mean NLL (nats/token) of each window.
         details: extra figures (bit breakdown, validation Δlogit, excluded nodes, ...).
     """
 
@@ -176,15 +195,19 @@ class Row:
     size_mb: Optional[float] = None
     ppl_ort: Optional[float] = None
     ppl_torch: Optional[float] = None
+    ppl_memory: Optional[float] = None
     rel_diff: Optional[float] = None
+    memory_rel_diff: Optional[float] = None
     export_s: Optional[float] = None
     export_rss_mb: Optional[float] = None
     reused: bool = False
     eval_ort_s: Optional[float] = None
     eval_torch_s: Optional[float] = None
+    eval_memory_s: Optional[float] = None
     n_quantized: Optional[int] = None
     window_nll_ort: list[float] = dataclasses.field(default_factory=list)
     window_nll_torch: list[float] = dataclasses.field(default_factory=list)
+    window_nll_memory: list[float] = dataclasses.field(default_factory=list)
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
     traceback: str = ""
 
@@ -213,6 +236,8 @@ def flags_of(preset: dict) -> str:
     for k, v in opts.items():
         flag = k.replace("_", "-")
         parts.append(f"--{flag}" if v is True else f"--no-{flag}" if v is False else f"--{flag} {v}")
+    for k, v in preset.get("export", {}).items():
+        parts.append(f"--{k.replace('_', '-')} {v}")
     return " ".join(parts)
 
 
@@ -324,6 +349,8 @@ class Bench:
         calib = self._calibration(preset["method"])
         if calib is not None:
             exp["calibration"] = calib
+        if preset.get("export", {}).get("accuracy_level"):
+            exp["accuracy_level"] = preset["export"]["accuracy_level"]
         return exp
 
     def _reusable(self, folder: Path, expected: dict) -> bool:
@@ -359,11 +386,11 @@ class Bench:
             if preset["method"] == "ort":
                 self._export_ort(preset, folder, expected)
             else:
-                self._export_ours(preset, folder, expected)
+                self._export_ours(preset, folder, expected, row)
         except Exception as e:
             self.failed[key] = _short_error(e)
             raise
-        seconds = time.perf_counter() - t
+        seconds = time.perf_counter() - t - ((row.eval_memory_s or 0.0) if row is not None else 0.0)
         rss = _peak_rss_mb()
         (folder / BENCH_FILE).write_text(json.dumps({"export_s": seconds, "export_rss_mb": rss, "preset": preset},
                                                     indent=2) + "\n")
@@ -372,24 +399,55 @@ class Bench:
         self.exported.add(key)
         return folder
 
-    def _export_ours(self, preset: dict, folder: Path, expected: dict) -> None:
+    def _export_ours(self, preset: dict, folder: Path, expected: dict, row: Optional[Row] = None) -> None:
         from qcompiler.pipeline import export
 
         calib = expected.get("calibration")
         self._say(f"  exporting {preset['name']} → {folder}")
-        export(
-            self.args.model,
-            output=str(folder),
-            method=preset["method"],
-            method_options=dict(preset["options"]),
-            force=True,
-            calibration=calib["path"] if calib else None,
-            nsamples=self.args.nsamples,
-            seqlen=self.args.calib_seqlen,
-            seed=self.args.seed,
-            quiet=not self.args.verbose,
-        )
+        in_memory = (self._evaluating_quantized(preset["method"], row)
+                     if row is not None and not self.args.no_torch else contextlib.nullcontext())
+        with in_memory:
+            export(
+                self.args.model,
+                output=str(folder),
+                method=preset["method"],
+                method_options=dict(preset["options"]),
+                force=True,
+                calibration=calib["path"] if calib else None,
+                nsamples=self.args.nsamples,
+                seqlen=self.args.calib_seqlen,
+                seed=self.args.seed,
+                quiet=not self.args.verbose,
+                **preset.get("export", {}),
+            )
         _free()
+
+    @contextlib.contextmanager
+    def _evaluating_quantized(self, method: str, row: Row) -> Iterator[None]:
+        """While `pipeline.export` runs: as soon as the method's `quantize` returns (it changed the model in place to
+        its fake-quant weights, the model export's validation compares ONNX Runtime with), evaluate that model on the
+        bench's windows, before the ONNX export starts. Fills `row.ppl_memory` and `row.eval_memory_s` (which
+        `ensure_export` takes out of export_s)."""
+        from unittest import mock
+
+        from qcompiler.evaluate import perplexity_torch
+        from qcompiler.methods import get_method
+
+        cls = get_method(method)
+        quantize = cls.quantize
+
+        def quantize_then_evaluate(quantizer, model, *args, **kwargs):
+            result = quantize(quantizer, model, *args, **kwargs)
+            windows = self._windows(self.args.model)
+            t = time.perf_counter()
+            res = perplexity_torch(model, windows, progress=not self.args.quiet)
+            row.eval_memory_s = time.perf_counter() - t
+            row.ppl_memory, row.window_nll_memory = res.ppl, res.window_nll
+            self._say(f"  ppl PyTorch in memory (before export) {res.ppl:.4f} ({row.eval_memory_s:.1f} s)")
+            return result
+
+        with mock.patch.object(cls, "quantize", quantize_then_evaluate):
+            yield
 
     def _calibration_windows(self, folder: Path) -> list:
         """The calibration windows our calibrated methods use (same text, tokenizer, nsamples, seqlen, seed)."""
@@ -443,13 +501,16 @@ class Bench:
         _free()
 
     # ------------------------------------------------------------------ evaluation
-    def _windows(self, folder: Path) -> list:
+    def _windows(self, folder: Path | str) -> list:
+        """The evaluation windows, cut once with the tokenizer of `folder` (an export, or the source model when the
+        first evaluation is of a model in memory: the same tokenizer, saved into every export)."""
         if self.windows is None:
             from transformers import AutoTokenizer
 
             from qcompiler.data import eval_windows, load_text_tokens
+            from qcompiler.loading import _load
 
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            tokenizer = _load(str(folder), lambda where, **kw: AutoTokenizer.from_pretrained(where, **kw))
             tokens = load_text_tokens(self.args.dataset, tokenizer)
             self.windows = eval_windows(tokens, self.args.seqlen, self.args.max_windows)
             digest = hashlib.sha256(b"".join(w.numpy().astype(np.int64).tobytes() for w in self.windows))
@@ -527,7 +588,9 @@ class Bench:
             if preset["method"] != "ort" and not self.args.no_torch:
                 self.eval_torch(folder, row)
                 row.rel_diff = row.ppl_ort / row.ppl_torch - 1.0
-                self._say(f"  ppl PyTorch {row.ppl_torch:.4f} ({row.eval_torch_s:.1f} s), "
+                if row.ppl_memory is not None:
+                    row.memory_rel_diff = row.ppl_torch / row.ppl_memory - 1.0
+                self._say(f"  ppl PyTorch from the folder {row.ppl_torch:.4f} ({row.eval_torch_s:.1f} s), "
                           f"ORT/PyTorch − 1 = {row.rel_diff:+.2e}")
             row.status = "ok"
         except KeyboardInterrupt:
@@ -767,20 +830,21 @@ def render_table(rows: list[Row], protocol: dict, args: argparse.Namespace, sour
         + f"; ONNX Runtime {_ort_version()} CPU EP; calibration (GPTQ/SpQR, ORT GPTQ): {args.nsamples} × "
         f"{args.calib_seqlen} tokens of `{Path(args.calibration).name}`, seed {args.seed}.",
         "",
-        "| method | preset / flags | avg bits | size MB | ppl ORT | ppl PyTorch | ORT/PyTorch − 1 | Δppl vs fp32 "
-        "| export s | export peak RSS MB | eval ORT s |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| method | preset / flags | avg bits | size MB | ppl ORT | ppl PyTorch (folder) | ORT/PyTorch − 1 "
+        "| ppl PyTorch (in memory) | folder/in memory − 1 | Δppl vs fp32 | export s | export peak RSS MB | eval ORT s |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         if r.status in ("skipped", "failed"):
-            lines.append(f"| {r.name} | `{r.flags}` | {r.status}: {r.error.replace('|', '/')} |||||||||")
+            lines.append(f"| {r.name} | `{r.flags}` | {r.status}: {r.error.replace('|', '/')} |||||||||||")
             continue
         delta = (f"{100 * (r.ppl_ort / fp32.ppl_ort - 1):+.2f}%" if fp32 is not None and r.ppl_ort is not None
                  else "—")
         export = _fmt(r.export_s, ".0f", "?") + (" (reused)" if r.reused else "")
         lines.append(
             f"| {r.name} | `{r.flags}` | {_fmt(r.avg_bits, '.3f')} | {_fmt(r.size_mb, '.1f')} "
-            f"| {_fmt(r.ppl_ort, '.3f')} | {_fmt(r.ppl_torch, '.3f')} | {_fmt(r.rel_diff, '+.1e')} | {delta} "
+            f"| {_fmt(r.ppl_ort, '.3f')} | {_fmt(r.ppl_torch, '.3f')} | {_fmt(r.rel_diff, '+.1e')} "
+            f"| {_fmt(r.ppl_memory, '.3f')} | {_fmt(r.memory_rel_diff, '+.1e')} | {delta} "
             f"| {export} | {_fmt(r.export_rss_mb, '.0f')} | {_fmt(r.eval_ort_s, '.0f')} |"
         )
     lines += ["", "Notes:", ""]
@@ -796,8 +860,13 @@ def render_table(rows: list[Row], protocol: dict, args: argparse.Namespace, sour
         "embedding, not a constant) is passed as `nodes_to_exclude`, and the bench checks that exactly one "
         "MatMulNBits per decoder linear results. Sizes include the fp32 embedding (113 MB).")
     lines.append(
-        "- ppl PyTorch: the fake-quant model (decoded `SpQRMatMul` weights loaded into the source model) in PyTorch, "
-        "ours only. export s: ours = load → quantize → ONNX export → passes → emit → validate; ORT rows = "
+        "- ppl ORT: the exported folder in ONNX Runtime with the op library. ppl PyTorch (folder): the source model "
+        "with each quantized linear's weight decoded out of the exported folder's `SpQRMatMul` initializers (and the "
+        "folded norms read back), in PyTorch; so it checks the kernels against the stored format, not the export "
+        "against the method. ppl PyTorch (in memory): the fake-quant model the method produced, evaluated in PyTorch "
+        "as soon as quantization returned, before the ONNX export (— for a reused folder); folder/in memory − 1 "
+        "compares the two PyTorch columns, i.e. the stored weights against the method's own. Ours only. "
+        "export s: ours = load → quantize → ONNX export → passes → emit → validate; ORT rows = "
         "MatMulNBitsQuantizer on the fp32 export + save (the fp32 export itself not included). export peak RSS: the "
         "bench process's resident-memory high-water mark during the export (reset just before it, so it includes "
         "what the process already held: Python, torch, the evaluation windows). ORT rows use "
