@@ -78,8 +78,12 @@ PRESETS: list[dict[str, Any]] = [
      "options": {"bits": 4, "group_size": 16, "stat_bits": 3, "stat_group_size": 16, "outlier_threshold": 0.2,
                  "act_order": True, "percdamp": 1.0}},
     {"name": "spqr-w3", "method": "spqr",
-     "note": "3-bit preset (β2=32, τ=0.3: ≤ 3.9 bits; the reference's τ=0.2, β2=16 stores 4.29 bits here)",
+     "note": "3-bit preset (β2=32, τ=0.3: ≤ 3.9 bits; the reference's τ=0.2, β2=16 is row spqr-w3-ref)",
      "options": {"bits": 3, "group_size": 16, "stat_bits": 3, "stat_group_size": 32, "outlier_threshold": 0.3,
+                 "act_order": True, "percdamp": 1.0}},
+    {"name": "spqr-w3-ref", "method": "spqr",
+     "note": "the SpQR reference's 3-bit command (`--wbits 3`: β1 = β2 = 16, τ = 0.2)",
+     "options": {"bits": 3, "group_size": 16, "stat_bits": 3, "stat_group_size": 16, "outlier_threshold": 0.2,
                  "act_order": True, "percdamp": 1.0}},
     # `export`: further `qcompiler.pipeline.export` keywords; accuracy_level 4: int8 activations in the CPU kernel
     {"name": "spqr-w4-a4", "method": "spqr", "export": {"accuracy_level": 4},
@@ -581,6 +585,11 @@ class Bench:
             for k in ("validation", "stored_bits", "excluded_matmuls", "base_export", "ort_version"):
                 if k in cfg:
                     row.details[k] = cfg[k]
+            layers = cfg.get("layers") or {}
+            if layers and all("outlier_share" in v for v in layers.values()):  # outliers / parameters, all layers
+                params = {k: v["N"] * v["K"] for k, v in layers.items()}
+                row.details["outlier_share"] = (sum(v["outlier_share"] * params[k] for k, v in layers.items())
+                                                / sum(params.values()))
             self._say(f"  {row.n_quantized} quantized linears, {row.avg_bits:.3f} bits/param, {row.size_mb:.1f} MB"
                       + (f", export {row.export_s:.1f} s" if row.export_s is not None else ""))
             self.eval_ort(folder, row)
