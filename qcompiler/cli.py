@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--atol", type=float, default=None,
                      help="validation accepts max |Δlogit| ≤ atol + rtol · max |logit| (default: 1e-3; fp16: 0.05)")
     adv.add_argument("--rtol", type=float, default=None,
-                     help="relative part of the validation tolerance, see --atol (default: 1e-4; fp16: 0.01)")
+                     help="relative part of the validation tolerance, see --atol (default: 1e-4, 1e-3 for methods "
+                          "with learned transforms: affinequant, affinequant+spqr; fp16: 0.01)")
     adv.add_argument("--accuracy-level", type=int, choices=(0, 4), default=0,
                      help="4: SpQRMatMul may quantize its input to int8 per 32 columns on CPUs with AVX512-VNNI or AVX2 "
                           "(faster decode, some accuracy cost: docs/kernels.md); validation runs at level 0 "
