@@ -2,7 +2,7 @@
 held-out error of the final hidden state, relative to the full-precision model's — minutes per setting instead of
 the hour a full perplexity row takes on a 2-core CPU.
 
-    .venv/bin/python bench/affinequant_probe.py --layers 3 --set batch_size=4 --set batch_size=1 \\
+    .venv/bin/python -m bench.affinequant_probe --layers 3 --set batch_size=4 --set batch_size=1 \\
         --set batch_size=1,init=identity,sf=0.01 --set method=gptq,act_order=True,percdamp=0.01
 
 Each `--set` is one run: comma-separated `field=value` overrides of the method's config (`method=` picks another

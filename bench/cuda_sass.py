@@ -9,8 +9,8 @@ slab loop (all of it: the next slab's loads, decode, sums, statistics, loop cont
 SpQRGemvKernel<T, bits, MT, R>. One slab iteration of one lane covers rows-per-warp × 32 weights, so instructions per
 weight = count / (rows × 32).
 
-    python bench/cuda_sass.py                     # sm_90, fp16 X, stats 3-bit, group 16
-    python bench/cuda_sass.py --arch sm_87 --group-size 64
+    python -m bench.cuda_sass                     # sm_90, fp16 X, stats 3-bit, group 16
+    python -m bench.cuda_sass --arch sm_87 --group-size 64
 
 Needs nvcc (/usr/local/cuda/bin or PATH) and cuobjdump + nvdisasm (the CUDA toolkit's, or the pip wheels
 nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm of the dev extra).
@@ -31,8 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from cuda_emu import GEMV_ROWS  # noqa: E402  (rows per warp each decode GEMV tile offers, most first)
+from tests.cuda_emu import GEMV_ROWS  # rows per warp each decode GEMV tile offers, most first
 # the prefill kernel's tiles (PrefillSmall, PrefillLarge in the .cu): rows of X, rows of W, threads
 PREFILL_TILES = ((64, 64, 128), (128, 128, 256))
 

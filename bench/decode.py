@@ -10,8 +10,8 @@ A second table times single decode steps (`session.run` of one token after the p
 step), alternating the models `--step-runs` times, 4 steps per turn: its median and 10th percentile show per-step
 differences (a graph pass's) that the rounds' noise on this 2-core VM hides; `--threads 1` steadies it further.
 
-    .venv/bin/python bench/decode.py                      # bench/out/{fp32,spqr-w4,spqr-w3} (bench/quality.py)
-    .venv/bin/python bench/decode.py OUT1 OUT2 --threads 2 --new-tokens 64
+    .venv/bin/python -m bench.decode                      # bench/out/{fp32,spqr-w4,spqr-w3} (bench/quality.py)
+    .venv/bin/python -m bench.decode OUT1 OUT2 --threads 2 --new-tokens 64
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 DEFAULT_MODELS = ["fp32", "spqr-w4", "spqr-w3"]
 PROMPT = ("Robert Boulter is an English film, television and theatre actor. He had a guest starring role on the "
@@ -61,8 +61,18 @@ class Model:
         return res.prefill_s, res.decode_s, res.token_ids
 
 
+def labels(folders: list[Path]) -> list[str]:
+    """Row labels: each folder's name, or where two names clash, its path below the folders' common parent."""
+    names = [f.name for f in folders]
+    if len(set(names)) == len(names):
+        return names
+    paths = [f.resolve() for f in folders]
+    common = Path(os.path.commonpath(paths))
+    return [str(p.relative_to(common)) for p in paths]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="bench/decode.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="*", help="exported folders (default: bench/out/{fp32,spqr-w4,spqr-w3}); the "
                                             "first is the reference of the ratio column")
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default: 64)")
@@ -76,8 +86,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     folders = [Path(m) for m in args.models] or [REPO / "bench" / "out" / m for m in DEFAULT_MODELS]
     missing = [str(f) for f in folders if not (f / "model.onnx").exists()]
     if missing:
-        print(f"bench/decode.py: error: no exported model in {', '.join(missing)} (run bench/quality.py first, or "
+        print(f"bench/decode.py: error: no exported model in {', '.join(missing)} (run `python -m bench.quality` first, or "
               "pass `qcompiler export` output folders)", file=sys.stderr)
+        return 2
+    if len({f.resolve() for f in folders}) < len(folders):
+        print("bench/decode.py: error: a model folder is given twice (each is timed and reported once)", file=sys.stderr)
         return 2
     if args.new_tokens < 2:
         print("bench/decode.py: error: --new-tokens must be at least 2", file=sys.stderr)
@@ -107,12 +120,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                 steps[str(m.folder)].append((time.perf_counter() - t) / 4)
 
     rows = []
+    label = dict(zip((str(m.folder) for m in models), labels(folders)))
     for m in models:
         t = times[str(m.folder)]
         prefill = statistics.median(x[0] for x in t)
         decode = statistics.median(x[1] for x in t)
         text = m.tokenizer.decode(generated[str(m.folder)][:12]) if m.tokenizer else ""
-        rows.append({"model": m.folder.name, "method": m.config.get("method", "?"),
+        rows.append({"model": label[str(m.folder)], "method": m.config.get("method", "?"),
                      "avg_bits": m.config.get("avg_bits"), "prefill_tok_s": args.prompt_tokens / prefill,
                      "decode_tok_s": (args.new_tokens - 1) / decode, "text": text})
     ref = rows[0]["decode_tok_s"]
@@ -121,7 +135,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     lines = [f"# Decode speed through ONNX Runtime ({datetime.date.today().isoformat()})", "",
              f"ONNX Runtime {onnxruntime.__version__} CPU EP, intra-op threads: {args.threads or 'ORT default'}; "
              f"prompt {args.prompt_tokens} tokens, then {args.new_tokens} greedy tokens with the KV cache; median of "
-             f"{args.rounds} interleaved rounds. Reproduce: `.venv/bin/python bench/decode.py "
+             f"{args.rounds} interleaved rounds. Reproduce: `.venv/bin/python -m bench.decode "
              + " ".join(str(f) for f in args.models) + (f" --threads {args.threads}" if args.threads else "")
              + (f" --rounds {args.rounds}" if args.rounds != 5 else "") + "`.",
              "", "| model | method | avg bits | prefill tok/s | decode tok/s | decode vs first | first 12 tokens |",
@@ -138,7 +152,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "model:", "", "| model | median ms | p10 ms | median vs first |", "|---|--:|--:|--:|"]
         for m in models:
             v = sorted(steps[str(m.folder)])
-            lines.append(f"| {m.folder.name} | {med[str(m.folder)] * 1e3:.2f} | {v[len(v) // 10] * 1e3:.2f} "
+            lines.append(f"| {label[str(m.folder)]} | {med[str(m.folder)] * 1e3:.2f} | {v[len(v) // 10] * 1e3:.2f} "
                          f"| {med[str(m.folder)] / first:.3f} |")
     table = "\n".join(lines) + "\n"
     print(table)

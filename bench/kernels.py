@@ -14,8 +14,8 @@ Timing: `--repeat` rounds (default 5) of `--number` runs (default: enough for ~0
 per-round means; the variants of one shape and batch are interleaved (each round times every variant once, in turn), with the input fed once per session (`run_with_iobuffers` is not used: the same overhead for all
 rows). Effective GB/s = bytes of the weight's initializers (what a run must read) / time.
 
-    .venv/bin/python bench/kernels.py                        # all shapes, batches 1, 16, 512
-    .venv/bin/python bench/kernels.py --shapes 4096x11008 --batches 1 --variants fp32,spqr-w3,nbits-a0
+    .venv/bin/python -m bench.kernels                        # all shapes, batches 1, 16, 512
+    .venv/bin/python -m bench.kernels --shapes 4096x11008 --batches 1 --variants fp32,spqr-w3,nbits-a0
 
 Writes a markdown table to stdout and to `--output` (default `bench/results/kernels-<date>.md`, raw figures in the
 same path with `.json`). Both are rewritten after every row.
@@ -157,7 +157,7 @@ def write_table(rows: list[dict], meta: dict, path: Path) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="bench/kernels.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated KxN (default: the five of issue 5)")
     p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="rows of X (default: 1,16,512)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"default: {','.join(VARIANTS)}")

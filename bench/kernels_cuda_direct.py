@@ -11,8 +11,8 @@ bytes read + written), and the max error of one copy's output against the NumPy 
 The issue's GPU target: SpQR 3-bit decode (batch 1) at ≥ 60 % of copy bandwidth and faster than fp16 cuBLAS at
 4096×11008 (K×N).
 
-    python bench/kernels_cuda_direct.py -o $OUT/kernels-cuda-direct.md
-    python bench/kernels_cuda_direct.py --shapes 4096x11008,11008x4096 --batches 1 --gemv-x slabs --gemv-rows 4,2,1
+    python -m bench.kernels_cuda_direct -o $OUT/kernels-cuda-direct.md
+    python -m bench.kernels_cuda_direct --shapes 4096x11008,11008x4096 --batches 1 --gemv-x slabs --gemv-rows 4,2,1
 
 Needs PyTorch with CUDA and nvcc (the project's Python package on PYTHONPATH: numpy and onnx are the only imports).
 """
@@ -29,11 +29,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-sys.path.insert(0, str(REPO / "tests"))
-from kernels import SPQR_PRESETS  # noqa: E402  (the same presets as the CPU and ORT-GPU benchmarks)
-from kernels_gpu import (copies_for, copy_bandwidth_gbs, gpu_bench_arguments, launch_environment,  # noqa: E402
+from bench.kernels import SPQR_PRESETS  # the same presets as the CPU and ORT-GPU benchmarks
+from bench.kernels_gpu import (copies_for, copy_bandwidth_gbs, gpu_bench_arguments, launch_environment,
                          launch_settings)
 
 VARIANTS = ["spqr-w3", "spqr-w4"]
@@ -78,7 +75,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    import cuda_direct
+    from tests import cuda_direct
     from qcompiler.format import random_weight
 
     arch = cuda_direct.gpu_arch()

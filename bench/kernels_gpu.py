@@ -14,9 +14,9 @@ and that as a share of the copy bandwidth (device-to-device copy, bytes read + w
 events). The issue's GPU target: SpQR 3-bit decode (batch 1) at ≥ 60 % of copy bandwidth and faster than fp16 cuBLAS
 at 4096×11008.
 
-    python bench/kernels_gpu.py                                   # 4096x11008 and 11008x4096, batches 1, 16, 512
-    python bench/kernels_gpu.py --shapes 4096x11008 --batches 1 -o $OUT/kernels-gpu.md
-    python bench/kernels_gpu.py --variants fp16,spqr-w3 --gemv-x slabs,rows --gemv-rows 2,1 --prefill-tile 64,128
+    python -m bench.kernels_gpu                                   # 4096x11008 and 11008x4096, batches 1, 16, 512
+    python -m bench.kernels_gpu --shapes 4096x11008 --batches 1 -o $OUT/kernels-gpu.md
+    python -m bench.kernels_gpu --variants fp16,spqr-w3 --gemv-x slabs,rows --gemv-rows 2,1 --prefill-tile 64,128
 
 Needs a CUDA GPU, onnxruntime-gpu, torch with CUDA (for the copy bandwidth) and the op library built with CUDA.
 """
@@ -40,8 +40,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from kernels import SPQR_PRESETS  # noqa: E402  (the same presets as the CPU benchmark)
+from bench.kernels import SPQR_PRESETS  # the same presets as the CPU benchmark
 
 SHAPES = ["4096x11008", "11008x4096"]  # K x N
 BATCHES = [1, 16, 512]

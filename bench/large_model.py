@@ -9,7 +9,7 @@ Prints (and writes to bench/results/large-model-<date>.md): parameters, source s
 RSS (the child process's high-water mark), emitted sizes, the export's ORT-vs-PyTorch logit check, and a reload +
 forward in a fresh ONNX Runtime session with the op library (its time and this process's peak RSS).
 
-    .venv/bin/python bench/large_model.py [--vocab 256000 --hidden 1024 --layers 2] [--method rtn] [--keep DIR]
+    .venv/bin/python -m bench.large_model [--vocab 256000 --hidden 1024 --layers 2] [--method rtn] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 GB = 1e9
 
@@ -57,7 +56,7 @@ def _size(path: Path) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="bench/large_model.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.large_model", description=__doc__.split("\n\n")[0])
     p.add_argument("--vocab", type=int, default=300000)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=2816)
@@ -127,7 +126,7 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     text = "# > 2 GB export through external data\n\n" + \
-        f"`.venv/bin/python bench/large_model.py {' '.join(argv or sys.argv[1:])}`\n\n| | |\n|---|---|\n" + \
+        f"`.venv/bin/python -m bench.large_model {' '.join(argv or sys.argv[1:])}`\n\n| | |\n|---|---|\n" + \
         "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(text)

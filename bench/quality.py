@@ -16,8 +16,8 @@ Protocol (GPTQ's, `qcompiler.data.eval_windows`): WikiText-2 test rows joined wi
 non-overlapping windows of `--seqlen` tokens (first `--max-windows`), each from an empty KV cache;
 ppl = exp(total NLL / predicted tokens). The windows are cut once and every row is evaluated on exactly them.
 
-    .venv/bin/python bench/quality.py                               # all presets, seqlen 512, 40 windows
-    .venv/bin/python bench/quality.py --methods none,rtn,ort --reuse  # a subset, reusing exports on disk
+    .venv/bin/python -m bench.quality                               # all presets, seqlen 512, 40 windows
+    .venv/bin/python -m bench.quality --methods none,rtn,ort --reuse  # a subset, reusing exports on disk
 
 Writes a markdown table to stdout and to `bench/results/quality-<date>.md` (or `--output`), and the raw figures to
 the same path with `.json`. Both files are rewritten after every row, so an interrupted run keeps what it measured.
@@ -922,7 +922,7 @@ def _data_default(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench/quality.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="presets: " + ", ".join(pr["name"] for pr in PRESETS))
     p.add_argument("--model", default=_default_model(),

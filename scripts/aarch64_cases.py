@@ -24,7 +24,6 @@ TOLERANCE = {"float32": 1e-4, "float16": 2e-3}  # relative to max |reference|, a
 def gen(folder: Path) -> int:
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from qcompiler.format import random_weight
     from qcompiler.onnx_op import single_op_model
 
@@ -78,8 +77,7 @@ def _gen_model(out: Path) -> None:
 
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import VOCAB, make_tokenizer, tiny_model
+    from tests.helpers import VOCAB, make_tokenizer, tiny_model
 
     from qcompiler.cli import main
     from qcompiler.ops import session

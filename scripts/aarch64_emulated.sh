@@ -39,6 +39,6 @@ if [ ! -d "$ROOT/site/onnxruntime" ]; then
   for w in "$ROOT"/wheels/*.whl; do (cd "$ROOT/site" && unzip -q -o "../wheels/$(basename "$w")"); done
 fi
 bash scripts/cross_aarch64.sh
-.venv/bin/python scripts/aarch64_cases.py gen "$ROOT/cases"
+.venv/bin/python -m scripts.aarch64_cases gen "$ROOT/cases"
 PYTHONPATH="$ROOT/site" qemu-aarch64 -L "$ROOT/sysroot" "$ROOT/sysroot/usr/bin/python3.11" \
   scripts/aarch64_cases.py run build/aarch64/libqcompiler_ops.so "$ROOT/cases"

@@ -16,7 +16,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 QCOMPILER_REQUIRE_GPU=1 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -k direct \
   tests/test_spqr_matmul_cuda.py 2>&1 | tee "$out/tests.log"
 tests=$?
-timeout 300 python3 bench/kernels_cuda_direct.py --gemv-x slabs --gemv-rows 4,2,1 --prefill-tile 64,128 \
+timeout 300 python3 -m bench.kernels_cuda_direct --gemv-x slabs --gemv-rows 4,2,1 --prefill-tile 64,128 \
   -o "$out/kernels-cuda-direct.md" 2>&1 | tee "$out/bench.log"
 bench=$?
 echo "tests exit $tests, benchmark exit $bench"

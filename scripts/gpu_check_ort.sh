@@ -48,7 +48,7 @@ export QCOMPILER_OPS_LIBRARY=/tmp/qc-build/libqcompiler_ops.so
 QCOMPILER_REQUIRE_CUDA_EP=1 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -k "not direct" \
   tests/test_spqr_matmul_cuda.py 2>&1 | tee "$out/ort-tests.log"
 tests=$?
-timeout 300 python3 bench/kernels_gpu.py -o "$out/kernels-gpu.md" 2>&1 | tee "$out/ort-bench.log"
+timeout 300 python3 -m bench.kernels_gpu -o "$out/kernels-gpu.md" 2>&1 | tee "$out/ort-bench.log"
 bench=$?
 echo "ORT CUDA EP: tests exit $tests, benchmark exit $bench"
 exit $((tests || bench))

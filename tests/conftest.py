@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random-weight HF model folders (with a local tokenizer, no hub access)."""
+"""Shared fixtures: tiny random-weight HF model folders (with a local tokenizer, no hub access); the helpers they use
+are in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-VOCAB = 128
+from tests.helpers import VOCAB, make_tokenizer, tiny_model, write_tiny_gguf
 
 
 def pytest_addoption(parser):
@@ -23,49 +22,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
-
-
-def make_tokenizer(vocab_size: int = VOCAB):
-    """A word-level tokenizer built locally (the hub is unreachable)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(vocab_size - 3)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-def tiny_config(kind: str):
-    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
-
-    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=256)
-    if kind == "llama":
-        return LlamaConfig(intermediate_size=96, num_key_value_heads=2, **common)
-    if kind == "qwen2":
-        return Qwen2Config(intermediate_size=96, num_key_value_heads=2, **common)
-    if kind == "mistral":
-        return MistralConfig(intermediate_size=96, num_key_value_heads=2, **common)
-    if kind == "opt":
-        return OPTConfig(ffn_dim=96, word_embed_proj_dim=64, **common)
-    raise ValueError(kind)
-
-
-def tiny_model(kind: str, seed: int = 0):
-    """A tiny random model in eval mode; biases and norms randomized so nothing is trivially zero/one."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind), attn_implementation="eager").eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.02)
-            elif p.ndim == 1:  # norm weights
-                p.uniform_(0.8, 1.2)
-    return model
 
 
 @pytest.fixture(scope="session")
@@ -85,75 +41,6 @@ def tiny_dirs(tmp_path_factory):
 
 
 # llama.cpp's tensor names for the tiny LLaMA's parameters (the inverse of transformers' GGUF name map)
-_GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-               "lm_head.weight": "output.weight"}
-_GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-
-
-def write_tiny_gguf(path: Path, *, tied: bool = False):
-    """Write the tiny LLaMA as a GGUF file the way llama.cpp's converter lays it out (q/k rows permuted for its
-    RoPE, a byte-level BPE tokenizer over `make_tokenizer`'s words, ffn_down in Q8_0, the rest F32; `tied`: no
-    output.weight, so loaders tie lm_head to the embedding). Returns the model written."""
-    import gguf
-    import numpy as np
-
-    model = tiny_model("llama")
-    c = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_vocab_size(c.vocab_size)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    digits = [str(i) for i in range(10)]
-    tokens = (["<unk>", "<s>", "</s>"] + [chr(x) for x in range(33, 127)] + ["\u0120", "\u0120w"]
-              + [f"w{i}" for i in digits] + [f"\u0120w{i}" for i in digits] + [f"w1{i}" for i in digits[:9]])
-    merges = (["\u0120 w"] + [f"w {i}" for i in digits] + [f"\u0120w {i}" for i in digits]
-              + [f"w1 {i}" for i in digits[:9]])
-    assert len(tokens) == VOCAB
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * VOCAB)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-
-    def permute(W, n_head):  # llama.cpp's q/k row order (transformers' GGUF loader reverses it)
-        return W.reshape(n_head, 2, W.shape[0] // n_head // 2, *W.shape[1:]).swapaxes(1, 2).reshape(W.shape)
-
-    for name, p in model.state_dict().items():
-        if tied and name == "lm_head.weight":
-            continue
-        W = p.detach().numpy().astype(np.float32)
-        if name in _GGUF_NAMES:
-            g = _GGUF_NAMES[name]
-        else:
-            parts = name.split(".")  # model.layers.I.MODULE.weight
-            g = f"blk.{parts[2]}.{_GGUF_LAYER['.'.join(parts[3:-1])]}.{parts[-1]}"
-        if ".attn_q." in g:
-            W = permute(W, c.num_attention_heads)
-        elif ".attn_k." in g:
-            W = permute(W, c.num_key_value_heads)
-        if g.endswith("ffn_down.weight"):
-            q = gguf.quants.quantize(W, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            w.add_tensor(g, W)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return model
-
-
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory):
     """Factory: `tiny_gguf(tied=False)` → path of the tiny LLaMA written as a GGUF file (cached per session)."""
@@ -200,59 +87,3 @@ def tiny_export(tiny_dirs, tmp_path_factory):
     return make
 
 
-def load_bench_script(name: str):
-    """Context manager yielding `bench/<name>.py` imported as a module (registered while in use: dataclasses look
-    their module up while the file executes)."""
-    import contextlib
-    import importlib.util
-    import sys
-
-    @contextlib.contextmanager
-    def loader():
-        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        try:
-            spec.loader.exec_module(module)
-            yield module
-        finally:
-            sys.modules.pop(spec.name, None)
-
-    return loader()
-
-
-def run_cli(capsys, *argv):
-    """`qcompiler ARGV` in process → (exit code, stdout, stderr)."""
-    from qcompiler.cli import main
-
-    capsys.readouterr()  # drop what building the arguments printed (e.g. a fixture saving a tiny model)
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err: str) -> str:
-    """The CLI's error: exactly one non-empty stderr line, starting with "qcompiler: error: "."""
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith("qcompiler: error: "), lines[0]
-    return lines[0]
-
-
-def assert_no_output(path) -> None:
-    assert not path.exists(), f"partial output left behind: {sorted(p.name for p in path.iterdir())}"
-
-
-def assert_matches_reference(weight, x, y) -> None:
-    """`y`, an SpQRMatMul kernel's output for `x`, against the NumPy reference `weight.matmul(x)`: same dtype and
-    shape, max error within 1e-4 (fp32) or 2e-3 (fp16: the output's rounding, 2^-10 relative, dominates) of the
-    reference's largest magnitude."""
-    import numpy as np
-
-    ref = weight.matmul(x)
-    assert y.dtype == x.dtype and y.shape == x.shape[:-1] + (weight.N,)
-    scale = float(np.abs(ref.astype(np.float32)).max())
-    rel = 1e-4 if x.dtype == np.float32 else 2e-3
-    err = float(np.abs(y.astype(np.float32) - ref.astype(np.float32)).max())
-    assert err <= rel * scale, f"max |err| {err:.3g} > {rel} * {scale:.3g}"

@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from cuda_emu import KernelCall, LaunchChoices, bind_launch_choices, cached_library
+from tests.cuda_emu import KernelCall, LaunchChoices, bind_launch_choices, cached_library
 from qcompiler.format import SpQRWeight
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
+from tests.helpers import tiny_model
 from qcompiler import QCompilerError, fold
 from qcompiler.families import family_for
 from qcompiler.methods.affinequant import (

@@ -8,12 +8,12 @@ import time
 
 import numpy as np
 import pytest
-from conftest import load_bench_script
 
 @pytest.fixture(scope="module")
 def kernels():
-    with load_bench_script("kernels") as module:
-        yield module
+    from bench import kernels
+
+    return kernels
 
 def test_matmulnbits_variant_approximates_the_fp32_matmul(kernels):
     rng = np.random.default_rng(0)

@@ -7,15 +7,15 @@ import os
 
 import numpy as np
 import pytest
-from conftest import load_bench_script
 
 from qcompiler import ops
 
 
 @pytest.fixture(scope="module")
 def bench():
-    with load_bench_script("kernels_gpu") as module:
-        yield module
+    from bench import kernels_gpu
+
+    return kernels_gpu
 
 
 @pytest.mark.parametrize("variant", ["fp16", "spqr-w3", "spqr-w4", "nbits"])
@@ -99,6 +99,7 @@ def test_direct_bench_counts_the_bytes_the_ort_bench_counts(bench, variant):
 
     K, N = 256, 96
     w16 = np.zeros((K, N), np.float16)
-    with load_bench_script("kernels_cuda_direct") as direct:
-        w = random_weight(N=N, K=K, seed=K + N, **direct.SPQR_PRESETS[variant])
-        assert direct.weight_bytes(w) == bench.weight_bytes(bench.build(variant, K, N, 1, w16)) > 0
+    from bench import kernels_cuda_direct as direct
+
+    w = random_weight(N=N, K=K, seed=K + N, **direct.SPQR_PRESETS[variant])
+    assert direct.weight_bytes(w) == bench.weight_bytes(bench.build(variant, K, N, 1, w16)) > 0

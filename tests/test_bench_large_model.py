@@ -3,14 +3,14 @@ table it writes."""
 
 from __future__ import annotations
 
-from conftest import load_bench_script
 
 
 def test_large_model_script_small_config(tmp_path):
     out = tmp_path / "large.md"
-    with load_bench_script("large_model") as large:
-        code = large.main(["--vocab", "600", "--hidden", "64", "--intermediate", "96", "--layers", "1",
-                           "--keep", str(tmp_path / "work"), "-o", str(out)])
+    from bench import large_model as large
+
+    code = large.main(["--vocab", "600", "--hidden", "64", "--intermediate", "96", "--layers", "1",
+                       "--keep", str(tmp_path / "work"), "-o", str(out)])
     assert code == 0
     text = out.read_text()
     for row in ("| parameters |", "| export |", "| emitted |", "| validation (in the export) |", "| reload in ORT |"):

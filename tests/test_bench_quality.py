@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import load_bench_script
 from onnx import TensorProto, helper, numpy_helper
 
 @pytest.fixture(scope="module")
 def bench():
-    with load_bench_script("quality") as module:
-        yield module
+    from bench import quality
+
+    return quality
 
 def _tiny_lm(K=64, N=96, V=40, seed=0) -> tuple[onnx.ModelProto, dict]:
     """input_ids → Gather(E [V, K]) → MatMul W1 [K, N] ("node_linear") → MatMul W2 [N, K] ("node_extra", not in the

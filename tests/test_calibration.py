@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from tests.helpers import tiny_model
 
 from qcompiler import QCompilerError
 from qcompiler import calibration as cal

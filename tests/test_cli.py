@@ -8,9 +8,9 @@ import re
 import onnx
 import pytest
 
-from conftest import assert_no_output as _assert_no_output
-from conftest import one_error_line as _one_error_line
-from conftest import run_cli as _run
+from tests.helpers import assert_no_output as _assert_no_output
+from tests.helpers import one_error_line as _one_error_line
+from tests.helpers import run_cli as _run
 from qcompiler.cli import main
 from qcompiler.format import DOMAIN, OP_TYPE
 

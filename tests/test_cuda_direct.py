@@ -10,8 +10,8 @@ import ctypes
 import numpy as np
 import pytest
 
-import cuda_direct
-from cuda_emu import KernelCall
+from tests import cuda_direct
+from tests.cuda_emu import KernelCall
 from qcompiler.format import random_weight
 
 pytestmark = pytest.mark.skipif(cuda_direct.nvcc() is None, reason="needs nvcc")

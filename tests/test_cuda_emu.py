@@ -8,7 +8,7 @@ import ctypes
 import numpy as np
 import pytest
 
-import cuda_emu
+from tests import cuda_emu
 
 pytestmark = pytest.mark.skipif(cuda_emu.compiler() is None, reason="no C++ compiler")
 

@@ -9,23 +9,23 @@ import re
 import subprocess
 
 import pytest
-from conftest import load_bench_script
 
-from cuda_emu import GEMV_ROWS
+from tests.cuda_emu import GEMV_ROWS
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    with load_bench_script("cuda_sass") as tool:
-        nvcc = tool.find_tool("nvcc", required=False)
-        if nvcc is None or tool.find_tool("cuobjdump", required=False) is None or \
-                tool.find_tool("nvdisasm", required=False) is None:
-            pytest.skip("needs nvcc, cuobjdump and nvdisasm")
-        cubin = tmp_path_factory.mktemp("sass") / "impl.cubin"
-        r = subprocess.run([nvcc, "-std=c++17", "-O3", "-arch=sm_90", "-cubin", "--resource-usage",
-                            f"-I{tool.SRC}", str(tool.SRC / "cuda" / "spqr_matmul_cuda_impl.cu"), "-o", str(cubin)],
-                           capture_output=True, text=True, check=True)
-        yield r.stdout + r.stderr, tool.disassemble(cubin), tool
+    from bench import cuda_sass as tool
+
+    nvcc = tool.find_tool("nvcc", required=False)
+    if nvcc is None or tool.find_tool("cuobjdump", required=False) is None or \
+            tool.find_tool("nvdisasm", required=False) is None:
+        pytest.skip("needs nvcc, cuobjdump and nvdisasm")
+    cubin = tmp_path_factory.mktemp("sass") / "impl.cubin"
+    r = subprocess.run([nvcc, "-std=c++17", "-O3", "-arch=sm_90", "-cubin", "--resource-usage",
+                        f"-I{tool.SRC}", str(tool.SRC / "cuda" / "spqr_matmul_cuda_impl.cu"), "-o", str(cubin)],
+                       capture_output=True, text=True, check=True)
+    yield r.stdout + r.stderr, tool.disassemble(cubin), tool
 
 
 def test_no_kernel_spills(compiled):

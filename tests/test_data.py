@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, make_tokenizer
+from tests.helpers import SHARED_DATA, make_tokenizer
 
 from qcompiler import QCompilerError
 from qcompiler.data import (
@@ -139,7 +139,7 @@ def test_default_data_from_working_directory_then_checkout(tmp_path, monkeypatch
 
 
 def test_cli_fails_fast_naming_where_it_looked(tmp_path, monkeypatch, capsys):
-    from conftest import one_error_line, run_cli
+    from tests.helpers import one_error_line, run_cli
 
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "empty"))
     # before loading the model (this one does not exist: its error would come first otherwise)
@@ -164,7 +164,7 @@ def test_shared_test_rows_protocol():
 
 # ---------------------------------------------------------------------------------------------- perplexity
 def test_perplexity_torch_matches_manual(text_file, tok):
-    from conftest import tiny_model
+    from tests.helpers import tiny_model
 
     from qcompiler.evaluate import perplexity_torch
 

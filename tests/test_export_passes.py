@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import tiny_model
+from tests.helpers import tiny_model
 from qcompiler.export import KVLayout, export_model
 from qcompiler.format import DOMAIN, OP_TYPE, random_weight
 from qcompiler.passes import Cleanup, Pass, PassContext, PassError, PassManager, PassResult, ReplaceLinear

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from conftest import tiny_model
+from tests.helpers import tiny_model
 from qcompiler.export import export_model
 from qcompiler.external import all_tensors, borrow, is_borrowed, save_with_external_data, tensor_array
 from qcompiler.passes.base import save_model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from tests.helpers import tiny_config, tiny_model
 
 from qcompiler import QCompilerError
 from qcompiler.families import FAMILIES, family_for, get_module, iter_layers, quantizable_linears

@@ -15,7 +15,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import VOCAB, tiny_model
+from tests.helpers import VOCAB, tiny_model
 from qcompiler import fold
 from qcompiler.export import KVLayout, export_model
 from qcompiler.families import family_for, get_module

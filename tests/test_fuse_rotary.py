@@ -13,7 +13,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import tiny_model
+from tests.helpers import tiny_model
 from qcompiler.export import export_model
 from qcompiler.pipeline import random_feeds
 from qcompiler.passes import Cleanup, FuseRotary, PassContext, PassManager
@@ -150,7 +150,7 @@ def test_angles_not_tabulable_left_alone(variant):
 
 
 def test_cli_default_and_no_contrib_ops(tiny_dirs, tmp_path, capsys):
-    from conftest import run_cli
+    from tests.helpers import run_cli
 
     for flags, want in (((), ["RotaryEmbedding"]), (("--no-contrib-ops",), [])):
         out = tmp_path / ("out" + "".join(flags))

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
-import cuda_emu
+from tests import cuda_emu
 from qcompiler import ops
 
 ort.set_default_logger_severity(4)  # hundreds of expected kernel errors: keep ORT's own log quiet

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from tests.helpers import tiny_model
 
 from qcompiler import QCompilerError
 from qcompiler.loading import load_model, save_pretrained_safe

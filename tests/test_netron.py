@@ -15,7 +15,7 @@ if None in find_chromium():
 
 
 def test_netron_shows_spqr_node_names_and_attributes(tiny_export, tmp_path, capsys):
-    from conftest import run_cli
+    from tests.helpers import run_cli
 
     folder = tiny_export("llama", "rtn", "--bits", "3", "--group-size", "16")
     png = tmp_path / "netron.png"

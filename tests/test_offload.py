@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import tiny_config
+from tests.helpers import tiny_config
 from qcompiler import QCompilerError, preflight
 from qcompiler.cli import main
 from qcompiler.loading import load_model
@@ -71,7 +71,7 @@ def test_offloaded_export_is_byte_identical(kind, method, flags, tiny_dirs, text
 def test_offloaded_gguf_equals_transformers_gguf_loader(tied, tiny_gguf):
     """GGUF tensors dequantized one at a time (Q8_0 and F32), LLaMA's q/k rows put back in order, named as
     transformers' loader names them: the same weights, bit for bit, as a view of the store."""
-    from conftest import tiny_model
+    from tests.helpers import tiny_model
 
     path = tiny_gguf(tied=tied)
     model, tok = load_offloaded(str(path), progress=False)
@@ -179,7 +179,7 @@ def test_tied_weight_saved_under_its_other_name(tmp_path):
     # safetensors' save_model keeps one name of a tied tensor (here lm_head.weight, not the embedding's)
     from safetensors import safe_open
 
-    from conftest import make_tokenizer, tiny_model
+    from tests.helpers import make_tokenizer, tiny_model
     from qcompiler.loading import save_pretrained_safe
 
     ref = tiny_model("opt")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -68,8 +71,27 @@ def test_session_options_are_extended(model_bytes):
     assert sess.run(None, {"X": np.zeros((2, 3, 64), np.float32)})[0].shape == (2, 3, 16)
 
 
+def _sections(lib) -> set[str]:
+    out = subprocess.run(["readelf", "-S", "-W", str(lib)], capture_output=True, text=True, check=True).stdout
+    return set(re.findall(r"^\s*\[\s*\d+\]\s+(\S+)", out, flags=re.M))
+
+
+def _nvcc_found() -> bool:  # what CMake's WITH_CUDA=AUTO looks for (custom_ops/CMakeLists.txt)
+    return bool(shutil.which("nvcc") or os.environ.get("CUDACXX") or Path("/usr/local/cuda/bin/nvcc").exists())
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="needs binutils readelf")
+def test_has_cuda_kernel_says_what_the_library_holds():
+    """The build marker against the library itself: CUDA device code is linked in (an .nv_fatbin section) exactly
+    when the marker says so, and the installed build (not one named by $QCOMPILER_OPS_LIBRARY) has it where nvcc
+    is found (CMake's WITH_CUDA=AUTO)."""
+    lib = ops.library_path()
+    assert ops.has_cuda_kernel() == (".nv_fatbin" in _sections(lib))
+    if _nvcc_found() and not os.environ.get(ops.ENV_VAR):
+        assert ops.has_cuda_kernel(), f"nvcc is on this machine but {lib} was built without the CUDA kernel"
+
+
 def test_has_cuda_kernel_reads_build_marker(tmp_path):
-    assert isinstance(ops.has_cuda_kernel(), bool)
     fake = tmp_path / "fake.so"
     fake.write_bytes(b"\0junk QCOMPILER_OPS_BUILD_INFO cuda=1\0")
     assert ops.has_cuda_kernel(fake) is True

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import VOCAB, assert_no_output, make_tokenizer, one_error_line, run_cli, tiny_config, tiny_model
+from tests.helpers import VOCAB, assert_no_output, make_tokenizer, one_error_line, run_cli, tiny_config, tiny_model
 from qcompiler import QCompilerError, preflight
 
 

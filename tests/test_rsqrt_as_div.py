@@ -12,7 +12,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import tiny_model
+from tests.helpers import tiny_model
 from qcompiler.export import export_model
 from qcompiler.pipeline import random_feeds
 from qcompiler.passes import PassContext, PassManager, RsqrtAsDiv

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from tests.helpers import tiny_model
 
 from qcompiler import QCompilerError
 from qcompiler.families import family_for, quantizable_linears

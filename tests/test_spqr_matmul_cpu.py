@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_matches_reference
+from tests.helpers import assert_matches_reference
 from onnx import TensorProto, helper
 
 from qcompiler import ops

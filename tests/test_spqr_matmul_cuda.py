@@ -19,10 +19,10 @@ import os
 
 import numpy as np
 import pytest
-from conftest import assert_matches_reference
+from tests.helpers import assert_matches_reference
 
-import cuda_direct
-import cuda_emu
+from tests import cuda_direct
+from tests import cuda_emu
 from qcompiler import ops
 from qcompiler.format import SpQRWeight, random_weight
 from qcompiler.onnx_op import single_op_model

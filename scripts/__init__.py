@@ -1,0 +1,1 @@
+"""Setup and check scripts; the Python ones run from the repository root as `python -m scripts.NAME`."""
