@@ -8,11 +8,26 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import VOCAB, make_tokenizer, tiny_model, write_tiny_gguf
+from tests.helpers import VOCAB, fuzz_seed, make_tokenizer, tiny_model, write_tiny_gguf
 
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def _seed_line() -> str:
+    seed = fuzz_seed()
+    return f"fuzz seed: {seed} (the exploring fuzz cases; replay with QCOMPILER_FUZZ_SEED={seed})"
+
+
+def pytest_report_header(config):
+    return _seed_line()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The seed again at the end (pytest -q prints no header), where the session ran exploring fuzz cases."""
+    if any("explore" in getattr(r, "nodeid", "") for reps in terminalreporter.stats.values() for r in reps):
+        terminalreporter.write_line(_seed_line())
 
 
 def pytest_collection_modifyitems(config, items):

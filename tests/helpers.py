@@ -158,3 +158,18 @@ def assert_matches_reference(weight, x, y) -> None:
     rel = 1e-4 if x.dtype == np.float32 else 2e-3
     err = float(np.abs(y.astype(np.float32) - ref.astype(np.float32)).max())
     assert err <= rel * scale, f"max |err| {err:.3g} > {rel} * {scale:.3g}"
+
+
+_FUZZ_SEED: list[int] = []
+
+
+def fuzz_seed() -> int:
+    """This run's seed for the exploring fuzz cases: $QCOMPILER_FUZZ_SEED when set (to replay a run), else drawn once per
+    process; pytest prints it in its header (tests/conftest.py)."""
+    if not _FUZZ_SEED:
+        import os
+        import random
+
+        env = os.environ.get("QCOMPILER_FUZZ_SEED")
+        _FUZZ_SEED.append(int(env) if env else random.SystemRandom().randrange(2**32))
+    return _FUZZ_SEED[0]

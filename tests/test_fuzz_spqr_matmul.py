@@ -7,8 +7,12 @@
   that is not one, missing inputs): each must fail with an ONNX Runtime error naming the node and the problem, at
   session creation or at run time — never crash (the sanitizer build, scripts/sanitize.sh, runs this file too).
 
-CI runs a fixed (derandomized) set of ≥ 500 valid and ≥ 200 corrupted cases. A longer random run:
-    QCOMPILER_FUZZ_EXAMPLES=5000 .venv/bin/python -m pytest -q tests/test_fuzz_spqr_matmul.py
+Each test runs twice: `fixed`, a derandomized regression set (≥ 500 valid, 250 emulated, ≥ 200 corrupted cases, the
+same every run), and `explore`, fresh cases drawn from this run's seed (QCOMPILER_FUZZ_EXPLORE per test, default 200),
+which pytest prints ("fuzz seed: N") at the end of the run and in a failure's notes. Replay a run's exploring cases:
+    QCOMPILER_FUZZ_SEED=N .venv/bin/python -m pytest -q tests/test_fuzz_spqr_matmul.py -k explore
+A longer random run (both modes random, N examples each):
+    QCOMPILER_FUZZ_EXAMPLES=5000 .venv/bin/python -m pytest -q tests/test_fuzz_spqr_matmul.py -k fixed
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, seed, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
 from tests import cuda_emu
+from tests.helpers import fuzz_seed
 from qcompiler import ops
 
 ort.set_default_logger_severity(4)  # hundreds of expected kernel errors: keep ORT's own log quiet
@@ -38,8 +43,32 @@ from qcompiler.onnx_op import single_op_model
 _LONG = int(os.environ.get("QCOMPILER_FUZZ_EXAMPLES", "0"))
 N_VALID = _LONG or 500
 N_CORRUPT = _LONG or 200
-_SETTINGS = dict(deadline=None, derandomize=not _LONG, database=None,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+N_EXPLORE = int(os.environ.get("QCOMPILER_FUZZ_EXPLORE", "200"))
+_COMMON = dict(deadline=None, database=None,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+MODES = ["fixed", "explore"]
+
+
+def _fuzz(mode: str, fixed_examples: int):
+    """hypothesis settings for `mode`: "fixed" runs `fixed_examples` derandomized examples (random ones where
+    QCOMPILER_FUZZ_EXAMPLES asks for a long run); "explore" runs N_EXPLORE examples drawn from this run's seed."""
+    if mode == "fixed":
+        return settings(max_examples=fixed_examples, derandomize=not _LONG, **_COMMON)
+
+    def apply(test):
+        return seed(fuzz_seed())(settings(max_examples=N_EXPLORE, derandomize=False, **_COMMON)(test))
+
+    return apply
+
+
+def _run(check, mode: str) -> None:
+    """`check()`, a failure noting how to replay it."""
+    try:
+        check()
+    except BaseException as e:
+        if mode == "explore":
+            e.add_note(f"replay: QCOMPILER_FUZZ_SEED={fuzz_seed()} pytest tests/test_fuzz_spqr_matmul.py -k explore")
+        raise
 PREFIX = "SpQRMatMul node 'layer/SpQRMatMul': "
 
 
@@ -142,10 +171,11 @@ def _assert_matches_reference(case: Case, w: SpQRWeight, x: np.ndarray, y: np.nd
         f"{case}: max |err| {err:.3g} > {rel} * {scale:.3g} + 1e-5 * {terms:.3g}"
 
 
-def test_valid_configurations_match_the_reference():
+@pytest.mark.parametrize("mode", MODES)
+def test_valid_configurations_match_the_reference(mode):
     ran: list[Case] = []
 
-    @settings(max_examples=N_VALID, **_SETTINGS)
+    @_fuzz(mode, N_VALID)
     @given(case=cases())
     def check(case: Case):
         w = case.weight()
@@ -156,7 +186,10 @@ def test_valid_configurations_match_the_reference():
         _assert_matches_reference(case, w, x, y)
         ran.append(case)
 
-    check()
+    _run(check, mode)
+    if mode == "explore":
+        assert len(ran) >= N_EXPLORE
+        return
     assert len(ran) >= N_VALID
     # the strategy reaches what it claims to (a fixed, derandomized run would otherwise hide a dead branch)
     assert {c.bits for c in ran} == {2, 3, 4} and {c.stat_bits for c in ran} == {0, 2, 3, 4}
@@ -164,8 +197,30 @@ def test_valid_configurations_match_the_reference():
     assert {c.isa for c in ran} == {"auto", "avx512-rows", "portable"} and {c.dtype for c in ran} == {"float32", "float16"}
 
 
+# Cases run in every mode besides the drawn ones (a short run draws few of each kernel): the prefill kernel (fp16 X,
+# 33 rows, groups of 16) under each tile (Case.prefill_tile: seed 0 → 64, 4 → 128), the decode GEMV (1 row, groups of
+# 64) under each rows per warp (Case.gemv_rows: seed % 4), the row kernel (groups of 12, fp32 X, 9 rows)
+_EXAMPLE = dict(N=100, K=160, bits=3, group_size=16, stat_bits=3, stat_group_size=16, outlier_rate=0.01, permute=True,
+                bias=True, dtype="float16", lead=(33,), isa="auto", seed=0)
+EMULATED_EXAMPLES = [Case(**{**_EXAMPLE, "seed": s}) for s in (0, 4)] + \
+    [Case(**{**_EXAMPLE, "group_size": 64, "K": 256, "lead": (1,), "seed": s}) for s in range(4)] + \
+    [Case(**{**_EXAMPLE, "group_size": 12, "dtype": "float32", "lead": (9,), "seed": 5})]
+assert [c.prefill_tile for c in EMULATED_EXAMPLES[:2]] == ["64", "128"]
+assert [c.gemv_rows for c in EMULATED_EXAMPLES[2:6]] == ["auto", "4", "2", "1"]
+
+
+def _examples(cases):
+    """Decorator: each of `cases` as an explicit hypothesis example."""
+    def apply(test):
+        for c in reversed(cases):
+            test = example(case=c)(test)
+        return test
+    return apply
+
+
 @pytest.mark.skipif(cuda_emu.compiler() is None, reason="no C++ compiler")
-def test_emulated_cuda_kernels_match_the_reference():
+@pytest.mark.parametrize("mode", MODES)
+def test_emulated_cuda_kernels_match_the_reference(mode):
     """The same valid configurations through the CUDA kernels under the CPU emulation (tests/cuda_emu.py): the decode
     GEMV, the tensor-core prefill (fp16 X, 33 rows) and the row kernel (other group sizes, fp32 X with 9+ rows)."""
     emulated = cuda_emu.EmulatedKernel(cuda_emu.build())
@@ -178,8 +233,9 @@ def test_emulated_cuda_kernels_match_the_reference():
 
     ran: list[Case] = []
 
-    @settings(max_examples=N_VALID // 2, **_SETTINGS)
+    @_fuzz(mode, N_VALID // 2)
     @given(case=cases())
+    @_examples(EMULATED_EXAMPLES)
     def check(case: Case):
         w = case.weight()
         x = case.x().reshape(-1, case.K)
@@ -188,11 +244,12 @@ def test_emulated_cuda_kernels_match_the_reference():
         _assert_matches_reference(case, w, x, y)
         ran.append(case)
 
-    check()
-    assert len(ran) >= N_VALID // 2
+    _run(check, mode)
+    assert len(ran) >= (N_EXPLORE if mode == "explore" else N_VALID // 2)
+    # each kernel and launch choice ran (EMULATED_EXAMPLES make sure of it in every run)
     tiles = {c.prefill_tile for c in ran if (c.group_size == 16 or c.group_size >= 32) and c.dtype == "float16" and
              math.prod(c.lead) >= 32}
-    assert tiles == {"64", "128"} if _LONG else tiles  # prefill (each tile in a long run: the short one has few)
+    assert tiles == {"64", "128"}  # prefill, each tile
     assert {c.gemv_rows for c in ran if c.group_size % 32 == 0 and 0 < math.prod(c.lead) <= 2} == \
         {"auto", "4", "2", "1"}  # decode GEMV, each rows per warp
     assert any(c.group_size not in (16,) and c.group_size % 32 for c in ran)  # row kernel
@@ -388,10 +445,11 @@ CORRUPTIONS: dict[str, tuple[Callable[[SpQRWeight], bool], Corruption]] = {
 }
 
 
-def test_corrupted_models_fail_cleanly():
+@pytest.mark.parametrize("mode", MODES)
+def test_corrupted_models_fail_cleanly(mode):
     ran: list[str] = []
 
-    @settings(max_examples=N_CORRUPT, **_SETTINGS)
+    @_fuzz(mode, N_CORRUPT)
     @given(case=cases(), kind=st.sampled_from(sorted(CORRUPTIONS)), seed=st.integers(0, 2**31 - 1))
     def check(case: Case, kind: str, seed: int):
         case = dataclasses.replace(case, outlier_rate=max(case.outlier_rate, 0.05), K=max(case.K, 2),
@@ -409,6 +467,9 @@ def test_corrupted_models_fail_cleanly():
         assert "layer/SpQRMatMul" in msg and re.search(expect, msg), f"{kind} {case}: {msg}"
         ran.append(kind)
 
-    check()
+    _run(check, mode)
+    if mode == "explore":
+        assert len(ran) >= N_EXPLORE // 2, len(ran)  # assume() rejects the corruptions that do not apply
+        return
     assert len(ran) >= N_CORRUPT, len(ran)
     assert set(ran) == set(CORRUPTIONS), set(CORRUPTIONS) - set(ran)
