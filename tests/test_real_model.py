@@ -102,20 +102,21 @@ def _rtol(name: str, key: str) -> float:
     return SPQR_RTOL[key] if name == "spqr" else RTN_RTOL
 
 
-def _compare(expected: dict, name: str, key: str, value, *, rtol: float | None = None):
-    """`value` against the stored figure (within `rtol`, or exactly when None), after recording it for refresh."""
+def _compare(expected: dict, name: str, key: str, value, *, rtol: float | None = None) -> list[str]:
+    """`value` against the stored figure (within `rtol`, or exactly when None), after recording it for refresh:
+    [] when it agrees (or when refreshing), else [what differs]."""
     _record(name, key, value)
     if UPDATE:
-        return
+        return []
     want = expected.get(name, {}).get(key)
     if want is None:
-        pytest.fail(f"{EXPECTED_FILE.name} has no {name}.{key}: refresh it with QCOMPILER_REAL_MODEL_UPDATE=1")
+        return [f"{EXPECTED_FILE.name} has no {name}.{key}: refresh it with QCOMPILER_REAL_MODEL_UPDATE=1"]
     if rtol is None:
-        assert value == want, f"{name}.{key}: got {value}, stored {want}"
-    else:
-        assert math.isclose(value, want, rel_tol=rtol), (
-            f"{name}.{key}: got {value:.7g}, stored {want:.7g} (relative difference {value / want - 1:+.2e}, "
-            f"tolerance {rtol:g})")
+        return [] if value == want else [f"{name}.{key}: got {value}, stored {want}"]
+    if math.isclose(value, want, rel_tol=rtol):
+        return []
+    return [f"{name}.{key}: got {value:.7g}, stored {want:.7g} (relative difference {value / want - 1:+.2e}, "
+            f"tolerance {rtol:g})"]
 
 
 @pytest.fixture(scope="module")
@@ -258,22 +259,24 @@ def test_export_figures(export, expected):
     name, folder = export
     cfg = json.loads((folder / "quant_config.json").read_text())
     assert cfg["n_quantized_layers"] == N_LINEARS and cfg["validation"]["passed"]
-    _compare(expected, name, "avg_bits", round(cfg["avg_bits"], 7), rtol=_rtol(name, "avg_bits"))
-    _compare(expected, name, "rel_error", round(summarize(cfg["layers"])["rel_error"], 7),
-             rtol=_rtol(name, "rel_error"))
+    errors = _compare(expected, name, "avg_bits", round(cfg["avg_bits"], 7), rtol=_rtol(name, "avg_bits"))
+    errors += _compare(expected, name, "rel_error", round(summarize(cfg["layers"])["rel_error"], 7),
+                       rtol=_rtol(name, "rel_error"))
     outliers = round(sum(r["outlier_share"] * r["N"] * r["K"] for r in cfg["layers"].values()))
     if name == "spqr":
         assert outliers > 0
-        _compare(expected, name, "outliers", outliers, rtol=_rtol(name, "outliers"))
+        errors += _compare(expected, name, "outliers", outliers, rtol=_rtol(name, "outliers"))
     else:
         assert outliers == 0
+    assert not errors, "\n".join(errors)
 
 
 def test_perplexity_ort(export, ort_result, launched, expected):
     name, _ = export
     assert ort_result.windows == WINDOWS and ort_result.tokens == WINDOWS * (SEQLEN - 1)
     _record(name, "window_nll", [round(x, 6) for x in ort_result.window_nll])  # for reading a failure
-    _compare(expected, name, "ppl", round(ort_result.ppl, 5), rtol=_rtol(name, "ppl"))
+    errors = _compare(expected, name, "ppl", round(ort_result.ppl, 5), rtol=_rtol(name, "ppl"))
+    assert not errors, "\n".join(errors)
     fp32 = launched["fp32"].ppl
     assert ort_result.ppl > fp32, f"{name} ppl {ort_result.ppl:.4g} not above fp32 {fp32:.4g}"
 
@@ -313,4 +316,5 @@ def test_greedy_tokens(export, expected):
 
 def test_fp32_reference(launched, expected):
     """The dequantized GGUF in PyTorch (computed while the exports run)."""
-    _compare(expected, "fp32", "ppl", round(launched["fp32"].ppl, 5), rtol=RTN_RTOL)
+    errors = _compare(expected, "fp32", "ppl", round(launched["fp32"].ppl, 5), rtol=RTN_RTOL)
+    assert not errors, "\n".join(errors)
