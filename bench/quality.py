@@ -893,6 +893,9 @@ def environment() -> dict[str, Any]:
 
     env = {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
            "cpu_count": os.cpu_count(), "machine": platform.machine()}
+    with contextlib.suppress(OSError):  # the CPU model: GPTQ/SpQR results differ between CPUs (their fp32 kernels)
+        env["cpu"] = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                           if line.startswith("model name")), platform.processor())
     with contextlib.suppress(Exception):
         import torch
 
