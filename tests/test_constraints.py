@@ -5,10 +5,11 @@ run; and the writer keeps what pip needs."""
 from __future__ import annotations
 
 import os
-import re
 from importlib import metadata
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from scripts.write_constraints import constraints
 from tests.helpers import REPO
@@ -19,14 +20,14 @@ def _pins(path):
     for line in path.read_text().splitlines():
         if line and not line.startswith("#"):
             name, _, version = line.partition("==")
-            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+            pins[canonicalize_name(name)] = version
     return pins
 
 
 @pytest.mark.skipif(os.environ.get("QCOMPILER_UNPINNED") == "1", reason="unpinned install (refresh_constraints.sh)")
 def test_installed_versions_are_the_constraints():
     pins = _pins(REPO / "constraints.txt")
-    installed = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version for d in metadata.distributions()}
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
     installed.pop("qcompiler", None)
     wrong = {n: (installed.get(n), v) for n, v in pins.items() if installed.get(n, "").split("+")[0] != v}
     extra = sorted(set(installed) - set(pins) - {"wheel"})
@@ -39,10 +40,10 @@ def test_every_dependency_is_pinned():
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     deps = project["dependencies"] + project["optional-dependencies"]["dev"]
-    names = {re.sub(r"[-_.]+", "-", re.split(r"[<>=!~; \[]", d, maxsplit=1)[0]).lower() for d in deps}
+    names = {canonicalize_name(Requirement(d).name) for d in deps}
     assert names - set(_pins(REPO / "constraints.txt")) == set()
     build = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
-    build_names = {re.sub(r"[-_.]+", "-", re.split(r"[<>=!~; ]", d, maxsplit=1)[0]).lower() for d in build}
+    build_names = {canonicalize_name(Requirement(d).name) for d in build}
     assert build_names <= set(_pins(REPO / "build-constraints.txt"))
 
 
