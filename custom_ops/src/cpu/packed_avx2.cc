@@ -3,6 +3,7 @@
 // fp32 kernel: per 8 weights one AND, one conversion and one FMA per row of X, per group y += s * (t - z * sum x).
 // AVX2 has no unsigned conversion, so a field that reaches bit 31 is shifted down one bit first (its power-of-two
 // factor doubled): still exact. Up to 4 rows of X per call (16 registers); more take the portable paths.
+#include "cpu/cpu_kernels.h"
 #include "cpu/packed.h"
 
 #include <algorithm>
@@ -274,6 +275,22 @@ PackedOutlierRowsFn PackedOutlierRowsF16c() { return nullptr; }
 PackedGemvFn PackedGemvAvx2(const PackedWeights&, int64_t) { return nullptr; }
 
 #endif
+
+// The AVX2 table (cpu_kernels.h): the packed GEMV (fp32 and int8 activations) for up to kPackedAvx2MaxRows rows of X
+// per slice at decode sizes only (larger M: the portable GEMM), outliers per row with F16C; empty without AVX2 + FMA.
+const CpuKernels& Avx2Kernels() {
+  static const CpuKernels k = [] {
+    CpuKernels t;
+    t.name = "avx2";
+    if (!PackedAvx2Available()) return t;
+    t.packed_max_rows = kPackedAvx2MaxRows;
+    t.packed_gemv = &PackedGemvAvx2;
+    t.packed_gemv_int8 = &PackedGemvInt8Avx2;
+    t.outlier_rows = PackedOutlierRowsF16c();
+    return t;
+  }();
+  return k;
+}
 
 }  // namespace Cpu
 }  // namespace qcompiler

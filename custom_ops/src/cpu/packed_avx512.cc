@@ -3,6 +3,7 @@
 // cancels exactly). Per group: y += s * (sum_k q_k x_k - z * sum_k x_k), the scale and zero of the 16 rows decoded
 // from their codes (or loaded) once per group. Functions carry target attributes (no -m flags for the file), so
 // nothing here runs on CPUs without AVX-512.
+#include "cpu/cpu_kernels.h"
 #include "cpu/packed.h"
 
 #include <algorithm>
@@ -462,6 +463,28 @@ bool PackedInt8Available() { return false; }
 PackedGemvFn PackedGemvVnni(const PackedWeights&, int64_t) { return nullptr; }
 
 #endif
+
+// The AVX-512 table (cpu_kernels.h): the packed GEMV for up to kPackedMaxRows rows of X per slice at any M (int8
+// activations with AVX512-VNNI), the packed prefill GEMM, the row kernel on the stored layout (gemv_avx512.cc);
+// empty without AVX-512 (F, BW, VL, DQ).
+const CpuKernels& Avx512Kernels() {
+  static const CpuKernels k = [] {
+    CpuKernels t;
+    t.name = "avx512";
+    if (!PackedAvx512Available()) return t;
+    t.packed_max_rows = kPackedMaxRows;
+    t.packed_gemv = &PackedGemvAvx512;
+    t.packed_gemv_int8 = PackedInt8Available() ? &PackedGemvVnni : nullptr;
+    t.packed_gemv_any_rows = true;
+    t.packed_decode = &PackedDecodeAvx512;
+    t.packed_micro = &PackedMicroAvx512;
+    t.outlier_rows = PackedOutlierRowsF16c();
+    t.halves_to_floats = HalvesToFloatsAvx512();
+    t.gemv_row = &GemvRowAvx512;
+    return t;
+  }();
+  return k;
+}
 
 }  // namespace Cpu
 }  // namespace qcompiler
