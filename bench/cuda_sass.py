@@ -1,6 +1,6 @@
 """Static cost of the CUDA decode GEMV: instructions per weight in its SASS, where no GPU is to time it.
 
-Compiles custom_ops/src/cuda/spqr_matmul_cuda_impl.cu with nvcc for one architecture, with the runtime statistics
+Compiles the CUDA kernel files (custom_ops/src/cuda/*.cu) with nvcc for one architecture, with the runtime statistics
 width and group size pinned to constants (`--stat-bits`, `--group-size`; a copy of the source with `a.stat_bits` /
 `a.group_size` replaced), the warp's rows sharing their second-level group (every preset's case) and X resident in
 shared memory (the decode default wherever it fits: no staging inside the loop), so the branches not taken drop out
@@ -123,31 +123,48 @@ ALU_HALF_RATE = {"PRMT", "LOP3", "SHF", "IADD3", "ISETP", "LEA", "SEL", "VIADD",
                  "SGXT", "BMSK", "FLO", "POPC"}
 
 
+# The CUDA files with kernels (each compiled to its own cubin) and the file with the GEMV cost model (kGemvSlabInstr).
+KERNEL_SOURCES = ("decode_gemv.cu", "prefill.cu", "generic_rows.cu")
+COST_MODEL = SRC / "cuda" / "launcher.cu"
+
+
+def compile_sass(src: Path, arch: str, out_dir: Path, nvcc: str | None = None) -> tuple[str, str]:
+    """ptxas's resource report and the SASS of every kernel file under `src` (a copy of custom_ops/src) for `arch`."""
+    report, sass = [], []
+    for name in KERNEL_SOURCES:
+        cubin = out_dir / (Path(name).stem + ".cubin")
+        r = subprocess.run([nvcc or find_tool("nvcc"), "-std=c++17", "-O3", f"-arch={arch}", "-cubin",
+                            "--resource-usage", f"-I{src}", str(src / "cuda" / name), "-o", str(cubin)],
+                           capture_output=True, text=True, check=True)
+        report.append(r.stdout + r.stderr)
+        sass.append(disassemble(cubin))
+    return "".join(report), "\n".join(sass)
+
+
 def pinned_sass(arch: str, stat_bits: int, group_size: int) -> str:
-    """SASS of spqr_matmul_cuda_impl.cu for `arch`, with the statistics width and group size pinned to constants, the
+    """SASS of the CUDA kernels for `arch`, with the statistics width and group size pinned to constants, the
     warp's rows sharing their second-level group (stat_group_size a multiple of 4, as every preset) and X resident in
     shared memory (M = 1 up to K ~ 24k on H100-class parts); in the prefill kernel an interior chunk (no code quad
     across a group boundary or K's end) and 16-byte-aligned X: the branches not taken drop out of the loops."""
-    src = (SRC / "cuda" / "spqr_matmul_cuda_impl.cu").read_text()
-    src = src.replace("a.stat_bits", str(stat_bits)).replace("a.group_size", str(group_size))
-    for pin, value in (("const bool stats_shared = stat_rows[0].stat_group == stat_rows[R - 1].stat_group;",
-                        "const bool stats_shared = true;"),
-                       ("const bool resident = mode == kXResident;", "const bool resident = true;"),
-                       ("if (mode == kXSlabsRows) {", "if (false) {"),
-                       # prefill: an interior chunk (no quad across a group boundary or K's end), X 16-byte aligned
-                       ("const bool quad_groups = next % 4 == 0 && !tail;", "const bool quad_groups = true;"),
-                       ("const bool x_vec = a.K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;",
-                        "const bool x_vec = true;")):
-        if src.count(pin) != 1:
-            raise SystemExit(f"bench/cuda_sass.py: {pin!r} moved; update the pin")
-        src = src.replace(pin, value)
     with tempfile.TemporaryDirectory() as tmp:
-        cu = Path(tmp) / "impl.cu"
-        cu.write_text(src)
-        cubin = Path(tmp) / "impl.cubin"
-        subprocess.run([find_tool("nvcc"), "-std=c++17", "-O3", f"-arch={arch}", "-cubin", f"-I{SRC}", str(cu), "-o",
-                        str(cubin)], check=True)
-        return disassemble(cubin)
+        src = Path(tmp) / "src"
+        shutil.copytree(SRC, src)
+        files = {p: p.read_text().replace("a.stat_bits", str(stat_bits)).replace("a.group_size", str(group_size))
+                 for p in (src / "cuda").glob("*.cu*")}
+        for pin, value in (("const bool stats_shared = stat_rows[0].stat_group == stat_rows[R - 1].stat_group;",
+                            "const bool stats_shared = true;"),
+                           ("const bool resident = mode == kXResident;", "const bool resident = true;"),
+                           ("if (mode == kXSlabsRows) {", "if (false) {"),
+                           # prefill: an interior chunk (no quad across a group boundary or K's end), X 16-byte aligned
+                           ("const bool quad_groups = next % 4 == 0 && !tail;", "const bool quad_groups = true;"),
+                           ("const bool x_vec = a.K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;",
+                            "const bool x_vec = true;")):
+            if sum(text.count(pin) for text in files.values()) != 1:
+                raise SystemExit(f"bench/cuda_sass.py: {pin!r} moved; update the pin")
+            files = {p: text.replace(pin, value) for p, text in files.items()}
+        for p, text in files.items():
+            p.write_text(text)
+        return compile_sass(src, arch, Path(tmp))[1]
 
 
 def slab_loop_size(sass: str, x: str, bits: int, mt: int, rows: int) -> int:

@@ -1,6 +1,7 @@
-"""The SpQRMatMul CUDA kernels run directly on a GPU, without ONNX Runtime: custom_ops/src/cuda/spqr_matmul_cuda_impl.cu
-plus the C entries of spqr_matmul_cuda_direct.cc, built by nvcc for the visible GPU's architecture into
-libqcompiler_cuda_direct.so, launched through ctypes on PyTorch's current stream with PyTorch's device buffers.
+"""The SpQRMatMul CUDA kernels run directly on a GPU, without ONNX Runtime: custom_ops/src/cuda/*.cu plus the C
+entries of custom_ops/testing/spqr_matmul_cuda_direct.cc (test-only, not in the wheel), built by nvcc for the
+visible GPU's architecture into libqcompiler_cuda_direct.so, launched through ctypes on PyTorch's current stream
+with PyTorch's device buffers.
 
 For a GPU machine that has PyTorch with CUDA and nvcc but neither onnxruntime-gpu nor a CUDA build of the op library
 (the one this project is lent): the kernels' correctness (`direct` backend of tests/test_spqr_matmul_cuda.py) and
@@ -18,15 +19,17 @@ from typing import Optional
 
 import numpy as np
 
-from tests.cuda_emu import KernelCall, LaunchChoices, bind_launch_choices, cached_library
+from tests.cuda_emu import CUDA_SOURCES, KernelCall, LaunchChoices, bind_launch_choices, cached_library
 from qcompiler.format import SpQRWeight
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "custom_ops" / "src"
-SOURCES = [SRC / "cuda/spqr_matmul_cuda_impl.cu", SRC / "cuda/spqr_matmul_cuda_direct.cc",
-           SRC / "cuda/launch_choices_c.cc"]
-HEADERS = [SRC / "cuda/spqr_matmul_cuda_impl.cuh", SRC / "cuda/spqr_matmul_c_args.h", SRC / "cuda/launch.cuh",
-           SRC / "common/spqr_format.h"]
+TESTING = REPO / "custom_ops" / "testing"
+SOURCES = [*CUDA_SOURCES, SRC / "common/env_switches.cc", TESTING / "spqr_matmul_cuda_direct.cc",
+           TESTING / "launch_choices_c.cc"]
+HEADERS = [SRC / "cuda/spqr_matmul_cuda_impl.cuh", SRC / "cuda/kernels.cuh", SRC / "cuda/device_common.cuh",
+           TESTING / "spqr_matmul_c_args.h", SRC / "cuda/launch.cuh", SRC / "common/spqr_format.h",
+           SRC / "common/env_switches.h"]
 
 
 def nvcc() -> Optional[str]:
@@ -60,7 +63,7 @@ def build(arch: str, out_root: Path = REPO / "build" / "cuda-direct") -> Path:
         raise RuntimeError("nvcc not found (PATH, /usr/local/cuda/bin or $CUDACXX)")
     return cached_library(out_root / "libqcompiler_cuda_direct.so", SOURCES + HEADERS, arch, lambda out: [
         compiler, "-std=c++17", "-O3", f"-arch={arch}", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
-        f"-I{SRC}", *map(str, SOURCES), "-o", str(out)], "the direct CUDA library")
+        f"-I{SRC}", f"-I{TESTING}", *map(str, SOURCES), "-o", str(out)], "the direct CUDA library")
 
 
 class Launch:

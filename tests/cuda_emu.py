@@ -1,6 +1,6 @@
-"""The SpQRMatMul CUDA kernels (custom_ops/src/cuda/spqr_matmul_cuda_impl.cu) run on the CPU under the emulation of
-custom_ops/emu: the same device code, compiled by the host C++ compiler, its threads as fibers (see
-custom_ops/emu/cuda_emu.h for what is and is not modelled). Tests only: it checks the kernels' indexing, decoding,
+"""The SpQRMatMul CUDA kernels (custom_ops/src/cuda/*.cu) run on the CPU under the emulation of
+custom_ops/testing/emu: the same device code, compiled by the host C++ compiler, its threads as fibers (see
+custom_ops/testing/emu/cuda_emu.h for what is and is not modelled). Tests only: it checks the kernels' indexing, decoding,
 barriers and warp collectives where no GPU is; it says nothing about their speed.
 """
 
@@ -20,10 +20,14 @@ from qcompiler.format import SpQRWeight
 
 REPO = Path(__file__).resolve().parents[1]
 OPS = REPO / "custom_ops"
-SOURCES = [OPS / "src/cuda/spqr_matmul_cuda_impl.cu", OPS / "emu/cuda_emu.cc", OPS / "emu/spqr_matmul_emu.cc",
-           OPS / "emu/emu_selftest.cc", OPS / "src/cuda/launch_choices_c.cc"]
-HEADERS = [OPS / "emu/cuda_emu.h", OPS / "src/cuda/spqr_matmul_cuda_impl.cuh", OPS / "src/cuda/spqr_matmul_c_args.h",
-           OPS / "src/cuda/launch.cuh", OPS / "src/common/spqr_format.h"]
+TESTING = OPS / "testing"  # test-only C++ (not in the wheel): the emulation, the C entries
+# the CUDA sources (compiled as C++ here), as CMakeLists.txt lists them for the op library
+CUDA_SOURCES = [OPS / "src/cuda" / name for name in ("launcher.cu", "decode_gemv.cu", "prefill.cu", "generic_rows.cu")]
+SOURCES = [*CUDA_SOURCES, OPS / "src/common/env_switches.cc", TESTING / "emu/cuda_emu.cc",
+           TESTING / "emu/spqr_matmul_emu.cc", TESTING / "emu/emu_selftest.cc", TESTING / "launch_choices_c.cc"]
+HEADERS = [TESTING / "emu/cuda_emu.h", OPS / "src/cuda/spqr_matmul_cuda_impl.cuh", OPS / "src/cuda/kernels.cuh",
+           OPS / "src/cuda/device_common.cuh", TESTING / "spqr_matmul_c_args.h", OPS / "src/cuda/launch.cuh",
+           OPS / "src/common/spqr_format.h", OPS / "src/common/env_switches.h"]
 
 
 def compiler() -> Optional[str]:
@@ -42,8 +46,9 @@ def build(out_root: Path = REPO / "build" / "cuda-emu") -> Path:
     return cached_library(out_root / "libqcompiler_cuda_emu.so", SOURCES + HEADERS, " ".join(extra), lambda out: [
         cxx, "-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Wextra",
         "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-DQCOMPILER_CUDA_EMU",
-        f"-I{OPS / 'emu/include'}", f"-I{OPS / 'emu'}", f"-I{OPS / 'src'}",
-        *extra, "-x", "c++", str(SOURCES[0]), "-x", "none", *map(str, SOURCES[1:]), "-o", str(out)],
+        f"-I{TESTING / 'emu/include'}", f"-I{TESTING / 'emu'}", f"-I{TESTING}", f"-I{OPS / 'src'}",
+        *extra, "-x", "c++", *map(str, CUDA_SOURCES), "-x", "none", *map(str, SOURCES[len(CUDA_SOURCES):]),
+        "-o", str(out)],
         "the CUDA emulation")
 
 
@@ -112,12 +117,12 @@ class KernelCall:
         return y.reshape(*self.lead, self.weight.N)
 
 
-# Rows per warp each decode GEMV tile (rows of X: 1, 2, 3-4, 5-8) offers, most first (GemvOffers in the .cu)
+# Rows per warp each decode GEMV tile (rows of X: 1, 2, 3-4, 5-8) offers, most first (GemvOffers, kernels.cuh)
 GEMV_ROWS = {1: (4, 2, 1), 2: (4, 2), 4: (2, 1), 8: (2, 1)}
 
 
 def bind_launch_choices(lib):
-    """`lib` (either test library: both hold custom_ops/src/cuda/launch_choices_c.cc) with its launch-choice entries
+    """`lib` (either test library: both hold custom_ops/testing/launch_choices_c.cc) with its launch-choice entries
     typed."""
     i64, i32 = ctypes.c_int64, ctypes.c_int
     for name in ("qc_gemv_rows_per_warp", "qc_prefill_uses_large_tile"):

@@ -6,7 +6,6 @@ bench/cuda_sass.py's job; these only fail on a spill or a call."""
 from __future__ import annotations
 
 import re
-import subprocess
 
 import pytest
 
@@ -21,11 +20,8 @@ def compiled(tmp_path_factory):
     if nvcc is None or tool.find_tool("cuobjdump", required=False) is None or \
             tool.find_tool("nvdisasm", required=False) is None:
         pytest.skip("needs nvcc, cuobjdump and nvdisasm")
-    cubin = tmp_path_factory.mktemp("sass") / "impl.cubin"
-    r = subprocess.run([nvcc, "-std=c++17", "-O3", "-arch=sm_90", "-cubin", "--resource-usage",
-                        f"-I{tool.SRC}", str(tool.SRC / "cuda" / "spqr_matmul_cuda_impl.cu"), "-o", str(cubin)],
-                       capture_output=True, text=True, check=True)
-    yield r.stdout + r.stderr, tool.disassemble(cubin), tool
+    report, sass = tool.compile_sass(tool.SRC, "sm_90", tmp_path_factory.mktemp("sass"), nvcc)
+    yield report, sass, tool
 
 
 def test_no_kernel_spills(compiled):
@@ -49,11 +45,11 @@ def test_decode_slab_loop_calls_nothing(compiled, x, bits, mt, rows):
 
 
 def test_gemv_cost_model_matches_the_compiled_slab_loops(compiled):
-    """The launcher's rows-per-warp model (kGemvSlabInstr in the .cu) holds bench/cuda_sass.py's counts of the slab
+    """The launcher's rows-per-warp model (kGemvSlabInstr in launcher.cu) holds bench/cuda_sass.py's counts of the slab
     loops (sm_90, fp16 X, 3 bits, β1 = 16, 3-bit statistics); a kernel change that moves them by more than 10 % must
     update the table."""
     _, _, tool = compiled
-    src = (tool.SRC / "cuda" / "spqr_matmul_cuda_impl.cu").read_text()
+    src = tool.COST_MODEL.read_text()
     body = re.search(r"kGemvSlabInstr\[4\]\[3\] = \{[^\n]*\n(.*?)\};", src, re.S).group(1)
     table = [list(map(int, row)) for row in re.findall(r"\{(\d+), (\d+), (\d+)\}", body)]
     assert len(table) == 4

@@ -1,5 +1,5 @@
 // Kernel launch and device-side helpers, written once for nvcc and for the CPU emulation of the kernels
-// (custom_ops/emu, tests only).
+// (custom_ops/testing/emu, tests only).
 // - QC_LAUNCH(kernel, grid, block, smem_bytes, stream, args...): a launch with `smem_bytes` of dynamic shared memory.
 // - QC_DYNAMIC_SHARED(T, name): `T* name`, the block's dynamic shared memory (16-byte aligned). The emulation fills
 //   it with 0xff bytes (fp16/fp32 NaN) before each block, so a read before a write shows in the result.

@@ -1,5 +1,5 @@
 // CUDA kernel of qcompiler::SpQRMatMul, ORT-facing half (compiled by g++): binds and checks the inputs, then
-// enqueues the fused decode+matmul kernel (spqr_matmul_cuda_impl.cu) on ORT's compute stream.
+// enqueues the fused decode+matmul kernels (launcher.cu) on ORT's compute stream.
 #include "cuda/spqr_matmul_cuda.h"
 
 #include "cuda/spqr_matmul_cuda_impl.cuh"
@@ -40,7 +40,10 @@ class Scratch {
 
 struct SpQRMatMulCudaKernel : spqr::KernelBase<SpQRMatMulCudaKernel> {
   SpQRMatMulCudaKernel(const OrtKernelInfo* info, ONNXTensorElementDataType x_type)
-      : prefix_(spqr::ErrorPrefix(info)), attrs_(spqr::ReadAttributes(info, prefix_)), x_type_(x_type) {}
+      : prefix_(spqr::ErrorPrefix(info)),
+        attrs_(spqr::ReadAttributes(info, prefix_)),
+        x_type_(x_type),
+        switches_(env::ReadCudaSwitches()) {}  // QCOMPILER_CUDA_*, read once per kernel (common/env_switches.h)
 
   void Compute(OrtKernelContext* context) {
     const spqr::Attributes& a = attrs_;
@@ -81,7 +84,7 @@ struct SpQRMatMulCudaKernel : spqr::KernelBase<SpQRMatMulCudaKernel> {
     args.y = y.GetTensorMutableRawData();
     const Scratch scratch(context, ctx.GetInput(spqr::kX).GetTensorMemoryInfo().GetDeviceId(), ScratchBytes(args));
     args.scratch = scratch.data();
-    const int err = LaunchSpQRMatMul(args, stream);
+    const int err = LaunchSpQRMatMul(args, switches_, stream);
     if (err != 0) {
       throw Ort::Exception(prefix_ + "CUDA kernel launch failed: " + CudaErrorString(err), ORT_EP_FAIL);
     }
@@ -91,6 +94,7 @@ struct SpQRMatMulCudaKernel : spqr::KernelBase<SpQRMatMulCudaKernel> {
   std::string prefix_;
   spqr::Attributes attrs_;
   ONNXTensorElementDataType x_type_;
+  env::CudaSwitches switches_;
 };
 
 }  // namespace

@@ -1,9 +1,11 @@
-// Launcher of the SpQRMatMul CUDA kernel. Plain types only: included by the g++-compiled ORT kernel
-// (spqr_matmul_cuda.cc) and by the nvcc-compiled device code (spqr_matmul_cuda_impl.cu).
+// Launcher of the SpQRMatMul CUDA kernels (launcher.cu; the kernels: kernels.cuh). Plain types only: included by the
+// g++-compiled ORT kernel (spqr_matmul_cuda.cc) and by the nvcc-compiled device code.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+
+#include "common/env_switches.h"
 
 namespace qcompiler {
 namespace Cuda {
@@ -38,15 +40,17 @@ struct SpQRMatMulArgs {
 // is present matter.
 size_t ScratchBytes(const SpQRMatMulArgs& args);
 
-// Enqueues Y = X * W^T + bias on `stream` (a cudaStream_t). Returns a cudaError_t value (0 = success).
-int LaunchSpQRMatMul(const SpQRMatMulArgs& args, void* stream);
+// Enqueues Y = X * W^T + bias on `stream` (a cudaStream_t), with the launch choices `switches` force (read once by
+// the caller: common/env_switches.h). Returns a cudaError_t value (0 = success).
+int LaunchSpQRMatMul(const SpQRMatMulArgs& args, const env::CudaSwitches& switches, void* stream);
 
 // Rows per warp of the decode GEMV (M <= 8) for N output rows on a GPU of `sms` multiprocessors (0: unknown, the
-// most the tile offers): the launcher's choice unless QCOMPILER_CUDA_GEMV_ROWS forces one.
+// most the tile offers): the launcher's choice unless CudaSwitches::gemv_rows (QCOMPILER_CUDA_GEMV_ROWS) forces one.
 int GemvRowsPerWarp(int64_t M, int64_t N, int sms);
 
 // Whether the prefill kernel (fp16 X, M >= 9) takes its 128 x 128 tile (else 64 x 64) for M rows and N outputs on a
-// GPU of `sms` multiprocessors (0: unknown); QCOMPILER_CUDA_PREFILL_TILE=64|128 forces one.
+// GPU of `sms` multiprocessors (0: unknown): the launcher's choice unless CudaSwitches::prefill_tile
+// (QCOMPILER_CUDA_PREFILL_TILE=64|128) forces one.
 bool PrefillUsesLargeTile(int64_t M, int64_t N, int sms);
 
 // cudaGetErrorString for a value returned by LaunchSpQRMatMul.

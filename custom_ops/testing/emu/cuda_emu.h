@@ -1,7 +1,7 @@
 // CPU emulation of the CUDA features that SpQRMatMul's kernels use, so that their logic runs and is tested where no
 // GPU is (tests/test_spqr_matmul_cuda_emu.py). Test-only: never linked into libqcompiler_ops.so.
 //
-// The .cu file is compiled unchanged by the host C++ compiler with custom_ops/emu/include first on the include path
+// The .cu files are compiled unchanged by the host C++ compiler with custom_ops/testing/emu/include first on the include path
 // (its cuda_fp16.h / cuda_runtime.h / mma.h stubs include this header) and QCOMPILER_CUDA_EMU defined (the launch goes
 // through QC_LAUNCH, cuda/launch.cuh).
 //

@@ -1,14 +1,15 @@
 // C entry points of the emulated SpQRMatMul CUDA kernel (libqcompiler_cuda_emu.so, loaded by ctypes in
-// tests/test_spqr_matmul_cuda_emu.py): buffers with a guard page after them, and the launcher of
-// cuda/spqr_matmul_cuda_impl.cu with its arguments spelled out.
+// tests/cuda_emu.py): buffers with a guard page after them, and the launcher of custom_ops/src/cuda/launcher.cu with
+// its arguments spelled out (the QCOMPILER_CUDA_* switches read at each call).
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <cstring>
 
-#include "cuda/spqr_matmul_c_args.h"
+#include "common/env_switches.h"
 #include "cuda/spqr_matmul_cuda_impl.cuh"
 #include "cuda_emu.h"
+#include "spqr_matmul_c_args.h"
 
 namespace {
 size_t PageBytes() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
@@ -53,7 +54,7 @@ __attribute__((visibility("default"))) int qc_emu_spqr_matmul(
   qcompiler::emu::ScheduleSeed() = seed;
   const size_t scratch_bytes = qcompiler::Cuda::ScratchBytes(a);
   a.scratch = scratch_bytes ? qc_emu_alloc(scratch_bytes) : nullptr;  // as ORT's allocator would, after the output
-  const int err = qcompiler::Cuda::LaunchSpQRMatMul(a, nullptr);
+  const int err = qcompiler::Cuda::LaunchSpQRMatMul(a, qcompiler::env::ReadCudaSwitches(), nullptr);
   qc_emu_free(a.scratch, scratch_bytes);
   if (message != nullptr && message_bytes > 0) {
     std::strncpy(message, err ? qcompiler::emu::LastErrorMessage() : "", message_bytes - 1);

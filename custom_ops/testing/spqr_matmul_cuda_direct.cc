@@ -1,11 +1,13 @@
 // C entries of the SpQRMatMul CUDA launcher for tests and benchmarks on a GPU without ONNX Runtime: device pointers
-// in, the launch enqueued on `stream`. tests/cuda_direct.py builds this file with spqr_matmul_cuda_impl.cu into
-// libqcompiler_cuda_direct.so (nvcc, the GPU's architecture) and calls it through ctypes with PyTorch's device
-// buffers; the op library does not contain it (ONNX Runtime binds the kernel through spqr_matmul_cuda.cc).
+// in, the launch enqueued on `stream`. tests/cuda_direct.py builds this file with the CUDA sources
+// (custom_ops/src/cuda/*.cu) into libqcompiler_cuda_direct.so (nvcc, the GPU's architecture) and calls it through
+// ctypes with PyTorch's device buffers; the op library does not contain it (ONNX Runtime binds the kernel through
+// spqr_matmul_cuda.cc), nor does the wheel ship this folder. The QCOMPILER_CUDA_* switches are read at each call.
 #include <cuda_runtime.h>
 
-#include "cuda/spqr_matmul_c_args.h"
+#include "common/env_switches.h"
 #include "cuda/spqr_matmul_cuda_impl.cuh"
+#include "spqr_matmul_c_args.h"
 
 #define QC_DIRECT_PARAMS                                                                                           \
   int64_t M, int64_t K, int64_t N, int bits, int64_t group_size, int stat_bits, int64_t stat_group_size,           \
@@ -30,7 +32,7 @@ __attribute__((visibility("default"))) int qc_cuda_spqr_matmul(QC_DIRECT_PARAMS,
   qcompiler::Cuda::SpQRMatMulArgs a = qcompiler::Cuda::MakeArgs(QC_DIRECT_ARGS);
   if (qcompiler::Cuda::ScratchBytes(a) > scratch_bytes) return static_cast<int>(cudaErrorInvalidValue);
   a.scratch = scratch;
-  return qcompiler::Cuda::LaunchSpQRMatMul(a, stream);
+  return qcompiler::Cuda::LaunchSpQRMatMul(a, qcompiler::env::ReadCudaSwitches(), stream);
 }
 
 __attribute__((visibility("default"))) const char* qc_cuda_error_string(int error) {

@@ -1,6 +1,6 @@
 // SpQRMatMulArgs from the flat argument list of the library-free C entries (ctypes can check a flat signature, not a
-// struct layout): the emulated kernels' (custom_ops/emu/spqr_matmul_emu.cc) and the direct GPU runs'
-// (custom_ops/src/cuda/spqr_matmul_cuda_direct.cc). Tests and benchmarks only; ONNX Runtime binds the kernel through
+// struct layout): the emulated kernels' (custom_ops/testing/emu/spqr_matmul_emu.cc) and the direct GPU runs'
+// (custom_ops/testing/spqr_matmul_cuda_direct.cc). Tests and benchmarks only; ONNX Runtime binds the kernel through
 // spqr_matmul_cuda.cc.
 #pragma once
 
