@@ -36,9 +36,9 @@ def _overrides(text: str) -> dict:
 
 def main() -> None:
     from qcompiler.data import calibration_windows
-    from qcompiler.families import family_for
-    from qcompiler.loading import load_model
-    from qcompiler.methods import get_method
+    from qcompiler.models.families import family_for
+    from qcompiler.models.loading import load_model
+    from qcompiler.quantize.methods import get_method
 
     shared = REPO.parent / "shared" / "data" / "wikitext2"
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

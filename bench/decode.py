@@ -34,10 +34,10 @@ PROMPT = ("Robert Boulter is an English film, television and theatre actor. He h
 
 
 class Model:
-    """One exported folder (a `qcompiler.generate.Generator`) and its prompt ids."""
+    """One exported folder (a `qcompiler.runtime.generate.Generator`) and its prompt ids."""
 
     def __init__(self, folder: Path, threads: Optional[int], prompt_tokens: int):
-        from qcompiler.generate import Generator
+        from qcompiler.runtime.generate import Generator
 
         self.folder = folder
         self.gen = Generator(folder, threads=threads)

@@ -5,7 +5,7 @@ For each weight shape K×N and batch M (rows of X), single-node models on the CP
 
 - `fp32`: `MatMul` with a random fp32 weight (MLAS sgemm);
 - `spqr-w3`, `spqr-w4`: SpQRMatMul at the 3-bit and 4-bit presets (β1 = 16, 3-bit statistics with β2 = 32 / 16,
-  ~1 % fp16 outliers, act-order permutation): random but well-formed weights (`qcompiler.format.random_weight`);
+  ~1 % fp16 outliers, act-order permutation): random but well-formed weights (`tests.builders.random_weight`);
 - `spqr-w3-a4`: the 3-bit weight with `accuracy_level=4` (X quantized to int8 per 32 columns, VNNI dot products);
 - `nbits-a0`, `nbits-a4`: ONNX Runtime's `MatMulNBitsQuantizer` (4-bit, block 32, asymmetric) applied to the fp32
   model, at accuracy_level 0 (fp32 compute) and 4 (int8 activations).
@@ -76,8 +76,8 @@ def build(variant: str, K: int, N: int, w32: np.ndarray) -> onnx.ModelProto:
     if variant == "fp32":
         return _matmul_model(w32)
     if variant in SPQR_PRESETS:
-        from qcompiler.format import random_weight
-        from qcompiler.onnx_op import single_op_model
+        from tests.builders import random_weight
+        from tests.builders import single_op_model
 
         return single_op_model(random_weight(N=N, K=K, seed=K + N, **SPQR_PRESETS[variant]), x_shape=("M", None),
                                accuracy_level=SPQR_ACCURACY_LEVEL.get(variant, 0))
@@ -101,7 +101,7 @@ def build(variant: str, K: int, N: int, w32: np.ndarray) -> onnx.ModelProto:
 def session(model: onnx.ModelProto, threads: int, provider: str = "CPUExecutionProvider"):
     import onnxruntime as ort
 
-    from qcompiler import ops
+    from qcompiler.runtime import ops
 
     so = ort.SessionOptions()
     if threads:

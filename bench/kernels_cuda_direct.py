@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     import torch
 
     from tests import cuda_direct
-    from qcompiler.format import random_weight
+    from tests.builders import random_weight
 
     arch = cuda_direct.gpu_arch()
     if arch is None:

@@ -73,8 +73,8 @@ def build(variant: str, K: int, N: int, copies: int, w16: np.ndarray) -> onnx.Mo
     if variant == "fp16":
         return _fp16_layers(w16, copies)
     if variant in SPQR_PRESETS:
-        from qcompiler.format import random_weight
-        from qcompiler.onnx_op import DOMAIN, OPSET_VERSION, spqr_node
+        from tests.builders import random_weight
+        from qcompiler.graph.onnx_op import DOMAIN, OPSET_VERSION, spqr_node
 
         w = random_weight(N=N, K=K, seed=K + N, **SPQR_PRESETS[variant])
         nodes, inits = [], []
@@ -128,7 +128,7 @@ class GpuRun:
     def __init__(self, model: onnx.ModelProto, x: np.ndarray, *, cuda_graph: bool):
         import onnxruntime as ort
 
-        from qcompiler import ops
+        from qcompiler.runtime import ops
 
         so = ort.SessionOptions()
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         else:
             from transformers import AutoConfig
 
-            from qcompiler.preflight import count_parameters
+            from qcompiler.models.preflight import count_parameters
 
             params = count_parameters(AutoConfig.from_pretrained(src))
         rows += [("config", f"LLaMA vocab {args.vocab}, hidden {args.hidden}, MLP {args.intermediate}, "
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
                  ("validation (in the export)", f"max \\|logit diff\\| ORT vs PyTorch {val['max_abs_logit_diff']:.3g} "
                                                 f"(limit {val['limit']:.3g})")]
 
-        from qcompiler.generate import Generator
+        from qcompiler.runtime.generate import Generator
 
         t = time.perf_counter()
         gen = Generator(out)

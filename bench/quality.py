@@ -286,7 +286,7 @@ def matmulnbits_bits(model: onnx.ModelProto) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------------- helpers
 def model_size_mb(folder: Path) -> float:
-    from qcompiler.emit import MODEL_FILE
+    from qcompiler.folder import MODEL_FILE
 
     return sum(p.stat().st_size for p in (folder / MODEL_FILE, folder / f"{MODEL_FILE}.data") if p.exists()) / 1e6
 
@@ -330,7 +330,7 @@ class Bench:
 
     # ------------------------------------------------------------------ expected quant_config of a folder
     def _calibration(self, method: str) -> Optional[dict]:
-        from qcompiler.methods import get_method
+        from qcompiler.quantize.methods import get_method
 
         if not getattr(get_method(method), "needs_calibration", False):
             return None
@@ -346,7 +346,7 @@ class Bench:
                                       "nsamples": self.args.nsamples, "seqlen": self.args.calib_seqlen,
                                       "seed": self.args.seed}
             return exp
-        from qcompiler.methods import get_method
+        from qcompiler.quantize.methods import get_method
 
         config = get_method(preset["method"]).Config(**preset["options"])
         exp = {"method": preset["method"], "config": _json_norm(dataclasses.asdict(config)), "source": self.source}
@@ -358,7 +358,7 @@ class Bench:
         return exp
 
     def _reusable(self, folder: Path, expected: dict) -> bool:
-        from qcompiler.emit import CONFIG_FILE, MODEL_FILE
+        from qcompiler.folder import CONFIG_FILE, MODEL_FILE
 
         cfg = _read_json(folder / CONFIG_FILE)
         if cfg is None or not (folder / MODEL_FILE).exists():
@@ -434,8 +434,8 @@ class Bench:
         `ensure_export` takes out of export_s)."""
         from unittest import mock
 
-        from qcompiler.evaluate import perplexity_torch
-        from qcompiler.methods import get_method
+        from qcompiler.runtime.evaluate import perplexity_torch
+        from qcompiler.quantize.methods import get_method
 
         cls = get_method(method)
         quantize = cls.quantize
@@ -467,7 +467,7 @@ class Bench:
         return self.calib_cache[key]
 
     def _export_ort(self, preset: dict, folder: Path, expected: dict) -> None:
-        from qcompiler.emit import CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, atomic_output, write_json
+        from qcompiler.folder import CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, atomic_output, write_json
         from qcompiler.passes.base import save_model
 
         base = self.ensure_export(PRESETS_BY_NAME["fp32"])
@@ -512,7 +512,7 @@ class Bench:
             from transformers import AutoTokenizer
 
             from qcompiler.data import eval_windows, load_text_tokens
-            from qcompiler.loading import _load
+            from qcompiler.models.loading import _load
 
             tokenizer = _load(str(folder), lambda where, **kw: AutoTokenizer.from_pretrained(where, **kw))
             tokens = load_text_tokens(self.args.dataset, tokenizer)
@@ -529,9 +529,9 @@ class Bench:
         return self.windows
 
     def eval_ort(self, folder: Path, row: Row) -> None:
-        from qcompiler.emit import CONFIG_FILE, MODEL_FILE
-        from qcompiler.evaluate import perplexity_ort
-        from qcompiler.ops import session
+        from qcompiler.folder import CONFIG_FILE, MODEL_FILE
+        from qcompiler.runtime.evaluate import perplexity_ort
+        from qcompiler.runtime.ops import session
 
         windows = self._windows(folder)
         kv = json.loads((folder / CONFIG_FILE).read_text())["kv"]
@@ -545,8 +545,8 @@ class Bench:
         _free()
 
     def eval_torch(self, folder: Path, row: Row) -> None:
-        from qcompiler.evaluate import perplexity_torch
-        from qcompiler.pipeline import torch_model_from_folder
+        from qcompiler.runtime.evaluate import perplexity_torch
+        from qcompiler.runtime.evaluate import torch_model_from_folder
 
         windows = self._windows(folder)
         t = time.perf_counter()
@@ -559,8 +559,8 @@ class Bench:
 
     # ------------------------------------------------------------------ one row
     def run_row(self, preset: dict, index: int, total: int) -> Row:
-        from qcompiler.emit import CONFIG_FILE
-        from qcompiler.methods import available_methods
+        from qcompiler.folder import CONFIG_FILE
+        from qcompiler.quantize.methods import available_methods
 
         row = Row(name=preset["name"], method=preset["method"], flags=flags_of(preset), note=preset.get("note", ""))
         self._say(f"[{index}/{total}] {row.name} ({row.flags})")

@@ -1,11 +1,19 @@
-"""ONNX graph-rewrite passes (installed as `qcompiler.passes`).
+"""ONNX graph-rewrite passes, stage 4 of the pipeline (docs/architecture.md).
+
+This folder sits at the top level of the repository, as the product card names it, and is installed as the
+subpackage `qcompiler.passes` by the wheel mapping in pyproject.toml (`[tool.scikit-build.wheel.packages]`
+"qcompiler/passes" = "passes"); the editable install maps it the same way, so code always imports
+`qcompiler.passes`. Passes import only the graph layer (`qcompiler.graph`: format, op and fallback definitions,
+graph-editing helpers) and, for `--verify-each`, the runtime's session (`qcompiler.runtime.ops`) — never the driver
+(tests/test_architecture.py checks it). Which passes run, in which order, is declared in one place:
+`qcompiler/plan.py`.
 
 Each pass is one small file with one concern; `PassManager` runs them with optional verification
 (`verify_each`: onnx.checker + each pass's own postconditions) and dumps (`dump_dir`: the graph after each pass).
 """
 
 from .add_fallback import AddFallback
-from .base import Pass, PassContext, PassError, PassManager, PassResult, PipelineResult
+from .base import Pass, PassContext, PassError, PassManager, PassResult, PipelineResult, run_pass
 from .cleanup import Cleanup
 from .fold_affine_linear import FoldAffineIntoLinear
 from .fold_affine_norm import FoldAffineIntoNorm
@@ -29,6 +37,7 @@ __all__ = [
     "PipelineResult",
     "QuantizeActivations",
     "ReplaceLinear",
+    "run_pass",
     "RsqrtAsDiv",
     "SetAccuracyLevel",
 ]

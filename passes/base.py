@@ -10,6 +10,10 @@ import time
 from typing import ClassVar, Optional, Sequence
 
 import onnx
+import onnx_ir as ir
+
+from qcompiler.graph.edit import PassError
+from qcompiler.graph.ir_convert import to_ir, to_proto
 
 log = logging.getLogger("qcompiler.passes")
 
@@ -17,22 +21,18 @@ log = logging.getLogger("qcompiler.passes")
 _PROTO_LIMIT = 2**31 - 1
 
 
-class PassError(RuntimeError):
-    """A pass failed (or broke a postcondition). The message names the pass and those that ran before it."""
-
-
 @dataclasses.dataclass
 class PassResult:
     """What one pass did.
 
     Attributes:
-        model: the model after the pass (may be the same object, modified in place).
+        model: the model after the pass (an `ir.Model`; may be the same object, modified in place).
         modified: whether the pass changed anything.
         counts: named counters for logs and tests (e.g. `{"replaced": 210}`).
         notes: human-readable remarks (e.g. why a candidate was skipped).
     """
 
-    model: onnx.ModelProto
+    model: ir.Model
     modified: bool
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -57,20 +57,21 @@ class Pass(abc.ABC):
     name: ClassVar[str] = "pass"
     preserves_outputs: ClassVar[bool] = False  # exact rewrite: `verify_each` checks outputs in ONNX Runtime
 
-    def requires(self, model: onnx.ModelProto) -> None:  # noqa: B027 - optional hook
+    def requires(self, model: ir.Model) -> None:  # noqa: B027 - optional hook
         """Precondition check, run before `call`."""
 
     @abc.abstractmethod
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: ir.Model) -> PassResult:
         """Rewrite `model` and report what changed."""
 
-    def ensures(self, model: onnx.ModelProto, result: PassResult) -> None:  # noqa: B027 - optional hook
+    def ensures(self, model: ir.Model, result: PassResult) -> None:  # noqa: B027 - optional hook
         """Postcondition check, run after `call` when verification is on."""
 
 
 @dataclasses.dataclass
 class PipelineResult:
-    """The final model and, per pass in order, `(name, PassResult, seconds)`."""
+    """The final model (a `onnx.ModelProto`, serialized once after the last pass) and, per pass in order,
+    `(name, PassResult, seconds)`."""
 
     model: onnx.ModelProto
     steps: list[tuple[str, PassResult, float]]
@@ -103,12 +104,12 @@ def save_model(model: onnx.ModelProto, path: str, *, external_data: bool = True,
     (their bytes are dropped from memory as they are written): no second copy of the weights at the peak. `model`
     then only loads again with the data file next to it.
     """
-    from qcompiler.external import all_tensors, is_borrowed, save_with_external_data, tensor_bytes
+    from qcompiler.graph.external import all_tensors, is_borrowed, save_with_external_data, tensor_bytes
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if not consume and (external_data or any(is_borrowed(t) for t in all_tensors(model))):
         model_copy = onnx.ModelProto()
-        model_copy.CopyFrom(model)  # borrowed tensors (qcompiler.external) copy as references, not bytes
+        model_copy.CopyFrom(model)  # borrowed tensors (qcompiler.graph.external) copy as references, not bytes
         model = model_copy
     if external_data:
         save_with_external_data(model, path, location=os.path.basename(path) + ".data", size_threshold=1024)
@@ -124,7 +125,7 @@ def save_model(model: onnx.ModelProto, path: str, *, external_data: bool = True,
 
 def _run_ort(model: onnx.ModelProto, feeds: dict) -> dict:
     """All graph outputs of `model` on `feeds` in ONNX Runtime (CPU, with the SpQRMatMul library)."""
-    from qcompiler.ops import session
+    from qcompiler.runtime.ops import session
 
     if model.ByteSize() >= _PROTO_LIMIT:
         raise PassError("verify-each: model above 2 GiB cannot be run from memory")
@@ -153,7 +154,11 @@ class PassManager:
         self.passes = list(passes)
         self.context = context or PassContext()
 
-    def run(self, model: onnx.ModelProto) -> PipelineResult:
+    def run(self, model: "onnx.ModelProto | ir.Model") -> PipelineResult:
+        """Run the passes on `model` (a proto is converted to onnx-ir once, here); returns the result as a proto
+        (`qcompiler.graph.ir_convert.to_proto`: what the exporter's proto would have become, byte for byte)."""
+        if isinstance(model, onnx.ModelProto):
+            model = to_ir(model)
         steps: list[tuple[str, PassResult, float]] = []
         for index, p in enumerate(self.passes, start=1):
             before = [s[0] for s in steps]
@@ -161,13 +166,15 @@ class PassManager:
             compare = self.context.verify_each and p.preserves_outputs and self.context.verify_feeds is not None
             try:
                 p.requires(model)
-                reference = _run_ort(model, self.context.verify_feeds) if compare else None
+                reference = _run_ort(to_proto(model), self.context.verify_feeds) if compare else None
                 result = p.call(model)
                 if self.context.verify_each:
-                    check_model(result.model)
+                    proto = to_proto(result.model)
+                    check_model(proto)
                     p.ensures(result.model, result)
-                if compare:
-                    _check_same(reference, _run_ort(result.model, self.context.verify_feeds), self.context.verify_atol)
+                    if compare:
+                        _check_same(reference, _run_ort(proto, self.context.verify_feeds), self.context.verify_atol)
+                    del proto
             except PassError as e:
                 raise PassError(f"pass '{p.name}' failed (after {before or 'no passes'}): {e}") from e
             except (AssertionError, ValueError, onnx.checker.ValidationError) as e:
@@ -177,5 +184,17 @@ class PassManager:
             steps.append((p.name, result, secs))
             log.info("pass %-18s %.2fs %s", p.name, secs, result.counts)
             if self.context.dump_dir:
-                save_model(model, os.path.join(self.context.dump_dir, f"{index:02d}_{p.name}.onnx"))
-        return PipelineResult(model=model, steps=steps)
+                save_model(to_proto(model), os.path.join(self.context.dump_dir, f"{index:02d}_{p.name}.onnx"),
+                           consume=True)
+        return PipelineResult(model=to_proto(model), steps=steps)
+
+
+def run_pass(p: Pass, model: "onnx.ModelProto | ir.Model", *, ensures: bool = False) -> PassResult:
+    """One pass on a proto (converted in, the result converted back to a proto), optionally checking `ensures` on
+    the way: for tests and one-off scripts. The driver runs passes through `PassManager`."""
+    if isinstance(model, onnx.ModelProto):
+        model = to_ir(model)
+    result = p.call(model)
+    if ensures:
+        p.ensures(result.model, result)
+    return dataclasses.replace(result, model=to_proto(result.model))

@@ -1,13 +1,13 @@
 """`fold-affine-into-norm`: fold the activation side of each AffineQuant norm transform into the norm.
 
-Before (as exported, `qcompiler/export_affine.py`):  norm → [Add pre] → Mul inv → Mul fwd → [Add post] → linears
+Before (as exported, `qcompiler/graph/export_affine.py`):  norm → [Add pre] → Mul inv → Mul fwd → [Add post] → linears
 After, diagonal transform:  norm(weight ⊙ inv, (bias + pre) ⊙ inv) → Mul fwd → [Add post] → linears; an RMSNorm has
 no bias to hold the shift, so `pre ⊙ inv` stays as `Add {norm}/affine/leftover`, which `fold-affine-into-linear`
 folds into the linears' biases (never dropped).
 After, full matrix (`--ln-matrix`): the shift goes into a LayerNorm bias (an RMSNorm keeps `Add {norm}/affine/shift`)
 and `MatMul {norm}/affine/matrix` stays: a `[K, K]` matrix cannot live in an elementwise norm.
 
-The math is `qcompiler.fold.fold_into_norm`, the function the PyTorch merge uses.
+The math is `qcompiler.graph.fold.fold_into_norm`, the function the PyTorch merge uses.
 """
 
 from __future__ import annotations
@@ -15,25 +15,26 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
-from qcompiler.fold import fold_into_norm
+from qcompiler.graph import edit
+from qcompiler.graph.edit import const, const_input, const_of, data_input, fresh_name, in_module, make_node, set_const
+from qcompiler.graph.fold import fold_into_norm
 
 from .base import Pass, PassError, PassResult
-from .graph import GraphIndex, in_module, make_node
 
 
-def norm_params(index: GraphIndex, tensor: str, norm: str) -> tuple[onnx.NodeProto, int, int]:
-    """The node computing `norm`'s output `tensor` and the input slots of its weight and bias (−1: none):
+def norm_params(value: ir.Value, norm: str) -> tuple[ir.Node, int, int]:
+    """The node computing `norm`'s output `value` and the input slots of its weight and bias (−1: none):
     LayerNormalization (scale, bias) or RMSNorm's final `Mul` by a constant weight."""
-    node = index.producer.get(tensor)
+    node = value.producer()
     if node is not None and node.op_type == "LayerNormalization":
-        bias = 2 if len(node.input) > 2 and node.input[2] in index.inits else -1
-        if node.input[1] not in index.inits:
+        bias = 2 if len(node.inputs) > 2 and edit.is_const(node.inputs[2]) else -1
+        if not edit.is_const(node.inputs[1]):
             raise PassError(f"{norm}: LayerNormalization scale is not a constant")
         return node, 1, bias
     if node is not None and node.op_type == "Mul" and in_module(node, norm):
-        k, _ = index.const_input(node)
+        k, _ = const_input(node)
         if k is not None:
             return node, k, -1
     found = "a graph input" if node is None else f"{node.op_type} {node.name}"
@@ -49,69 +50,73 @@ class FoldAffineIntoNorm(Pass):
     def __init__(self, manifest: dict):
         self.manifest = manifest
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        index = GraphIndex(model)
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
         counts = {"folded": 0, "matrices_kept": 0, "shift_kept": 0}
         notes: list[str] = []
+        removed = 0
         for t in self.manifest.get("affine", []):
             if t["kind"] != "norm" or t.get("folded_norm"):
                 continue
             norm, roles = t["norm"], t["nodes"]
-            nodes = {r: index.node(name) for r, name in roles.items()}
+            nodes = {r: edit.find_node(graph, name) for r, name in roles.items()}
             inv = nodes["inv"]
             pre = nodes.get("pre")
-            norm_out = index.data_input(pre if pre is not None else inv)
-            if norm_out != t["norm_output"]:
+            norm_out = data_input(pre if pre is not None else inv)
+            if norm_out.name != t["norm_output"]:
                 raise PassError(f"{norm}: transform no longer reads the norm output {t['norm_output']}")
-            nnode, w_slot, b_slot = norm_params(index, norm_out, norm)
-            w = index.const(nnode.input[w_slot])
-            b = index.const(nnode.input[b_slot]) if b_slot >= 0 else None
-            P = index.const_of(inv)
-            shift = index.const_of(pre) if pre is not None else None
+            nnode, w_slot, b_slot = norm_params(norm_out, norm)
+            w = const(nnode.inputs[w_slot])
+            b = const(nnode.inputs[b_slot]) if b_slot >= 0 else None
+            P = const_of(inv)
+            shift = const_of(pre) if pre is not None else None
             if t["matrix"]:
                 if shift is not None and b is not None:
                     _, new_b, _ = fold_into_norm(_t(w), _t(b), _t(np.ones_like(w)), _t(shift))
-                    nnode.input[b_slot] = index.set_const(index.fresh_name(f"{norm}.bias"), new_b.numpy(),
-                                                          like=nnode.input[b_slot])
-                    index.bypass(pre, norm_out)
+                    nnode.replace_input_with(b_slot, set_const(graph, fresh_name(graph, f"{norm}.bias"),
+                                                               new_b.numpy(), like=nnode.inputs[b_slot]))
+                    edit.bypass(graph, pre, norm_out)
+                    removed += 1
                     del roles["pre"]
                 elif shift is not None:
                     pre.name = f"{norm}/affine/shift"
-                    _own_const(index, pre, f"{norm}.affine_shift", shift)
+                    _own_const(graph, pre, f"{norm}.affine_shift", shift)
                     roles["shift"] = roles.pop("pre")
                     counts["shift_kept"] += 1
                 inv.name = f"{norm}/affine/matrix"
-                _own_const(index, inv, f"{norm}.affine_matrix", P)
+                _own_const(graph, inv, f"{norm}.affine_matrix", P)
                 roles["matrix"] = roles.pop("inv")
                 counts["matrices_kept"] += 1
                 notes.append(f"{norm}: {P.shape[0]}x{P.shape[1]} matrix kept ({P.nbytes / 1e6:.2f} MB)")
             else:
                 new_w, new_b, leftover = fold_into_norm(_t(w), None if b is None else _t(b), _t(P),
                                                         None if shift is None else _t(shift))
-                nnode.input[w_slot] = index.set_const(index.fresh_name(f"{norm}.weight"), new_w.numpy(),
-                                                      like=nnode.input[w_slot])
+                nnode.replace_input_with(w_slot, set_const(graph, fresh_name(graph, f"{norm}.weight"),
+                                                           new_w.numpy(), like=nnode.inputs[w_slot]))
                 if b is not None:
-                    nnode.input[b_slot] = index.set_const(index.fresh_name(f"{norm}.bias"), new_b.numpy(),
-                                                          like=nnode.input[b_slot])
+                    nnode.replace_input_with(b_slot, set_const(graph, fresh_name(graph, f"{norm}.bias"),
+                                                               new_b.numpy(), like=nnode.inputs[b_slot]))
                 if pre is not None:
-                    index.bypass(pre, norm_out)
+                    edit.bypass(graph, pre, norm_out)
+                    removed += 1
                     del roles["pre"]
-                index.bypass(inv, norm_out)
+                edit.bypass(graph, inv, norm_out)
+                removed += 1
                 del roles["inv"]
                 if leftover is not None:
-                    const = index.set_const(index.fresh_name(f"{norm}.affine_leftover"), leftover.numpy())
-                    add = make_node("Add", [norm_out, const], index.fresh_name(f"{norm}/affine/leftover_out"),
+                    value = set_const(graph, fresh_name(graph, f"{norm}.affine_leftover"), leftover.numpy())
+                    add = make_node("Add", [norm_out, value], fresh_name(graph, f"{norm}/affine/leftover_out"),
                                     f"{norm}/affine/leftover", norm)
-                    index.insert_after(norm_out, add)
+                    edit.insert_after(graph, norm_out, add)
                     roles["leftover"] = add.name
             t["folded_norm"] = True
             counts["folded"] += 1
-        removed = index.commit()
+        edit.commit(graph)
         counts["removed_nodes"] = removed
         return PassResult(model=model, modified=counts["folded"] > 0, counts=counts, notes=notes)
 
-    def ensures(self, model: onnx.ModelProto, result: PassResult) -> None:
-        names = {n.name for n in model.graph.node}
+    def ensures(self, model: ir.Model, result: PassResult) -> None:
+        names = {n.name for n in model.graph}
         for t in self.manifest.get("affine", []):
             if t["kind"] == "norm":
                 for role in ("pre", "inv"):
@@ -119,12 +124,11 @@ class FoldAffineIntoNorm(Pass):
                         raise PassError(f"{t['norm']}: transform node '{role}' left after folding")
 
 
-def _own_const(index: GraphIndex, node: onnx.NodeProto, name: str, value: np.ndarray) -> None:
+def _own_const(graph: ir.Graph, node: ir.Node, name: str, value: np.ndarray) -> None:
     """Point `node`'s constant input at an initializer of its own called `name` (what the loaders look for)."""
-    k, _ = index.const_input(node)
-    if node.input[k] != name:
-        node.input[k] = index.set_const(name, value)
-        index.refresh()
+    k, _ = const_input(node)
+    if node.inputs[k].name != name:
+        node.replace_input_with(k, set_const(graph, name, value))
 
 
 def _t(a):

@@ -23,114 +23,116 @@ from typing import Optional
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
+from onnx import helper
+
+from qcompiler.graph.edit import STANDARD, const, fresh_name, is_const, produced, set_const
 
 from .base import Pass, PassResult
-from .graph import GraphIndex
 
 MS_DOMAIN = "com.microsoft"
 _PER_POSITION = {"Unsqueeze", "Cast", "Mul", "Div", "Add", "Sub", "Constant"}
 
 
-def _produced(g: GraphIndex, name: str, op: str) -> Optional[onnx.NodeProto]:
-    """The standard-domain `op` node producing `name`, else None."""
-    n = g.producer.get(name)
-    return n if n is not None and n.op_type == op and n.domain in ("", "ai.onnx") else None
-
-
-def _ints(g: GraphIndex, name: str) -> Optional[list[int]]:
+def _ints(value: Optional[ir.Value]) -> Optional[list[int]]:
     """An integer constant (initializer or Constant node) as a flat list, else None."""
-    v = g.const(name) if name else None
-    c = _produced(g, name, "Constant") if name and v is None else None
-    if c is not None and c.attribute and c.attribute[0].name == "value":
-        v = numpy_helper.to_array(c.attribute[0].t)
+    v = const(value)
+    c = produced(value, "Constant") if value is not None and v is None else None
+    if c is not None and c.attributes and next(iter(c.attributes)) == "value":
+        v = c.attributes["value"].as_tensor().numpy()
     return None if v is None or v.dtype.kind not in "iu" else [int(i) for i in v.reshape(-1)]
 
 
-def _last_axis(node: onnx.NodeProto) -> bool:
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), None) in (-1, 3)
+def _last_axis(node: ir.Node) -> bool:
+    axis = node.attributes.get("axis")
+    return (axis.value if axis is not None else None) in (-1, 3)
 
 
-def _half_slice(g: GraphIndex, node: Optional[onnx.NodeProto], x: str) -> Optional[tuple[int, int]]:
+def _input(node: ir.Node, k: int) -> Optional[ir.Value]:
+    return node.inputs[k] if len(node.inputs) > k else None
+
+
+def _half_slice(node: Optional[ir.Node], x: ir.Value) -> Optional[tuple[int, int]]:
     """(start, end) of a Slice of x's last axis with step 1, else None."""
-    if node is None or node.input[0] != x or len(node.input) < 4:
+    if node is None or node.inputs[0] is not x or len(node.inputs) < 4:
         return None
-    starts, ends, axes = _ints(g, node.input[1]), _ints(g, node.input[2]), _ints(g, node.input[3])
-    steps = _ints(g, node.input[4]) if len(node.input) > 4 and node.input[4] else [1]
+    starts, ends, axes = _ints(node.inputs[1]), _ints(node.inputs[2]), _ints(node.inputs[3])
+    steps = _ints(node.inputs[4]) if _input(node, 4) is not None else [1]
     if None in (starts, ends, axes, steps) or len(starts) != 1 or axes[0] not in (-1, 3) or steps != [1]:
         return None
     return starts[0], ends[0]
 
 
-def _unsqueezed(g: GraphIndex, name: str, op: str) -> Optional[str]:
+def _unsqueezed(value: Optional[ir.Value], op: str) -> Optional[ir.Value]:
     """The input C of `Unsqueeze(op(C), axes=[1])`, else None."""
-    u = _produced(g, name, "Unsqueeze")
-    if u is None or _ints(g, u.input[1] if len(u.input) > 1 else "") != [1]:
+    u = produced(value, "Unsqueeze")
+    if u is None or _ints(_input(u, 1)) != [1]:
         return None
-    t = _produced(g, u.input[0], op)
-    return t.input[0] if t is not None else None
+    t = produced(u.inputs[0], op)
+    return t.inputs[0] if t is not None else None
 
 
-def _match(g: GraphIndex, add: onnx.NodeProto) -> Optional[tuple[str, str]]:
+def _match(add: ir.Node) -> Optional[tuple[ir.Value, ir.Value]]:
     """(x, f) of a rotary `Add`, else None."""
-    muls = [_produced(g, i, "Mul") for i in add.input]
+    muls = [produced(i, "Mul") for i in add.inputs]
     if len(muls) != 2 or None in muls:
         return None
     for cos_mul, rot_mul in (muls, muls[::-1]):
-        for x, cos_u in (cos_mul.input, cos_mul.input[::-1]):
-            c = _unsqueezed(g, cos_u, "Cos")
+        for x, cos_u in (cos_mul.inputs, cos_mul.inputs[::-1]):
+            c = _unsqueezed(cos_u, "Cos")
             if c is None:
                 continue
-            for rot, sin_u in (rot_mul.input, rot_mul.input[::-1]):
-                cat = _produced(g, rot, "Concat")
-                if _unsqueezed(g, sin_u, "Sin") != c or cat is None or len(cat.input) != 2 or not _last_axis(cat):
+            for rot, sin_u in (rot_mul.inputs, rot_mul.inputs[::-1]):
+                cat = produced(rot, "Concat")
+                if _unsqueezed(sin_u, "Sin") is not c or cat is None or len(cat.inputs) != 2 or not _last_axis(cat):
                     continue
-                neg = _produced(g, cat.input[0], "Neg")
-                high = _half_slice(g, _produced(g, neg.input[0], "Slice"), x) if neg is not None else None
-                low = _half_slice(g, _produced(g, cat.input[1], "Slice"), x)
+                neg = produced(cat.inputs[0], "Neg")
+                high = _half_slice(produced(neg.inputs[0], "Slice"), x) if neg is not None else None
+                low = _half_slice(produced(cat.inputs[1], "Slice"), x)
                 if high is None or low is None or low[0] != 0 or low[1] <= 0 or high[0] != low[1]:
                     continue
                 if high[1] != 2 * low[1] and high[1] < np.iinfo(np.int32).max:
                     continue  # the upper slice must run to the end of the head (2 h): full rotation
-                cc = _produced(g, c, "Concat")
-                if cc is None or len(cc.input) != 2 or cc.input[0] != cc.input[1] or not _last_axis(cc):
+                cc = produced(c, "Concat")
+                if cc is None or len(cc.inputs) != 2 or cc.inputs[0] is not cc.inputs[1] or not _last_axis(cc):
                     continue
-                return x, cc.input[0]
+                return x, cc.inputs[0]
     return None
 
 
-def _position_table(g: GraphIndex, f: str, positions: int) -> Optional[tuple[str, np.ndarray]]:
+def _position_table(graph: ir.Graph, f: ir.Value, positions: int) -> Optional[tuple[ir.Value, np.ndarray]]:
     """(position input, f evaluated at positions 0 .. positions-1 as [positions, h]) if f is per-position."""
     import onnxruntime as ort
 
-    graph_inputs = {i.name for i in g.graph.input}
-    nodes, inputs, stack, seen = [], set(), [f], set()
+    graph_inputs = set(graph.inputs)
+    nodes, inputs, stack, seen = set(), set(), [f], set()
     while stack:
-        name = stack.pop()
-        if name in seen or name in g.inits or not name:
+        value = stack.pop()
+        if value is None or value in seen or is_const(value):
             continue
-        seen.add(name)
-        if name in graph_inputs:
-            inputs.add(name)
+        seen.add(value)
+        if value in graph_inputs:
+            inputs.add(value)
             continue
-        n = g.producer.get(name)
-        if n is None or n.op_type not in _PER_POSITION or n.domain not in ("", "ai.onnx"):
+        n = value.producer()
+        if n is None or n.op_type not in _PER_POSITION or n.domain not in STANDARD:
             return None
-        nodes.append(n)
-        stack.extend(n.input)
+        nodes.add(n)
+        stack.extend(n.inputs)
     if len(inputs) != 1:
         return None
     (pos,) = inputs
-    inits = [i for n in nodes for i in n.input if i in g.inits]
-    chosen = {id(n) for n in nodes}  # (`nodes` keeps the wrappers, and so their ids, alive)
+    chosen = [n for n in graph if n in nodes]
+    inits = dict.fromkeys(i for n in chosen for i in n.inputs if is_const(i))
     sub = helper.make_graph(
-        [n for n in g.graph.node if id(n) in chosen], "f", [helper.make_tensor_value_info(pos, onnx.TensorProto.INT64, [1, positions])],
-        [helper.make_tensor_value_info(f, onnx.TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(g.const(name), name) for name in dict.fromkeys(inits)])
+        [ir.serde.serialize_node(n) for n in chosen], "f",
+        [helper.make_tensor_value_info(pos.name, onnx.TensorProto.INT64, [1, positions])],
+        [helper.make_tensor_value_info(f.name, onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(const(v), v.name) for v in inits])
     model = helper.make_model(sub, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     try:
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        table = sess.run(None, {pos: np.arange(positions, dtype=np.int64)[None]})[0]
+        table = sess.run(None, {pos.name: np.arange(positions, dtype=np.int64)[None]})[0]
     except Exception:  # noqa: BLE001 - not evaluable this way: leave the subgraph as exported
         return None
     if table.dtype != np.float32 or table.ndim != 3 or table.shape[:2] != (1, positions):
@@ -153,45 +155,45 @@ class FuseRotary(Pass):
             raise ValueError(f"max_positions must be positive, got {max_positions}")
         self.max_positions = max_positions
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        g = GraphIndex(model)
-        tables: dict[str, Optional[tuple[str, str, str]]] = {}  # f → (position input, cos table, sin table)
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        tables: dict[ir.Value, Optional[tuple[ir.Value, ir.Value, ir.Value]]] = {}  # f → (positions, cos, sin)
         fused, notes = 0, []
-        for add in model.graph.node:
-            if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+        for add in list(graph):
+            if add.op_type != "Add" or add.domain not in STANDARD:
                 continue
-            m = _match(g, add)
+            m = _match(add)
             if m is None:
                 continue
             x, f = m
             if f not in tables:
-                evaluated = _position_table(g, f, self.max_positions)
+                evaluated = _position_table(graph, f, self.max_positions)
                 tables[f] = None
                 if evaluated is None:
                     notes.append(f"{add.name}: rotary pattern, but its angles are not a per-position function of "
                                  "one input; left as exported")
                 else:
                     pos, angles = evaluated
-                    tables[f] = (pos, g.set_const(g.fresh_name("rotary_cos_cache"), np.cos(angles)),
-                                 g.set_const(g.fresh_name("rotary_sin_cache"), np.sin(angles)))
+                    tables[f] = (pos, set_const(graph, fresh_name(graph, "rotary_cos_cache"), np.cos(angles)),
+                                 set_const(graph, fresh_name(graph, "rotary_sin_cache"), np.sin(angles)))
             if tables[f] is None:
                 continue
             # the Add becomes the RotaryEmbedding in place (its output and metadata stay; the rest goes dead)
             add.op_type, add.domain, add.name = "RotaryEmbedding", MS_DOMAIN, f"{add.name}/RotaryEmbedding"
-            del add.input[:]
-            add.input.extend([x, *tables[f]])
-            add.attribute.append(helper.make_attribute("interleaved", 0))
+            add.resize_inputs(4)
+            for k, value in enumerate([x, *tables[f]]):
+                add.replace_input_with(k, value)
+            add.attributes["interleaved"] = ir.AttrInt64("interleaved", 0)
             fused += 1
-        if fused and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        if fused and MS_DOMAIN not in model.opset_imports:
+            model.opset_imports[MS_DOMAIN] = 1
         return PassResult(model, modified=fused > 0, notes=notes,
                           counts={"fused": fused, "tables": sum(t is not None for t in tables.values())})
 
-    def ensures(self, model: onnx.ModelProto, result: PassResult) -> None:
-        g = GraphIndex(model)
-        fused = [n for n in model.graph.node if n.op_type == "RotaryEmbedding" and n.domain == MS_DOMAIN]
+    def ensures(self, model: ir.Model, result: PassResult) -> None:
+        fused = [n for n in model.graph if n.op_type == "RotaryEmbedding" and n.domain == MS_DOMAIN]
         assert len(fused) >= result.counts["fused"], f"{result.counts['fused']} fused, {len(fused)} nodes"
         for n in fused:
-            for name in n.input[2:4]:
-                dims = list(g.inits[name].dims) if name in g.inits else None
-                assert dims is not None and dims[0] == self.max_positions, f"{n.name}: table {name} {dims}"
+            for value in n.inputs[2:4]:
+                dims = list(value.const_value.shape) if is_const(value) else None
+                assert dims is not None and dims[0] == self.max_positions, f"{n.name}: table {value.name} {dims}"

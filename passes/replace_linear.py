@@ -11,12 +11,11 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 import numpy as np
-import onnx
-from onnx import helper
+import onnx_ir as ir
 
-from qcompiler.external import tensor_array
-from qcompiler.format import DOMAIN, OP_TYPE, OPSET_VERSION, SpQRWeight
-from qcompiler.onnx_op import spqr_node
+from qcompiler.graph.edit import const, copy_value_info, node_from_proto, remove_unused_initializers, users
+from qcompiler.graph.format import DOMAIN, OP_TYPE, OPSET_VERSION, SpQRWeight
+from qcompiler.graph.onnx_op import spqr_node
 
 from .base import Pass, PassError, PassResult
 
@@ -45,33 +44,26 @@ class ReplaceLinear(Pass):
         self.expected = dict(expected or {})
         self.expected_bias = dict(expected_bias or {})
 
-    def requires(self, model: onnx.ModelProto) -> None:
+    def requires(self, model: ir.Model) -> None:
         missing = [m for m in self.layers if m not in self.manifest.get("linears", {})]
         if missing:
             raise PassError(f"{len(missing)} quantized modules are not in the export manifest, e.g. {missing[0]}")
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
-        inits = {t.name: t for t in graph.initializer}
-        consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for i in node.input:
-                consumers.setdefault(i, []).append(node)
-        # new node (and the nodes it replaces) keyed by the id of the node it takes the place of
-        replace_at: dict[int, onnx.NodeProto] = {}
-        drop: set[int] = set()
-        new_inits: list[onnx.TensorProto] = []
+        inits = graph.initializers
+        replaced = 0
         max_err = 0.0
         folded_bias = 0
         for module, weight in self.layers.items():
             entry = self.manifest["linears"][module]
-            users = [n for n in consumers.get(entry["weight"], []) if n.op_type in ("MatMul", "Gemm")]
-            if len(users) != 1 or users[0].input[1] != entry["weight"]:
-                raise PassError(f"{module}: expected one MatMul/Gemm reading {entry['weight']}, found {len(users)}")
-            node = users[0]
-            w_init = inits[entry["weight"]]
-            w_dtype = helper.tensor_dtype_to_np_dtype(w_init.data_type)
-            stored = tensor_array(w_init).astype(np.float32)
+            w_value = inits.get(entry["weight"])
+            found = [n for n in users(w_value) if n.op_type in ("MatMul", "Gemm")]
+            if len(found) != 1 or found[0].inputs[1] is not w_value:
+                raise PassError(f"{module}: expected one MatMul/Gemm reading {entry['weight']}, found {len(found)}")
+            node = found[0]
+            w_dtype = w_value.const_value.dtype.numpy()
+            stored = const(w_value).astype(np.float32)
             if entry["weight_layout"] == "KxN":
                 stored = stored.T
             decoded = self.expected[module] if module in self.expected else weight.dequantize()
@@ -87,21 +79,23 @@ class ReplaceLinear(Pass):
                     f"{module}: graph weight differs from {what} by {err:.3g} (> atol {self.atol:g})"
                     + ("" if module in self.expected else "; the model must be exported after quantization")
                 )
-            out_name = node.output[0]
+            out = node.outputs[0]
+            replaced_nodes = [node]
             bias_name: Optional[str] = entry.get("bias")
             with_bias = weight
-            if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
-                if node.input[2] != bias_name:
-                    raise PassError(f"{module}: Gemm bias {node.input[2]} is not the manifest's {bias_name}")
+            gemm_bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+            if gemm_bias is not None:
+                if gemm_bias.name != bias_name:
+                    raise PassError(f"{module}: Gemm bias {gemm_bias.name} is not the manifest's {bias_name}")
             elif bias_name is not None:
-                add = consumers.get(out_name, [])
-                if len(add) == 1 and add[0].op_type == "Add" and bias_name in add[0].input:
-                    drop.add(id(add[0]))
-                    out_name = add[0].output[0]
+                add = users(out)
+                if len(add) == 1 and add[0].op_type == "Add" and bias_name in [i.name for i in add[0].inputs if i]:
+                    replaced_nodes.append(add[0])
+                    out = add[0].outputs[0]
                 else:
                     bias_name = None
             if bias_name is not None and module in self.expected_bias:
-                graph_b = tensor_array(inits[bias_name]).astype(np.float32)
+                graph_b = const(inits[bias_name]).astype(np.float32)
                 berr = float(np.max(np.abs(graph_b - self.expected_bias[module]))) if graph_b.size else 0.0
                 if graph_b.shape != self.expected_bias[module].shape or berr > self.atol:
                     raise PassError(f"{module}: graph bias differs from the bias PyTorch computed by {berr:.3g}")
@@ -109,37 +103,38 @@ class ReplaceLinear(Pass):
                 with_bias = _without_bias(weight)
             elif weight.bias is None:
                 raise PassError(f"{module}: the graph has a bias but the quantized layer has none")
-            new_node, tensors = spqr_node(with_bias, x=node.input[0], y=out_name, prefix=module, bias_dtype=w_dtype)
+            proto, tensors = spqr_node(with_bias, x=node.inputs[0].name, y=out.name, prefix=module, bias_dtype=w_dtype)
             if entry.get("namespace"):
-                new_node.metadata_props.add(key="namespace", value=entry["namespace"])
-            replace_at[id(node)] = new_node
-            new_inits.extend(tensors)
+                proto.metadata_props.add(key="namespace", value=entry["namespace"])
+            values = {}
+            for t in tensors:  # after the graph's own initializers (the unused ones are dropped below)
+                values[t.name] = ir.Value(name=t.name, const_value=ir.serde.deserialize_tensor(t))
+                graph.register_initializer(values[t.name])
+            new_node = node_from_proto(proto, [node.inputs[0], *(values.get(n) for n in proto.input[1:])])
+            copy_value_info(out, new_node.outputs[0])  # the output keeps its name, and its value_info entry
+            graph.insert_before(node, new_node)  # in the MatMul's place
+            ir.convenience.replace_all_uses_with(out, new_node.outputs[0], replace_graph_outputs=True)
+            graph.remove(replaced_nodes, safe=True)
+            replaced += 1
             folded_bias += bias_name is not None
 
-        nodes = []
-        for node in graph.node:
-            if id(node) in drop:
-                continue
-            nodes.append(replace_at.get(id(node), node))
-        del graph.node[:]
-        graph.node.extend(nodes)
-        _remove_unused_initializers(graph)
-        graph.initializer.extend(new_inits)
-        if not any(o.domain == DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(DOMAIN, OPSET_VERSION))
+        remove_unused_initializers(graph)  # the replaced weights (the new ones stay last, as they were added)
+        if DOMAIN not in model.opset_imports:
+            model.opset_imports[DOMAIN] = OPSET_VERSION
         return PassResult(
             model=model,
-            modified=bool(replace_at),
-            counts={"replaced": len(replace_at), "bias_folded": folded_bias},
+            modified=bool(replaced),
+            counts={"replaced": replaced, "bias_folded": folded_bias},
             notes=[f"max |graph weight - decoded| = {max_err:.3g}"],
         )
 
-    def ensures(self, model: onnx.ModelProto, result: PassResult) -> None:
+    def ensures(self, model: ir.Model, result: PassResult) -> None:
         names = {self.manifest["linears"][m]["weight"] for m in self.layers}
-        for node in model.graph.node:
-            if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in names:
-                raise PassError(f"{node.name} still reads quantized weight {node.input[1]}")
-        spqr = [n for n in model.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN]
+        for node in model.graph:
+            if node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 and node.inputs[1] is not None \
+                    and node.inputs[1].name in names:
+                raise PassError(f"{node.name} still reads quantized weight {node.inputs[1].name}")
+        spqr = [n for n in model.graph if n.op_type == OP_TYPE and n.domain == DOMAIN]
         if len(spqr) < len(self.layers):
             raise PassError(f"{len(spqr)} SpQRMatMul nodes for {len(self.layers)} quantized layers")
 
@@ -148,11 +143,3 @@ def _without_bias(weight: SpQRWeight) -> SpQRWeight:
     import dataclasses
 
     return dataclasses.replace(weight, bias=None)
-
-
-def _remove_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    keep = [t for t in graph.initializer if t.name in used]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)

@@ -13,24 +13,23 @@ other value changes.
 
 from __future__ import annotations
 
-import onnx
+import onnx_ir as ir
+
+from qcompiler.graph.edit import STANDARD, produced, sole_user
 
 from .base import Pass, PassResult
-from .graph import GraphIndex
 
 
-def _candidates(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]]:
+def _candidates(model: ir.Model) -> list[tuple[ir.Node, ir.Node, ir.Node]]:
     """(Sqrt, Reciprocal, Mul) triples to rewrite: the Reciprocal reads the Sqrt and is read by the Mul alone."""
-    g = GraphIndex(model)
-    outputs = {o.name for o in model.graph.output}
     found = []
-    for recip in model.graph.node:
-        if recip.op_type != "Reciprocal" or recip.domain not in ("", "ai.onnx") or recip.output[0] in outputs:
+    for recip in model.graph:
+        if recip.op_type != "Reciprocal" or recip.domain not in STANDARD or recip.outputs[0].is_graph_output():
             continue
-        sqrt = g.producer.get(recip.input[0])
-        mul = g.sole_user(recip.output[0], ("Mul",))
-        if sqrt is not None and sqrt.op_type == "Sqrt" and mul is not None and mul.domain in ("", "ai.onnx") \
-                and list(mul.input).count(recip.output[0]) == 1:
+        sqrt = produced(recip.inputs[0], "Sqrt")
+        mul = sole_user(recip.outputs[0], ("Mul",))
+        if sqrt is not None and mul is not None and mul.domain in STANDARD \
+                and list(mul.inputs).count(recip.outputs[0]) == 1:
             found.append((sqrt, recip, mul))
     return found
 
@@ -41,21 +40,17 @@ class RsqrtAsDiv(Pass):
     name = "rsqrt-as-div"
     preserves_outputs = True
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        found = _candidates(model)  # referenced until the end: a protobuf wrapper's id is only its own while it lives
+    def call(self, model: ir.Model) -> PassResult:
+        found = _candidates(model)
         for sqrt, recip, mul in found:  # the Mul becomes the Div in place (its outputs and metadata stay)
-            x = mul.input[1] if mul.input[0] == recip.output[0] else mul.input[0]
+            x = mul.inputs[1] if mul.inputs[0] is recip.outputs[0] else mul.inputs[0]
             mul.op_type = "Div"
-            del mul.input[:]
-            mul.input.extend([x, sqrt.output[0]])
+            mul.replace_input_with(0, x)
+            mul.replace_input_with(1, sqrt.outputs[0])
             mul.name = recip.name or mul.name
-        if found:
-            drop = {id(recip) for _, recip, _ in found}
-            nodes = [n for n in model.graph.node if id(n) not in drop]
-            del model.graph.node[:]
-            model.graph.node.extend(nodes)
+            model.graph.remove(recip, safe=True)
         return PassResult(model, modified=bool(found), counts={"rewritten": len(found)})
 
-    def ensures(self, model: onnx.ModelProto, result: PassResult) -> None:
+    def ensures(self, model: ir.Model, result: PassResult) -> None:
         left = _candidates(model)
         assert not left, f"{len(left)} Mul by Reciprocal(Sqrt) left, e.g. {left[0][2].name}"

@@ -7,10 +7,9 @@ Not an exact rewrite: it trades accuracy for speed (docs/kernels.md has the meas
 
 from __future__ import annotations
 
-import onnx
-from onnx import helper
+import onnx_ir as ir
 
-from qcompiler.format import DOMAIN, OP_TYPE
+from qcompiler.graph.format import DOMAIN, OP_TYPE
 
 from .base import Pass, PassError, PassResult
 
@@ -31,27 +30,28 @@ class SetAccuracyLevel(Pass):
             raise ValueError(f"accuracy level must be one of {LEVELS}, got {level}")
         self.level = level
 
-    def requires(self, model: onnx.ModelProto) -> None:
-        if not any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in model.graph.node):
+    def requires(self, model: ir.Model) -> None:
+        if not any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in model.graph):
             raise PassError("no SpQRMatMul node to set an accuracy level on")
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: ir.Model) -> PassResult:
         changed = 0
-        for node in model.graph.node:
+        for node in model.graph:
             if node.domain != DOMAIN or node.op_type != OP_TYPE:
                 continue
-            old = next((a for a in node.attribute if a.name == "accuracy_level"), None)
-            if (old.i if old is not None else 0) == self.level:
+            old = node.attributes.get("accuracy_level")
+            if (old.as_int() if old is not None else 0) == self.level:
                 continue
             if old is not None:
-                node.attribute.remove(old)
+                del node.attributes["accuracy_level"]
             if self.level:
-                node.attribute.append(helper.make_attribute("accuracy_level", self.level))
+                node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", self.level)
             changed += 1
         return PassResult(model, modified=changed > 0, counts={"nodes": changed})
 
-    def ensures(self, model: onnx.ModelProto, result: PassResult) -> None:
-        for node in model.graph.node:
+    def ensures(self, model: ir.Model, result: PassResult) -> None:
+        for node in model.graph:
             if node.domain == DOMAIN and node.op_type == OP_TYPE:
-                levels = [a.i for a in node.attribute if a.name == "accuracy_level"] or [0]
+                attr = node.attributes.get("accuracy_level")
+                levels = [attr.as_int()] if attr is not None else [0]
                 assert levels == [self.level], f"{node.name}: accuracy_level {levels}"

@@ -15,13 +15,13 @@ import sys
 import typing
 from typing import Any, Optional, Sequence
 
-from . import QCompilerError, __version__
+from qcompiler import QCompilerError, __version__
 
 DATA_HELP = "$QCOMPILER_DATA/{name}, else ../shared/data/{name} (from the working directory or the checkout)"
 
 
 def _method_fields() -> dict[str, list[dataclasses.Field]]:
-    from .methods import available_methods, get_method
+    from qcompiler.quantize.methods import available_methods, get_method
 
     return {name: list(dataclasses.fields(get_method(name).Config)) for name in available_methods()}
 
@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .methods import get_method
-    from .pipeline import export
+    from qcompiler.quantize.methods import get_method
+    from qcompiler.pipeline import export
 
     method_cls = get_method(args.method)
     accepted = {f.name for f in dataclasses.fields(method_cls.Config)}
@@ -194,7 +194,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .pipeline import evaluate_folder
+    from qcompiler.runtime.evaluate import evaluate_folder
 
     ppl = evaluate_folder(
         args.folder,
@@ -211,7 +211,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import Generator, SamplingConfig
+    from qcompiler.runtime.generate import Generator, SamplingConfig
 
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     gen = Generator(args.folder, provider=args.provider, threads=args.threads)
@@ -228,18 +228,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import deployment_summary, inspect_model, render
+    from qcompiler.tools.inspect import deployment_summary, inspect_model, render
 
     layers, metadata, total = inspect_model(args.folder)
     print(render(layers, metadata, total, limit=args.limit))
     print("\n".join(deployment_summary(args.folder)))
     if args.screenshot:
-        from .netron_view import screenshot
+        from qcompiler.tools.netron_view import screenshot
 
         screenshot(args.folder, args.screenshot, port=args.port + 1)
         print(f"wrote {args.screenshot}")
     if args.netron:
-        from .netron_view import serve
+        from qcompiler.tools.netron_view import serve
 
         host, port = serve(args.folder, port=args.port)
         print(f"Netron: http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
@@ -286,7 +286,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"qcompiler: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - pass failures etc.: one line, details with -v
-        from .passes import PassError
+        from qcompiler.passes import PassError
 
         if not isinstance(e, PassError) or args.verbose:
             raise

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import QCompilerError
+from qcompiler import QCompilerError
 
 HUB_DATASETS = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "test")}
 
@@ -67,6 +67,14 @@ def require_data_file(name: str, missing: str) -> Path:
     if found is None:
         raise QCompilerError(f"{missing}, or {missing_data_hint(name)}")
     return found
+
+
+def resolve_calibration(method: str, calibration: Optional[str]) -> str:
+    """The calibration text of an export: `calibration` if given, else the default file of the data folder, else a
+    QCompilerError naming where it was looked for."""
+    if calibration is not None:
+        return calibration
+    return str(require_data_file(CALIBRATION_FILE, f"method '{method}' needs calibration text: pass --calibration PATH"))
 
 
 def _rows_from_hub(name: str) -> list[str]:

@@ -1,83 +1,131 @@
-"""Writing the output folder atomically: model.onnx (+ model.onnx.data), tokenizer files, quant_config.json,
-manifest.json. Everything is written to a hidden sibling folder first and renamed into place at the end, so an
-error or Ctrl-C never leaves a half-written OUT behind."""
+"""Emit: write the exported folder — model.onnx (+ model.onnx.data), tokenizer files, manifest.json, the op library,
+genai_config.json, quant_config.json — atomically (`qcompiler.folder`), validated before it is published.
+
+A folder that fails validation is complete but not published: it is set aside as `OUT.rejected` for inspection
+instead of discarding hours of calibration.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
-import os
+import math
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Optional
 
-from . import QCompilerError
+import numpy as np
+import onnx
+import torch
 
-MODEL_FILE = "model.onnx"
-CONFIG_FILE = "quant_config.json"
-MANIFEST_FILE = "manifest.json"
-LIBRARY_FILE = "libqcompiler_ops.so"  # a copy of the op library, so OUT runs with onnxruntime alone
-REJECTED_SUFFIX = ".rejected"  # where a complete export that failed validation is kept
+from qcompiler import QCompilerError, __version__
+from qcompiler.folder import CONFIG_FILE, LIBRARY_FILE, MANIFEST_FILE, MODEL_FILE, atomic_output, set_aside, write_json
+from qcompiler.graph.format import OP_TYPE
+from qcompiler import validate
 
-
-def check_output(output: str | os.PathLike, *, force: bool) -> Path:
-    """Fail early (before any work) if OUT exists and `force` is not set."""
-    out = Path(output)
-    if out.exists() and not force:
-        raise QCompilerError(f"output '{out}' already exists (use --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise QCompilerError(f"output '{out}' exists and is not a folder")
-    parent = out.resolve().parent
-    if parent.exists() and not parent.is_dir():
-        raise QCompilerError(f"parent of output is not a folder: {parent}")
-    return out
+AFFINE_KEPT_SUFFIXES = (".affine_matrix", ".affine_shift")
 
 
-@contextlib.contextmanager
-def atomic_output(output: str | os.PathLike, *, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder next to `output`; on success replace `output` with it, on error remove it."""
-    out = check_output(output, force=force).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)  # like `mkdir -p`: `-o out/run1` works on a fresh clone
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        publish_permissions(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+def average_bits(result, model: torch.nn.Module) -> tuple[float, int]:
+    """`(stored bits per quantized parameter, quantized parameters)`; the model's own width when nothing was
+    quantized."""
+    total_bits = sum(sum(w.stored_bits().values()) for w in result.layers.values())
+    params = sum(w.N * w.K for w in result.layers.values())
+    return (total_bits / params if params else float(torch.finfo(next(model.parameters()).dtype).bits)), params
+
+
+def export_record(*, source: str, family, method: str, config, method_options: dict, result, model, manifest: dict,
+                  memory, proto: onnx.ModelProto, calibration: Optional[dict]) -> dict:
+    """The content of quant_config.json (before emit adds the library and the validation)."""
+    avg_bits, params = average_bits(result, model)
+    record = {
+        "qcompiler_version": __version__,
+        "source": str(Path(source).resolve()) if Path(source).exists() else source,
+        "family": family.name,
+        "method": method,
+        "config": jsonable(dataclasses.asdict(config)) if dataclasses.is_dataclass(config) else dict(method_options),
+        "avg_bits": avg_bits,
+        "quantized_params": params,
+        "n_quantized_layers": len(result.layers),
+        "kv": manifest["kv"],
+        "dtype": manifest["dtype"],
+        "memory_estimate_gib": round(memory.total / 2**30, 2),
+        "fallback_functions": [f.overload for f in proto.functions if f.name == OP_TYPE],
+        "contrib_ops": sorted({n.op_type for n in proto.graph.node if n.domain == "com.microsoft"}),
+        "layers": jsonable(result.report) if getattr(result, "report", None) else {},
+    }
+    if result.transforms:
+        kept = [t for t in proto.graph.initializer if t.name.endswith(AFFINE_KEPT_SUFFIXES)]
+        record["affine"] = {
+            "norm_transforms": len(result.transforms.norms),
+            "head_transforms": len(result.transforms.heads),
+            "matrices": any(t.matrix for t in result.transforms.norms),
+            # what stays in the graph after folding (--ln-matrix): fp32 MatMul weights next to the norms
+            "kept_tensors": len(kept),
+            "kept_bytes": sum(int(np.prod(t.dims)) * 4 for t in kept),
+        }
+    if calibration is not None:
+        record["calibration"] = calibration
+    return record
+
+
+def set_metadata(proto: onnx.ModelProto, record: dict) -> None:
+    """The model's metadata_props: method, version, config, average bits (what Netron shows under the model)."""
+    props = {"qcompiler.method": record["method"], "qcompiler.version": __version__,
+             "qcompiler.config": json.dumps(record["config"]), "qcompiler.avg_bits": f"{record['avg_bits']:.4f}"}
+    existing = {p.key: p for p in proto.metadata_props}
+    for k, v in props.items():
+        if k in existing:
+            existing[k].value = v
         else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            proto.metadata_props.add(key=k, value=v)
 
 
-def set_aside(tmp: Path, output: str | os.PathLike) -> Path:
-    """Move the temporary folder of `atomic_output` to `OUT.rejected` (replacing an older one) instead of OUT: a
-    complete export that must not be published but is worth keeping. Returns the new path."""
-    out = Path(output).resolve()
-    rejected = out.with_name(out.name + REJECTED_SUFFIX)
-    shutil.rmtree(rejected, ignore_errors=True)
-    publish_permissions(tmp)
-    os.replace(tmp, rejected)
-    return rejected
+def write_folder(output: str, *, force: bool, proto: onnx.ModelProto, tokenizer, manifest: dict, record: dict,
+                 genai: Optional[dict], with_library: bool, model: torch.nn.Module,
+                 tolerance: Optional[validate.Tolerance], accuracy_level: int = 0) -> Optional[dict]:
+    """Write and validate the folder (`tolerance` None: not validated); returns the validation record.
+    Raises QCompilerError (after setting the complete folder aside) when validation fails."""
+    from qcompiler.passes.base import save_model
+
+    set_metadata(proto, record)
+    with atomic_output(output, force=force) as tmp:
+        # the weights leave memory as they are written (the proto keeps references to model.onnx.data)
+        save_model(proto, str(tmp / MODEL_FILE), consume=True)
+        tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / MANIFEST_FILE, manifest)
+        if with_library:  # the op library travels with the model (examples/deploy_python.py loads it from OUT)
+            from qcompiler.runtime.ops import library_path
+
+            shutil.copy2(library_path(), tmp / LIBRARY_FILE)
+            record["op_library"] = LIBRARY_FILE
+        if genai is not None:
+            from qcompiler.runtime.genai import GENAI_CONFIG_FILE
+
+            write_json(tmp / GENAI_CONFIG_FILE, genai)
+        checked = None
+        if tolerance is not None:
+            checked = validate.check_folder(tmp, model, manifest["kv"], tolerance, accuracy_level=accuracy_level)
+            record["validation"] = checked
+            if not checked["passed"]:
+                write_json(tmp / CONFIG_FILE, record)
+                raise QCompilerError(validate.failure_message(checked, set_aside(tmp, output)))
+        if accuracy_level:
+            record["accuracy_level"] = accuracy_level
+        write_json(tmp / CONFIG_FILE, record)
+    return checked
 
 
-def publish_permissions(folder: Path) -> None:
-    """mkdtemp makes the folder 0700 and some writers create 0600 files: give the folder and its files the modes a
-    plain `mkdir`/`open` would (0777/0666 minus the umask), so a server running as another user can read OUT."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for root, dirs, files in os.walk(folder):
-        for d in dirs:
-            os.chmod(os.path.join(root, d), 0o777 & ~umask)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o666 & ~umask)
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+def jsonable(obj: Any) -> Any:
+    """Plain JSON (RFC 8259): numpy/torch scalars to Python, non-finite floats to the strings "inf"/"-inf"/"nan"."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return jsonable(obj.item())
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return obj

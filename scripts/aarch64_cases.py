@@ -1,7 +1,7 @@
 """SpQRMatMul on aarch64, checked under emulation (scripts/aarch64_emulated.sh drives both halves).
 
     gen FOLDER          (x86 .venv) single-op models covering the portable CPU paths, their X and the NumPy
-                        reference of qcompiler.format
+                        reference of qcompiler.graph.format
     run LIBRARY FOLDER  (aarch64 Python with numpy + onnxruntime only) each model in ONNX Runtime with the aarch64
                         op library, compared with the reference; exit status 1 on any mismatch
 
@@ -24,8 +24,8 @@ TOLERANCE = {"float32": 1e-4, "float16": 2e-3}  # relative to max |reference|, a
 def gen(folder: Path) -> int:
     import numpy as np
 
-    from qcompiler.format import random_weight
-    from qcompiler.onnx_op import single_op_model
+    from tests.builders import random_weight
+    from tests.builders import single_op_model
 
     folder.mkdir(parents=True, exist_ok=True)
     cases = []
@@ -80,7 +80,7 @@ def _gen_model(out: Path) -> None:
     from tests.helpers import VOCAB, make_tokenizer, tiny_model
 
     from qcompiler.cli import main
-    from qcompiler.ops import session
+    from qcompiler.runtime.ops import session
 
     src = out.parent / "tiny-llama-src"
     tiny_model("llama").save_pretrained(src)

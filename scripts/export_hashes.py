@@ -5,8 +5,8 @@ RTN. Used to show that a refactor leaves exports byte-identical (issue 24):
     .venv/bin/python -m scripts.export_hashes -o bench/results/export-hashes-BEFORE.json [--real]
     .venv/bin/python -m scripts.export_hashes -o /tmp/after.json --compare bench/results/export-hashes-BEFORE.json
 
-quant_config.json is compared without its `source` and `calibration.path` (temporary folders); tokenizer files are
-written by transformers and are not hashed.
+quant_config.json is compared without its `source` and `calibration.path` (temporary folders) and the per-layer
+solver times (`seconds`); tokenizer files are written by transformers and are not hashed.
 """
 
 from __future__ import annotations
@@ -44,12 +44,21 @@ CASES = {
 HASHED = ("model.onnx", "model.onnx.data", "export_manifest.json", "genai_config.json")
 
 
+def _without_timings(obj):
+    """quant_config.json minus the per-layer solver times (`seconds`), which differ from run to run."""
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
+
+
 def digest(folder: Path) -> dict:
     out = {}
     for p in sorted(folder.iterdir()):
         if p.name in HASHED or p.name.endswith(".so"):
             out[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
-    cfg = json.loads((folder / "quant_config.json").read_text())
+    cfg = _without_timings(json.loads((folder / "quant_config.json").read_text()))
     cfg.pop("source", None)
     if "calibration" in cfg:
         cfg["calibration"].pop("path", None)

@@ -22,4 +22,4 @@ fi
 # onnxruntime-genai (tests/test_genai.py): --no-deps, because its dependency on the CPU `onnxruntime` package would
 # overwrite onnxruntime-gpu's files; it runs on the onnxruntime-gpu already installed (same ORT version line).
 "${PIP[@]}" "${PIN[@]}" --no-deps "onnxruntime-genai>=0.18,<0.19"
-.venv/bin/python -c "import qcompiler.ops as o; print('qcompiler ops library:', o.library_path())"
+.venv/bin/python -c "import qcompiler.runtime.ops as o; print('qcompiler ops library:', o.library_path())"

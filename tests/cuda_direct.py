@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from tests.cuda_emu import CUDA_SOURCES, KernelCall, LaunchChoices, bind_launch_choices, cached_library
-from qcompiler.format import SpQRWeight
+from qcompiler.graph.format import SpQRWeight
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "custom_ops" / "src"

@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from qcompiler.format import SpQRWeight
+from qcompiler.graph.format import SpQRWeight
 
 REPO = Path(__file__).resolve().parents[1]
 OPS = REPO / "custom_ops"

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from tests.helpers import tiny_model
-from qcompiler import QCompilerError, fold
-from qcompiler.families import family_for
-from qcompiler.methods.affinequant import (
+from qcompiler import QCompilerError
+from qcompiler.graph import fold
+from qcompiler.models.families import family_for
+from qcompiler.quantize.methods.affinequant import (
     AffineQuant,
     AffineQuantConfig,
     _LayerState,
@@ -142,7 +143,7 @@ def test_affinequant_then_spqr_exports_spqr_layers_on_transformed_weights(tiny_d
 
 def _export_and_compare(kind, flags, tiny_dirs, tmp_path):
     from qcompiler.cli import main
-    from qcompiler.pipeline import evaluate_folder
+    from qcompiler.runtime.evaluate import evaluate_folder
 
     src = tiny_dirs(kind)
     calib = tmp_path / "calib.txt"
@@ -175,8 +176,8 @@ def test_act_fake_quant_onnx_function_matches_pytorch_exactly():
     import onnx
     from onnx import TensorProto, helper
 
-    from qcompiler.actquant import FUNCTION_DOMAIN, act_fake_quant, act_quant_function, function_name
-    from qcompiler.ops import session
+    from qcompiler.graph.actquant import FUNCTION_DOMAIN, act_fake_quant, act_quant_function, function_name
+    from qcompiler.runtime.ops import session
 
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((3, 5, 64)) * rng.uniform(0.01, 10, (3, 5, 1))).astype(np.float32)
@@ -198,8 +199,8 @@ def test_act_fake_quant_onnx_function_matches_pytorch_exactly():
 
 
 def test_lwc_grid_of_an_all_positive_group_has_a_negative_zero_and_packs_exactly():
-    from qcompiler.methods.affinequant import lwc_params
-    from qcompiler.methods.base import dequantize_groups, quantize_codes, to_fp16_grid, to_spqr_weight
+    from qcompiler.quantize.methods.affinequant import lwc_params
+    from qcompiler.quantize.methods.base import dequantize_groups, quantize_codes, to_fp16_grid, to_spqr_weight
 
     w = torch.linspace(1.0, 2.0, 32).reshape(2, 16)  # every group positive: the clipped range excludes 0
     up = low = torch.full((2, 1), 4.0)

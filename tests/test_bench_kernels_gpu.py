@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from qcompiler import ops
+from qcompiler.runtime import ops
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_every_copy_computes_the_layer(bench, variant):
     if variant == "fp16":
         ref = (x.astype(np.float32) @ w16.astype(np.float32))
     else:
-        from qcompiler.format import random_weight
+        from tests.builders import random_weight
 
         ref = random_weight(N=N, K=K, seed=K + N, **bench.SPQR_PRESETS[variant]).matmul(x).astype(np.float32)
     for y in ys:
@@ -95,7 +95,7 @@ def test_main_prints_a_row_per_variant_and_launch_setting(bench, monkeypatch, tm
 def test_direct_bench_counts_the_bytes_the_ort_bench_counts(bench, variant):
     """bench/kernels_cuda_direct.py (no ONNX Runtime) reports GB/s over the same weight bytes as this benchmark's
     models hold as initializers, so the two tables compare."""
-    from qcompiler.format import random_weight
+    from tests.builders import random_weight
 
     K, N = 256, 96
     w16 = np.zeros((K, N), np.float16)

@@ -62,7 +62,7 @@ def _run(model: onnx.ModelProto, ids: np.ndarray) -> np.ndarray:
                                  "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]})[0]
 
 def test_presets_are_unique_and_match_method_configs(bench):
-    from qcompiler.methods import available_methods, get_method
+    from qcompiler.quantize.methods import available_methods, get_method
 
     names = [p["name"] for p in bench.PRESETS]
     assert len(names) == len(set(names))

@@ -9,10 +9,10 @@ import torch
 from tests.helpers import tiny_model
 
 from qcompiler import QCompilerError
-from qcompiler import calibration as cal
-from qcompiler.calibration import LayerQuantization, capture_layer_inputs, quantize_blockwise
-from qcompiler.families import family_for, quantizable_linears
-from qcompiler.methods.base import dequantize_groups, layer_report, round_to_nearest, to_spqr_weight
+from qcompiler.quantize import calibration as cal
+from qcompiler.quantize.calibration import LayerQuantization, capture_layer_inputs, quantize_blockwise
+from qcompiler.models.families import family_for, quantizable_linears
+from qcompiler.quantize.methods.base import dequantize_groups, layer_report, round_to_nearest, to_spqr_weight
 
 SEQ = 24
 
@@ -240,7 +240,7 @@ def test_parallel_solves_give_identical_results_in_order(true_sequential):
     thread count; the solver really runs on several threads (a SpQR solve: many small ops)."""
     import threading
 
-    from qcompiler.methods.spqr import SpQRConfig, spqr_quantize_layer
+    from qcompiler.quantize.methods.spqr import SpQRConfig, spqr_quantize_layer
 
     cfg = SpQRConfig(bits=3, group_size=16, stat_bits=3, stat_group_size=16, outlier_threshold=0.2)
     threads = set()

@@ -12,7 +12,7 @@ from tests.helpers import assert_no_output as _assert_no_output
 from tests.helpers import one_error_line as _one_error_line
 from tests.helpers import run_cli as _run
 from qcompiler.cli import main
-from qcompiler.format import DOMAIN, OP_TYPE
+from qcompiler.graph.format import DOMAIN, OP_TYPE
 
 
 @pytest.mark.parametrize("kind, method", [("llama", "rtn"), ("opt", "rtn"), ("llama", "none")])
@@ -98,12 +98,12 @@ def test_existing_output_needs_force(tiny_dirs, tmp_path, capsys):
 
 def test_failed_export_leaves_nothing(tiny_dirs, tmp_path, capsys, monkeypatch):
     """A failure after files started being written (here: the validation step) removes the staging folder."""
-    import qcompiler.pipeline as pipeline
+    import qcompiler.validate as validate
 
     def boom(*a, **k):
-        raise pipeline.QCompilerError("validation failed (injected)")
+        raise validate.QCompilerError("validation failed (injected)")
 
-    monkeypatch.setattr(pipeline, "validate_logits", boom)
+    monkeypatch.setattr(validate, "validate_logits", boom)
     src = tiny_dirs("llama")
     capsys.readouterr()
     out = tmp_path / "out"
@@ -131,16 +131,16 @@ def test_preset_expands_to_options_and_flags_override(monkeypatch, tiny_dirs, te
     assert main(["export", str(tiny_dirs("llama")), "-o", str(out), "--method", "spqr", "--preset", "sub4",
                  "--outlier-threshold", "0.5", "--calibration", str(text_file)]) == 0
     assert seen == {"bits": 3, "stat_group_size": 32, "outlier_threshold": 0.5}
-    from qcompiler.methods.spqr import SpQRConfig
+    from qcompiler.quantize.methods.spqr import SpQRConfig
     SpQRConfig(**seen)  # a valid config
 
 
 @pytest.mark.parametrize("diff,ok", [(3.9e-3, True), (4.1e-3, False)])
 def test_validation_tolerance_scales_with_logits(tiny_dirs, tmp_path, capsys, monkeypatch, diff, ok):
     """Validation accepts |Δlogit| ≤ atol + rtol · max|logit| (here 1e-3 + 1e-4 · 30 = 4e-3) and records it."""
-    import qcompiler.pipeline as pipeline
+    import qcompiler.validate as validate
 
-    monkeypatch.setattr(pipeline, "validate_logits", lambda *a, **k: (diff, 30.0))
+    monkeypatch.setattr(validate, "validate_logits", lambda *a, **k: (diff, 30.0))
     out = tmp_path / "out"
     code, _, err = _run(capsys, "export", tiny_dirs("llama"), "-o", out, "-q")
     if ok:
@@ -156,7 +156,7 @@ def test_validation_tolerance_scales_with_logits(tiny_dirs, tmp_path, capsys, mo
 def test_fp16_export(kind, tiny_export):
     # the graph computes in fp16 (inputs/outputs, KV cache, unquantized weights); validated against the fp32
     # PyTorch model within the fp16 tolerance; generation runs on it
-    from qcompiler.generate import Generator
+    from qcompiler.runtime.generate import Generator
 
     folder = tiny_export(kind, "rtn", "--bits", "4", "--group-size", "16", "--dtype", "fp16")
     cfg = json.loads((folder / "quant_config.json").read_text())
@@ -183,9 +183,9 @@ def test_fp16_with_transforms_is_refused(tiny_dirs, text_file, tmp_path, capsys)
 def test_failed_validation_keeps_the_export_aside(tiny_dirs, tmp_path, capsys, monkeypatch):
     # hours of calibration must not be thrown away by a validation failure: OUT is not written (it did not pass),
     # the complete export is kept in OUT.rejected with the measured difference
-    import qcompiler.pipeline as pipeline
+    import qcompiler.validate as validate
 
-    monkeypatch.setattr(pipeline, "validate_logits", lambda *a, **k: (1.0, 10.0))
+    monkeypatch.setattr(validate, "validate_logits", lambda *a, **k: (1.0, 10.0))
     out = tmp_path / "out"
     code, _, err = _run(capsys, "export", tiny_dirs("llama"), "-o", out, "--method", "rtn", "-q")
     assert code != 0

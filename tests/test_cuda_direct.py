@@ -12,7 +12,7 @@ import pytest
 
 from tests import cuda_direct
 from tests.cuda_emu import KernelCall
-from qcompiler.format import random_weight
+from tests.builders import random_weight
 
 pytestmark = pytest.mark.skipif(cuda_direct.nvcc() is None, reason="needs nvcc")
 

@@ -166,7 +166,7 @@ def test_shared_test_rows_protocol():
 def test_perplexity_torch_matches_manual(text_file, tok):
     from tests.helpers import tiny_model
 
-    from qcompiler.evaluate import perplexity_torch
+    from qcompiler.runtime.evaluate import perplexity_torch
 
     model = tiny_model("llama")
     wins = eval_windows(load_text_tokens(text_file, tok), 32, max_windows=3)
@@ -204,7 +204,7 @@ def test_perplexity_ort_feeds_and_matches_torch(past_type):
     import onnxruntime as ort
     from onnx import TensorProto
 
-    from qcompiler.evaluate import perplexity_ort, window_nll
+    from qcompiler.runtime.evaluate import perplexity_ort, window_nll
 
     rng = np.random.default_rng(0)
     table = rng.normal(size=(50, 50)).astype(np.float32)

@@ -21,7 +21,7 @@ def _deploy(*args) -> subprocess.CompletedProcess:
 
 
 def _greedy(folder: Path, prompt: list[int], n: int) -> list[int]:
-    from qcompiler.generate import Generator
+    from qcompiler.runtime.generate import Generator
 
     return Generator(folder).generate(prompt, max_new_tokens=n, stop_at_eos=False).token_ids
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from tests.helpers import tiny_model
-from qcompiler.export import KVLayout, export_model
-from qcompiler.format import DOMAIN, OP_TYPE, random_weight
+from qcompiler.graph.export import KVLayout, export_model
+from qcompiler.graph.format import DOMAIN, OP_TYPE
+from tests.builders import random_weight
 from qcompiler.passes import Cleanup, Pass, PassContext, PassError, PassManager, PassResult, ReplaceLinear
 
 # (bits, group_size, stat_bits, outlier_rate, permute) cycled over the layers so every feature is exercised.
@@ -54,7 +55,7 @@ def compiled(request, tmp_path_factory):
 
 
 def _session(proto):
-    from qcompiler.ops import session
+    from qcompiler.runtime.ops import session
 
     return session(proto.SerializeToString())
 

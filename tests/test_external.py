@@ -1,4 +1,4 @@
-"""Borrowed weights (qcompiler.external): the export leaves the weights in the exporter's file, passes read them
+"""Borrowed weights (qcompiler.graph.external): the export leaves the weights in the exporter's file, passes read them
 from there, and emit copies them one at a time into exactly the layout `onnx.save` writes."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 from tests.helpers import tiny_model
-from qcompiler.export import export_model
-from qcompiler.external import all_tensors, borrow, is_borrowed, save_with_external_data, tensor_array
+from qcompiler.graph.export import export_model
+from qcompiler.graph.external import all_tensors, borrow, is_borrowed, save_with_external_data, tensor_array
 from qcompiler.passes.base import save_model
 
 
@@ -99,10 +99,11 @@ def test_borrowed_export_keeps_no_weight_bytes_and_its_folder_lives_with_the_res
 
 
 def test_a_pass_replacing_a_borrowed_weight_spills_it_and_the_layout_stays(tmp_path):
-    """GraphIndex.set_const over a borrowed weight: the new bytes go to the spill file (not kept in the proto), read
+    """edit.set_const over a borrowed weight: the new bytes go to the spill file (not kept in the proto), read
     back equal, and the saved model is byte-identical to onnx.save of the same edits made inline."""
-    from qcompiler.external import SPILL_FILE
-    from qcompiler.passes.graph import GraphIndex
+    from qcompiler.graph.external import SPILL_FILE
+    from qcompiler.graph.edit import set_const
+    from qcompiler.graph.ir_convert import to_ir, to_proto
 
     src = tmp_path / "src"
     save_model(_model_with_subgraph_and_function(), str(src / "model.onnx"))
@@ -111,11 +112,15 @@ def test_a_pass_replacing_a_borrowed_weight_spills_it_and_the_layout_stays(tmp_p
     inline = _model_with_subgraph_and_function()
     new_big = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)
     new_small = np.full(4, 2.0, np.float32)
+    edited = []
     for model in (borrowed, inline):
-        index = GraphIndex(model)
-        index.set_const("big", new_big, like="big")
-        index.set_const("small", new_small)
-        index.set_const("extra", np.ones((16, 32), np.float32), like="big")  # modelled on a borrowed weight
+        m = to_ir(model)
+        g = m.graph
+        set_const(g, "big", new_big, like=g.initializers["big"])
+        set_const(g, "small", new_small)
+        set_const(g, "extra", np.ones((16, 32), np.float32), like=g.initializers["big"])  # modelled on a borrowed weight
+        edited.append(to_proto(m))
+    borrowed, inline = edited
     tensors = {t.name: t for t in borrowed.graph.initializer}
     assert is_borrowed(tensors["big"]) and is_borrowed(tensors["extra"]) and not tensors["big"].HasField("raw_data")
     assert not is_borrowed(tensors["small"])  # replaced an inline tensor: stays inline

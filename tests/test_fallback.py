@@ -1,4 +1,4 @@
-"""Portable fallback (qcompiler/fallback.py, passes/add_fallback.py): SpQRMatMul as ONNX functions of standard ops,
+"""Portable fallback (qcompiler/graph/fallback.py, passes/add_fallback.py): SpQRMatMul as ONNX functions of standard ops,
 run by a stock ONNX Runtime without the op library; with the library registered, ORT runs the library's kernel."""
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from qcompiler import ops
-from qcompiler.fallback import Variant, fallback_function
-from qcompiler.format import DOMAIN, OP_TYPE, random_weight
-from qcompiler.onnx_op import single_op_model
-from qcompiler.pipeline import random_feeds
+from qcompiler.runtime import ops
+from qcompiler.graph.fallback import Variant, fallback_function
+from qcompiler.graph.format import DOMAIN, OP_TYPE
+from tests.builders import random_weight
+from tests.builders import single_op_model
+from qcompiler.validate import random_feeds
 
 CASES = list(itertools.product([2, 3, 4], [0, 2, 3, 4], [False, True], [False, True], [False, True]))
 
@@ -54,8 +55,8 @@ def test_shapes_are_read_from_attributes_so_nodes_share_a_function():
     # two nodes of different K/N and one variant: one function, both nodes right
     from onnx import helper
 
-    from qcompiler.fallback import add_fallback_functions
-    from qcompiler.onnx_op import spqr_node
+    from qcompiler.graph.fallback import add_fallback_functions
+    from qcompiler.graph.onnx_op import spqr_node
 
     a = random_weight(N=48, K=40, bits=3, group_size=8, stat_bits=3, outlier_rate=0.1, seed=1)
     b = random_weight(N=24, K=48, bits=3, group_size=32, stat_bits=3, outlier_rate=0.1, seed=2)
@@ -91,7 +92,7 @@ def _profiled_op_types(model_bytes: bytes, feeds: dict, with_library: bool, tmp_
 
 
 def test_exported_model_runs_without_library_and_library_kernel_is_preferred(tiny_export, tiny_dirs, tmp_path):
-    from qcompiler.loading import load_model
+    from qcompiler.models.loading import load_model
 
     folder = tiny_export("llama", "rtn", "--bits", "3", "--group-size", "16")
     model = onnx.load(str(folder / "model.onnx"))

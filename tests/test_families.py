@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+
 import pytest
 import torch
-from tests.helpers import tiny_config, tiny_model
+from tests.helpers import REPO, tiny_config, tiny_model
 
 from qcompiler import QCompilerError
-from qcompiler.families import FAMILIES, family_for, get_module, iter_layers, quantizable_linears
+from qcompiler.models.families import (FAMILIES, GLOBAL_ROPE, LLAMA, Attention, FusedLinear, Norm, family_for,
+                                       get_module, iter_layers, layer_attention, norm_paths, quantizable_linears)
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "opt"])
@@ -42,7 +46,116 @@ def test_family_paths_resolve(kind):
     v, o = family.v_o
     assert isinstance(get_module(layer, v), torch.nn.Linear) and isinstance(get_module(layer, o), torch.nn.Linear)
     norm_type = type(get_module(layer, family.norm_linears[0][0])).__name__.lower()
-    assert ("layernorm" in norm_type) == (family.norm == "layernorm")
+    assert family.norm.kind in norm_type
+    assert (getattr(get_module(layer, family.norm_linears[0][0]), "bias", None) is not None) == family.norm.has_bias
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "opt"])
+def test_record_names_every_norm_of_a_layer(kind):
+    # a record that forgets a norm (Gemma's four per layer, Qwen3's q/k norms) fails here
+    model = tiny_model(kind)
+    family = family_for(model.config)
+    _, layer = next(iter_layers(model, family))
+    norms = {n for n, m in layer.named_modules() if "norm" in type(m).__name__.lower()}
+    assert norms == set(norm_paths(family)) and len(norm_paths(family)) == len(norms)
+
+
+def test_hook_defaults_change_nothing():
+    for family in FAMILIES:
+        assert family.qk_norms is None and family.output_norms == () and family.fused == ()
+        assert family.norm.weight_offset == 0.0
+        assert layer_attention(family, tiny_config("llama")) == [GLOBAL_ROPE, GLOBAL_ROPE]
+
+
+def test_attention_hook_is_read(monkeypatch):
+    import qcompiler.models.families as families
+
+    local = dataclasses.replace(LLAMA, attention=lambda config, i: Attention(sliding_window=8) if i % 2 else GLOBAL_ROPE)
+    monkeypatch.setitem(families._BY_MODEL_TYPE, "llama", local)
+    with pytest.raises(QCompilerError, match="layer 1 has Attention.sliding_window=8"):
+        family_for(tiny_config("llama"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(norm=Norm(kind="rmsnorm", has_bias=False, weight_offset=1.0)), "weight offset"),
+    (dict(fused=(FusedLinear("self_attn.v_proj", ("q", "k", "v")),)), "fused with q, k"),
+])
+def test_transforms_refuse_what_the_fold_cannot_express(change, message):
+    from qcompiler.quantize.transforms import check_family
+
+    check_family(LLAMA)
+    with pytest.raises(QCompilerError, match=message):
+        check_family(dataclasses.replace(LLAMA, **change))
+
+
+# ---------------------------------------------------------------------------------------------------- no branching
+_NAME_ATTRS = ("model_type",)  # compared to a string anywhere: a family branch
+_FAMILY_ATTRS = ("name", "norm", "genai_type")  # of something called *family*
+
+
+def _chain(node) -> list[str]:
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        names.append(node.id)
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr" \
+            and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
+        names += [node.args[1].value, *_chain(node.args[0])]
+    return names
+
+
+def _is_family_key(node) -> bool:
+    chain = _chain(node)
+    if not chain:
+        return False
+    if chain[0] in _NAME_ATTRS:
+        return True
+    return chain[0] in _FAMILY_ATTRS and any("family" in str(n).lower() for n in chain[1:])
+
+
+def _is_text(node) -> bool:
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, str)
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return any(_is_text(e) for e in node.elts)
+    return False
+
+
+def family_branches(source: str, filename: str = "<string>") -> list[str]:
+    """`file:line` of every comparison of a family name / `model_type` / norm kind with string literal(s)."""
+    out = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            if any(_is_family_key(o) for o in operands) and any(_is_text(o) for o in operands):
+                out.append(f"{filename}:{node.lineno}")
+        elif isinstance(node, ast.Match) and _is_family_key(node.subject):
+            out.append(f"{filename}:{node.lineno}")
+    return out
+
+
+def test_no_module_branches_on_a_family_name():
+    offenders = [hit for root in ("qcompiler", "passes") for path in sorted((REPO / root).rglob("*.py"))
+                 for hit in family_branches(path.read_text(), str(path.relative_to(REPO)))]
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("snippet", [
+    "if family.name == 'opt': pass",
+    "x = 1 if self.family.name in ('llama', 'mistral') else 2",
+    "if config.model_type != 'gemma': pass",
+    "if getattr(config, 'model_type', None) == 'phi3': pass",
+    "has_shift = family.norm == 'layernorm'",
+    "match family.name:\n    case 'opt': pass",
+])
+def test_family_branch_check_can_fail(snippet):
+    assert family_branches(snippet)
+
+
+def test_family_branch_check_passes_data():
+    assert not family_branches("has_shift = family.norm.has_bias\nname = family.name\nif kind == 'opt': pass")
 
 
 def test_linear_bias_flags():

@@ -11,16 +11,17 @@ import copy
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 from onnx import numpy_helper
 
 from tests.helpers import VOCAB, tiny_model
-from qcompiler import fold
-from qcompiler.export import KVLayout, export_model
-from qcompiler.families import family_for, get_module
+from qcompiler.graph import fold
+from qcompiler.graph.export import KVLayout, export_model
+from qcompiler.models.families import family_for, get_module
 from qcompiler.passes import Cleanup, FoldAffineIntoLinear, FoldAffineIntoNorm, PassContext, PassError, PassManager
-from qcompiler.transforms import AffineTransforms, identity_transforms
+from qcompiler.quantize.transforms import AffineTransforms, identity_transforms
 
 
 # ------------------------------------------------------------------------------------------------ fold math
@@ -119,7 +120,7 @@ def folded(request):
 
 
 def _ort(proto, f):
-    from qcompiler.ops import session
+    from qcompiler.runtime.ops import session
 
     return session(proto.SerializeToString()).run(["logits"], f)[0]
 
@@ -128,7 +129,7 @@ def test_unfolded_graph_is_the_full_precision_model(folded):
     # without past: the value cache of a transformed model holds v·A⁻¹, so a random past is not comparable
     f = feeds(folded["layout"], past=0)
     past = tuple(torch.from_numpy(f[n]) for n in folded["layout"].input_names())
-    from qcompiler.export import KVCacheWrapper
+    from qcompiler.graph.export import KVCacheWrapper
 
     with torch.no_grad():
         ref = KVCacheWrapper(folded["model"], folded["layout"])(
@@ -190,7 +191,7 @@ def test_merged_pytorch_model_matches_folded_graph(folded):
                 else:
                     lin.bias.copy_(b)
     f = feeds(folded["layout"])
-    from qcompiler.export import KVCacheWrapper
+    from qcompiler.graph.export import KVCacheWrapper
 
     past = tuple(torch.from_numpy(f[n]) for n in folded["layout"].input_names())
     with torch.no_grad():
@@ -212,8 +213,8 @@ def test_verify_each_catches_a_pass_that_moves_outputs():
     class Broken(FoldAffineIntoNorm):
         def call(self, m):
             res = super().call(m)
-            w = next(i for i in m.graph.initializer if i.name.endswith("input_layernorm.weight"))
-            w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.5, w.name))
+            w = next(v for name, v in m.graph.initializers.items() if name.endswith("input_layernorm.weight"))
+            w.const_value = ir.tensor(w.const_value.numpy() * 1.5, name=w.name)
             return res
 
     ctx = PassContext(verify_each=True, verify_feeds=feeds(KVLayout.from_config(model.config)))

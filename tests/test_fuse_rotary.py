@@ -14,9 +14,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.helpers import tiny_model
-from qcompiler.export import export_model
-from qcompiler.pipeline import random_feeds
-from qcompiler.passes import Cleanup, FuseRotary, PassContext, PassManager
+from qcompiler.graph.export import export_model
+from qcompiler.validate import random_feeds
+from qcompiler.passes import Cleanup, FuseRotary, PassContext, PassManager, run_pass
 
 MS = "com.microsoft"
 
@@ -81,16 +81,16 @@ def test_fused_tables_and_logits(exported, tmp_path):
     with pytest.raises(Exception, match="out of range"):
         _sess(after).run(["logits"], far)
 
-    again = FuseRotary(cfg.max_position_embeddings).call(after)  # idempotent
+    again = run_pass(FuseRotary(cfg.max_position_embeddings), after)  # idempotent
     assert not again.modified and again.counts["fused"] == 0
 
 
 def test_layernorm_family_and_fp16_graphs_untouched():
     opt = export_model(tiny_model("opt")).model
-    res = FuseRotary(256).call(opt)
+    res = run_pass(FuseRotary(256), opt)
     assert not res.modified and res.counts["fused"] == 0
     half = export_model(torch.nn.Module.half(tiny_model("llama"))).model  # a Cast between Cos and Unsqueeze
-    res = FuseRotary(256).call(half)
+    res = run_pass(FuseRotary(256), half)
     assert not res.modified and res.counts["fused"] == 0
     assert not any(n.domain == MS for n in res.model.graph.node)
 
@@ -132,9 +132,9 @@ def test_small_graph_fused_and_equal():
     x = np.random.default_rng(0).normal(size=(1, 2, 5, 4)).astype(np.float32)
     feeds = {"x": x, "p": np.array([[7, 8, 9, 10, 11]], np.int64)}
     want = _sess(model).run(None, feeds)[0]
-    res = FuseRotary(64).call(copy.deepcopy(model))
+    res = run_pass(FuseRotary(64), copy.deepcopy(model))
     assert res.counts == {"fused": 1, "tables": 1}
-    out = Cleanup().call(res.model).model
+    out = run_pass(Cleanup(), res.model).model
     assert [n.op_type for n in out.graph.node] == ["RotaryEmbedding"]
     np.testing.assert_allclose(_sess(out).run(None, feeds)[0], want, rtol=0, atol=1e-6)
 
@@ -143,7 +143,7 @@ def test_small_graph_fused_and_equal():
 def test_angles_not_tabulable_left_alone(variant):
     # q: the angles depend on a second graph input; identity: an op outside the per-position set
     model = _rotary_graph((variant,))
-    res = FuseRotary(64).call(copy.deepcopy(model))
+    res = run_pass(FuseRotary(64), copy.deepcopy(model))
     assert not res.modified and res.counts["fused"] == 0
     assert len(res.notes) == 1 and "left as exported" in res.notes[0]
     assert _ops(res.model) == _ops(model)

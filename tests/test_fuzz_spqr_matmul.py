@@ -34,11 +34,12 @@ from onnx import TensorProto, numpy_helper
 
 from tests import cuda_emu
 from tests.helpers import fuzz_seed
-from qcompiler import ops
+from qcompiler.runtime import ops
 
 ort.set_default_logger_severity(4)  # hundreds of expected kernel errors: keep ORT's own log quiet
-from qcompiler.format import SpQRWeight, random_weight
-from qcompiler.onnx_op import single_op_model
+from qcompiler.graph.format import SpQRWeight
+from tests.builders import random_weight
+from tests.builders import single_op_model
 
 _LONG = int(os.environ.get("QCOMPILER_FUZZ_EXAMPLES", "0"))
 N_VALID = _LONG or 500

@@ -1,4 +1,4 @@
-"""genai_config.json (qcompiler/genai.py): onnxruntime-genai loads an exported folder unmodified and generates the
+"""genai_config.json (qcompiler/runtime/genai.py): onnxruntime-genai loads an exported folder unmodified and generates the
 same tokens as `qcompiler generate`."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _genai_greedy(folder, prompt: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("flags", [(), ("--no-fallback",)], ids=["default", "no-fallback"])
 def test_genai_generates_the_same_tokens(tiny_export, flags, monkeypatch, tmp_path):
-    from qcompiler.generate import Generator
+    from qcompiler.runtime.generate import Generator
 
     folder = tiny_export("llama", "rtn", "--bits", "3", "--group-size", "16", *flags)
     cfg = json.loads((folder / "genai_config.json").read_text())

@@ -9,7 +9,7 @@ import torch
 
 from qcompiler import QCompilerError
 from qcompiler.cli import main
-from qcompiler.generate import Generator, SamplingConfig, pick_token
+from qcompiler.runtime.generate import Generator, SamplingConfig, pick_token
 
 PROMPT = "w5 w17 w3 w99 w42 w7"
 

@@ -11,10 +11,10 @@ import torch
 from tests.helpers import tiny_model
 
 from qcompiler import QCompilerError
-from qcompiler.families import family_for, quantizable_linears
-from qcompiler.methods import available_methods, get_method
-from qcompiler.methods.base import Method, dequantize_groups, round_to_nearest
-from qcompiler.methods.gptq import GPTQ, GPTQConfig, gptq_quantize_layer
+from qcompiler.models.families import family_for, quantizable_linears
+from qcompiler.quantize.methods import available_methods, get_method
+from qcompiler.quantize.methods.base import Method, dequantize_groups, round_to_nearest
+from qcompiler.quantize.methods.gptq import GPTQ, GPTQConfig, gptq_quantize_layer
 
 
 def _problem(N=48, K=200, T=1500, seed=0):

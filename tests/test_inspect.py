@@ -8,7 +8,7 @@ import pytest
 
 from qcompiler import QCompilerError
 from qcompiler.cli import main
-from qcompiler.inspect import inspect_model
+from qcompiler.tools.inspect import inspect_model
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_missing_folder(tmp_path):
 
 
 def test_deployment_summary(tiny_export):
-    from qcompiler.inspect import deployment_summary
+    from qcompiler.tools.inspect import deployment_summary
 
     lines = deployment_summary(tiny_export("llama", "rtn", "--bits", "3", "--group-size", "16"))
     assert lines == ["graph dtype: float32", "portable fallback functions: w3s0 (14 nodes)",

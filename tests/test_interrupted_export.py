@@ -16,12 +16,12 @@ from qcompiler.cli import main
 CHILD = """
 import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job (CI) may inherit SIGINT ignored
-import qcompiler.pipeline as pipeline
-_validate = pipeline.validate_logits
+import qcompiler.validate as validate
+_validate = validate.validate_logits
 def slow_validate(*args, **kwargs):
     time.sleep(120)
     return _validate(*args, **kwargs)
-pipeline.validate_logits = slow_validate
+validate.validate_logits = slow_validate
 from qcompiler.cli import main
 sys.exit(main(sys.argv[1:]))
 """

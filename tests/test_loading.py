@@ -10,7 +10,7 @@ import torch
 from tests.helpers import REPO, tiny_model
 
 from qcompiler import QCompilerError
-from qcompiler.loading import load_model, save_pretrained_safe
+from qcompiler.models.loading import load_model, save_pretrained_safe
 
 # where scripts/fetch_smollm2.sh puts the real model (the real-model CI stage, tests/test_real_model.py, uses it too)
 REAL_GGUF = os.environ.get("QCOMPILER_REAL_GGUF",
@@ -64,7 +64,7 @@ def test_folder_without_model(tmp_path):
 
 
 def test_unreachable_hub(monkeypatch):
-    import qcompiler.loading as loading
+    import qcompiler.models.loading as loading
 
     calls = []
 
@@ -87,7 +87,7 @@ def test_unreachable_hub(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(not Path(REAL_GGUF).exists(), reason="real GGUF absent (set QCOMPILER_REAL_GGUF)")
 def test_real_gguf():
-    from qcompiler.families import family_for, quantizable_linears
+    from qcompiler.models.families import family_for, quantizable_linears
 
     model, tok = load_model(REAL_GGUF)
     cfg = model.config

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qcompiler.netron_view import find_chromium
+from qcompiler.tools.netron_view import find_chromium
 
 pytest.importorskip("netron")
 pytest.importorskip("selenium")
@@ -22,7 +22,7 @@ def test_netron_shows_spqr_node_names_and_attributes(tiny_export, tmp_path, caps
     code, out, err = run_cli(capsys, "inspect", folder, "--screenshot", png, "--port", 18090)
     assert code == 0, err
     assert png.stat().st_size > 20_000  # a rendered graph, not a blank page
-    from qcompiler.netron_view import screenshot
+    from qcompiler.tools.netron_view import screenshot
 
     panel = screenshot(folder, tmp_path / "again.png", port=18092)
     for text in ("SpQRMatMul:w3s0", "model.layers.0.self_attn.q_proj/SpQRMatMul", "3-bit, group 16", "group_size",

@@ -1,4 +1,4 @@
-"""--offload-weights (qcompiler/offload.py): the fp32 weights in a file-backed mapping, streamed from safetensors
+"""--offload-weights (qcompiler/models/offload.py): the fp32 weights in a file-backed mapping, streamed from safetensors
 or GGUF."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from tests.helpers import tiny_config
-from qcompiler import QCompilerError, preflight
+from qcompiler import QCompilerError
+from qcompiler.models import preflight
 from qcompiler.cli import main
-from qcompiler.loading import load_model
-from qcompiler.offload import WeightStore, load_offloaded
+from qcompiler.models.loading import load_model
+from qcompiler.models.offload import WeightStore, load_offloaded
 
 
 @pytest.mark.parametrize("kind", ["llama", "opt"])
@@ -42,16 +43,16 @@ def test_offloaded_weights_equal_the_checkpoint_and_live_in_the_store(kind, tiny
     ("opt", "affinequant", ["--bits", "3", "--group-size", "16", "--epochs", "2", "--nsamples", "4", "--seqlen", "32"]),
 ])
 def test_offloaded_export_is_byte_identical(kind, method, flags, tiny_dirs, text_file, tmp_path, monkeypatch):
-    import qcompiler.offload
+    import qcompiler.models.offload
 
     calls = []
-    real = qcompiler.offload.load_offloaded
-    monkeypatch.setattr(qcompiler.offload, "load_offloaded", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = qcompiler.models.offload.load_offloaded
+    monkeypatch.setattr(qcompiler.models.offload, "load_offloaded", lambda *a, **k: calls.append(a) or real(*a, **k))
     calib = ["--calibration", str(text_file)] if method != "rtn" else []
     if method == "affinequant":  # its full-precision copies go to unlinked spill stores next to the weights
         spills = []
-        real_spill = qcompiler.offload.spill_store
-        monkeypatch.setattr(qcompiler.offload, "spill_store",
+        real_spill = qcompiler.models.offload.spill_store
+        monkeypatch.setattr(qcompiler.models.offload, "spill_store",
                             lambda *a: (lambda s: spills.append(s) or s)(real_spill(*a)))
     outs = []
     for name, extra in (("plain", []), ("offload", ["--offload-weights"])):
@@ -105,7 +106,7 @@ def test_offloaded_gguf_export_is_byte_identical(tiny_gguf, tmp_path):
 
 
 def test_copy_of_an_offloaded_model_is_file_backed_and_shares_the_store(tiny_dirs):
-    from qcompiler.offload import copy_model, keep, spill_store
+    from qcompiler.models.offload import copy_model, keep, spill_store
 
     model, _ = load_offloaded(str(tiny_dirs("llama")), progress=False)
     copy = copy_model(model)
@@ -180,7 +181,7 @@ def test_tied_weight_saved_under_its_other_name(tmp_path):
     from safetensors import safe_open
 
     from tests.helpers import make_tokenizer, tiny_model
-    from qcompiler.loading import save_pretrained_safe
+    from qcompiler.models.loading import save_pretrained_safe
 
     ref = tiny_model("opt")
     folder = save_pretrained_safe(ref, make_tokenizer(), tmp_path / "opt", weights=True)

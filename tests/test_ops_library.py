@@ -1,4 +1,4 @@
-"""`qcompiler.ops`: finding, describing and registering libqcompiler_ops.so (the SpQRMatMul custom-op library)."""
+"""`qcompiler.runtime.ops`: finding, describing and registering libqcompiler_ops.so (the SpQRMatMul custom-op library)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from qcompiler import ops
-from qcompiler.format import random_weight
-from qcompiler.onnx_op import single_op_model
+from qcompiler.runtime import ops
+from tests.builders import random_weight
+from tests.builders import single_op_model
+from tests.builders import has_cuda_kernel
 
 
 @pytest.fixture(scope="module")
@@ -86,17 +87,17 @@ def test_has_cuda_kernel_says_what_the_library_holds():
     when the marker says so, and the installed build (not one named by $QCOMPILER_OPS_LIBRARY) has it where nvcc
     is found (CMake's WITH_CUDA=AUTO)."""
     lib = ops.library_path()
-    assert ops.has_cuda_kernel() == (".nv_fatbin" in _sections(lib))
+    assert has_cuda_kernel() == (".nv_fatbin" in _sections(lib))
     if _nvcc_found() and not os.environ.get(ops.ENV_VAR):
-        assert ops.has_cuda_kernel(), f"nvcc is on this machine but {lib} was built without the CUDA kernel"
+        assert has_cuda_kernel(), f"nvcc is on this machine but {lib} was built without the CUDA kernel"
 
 
 def test_has_cuda_kernel_reads_build_marker(tmp_path):
     fake = tmp_path / "fake.so"
     fake.write_bytes(b"\0junk QCOMPILER_OPS_BUILD_INFO cuda=1\0")
-    assert ops.has_cuda_kernel(fake) is True
+    assert has_cuda_kernel(fake) is True
     fake.write_bytes(b"QCOMPILER_OPS_BUILD_INFO cuda=0")
-    assert ops.has_cuda_kernel(fake) is False
+    assert has_cuda_kernel(fake) is False
 
 
 @pytest.mark.skipif(shutil.which("readelf") is None, reason="needs binutils readelf")

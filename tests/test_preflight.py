@@ -1,4 +1,4 @@
-"""Early one-line errors for inputs that would otherwise fail late or silently (qcompiler/preflight.py), and odd
+"""Early one-line errors for inputs that would otherwise fail late or silently (qcompiler/models/preflight.py), and odd
 shapes that must simply work."""
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from tests.helpers import VOCAB, assert_no_output, make_tokenizer, one_error_line, run_cli, tiny_config, tiny_model
-from qcompiler import QCompilerError, preflight
+from qcompiler import QCompilerError
+from qcompiler.models import preflight
+from qcompiler.quantize.methods import available_methods, get_method
 
 
 def _save(model, path):
@@ -53,7 +55,7 @@ def test_checkpoint_without_untied_lm_head(tmp_path, capsys):
 def test_nan_in_calibration_activations(tiny_dirs, tmp_path, text_file, capsys, monkeypatch):
     # layer 0 overflows on the calibration text (simulated with a hook writing Inf into its output): the error names
     # the layer whose input it is, before any solver sees a NaN Hessian
-    from qcompiler import loading
+    from qcompiler.models import loading
 
     real_load = loading.load_model
 
@@ -94,13 +96,16 @@ def test_memory_estimate_counts_parameters_and_activations():
     config = tiny_config("llama")
     model = tiny_model("llama")
     n = sum(p.numel() for p in model.parameters())  # tied embeddings are one parameter
-    est = preflight.estimate_memory(config, "gptq", calibrated=True, nsamples=8, seqlen=128)
+    est = preflight.estimate_memory(config, get_method("gptq"), calibrated=True, nsamples=8, seqlen=128)
     assert est.params == n and est.param_bytes == 4 * n
     assert est.activation_bytes == 3 * 8 * 128 * 64 * 4
-    assert est.total == preflight.BASE_BYTES + int(preflight.DEFAULT_PARAM_FACTOR * 4 * n) + est.activation_bytes
-    aq = preflight.estimate_memory(config, "affinequant", calibrated=True, nsamples=8, seqlen=128)
-    assert aq.total > est.total
-    assert preflight.estimate_memory(config, "rtn", calibrated=False, nsamples=8, seqlen=128).activation_bytes == 0
+    assert est.total == preflight.BASE_BYTES + int(3.5 * 4 * n) + est.activation_bytes
+    aq = preflight.estimate_memory(config, get_method("affinequant"), calibrated=True, nsamples=8, seqlen=128)
+    assert aq.total == preflight.BASE_BYTES + int(6.0 * 4 * n) + 5 * 8 * 128 * 64 * 4
+    assert preflight.estimate_memory(config, get_method("rtn"), calibrated=False, nsamples=8,
+                                     seqlen=128).activation_bytes == 0
+    with pytest.raises(TypeError, match="method class"):  # a name would silently get the defaults
+        preflight.estimate_memory(config, "gptq", calibrated=True, nsamples=8, seqlen=128)
     with pytest.raises(QCompilerError, match="not enough memory"):
         preflight.check_memory(est, available=est.total - 1)
     preflight.check_memory(est, available=est.total)
@@ -136,7 +141,7 @@ def test_output_folder_gets_umask_permissions_not_mkdtemp_ones(tmp_path):
     import os
     import stat
 
-    from qcompiler.emit import atomic_output
+    from qcompiler.folder import atomic_output
 
     old = os.umask(0o022)
     try:
@@ -158,3 +163,24 @@ def test_available_memory_is_capped_by_the_cgroup_limit(monkeypatch):
     assert preflight.available_memory() == 123 * 1024**2
     monkeypatch.setattr(preflight, "_cgroup_headroom", lambda: None)
     assert preflight.available_memory() > 123 * 1024**2
+
+
+# The memory model of before issue 24 (preflight's tables keyed by method name): the values each method class now
+# declares (`Method.memory_*`) must reproduce it.
+_PARAM_FACTOR = {"affinequant": 6.0, "affinequant+spqr": 6.0}
+_OFFLOAD_PARAM_FACTOR = {"rtn": 0.75, "gptq": 0.75, "spqr": 0.75, "affinequant": 1.0, "affinequant+spqr": 1.0}
+_ACTIVATION_COPIES = {"affinequant": 5, "affinequant+spqr": 5}
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_memory_model_declared_by_each_method(name):
+    config = tiny_config("llama")
+    n = preflight.count_parameters(config)
+    method = get_method(name)
+    for offload in (False, True):
+        est = preflight.estimate_memory(config, method, calibrated=True, nsamples=8, seqlen=128, offload=offload)
+        factor = (_OFFLOAD_PARAM_FACTOR[name] if offload and name in _OFFLOAD_PARAM_FACTOR
+                  else _PARAM_FACTOR.get(name, 3.5))
+        copies = _ACTIVATION_COPIES.get(name, 3)
+        assert est.total == preflight.BASE_BYTES + int(factor * 4 * n) + copies * 8 * 128 * 64 * 4, offload
+    assert method.learns_transforms == (name in ("affinequant", "affinequant+spqr"))

@@ -175,7 +175,7 @@ def data_files() -> dict[str, Path]:
 def source(base, data_files) -> dict:
     """The GGUF loaded (fp32, dequantized) and saved as a safetensors folder; the evaluation windows."""
     from qcompiler.data import eval_windows, load_text_tokens
-    from qcompiler.loading import load_model, save_pretrained_safe
+    from qcompiler.models.loading import load_model, save_pretrained_safe
 
     if not GGUF.is_file():
         pytest.fail(f"{GGUF} not found: fetch it with `bash scripts/fetch_smollm2.sh` (or set "
@@ -195,7 +195,7 @@ def windows(source):
 def launched(base, source, data_files):
     """Both exports started as `qcompiler export` processes (name → (process or None when reused, started)), and
     meanwhile the fp32 model's perplexity in PyTorch (key "fp32")."""
-    from qcompiler.evaluate import perplexity_torch
+    from qcompiler.runtime.evaluate import perplexity_torch
 
     procs = {}
     env = {**os.environ, "OMP_NUM_THREADS": str(EXPORT_THREADS)}
@@ -244,8 +244,8 @@ def export(request, launched, base) -> tuple[str, Path]:
 @pytest.fixture(scope="module")
 def ort_result(export, windows):
     """PerplexityResult of the export in ONNX Runtime with the op library (`qcompiler eval --backend ort`)."""
-    from qcompiler.evaluate import perplexity_ort
-    from qcompiler.ops import session
+    from qcompiler.runtime.evaluate import perplexity_ort
+    from qcompiler.runtime.ops import session
 
     _, folder = export
     kv = json.loads((folder / "quant_config.json").read_text())["kv"]
@@ -254,7 +254,7 @@ def ort_result(export, windows):
 
 
 def test_export_figures(export, expected):
-    from qcompiler.methods.base import summarize
+    from qcompiler.quantize.methods.base import summarize
 
     name, folder = export
     cfg = json.loads((folder / "quant_config.json").read_text())
@@ -283,8 +283,8 @@ def test_perplexity_ort(export, ort_result, launched, expected):
 
 def test_ort_matches_torch(export, windows, ort_result):
     """The same folder in PyTorch (`qcompiler eval --backend torch`: the decoded weights in the source model)."""
-    from qcompiler.evaluate import perplexity_torch
-    from qcompiler.pipeline import torch_model_from_folder
+    from qcompiler.runtime.evaluate import perplexity_torch
+    from qcompiler.runtime.evaluate import torch_model_from_folder
 
     name, folder = export
     model, _ = torch_model_from_folder(folder)
@@ -297,7 +297,7 @@ def test_ort_matches_torch(export, windows, ort_result):
 
 
 def test_greedy_tokens(export, expected):
-    from qcompiler.generate import Generator
+    from qcompiler.runtime.generate import Generator
 
     name, folder = export
     gen = Generator(folder)

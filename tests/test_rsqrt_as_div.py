@@ -13,9 +13,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.helpers import tiny_model
-from qcompiler.export import export_model
-from qcompiler.pipeline import random_feeds
-from qcompiler.passes import PassContext, PassManager, RsqrtAsDiv
+from qcompiler.graph.export import export_model
+from qcompiler.validate import random_feeds
+from qcompiler.passes import PassContext, PassManager, RsqrtAsDiv, run_pass
 
 
 def _optimized_ops(model: onnx.ModelProto, tmp_path) -> Counter:
@@ -70,7 +70,7 @@ def test_rmsnorms_rewritten_and_fused_by_onnxruntime(llama, tmp_path):
         ref = model(ids).logits.numpy()
     assert np.abs(sess_a.run(["logits"], plain)[0] - ref).max() <= 1e-4
 
-    again = RsqrtAsDiv().call(after)  # idempotent
+    again = run_pass(RsqrtAsDiv(), after)  # idempotent
     assert not again.modified and again.counts == {"rewritten": 0}
 
 
@@ -91,8 +91,7 @@ def test_either_operand_order(order):
     model = _graph([helper.make_node("Sqrt", ["v"], ["s"]), helper.make_node("Reciprocal", ["s"], ["r"], name="rs"),
                     helper.make_node("Mul", mul_in, ["y"])], inits=[v])
     x = np.random.default_rng(0).normal(size=(2, 8)).astype(np.float32)
-    res = RsqrtAsDiv().call(copy.deepcopy(model))
-    RsqrtAsDiv().ensures(res.model, res)
+    res = run_pass(RsqrtAsDiv(), copy.deepcopy(model), ensures=True)
     assert [(n.op_type, list(n.input), n.name) for n in res.model.graph.node] == [
         ("Sqrt", ["v"], ""), ("Div", ["x", "s"], "rs")]
     np.testing.assert_allclose(_run(res.model, x)[0], x / 2, rtol=0, atol=0)
@@ -114,12 +113,12 @@ def test_left_alone(case):
     if case == "graph_output":
         outputs.append("r")
     model = _graph(nodes, outputs=outputs, inits=[v])
-    res = RsqrtAsDiv().call(copy.deepcopy(model))
+    res = run_pass(RsqrtAsDiv(), copy.deepcopy(model))
     assert not res.modified and res.counts == {"rewritten": 0}
     assert [n.op_type for n in res.model.graph.node] == [n.op_type for n in model.graph.node]
 
 
 def test_layernorm_models_untouched():
     exported = export_model(tiny_model("opt"))
-    res = RsqrtAsDiv().call(exported.model)
+    res = run_pass(RsqrtAsDiv(), exported.model)
     assert not res.modified and res.counts == {"rewritten": 0}

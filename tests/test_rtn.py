@@ -10,10 +10,10 @@ import torch
 from tests.helpers import tiny_model
 
 from qcompiler import QCompilerError
-from qcompiler.families import family_for, quantizable_linears
-from qcompiler.methods import available_methods, get_method
-from qcompiler.methods.base import Method, dequantize_groups, round_to_nearest, to_spqr_weight
-from qcompiler.methods.rtn import RTN, RTNConfig
+from qcompiler.models.families import family_for, quantizable_linears
+from qcompiler.quantize.methods import available_methods, get_method
+from qcompiler.quantize.methods.base import Method, dequantize_groups, round_to_nearest, to_spqr_weight
+from qcompiler.quantize.methods.rtn import RTN, RTNConfig
 
 
 def _weight(N=24, K=72, seed=0):

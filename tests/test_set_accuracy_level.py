@@ -8,11 +8,12 @@ import numpy as np
 import onnx
 import pytest
 
-from qcompiler import ops
+from qcompiler.runtime import ops
 from qcompiler.cli import main
-from qcompiler.format import DOMAIN, OP_TYPE, random_weight
-from qcompiler.onnx_op import single_op_model
-from qcompiler.passes import PassError, PassManager, SetAccuracyLevel
+from qcompiler.graph.format import DOMAIN, OP_TYPE
+from tests.builders import random_weight
+from tests.builders import single_op_model
+from qcompiler.passes import PassError, PassManager, SetAccuracyLevel, run_pass
 
 
 def _levels(model: onnx.ModelProto) -> list[int]:
@@ -24,15 +25,13 @@ def test_sets_and_removes_the_attribute():
     w = random_weight(N=40, K=64, bits=3, group_size=16, stat_bits=3, stat_group_size=16, seed=0)
     model = single_op_model(w, x_shape=("m", None))
     p4 = SetAccuracyLevel(4)
-    res = p4.call(model)
-    p4.ensures(res.model, res)
+    res = run_pass(p4, model, ensures=True)
     assert _levels(res.model) == [4] and res.counts == {"nodes": 1}
     x = np.random.default_rng(0).normal(size=(1, 64)).astype(np.float32)
     y = ops.session(res.model.SerializeToString()).run(None, {"X": x})[0]
     np.testing.assert_allclose(y, w.matmul(x), rtol=0, atol=0.05 * float(np.abs(w.matmul(x)).max()))
     p0 = SetAccuracyLevel(0)
-    again = p0.call(res.model)
-    p0.ensures(again.model, again)
+    again = run_pass(p0, res.model, ensures=True)
     assert _levels(again.model) == [0] and again.counts == {"nodes": 1}
     assert not any(a.name == "accuracy_level" for a in again.model.graph.node[0].attribute)
 

@@ -10,11 +10,11 @@ import torch
 from tests.helpers import VOCAB, tiny_model
 
 from qcompiler import QCompilerError
-from qcompiler.families import family_for, quantizable_linears
-from qcompiler.methods import get_method
-from qcompiler.methods.base import dequantize_groups, round_to_nearest
-from qcompiler.methods.gptq import gptq_quantize_layer
-from qcompiler.methods.spqr import SpQR, SpQRConfig, leave_one_out_reduction, paper_avg_bits, spqr_quantize_layer
+from qcompiler.models.families import family_for, quantizable_linears
+from qcompiler.quantize.methods import get_method
+from qcompiler.quantize.methods.base import dequantize_groups, round_to_nearest
+from qcompiler.quantize.methods.gptq import gptq_quantize_layer
+from qcompiler.quantize.methods.spqr import SpQR, SpQRConfig, leave_one_out_reduction, paper_avg_bits, spqr_quantize_layer
 
 INF = float("inf")
 

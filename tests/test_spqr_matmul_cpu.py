@@ -10,9 +10,11 @@ import pytest
 from tests.helpers import assert_matches_reference
 from onnx import TensorProto, helper
 
-from qcompiler import ops
-from qcompiler.format import DOMAIN, OPSET_VERSION, SpQRWeight, random_weight
-from qcompiler.onnx_op import single_op_model, spqr_node
+from qcompiler.runtime import ops
+from qcompiler.graph.format import DOMAIN, OPSET_VERSION, SpQRWeight
+from tests.builders import random_weight
+from qcompiler.graph.onnx_op import spqr_node
+from tests.builders import single_op_model
 
 _ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 

@@ -23,9 +23,11 @@ from tests.helpers import assert_matches_reference
 
 from tests import cuda_direct
 from tests import cuda_emu
-from qcompiler import ops
-from qcompiler.format import SpQRWeight, random_weight
-from qcompiler.onnx_op import single_op_model
+from qcompiler.runtime import ops
+from qcompiler.graph.format import SpQRWeight
+from tests.builders import random_weight
+from tests.builders import single_op_model
+from tests.builders import has_cuda_kernel
 
 
 def _cuda_ready() -> bool:
@@ -35,7 +37,7 @@ def _cuda_ready() -> bool:
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
-        if "CUDAExecutionProvider" not in ort.get_available_providers() or not ops.has_cuda_kernel():
+        if "CUDAExecutionProvider" not in ort.get_available_providers() or not has_cuda_kernel():
             return False
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
         y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])

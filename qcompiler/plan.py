@@ -1,0 +1,54 @@
+"""The pass list, declared in one place: which graph passes run on an export, in which order, from its options.
+
+    fold-affine-into-norm, fold-affine-into-linear   when the method learned transforms (AffineQuant): fold them
+    replace-linear                                   each quantized linear → one qcompiler::SpQRMatMul
+    quantize-activations                             when the method quantizes activations (w4a4 / w4a8)
+    rsqrt-as-div                                     RMSNorm in the form ONNX Runtime fuses (standard ops)
+    fuse-rotary                                      with contrib ops and a known max position: com.microsoft::RotaryEmbedding
+    cleanup                                          dead nodes, unused initializers, order, exporter debug metadata
+    add-fallback                                     unless --no-fallback: the portable ONNX function of SpQRMatMul
+    set-accuracy-level                               with --accuracy-level 4: int8 activations in the CPU kernel
+
+The passes themselves live in `passes/` (installed as `qcompiler.passes`), one file each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from qcompiler.passes import (AddFallback, Cleanup, FoldAffineIntoLinear, FoldAffineIntoNorm, FuseRotary, Pass,
+                              QuantizeActivations, ReplaceLinear, RsqrtAsDiv, SetAccuracyLevel)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GraphOptions:
+    """The export options that decide the pass list (the CLI's --no-fallback, --no-contrib-ops, --accuracy-level)."""
+
+    fallback: bool = True
+    contrib_ops: bool = True
+    accuracy_level: int = 0
+
+
+def pass_list(options: GraphOptions, *, result, manifest: dict, max_positions: Optional[int]) -> list[Pass]:
+    """The passes for one export. `result`: the method's `QuantizationResult`; `manifest`: the exporter's;
+    `max_positions`: the model's `max_position_embeddings` (None: unknown, no rotary fusion)."""
+    passes: list[Pass] = []
+    if result.transforms:
+        passes += [FoldAffineIntoNorm(manifest), FoldAffineIntoLinear(manifest),
+                   ReplaceLinear(result.layers, manifest, expected=result.expected,
+                                 expected_bias=result.expected_bias)]
+    else:
+        passes.append(ReplaceLinear(result.layers, manifest))
+    abits = result.config.get("abits", 16) if isinstance(result.config, dict) else 16
+    if abits < 16:
+        passes.append(QuantizeActivations(result.layers, abits))
+    passes.append(RsqrtAsDiv())
+    if options.contrib_ops and max_positions:
+        passes.append(FuseRotary(int(max_positions)))
+    passes.append(Cleanup())
+    if options.fallback:
+        passes.append(AddFallback())
+    if options.accuracy_level:
+        passes.append(SetAccuracyLevel(options.accuracy_level))
+    return passes

@@ -1,0 +1,81 @@
+"""genai_config.json: what onnxruntime-genai needs to load an exported folder unmodified.
+
+The decoder's inputs/outputs are this exporter's (input_ids, attention_mask, position_ids,
+past_key_values.{i}.key/value → logits, present.{i}.key/value); `session_options.custom_ops_library` names the op
+library copied into the folder. The presents are the past concatenated with the new step (not a preallocated
+buffer), so `past_present_share_buffer` is false. Search defaults come from the model's generation config when it
+has one (greedy otherwise).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from qcompiler.folder import LIBRARY_FILE, MODEL_FILE
+from qcompiler.models.families import Family
+
+GENAI_CONFIG_FILE = "genai_config.json"
+
+
+def genai_config(hf_config: Any, family: Family, kv: dict, *, generation_config: Any = None,
+                 library: Optional[str] = LIBRARY_FILE, dtype: str = "float32") -> Optional[dict]:
+    """The genai_config.json content for an export of a `family` model, or None if onnxruntime-genai has no model
+    type for the family (OPT)."""
+    if family.genai_type is None:
+        return None
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    gen = generation_config
+
+    def pick(name: str, default):
+        value = getattr(gen, name, None) if gen is not None else None
+        return default if value is None else value
+
+    eos = pick("eos_token_id", getattr(text, "eos_token_id", None))
+    pad = getattr(text, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else eos
+    sample = bool(pick("do_sample", False))
+    session_options: dict[str, Any] = {"log_id": "onnxruntime-genai", "provider_options": []}
+    if library:
+        session_options["custom_ops_library"] = library
+    context = int(getattr(text, "max_position_embeddings", 2048))
+    return {
+        "model": {
+            "bos_token_id": getattr(text, "bos_token_id", None),
+            "context_length": context,
+            "decoder": {
+                "session_options": session_options,
+                "filename": MODEL_FILE,
+                "head_size": kv["head_dim"],
+                "hidden_size": text.hidden_size,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": text.num_attention_heads,
+                "num_hidden_layers": kv["num_layers"],
+                "num_key_value_heads": kv["num_kv_heads"],
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": family.genai_type,
+            "vocab_size": text.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": sample,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": context,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": float(pick("repetition_penalty", 1.0)),
+            "temperature": float(pick("temperature", 1.0)),
+            "top_k": int(pick("top_k", 1) or 1) if sample else 1,
+            "top_p": float(pick("top_p", 1.0)),
+        },
+    }

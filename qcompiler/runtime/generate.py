@@ -1,0 +1,198 @@
+"""Text generation from an exported folder through ONNX Runtime with the op library: KV-cache decode, greedy or
+sampled (temperature / top-k / top-p), tokens streamed as they come, prefill and decode speed measured.
+
+Needs only the folder (model.onnx, quant_config.json for the KV layout, the tokenizer files) and the op library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from qcompiler import QCompilerError
+from qcompiler.folder import CONFIG_FILE, MODEL_FILE
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How the next token is chosen.
+
+    Attributes:
+        temperature: 0 → greedy (argmax); > 0 → sample from softmax(logits / temperature).
+        top_k: keep the k most likely tokens before sampling (0: all).
+        top_p: keep the smallest set of most likely tokens whose probability reaches p (1.0: all).
+        seed: random seed of the sampler.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise QCompilerError(f"--temperature must be ≥ 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise QCompilerError(f"--top-k must be ≥ 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise QCompilerError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """Output of `Generator.generate`.
+
+    Attributes:
+        prompt_ids: the tokenized prompt.
+        token_ids: the generated tokens (without the prompt; the end-of-sequence token included if it stopped there).
+        text: the generated text.
+        prefill_s: time of the prompt forward; decode_s: time of the one-token steps after it.
+        stopped_at_eos: generation ended on the end-of-sequence token.
+    """
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    prefill_s: float
+    decode_s: float
+    stopped_at_eos: bool
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return len(self.prompt_ids) / self.prefill_s if self.prefill_s > 0 else float("inf")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = len(self.token_ids) - 1  # the first token comes from the prefill
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+
+
+def pick_token(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> int:
+    """Next token from one row of logits [V] under `cfg`."""
+    if cfg.temperature == 0.0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / cfg.temperature
+    order = np.argsort(-z, kind="stable")
+    if cfg.top_k:
+        order = order[: cfg.top_k]
+    p = np.exp(z[order] - z[order[0]])
+    p /= p.sum()
+    if cfg.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(p), cfg.top_p) + 1)
+        order, p = order[:keep], p[:keep] / p[:keep].sum()
+    return int(order[rng.choice(len(order), p=p)])
+
+
+class Generator:
+    """An exported folder loaded for generation.
+
+    Args:
+        folder: output of `qcompiler export`.
+        provider: "cpu" or "cuda" (ONNX Runtime execution provider).
+        threads: ONNX Runtime intra-op threads (None: ORT's default).
+    """
+
+    def __init__(self, folder: str | Path, *, provider: str = "cpu", threads: Optional[int] = None):
+        import onnxruntime as ort
+
+        from qcompiler.runtime.ops import session
+
+        self.folder = Path(folder)
+        for name in (MODEL_FILE, CONFIG_FILE):
+            if not (self.folder / name).is_file():
+                raise QCompilerError(f"{self.folder} has no {name}: not a `qcompiler export` output folder")
+        if provider not in PROVIDERS:
+            raise QCompilerError(f"--provider must be one of {', '.join(PROVIDERS)}, got {provider}")
+        if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise QCompilerError("--provider cuda: this onnxruntime has no CUDAExecutionProvider "
+                                 "(install onnxruntime-gpu)")
+        kv = json.loads((self.folder / CONFIG_FILE).read_text())["kv"]
+        self.num_layers, self.num_kv_heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        self.session = session(str(self.folder / MODEL_FILE), providers=PROVIDERS[provider], sess_options=so)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        missing = [n for n in ("input_ids", *self.past_names) if n not in inputs]
+        if missing:
+            raise QCompilerError(f"{self.folder / MODEL_FILE} lacks decoder inputs: {', '.join(missing[:3])}")
+        self.input_names = set(inputs)
+        self.past_dtype = np.float16 if "float16" in inputs[self.past_names[0]].type else np.float32
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        from transformers import AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
+        except Exception as e:  # noqa: BLE001 - any tokenizer loading failure is one clear error
+            raise QCompilerError(f"cannot load the tokenizer from {self.folder}: {e}") from e
+        # one warm-up step: kernels pack their weights on their first call, which is load time, not prefill time
+        empty = self.empty_past()
+        self.session.run(self.output_names[:1], self._feeds(np.zeros((1, 1), np.int64), empty, 0))
+
+    def empty_past(self) -> list[np.ndarray]:
+        """An empty KV cache (batch 1, length 0), one array per `past_names` entry."""
+        return [np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.past_dtype) for _ in self.past_names]
+
+    def _feeds(self, ids: np.ndarray, past: list[np.ndarray], past_len: int) -> dict:
+        S = ids.shape[1]
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, past_len + S), np.int64),
+                 "position_ids": np.arange(past_len, past_len + S, dtype=np.int64)[None, :],
+                 **dict(zip(self.past_names, past))}
+        return {k: v for k, v in feeds.items() if k in self.input_names}
+
+    def encode(self, prompt: str, *, chat: bool = False) -> list[int]:
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise QCompilerError(f"--chat: the tokenizer in {self.folder} has no chat template")
+            return list(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                           add_generation_prompt=True, tokenize=True))
+        ids = list(self.tokenizer(prompt)["input_ids"])
+        if not ids:
+            raise QCompilerError("the prompt is empty after tokenization")
+        return ids
+
+    def generate(self, prompt_ids: list[int], *, max_new_tokens: int = 64,
+                 sampling: SamplingConfig = SamplingConfig(), stop_at_eos: bool = True,
+                 on_text: Optional[Callable[[str], None]] = None) -> GenerationResult:
+        """Generate up to `max_new_tokens` after `prompt_ids`; `on_text` receives the text as it grows (each call
+        gets the new part)."""
+        if max_new_tokens < 1:
+            raise QCompilerError(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
+        rng = np.random.default_rng(sampling.seed)
+        eos = self.tokenizer.eos_token_id
+        empty = self.empty_past()
+        ids = np.asarray([prompt_ids], dtype=np.int64)
+        t = time.perf_counter()
+        out = self.session.run(self.output_names, self._feeds(ids, empty, 0))
+        prefill_s = time.perf_counter() - t
+        tokens: list[int] = []
+        shown = ""
+        past_len = len(prompt_ids)
+        t = time.perf_counter()
+        while True:
+            tokens.append(pick_token(out[0][0, -1], sampling, rng))
+            if on_text is not None:
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if text.startswith(shown) and len(text) > len(shown) and not text.endswith("\ufffd"):
+                    on_text(text[len(shown):])
+                    shown = text
+            if len(tokens) >= max_new_tokens or (stop_at_eos and eos is not None and tokens[-1] == eos):
+                break
+            step = np.asarray([[tokens[-1]]], dtype=np.int64)
+            out = self.session.run(self.output_names, self._feeds(step, list(out[1:]), past_len))
+            past_len += 1
+        decode_s = time.perf_counter() - t
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if on_text is not None and text.startswith(shown) and len(text) > len(shown):
+            on_text(text[len(shown):])
+        return GenerationResult(prompt_ids=list(prompt_ids), token_ids=tokens, text=text, prefill_s=prefill_s,
+                                decode_s=decode_s,
+                                stopped_at_eos=bool(stop_at_eos and eos is not None and tokens[-1] == eos))
