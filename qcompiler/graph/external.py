@@ -4,6 +4,11 @@ instead of being held in the proto (which would put a second copy of the model i
 A tensor "borrowed" from a folder is an ONNX external-data tensor whose `basepath` entry (one of the spec's keys)
 names that folder. `tensor_array` reads any tensor (inline, or borrowed); `save_with_external_data` writes a model
 with its large tensors in one data file, copying borrowed tensors one at a time, so saving never holds all weights.
+
+The passes see borrowed tensors as `ir.ExternalTensor`s whose `base_dir` is the folder (`qcompiler.graph.ir_convert`
+maps `basepath` to `base_dir` and back); a pass's new weight replacing one is appended to the folder's spill file
+(`qcompiler.graph.edit.set_const`) and becomes an `ir.ExternalTensor` there. This module works on the protos the
+exporter and emit hold.
 """
 
 from __future__ import annotations
