@@ -141,7 +141,7 @@ class _BreakGraph(Pass):
     name = "break-graph"
 
     def call(self, model):
-        del model.graph.node[0]
+        model.graph.remove(model.graph[0])  # (an ir.Model: its readers now read a value nothing produces)
         return PassResult(model=model, modified=True)
 
 
@@ -162,5 +162,5 @@ def test_cleanup_removes_dead_nodes_and_initializers():
     res = PassManager([Cleanup()], context=PassContext(verify_each=True)).run(proto).steps[0][1]
     assert res.counts["dead_nodes"] == 1
     assert res.counts["unused_initializers"] >= 1
-    assert "unused_const" not in {t.name for t in res.model.graph.initializer}
-    assert "dead" not in {n.name for n in res.model.graph.node}
+    assert "unused_const" not in res.model.graph.initializers  # (steps hold the ir.Model)
+    assert "dead" not in {n.name for n in res.model.graph}
