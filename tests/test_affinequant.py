@@ -213,3 +213,32 @@ def test_lwc_grid_of_an_all_positive_group_has_a_negative_zero_and_packs_exactly
     evaluated = dequantize_groups(codes, scale, zero, 16)
     packed = to_spqr_weight(codes, scale, zero, bits=3, group_size=16)
     assert np.array_equal(packed.dequantize(), evaluated.numpy())
+
+
+@pytest.mark.parametrize("kind,abits", [("llama", 8), ("opt", 16)])
+def test_transform_plan_rebuilds_the_full_precision_model(kind, abits):
+    """The result's `TransformPlan`: `full_precision_model` gives back the weights before the merge (a bias the merge
+    added is removed again); `export_copy` installs the transforms on it — an exact rewrite, so its logits are the
+    original model's — and removes the hooks on exit. `activation_bits` carries `abits`."""
+    from qcompiler.quantize.transforms import TransformPlan
+
+    model = tiny_model(kind)
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = _calib(1, 12, seed=1)[0]
+    with torch.no_grad():
+        ref_logits = model(ids).logits
+    res = AffineQuant(AffineQuantConfig(bits=3, group_size=16, epochs=1, abits=abits)).quantize(
+        model, family_for(model), calibration=_calib(2, 16), progress=False)
+    assert isinstance(res.transforms, TransformPlan) and res.activation_bits == abits
+    assert set(res.transforms.expected) == set(res.layers)
+    fp = res.transforms.full_precision_model(model)
+    assert dict(fp.named_parameters()).keys() == reference.keys()
+    for name, p in fp.named_parameters():
+        assert torch.equal(p.detach(), reference[name]), name
+    with res.transforms.export_copy(model) as fp:
+        with torch.no_grad():
+            logits = fp(ids).logits
+        hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in fp.modules())
+        assert hooks > 0
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in fp.modules()) == 0
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)

@@ -112,6 +112,8 @@ def _is_family_key(node) -> bool:
         return False
     if chain[0] in _NAME_ATTRS:
         return True
+    if chain[0] == "kind" and "norm" in chain[1:]:  # family.norm.kind: the norm's behaviour is its fields
+        return True
     return chain[0] in _FAMILY_ATTRS and any("family" in str(n).lower() for n in chain[1:])
 
 
@@ -148,6 +150,7 @@ def test_no_module_branches_on_a_family_name():
     "if config.model_type != 'gemma': pass",
     "if getattr(config, 'model_type', None) == 'phi3': pass",
     "has_shift = family.norm == 'layernorm'",
+    "has_shift = self.family.norm.kind == 'layernorm'",
     "match family.name:\n    case 'opt': pass",
 ])
 def test_family_branch_check_can_fail(snippet):
