@@ -158,36 +158,8 @@ def _export_graph(model: torch.nn.Module, result, *, dtype: str, borrow_weights:
     validation reference; torch's Module.half: transformers refuses `.half()` on GGUF-loaded models)."""
     from qcompiler.graph.export import export_model
 
-    if result.transforms:
-        fp_model = full_precision_copy(model, result)
-        handles = result.transforms.install(fp_model)
-        exported = export_model(fp_model, transforms=result.transforms.manifest(), borrow_weights=borrow_weights)
-        for h in handles:
-            h.remove()
-        return exported
+    if result.transforms is not None:
+        with result.transforms.export_copy(model) as fp_model:
+            return export_model(fp_model, transforms=result.transforms.manifest(), borrow_weights=borrow_weights)
     return export_model(torch.nn.Module.half(copy.deepcopy(model)) if dtype == "fp16" else model,
                         borrow_weights=borrow_weights)
-def full_precision_copy(model: torch.nn.Module, result) -> torch.nn.Module:
-    """A copy of a merged (AffineQuant) model with its full-precision parameters back and the merge's hooks and
-    buffers removed: the model the transforms are installed on for export."""
-    from qcompiler.models.offload import copy_model
-    from qcompiler.quantize.transforms import NORM_MATRIX, NORM_SHIFT
-
-    fp = copy_model(model)  # offloaded models: the copy's weights are file pages too
-    modules = dict(fp.named_modules())
-    with torch.no_grad():
-        for name, value in result.fp_state.items():
-            module_path, _, attr = name.rpartition(".")
-            module = modules[module_path]
-            if value is None:
-                setattr(module, attr, None)
-            else:
-                getattr(module, attr).copy_(value)
-    for path in result.layers:  # activation fake-quant hooks (w4a4): the graph gets them from a pass
-        modules[path]._forward_pre_hooks.clear()
-    for t in result.transforms.norms:
-        norm = modules[t.norm]
-        norm._forward_hooks.clear()
-        for buf in (NORM_MATRIX, NORM_SHIFT):
-            norm._buffers.pop(buf, None)
-    return fp

@@ -34,15 +34,14 @@ def pass_list(options: GraphOptions, *, result, manifest: dict, max_positions: O
     """The passes for one export. `result`: the method's `QuantizationResult`; `manifest`: the exporter's;
     `max_positions`: the model's `max_position_embeddings` (None: unknown, no rotary fusion)."""
     passes: list[Pass] = []
-    if result.transforms:
+    plan = result.transforms
+    if plan is not None:
         passes += [FoldAffineIntoNorm(manifest), FoldAffineIntoLinear(manifest),
-                   ReplaceLinear(result.layers, manifest, expected=result.expected,
-                                 expected_bias=result.expected_bias)]
+                   ReplaceLinear(result.layers, manifest, expected=plan.expected, expected_bias=plan.expected_bias)]
     else:
         passes.append(ReplaceLinear(result.layers, manifest))
-    abits = result.config.get("abits", 16) if isinstance(result.config, dict) else 16
-    if abits < 16:
-        passes.append(QuantizeActivations(result.layers, abits))
+    if result.activation_bits < 16:
+        passes.append(QuantizeActivations(result.layers, result.activation_bits))
     passes.append(RsqrtAsDiv())
     if options.contrib_ops and max_positions:
         passes.append(FuseRotary(int(max_positions)))

@@ -166,12 +166,14 @@ def test_weight_store_views_are_aligned_and_bounded(tmp_path):
 
 
 def test_offload_memory_estimate_is_smaller():
+    from qcompiler.quantize.methods import get_method
+
     config = tiny_config("llama")
-    plain = preflight.estimate_memory(config, "gptq", calibrated=True, nsamples=8, seqlen=128)
-    off = preflight.estimate_memory(config, "gptq", calibrated=True, nsamples=8, seqlen=128, offload=True)
+    plain = preflight.estimate_memory(config, get_method("gptq"), calibrated=True, nsamples=8, seqlen=128)
+    off = preflight.estimate_memory(config, get_method("gptq"), calibrated=True, nsamples=8, seqlen=128, offload=True)
     assert off.total < plain.total and off.activation_bytes == plain.activation_bytes
-    aq = preflight.estimate_memory(config, "affinequant", calibrated=True, nsamples=8, seqlen=128, offload=True)
-    assert aq.total < preflight.estimate_memory(config, "affinequant", calibrated=True, nsamples=8,
+    aq = preflight.estimate_memory(config, get_method("affinequant"), calibrated=True, nsamples=8, seqlen=128, offload=True)
+    assert aq.total < preflight.estimate_memory(config, get_method("affinequant"), calibrated=True, nsamples=8,
                                                 seqlen=128).total  # its full-precision copies are file pages too
     assert aq.activation_bytes > off.activation_bytes  # its targets are extra activations either way
 

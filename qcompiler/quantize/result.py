@@ -47,20 +47,6 @@ class QuantizationResult:
         if not self.totals:
             self.totals = summarize(self.report)
 
-    # Compatibility with the driver of before issue 24 (which read these three off the result); remove once
-    # qcompiler/pipeline.py reads `result.transforms.fp_state` / `.expected` / `.expected_bias`.
-    @property
-    def fp_state(self) -> dict[str, Optional[torch.Tensor]]:
-        return self.transforms.fp_state if self.transforms is not None else {}
-
-    @property
-    def expected(self) -> dict:
-        return self.transforms.expected if self.transforms is not None else {}
-
-    @property
-    def expected_bias(self) -> dict:
-        return self.transforms.expected_bias if self.transforms is not None else {}
-
 
 def layer_report(weight: torch.Tensor, evaluated: torch.Tensor, packed: SpQRWeight) -> dict[str, float]:
     """Per-layer report entry: stored avg bits, relative Frobenius error of the evaluated weight, outlier share."""
