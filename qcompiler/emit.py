@@ -82,11 +82,17 @@ def set_metadata(proto: onnx.ModelProto, record: dict) -> None:
 
 
 def write_folder(output: str, *, force: bool, proto: onnx.ModelProto, tokenizer, manifest: dict, record: dict,
-                 genai: Optional[dict], with_library: bool, model: torch.nn.Module,
+                 model: torch.nn.Module, hf_config, family, with_library: bool,
                  tolerance: Optional[validate.Tolerance], accuracy_level: int = 0) -> Optional[dict]:
     """Write and validate the folder (`tolerance` None: not validated); returns the validation record.
-    Raises QCompilerError (after setting the complete folder aside) when validation fails."""
+    `model`: the PyTorch fake-quant model (validation reference, generation config); `hf_config`, `family`: for
+    onnxruntime-genai's config. Raises QCompilerError (after setting the complete folder aside) when validation
+    fails."""
     from qcompiler.passes.base import save_model
+    from qcompiler.runtime.genai import GENAI_CONFIG_FILE, genai_config
+
+    genai = genai_config(hf_config, family, manifest["kv"], generation_config=getattr(model, "generation_config", None),
+                         library=LIBRARY_FILE if with_library else None)
 
     set_metadata(proto, record)
     with atomic_output(output, force=force) as tmp:
@@ -100,8 +106,6 @@ def write_folder(output: str, *, force: bool, proto: onnx.ModelProto, tokenizer,
             shutil.copy2(library_path(), tmp / LIBRARY_FILE)
             record["op_library"] = LIBRARY_FILE
         if genai is not None:
-            from qcompiler.runtime.genai import GENAI_CONFIG_FILE
-
             write_json(tmp / GENAI_CONFIG_FILE, genai)
         checked = None
         if tolerance is not None:

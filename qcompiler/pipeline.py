@@ -18,7 +18,7 @@ import torch
 
 from qcompiler import QCompilerError, emit
 from qcompiler import validate as validation
-from qcompiler.folder import LIBRARY_FILE, check_output
+from qcompiler.folder import check_output
 from qcompiler.plan import GraphOptions, pass_list
 from qcompiler.progress import StageClock
 
@@ -61,7 +61,6 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
     from qcompiler.models.preflight import check_linear_sizes, check_memory, estimate_memory
     from qcompiler.passes import PassContext, PassManager
     from qcompiler.quantize.methods import get_method
-    from qcompiler.runtime.genai import genai_config
 
     # fail fast on everything that can be checked before loading a model
     check_output(output, force=force)
@@ -114,12 +113,9 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
             result=result, model=model, manifest=exported.manifest, memory=memory, proto=run.model,
             calibration={"path": str(calibration), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
             if calib is not None else None)
-        genai = genai_config(hf_config, family, exported.manifest["kv"],
-                             generation_config=getattr(model, "generation_config", None),
-                             library=LIBRARY_FILE if result.layers else None)
         checked = emit.write_folder(output, force=force, proto=run.model, tokenizer=tokenizer,
-                                    manifest=exported.manifest, record=record, genai=genai,
-                                    with_library=bool(result.layers), model=model,
+                                    manifest=exported.manifest, record=record, model=model, hf_config=hf_config,
+                                    family=family, with_library=bool(result.layers),
                                     tolerance=tolerance if validate else None, accuracy_level=accuracy_level)
 
     diff = checked["max_abs_logit_diff"] if checked else None
