@@ -134,3 +134,11 @@ def test_package_does_not_import_test_code():
             offenders += [f"{path.relative_to(REPO)}:{node.lineno} imports {x}" for x in mods
                           if x.split(".")[0] in ("tests", "bench", "scripts")]
     assert not offenders, offenders
+
+
+def test_every_method_module_registers_a_method():
+    """Adding a method is adding a module to qcompiler/quantize/methods/: the registry imports each one."""
+    from qcompiler.quantize.methods import available_methods, get_method, method_modules
+
+    registered = {get_method(name).__module__.rsplit(".", 1)[-1] for name in available_methods()}
+    assert method_modules() and set(method_modules()) == registered

@@ -1,20 +1,24 @@
 """The method registry: `@register_method("name")` on a `Method` subclass; `get_method(name)` → the class.
 
-Built-in methods live one per module in this package and are imported here so they register themselves; a method
-module that is not present (yet) is simply not offered.
+Every module of this package except `base` (the method contract) defines one method and is imported on first use of
+the registry, so it registers itself: adding a method is adding a file here (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from qcompiler import QCompilerError
 
 _REGISTRY: dict[str, type] = {}
 
-# Modules of this package that define methods, imported on first use of the registry.
-_BUILTIN_MODULES = ("none", "rtn", "gptq", "spqr", "affinequant", "affinequant_spqr")
 _loaded = False
+
+
+def method_modules() -> list[str]:
+    """Names of the modules of this package that define methods (all but `base`), sorted."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base")
 
 
 def register_method(name: str):
@@ -38,13 +42,8 @@ def _load_builtins() -> None:
     if _loaded:
         return
     _loaded = True
-    for module in _BUILTIN_MODULES:
-        full = f"{__name__}.{module}"
-        try:
-            importlib.import_module(full)
-        except ModuleNotFoundError as e:
-            if e.name != full:  # the method exists but one of its own imports is missing: a real error
-                raise
+    for module in method_modules():
+        importlib.import_module(f"{__name__}.{module}")
 
 
 def available_methods() -> list[str]:
