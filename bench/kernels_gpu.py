@@ -74,7 +74,8 @@ def build(variant: str, K: int, N: int, copies: int, w16: np.ndarray) -> onnx.Mo
         return _fp16_layers(w16, copies)
     if variant in SPQR_PRESETS:
         from tests.builders import random_weight
-        from qcompiler.graph.onnx_op import DOMAIN, OPSET_VERSION, spqr_node
+        from qcompiler.graph.format import DOMAIN, OPSET_VERSION
+        from qcompiler.graph.onnx_op import spqr_node
 
         w = random_weight(N=N, K=K, seed=K + N, **SPQR_PRESETS[variant])
         nodes, inits = [], []
