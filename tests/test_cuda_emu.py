@@ -1,5 +1,5 @@
 """The CUDA emulation (custom_ops/emu, tests/cuda_emu.py) reports the faults it claims to catch: each self-test kernel
-(custom_ops/emu/emu_selftest.cc) has one, and a correct twin must pass."""
+(custom_ops/testing/emu/emu_selftest.cc) has one, and a correct twin must pass."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 // qcompiler::SpQRMatMul storage format helpers shared by the CPU kernel (g++) and the CUDA kernel (nvcc).
-// The format is specified in docs/spqr-format.md; the NumPy reference decoder is qcompiler/format.py.
+// The format is specified in docs/spqr-format.md; the NumPy reference decoder is qcompiler/graph/format.py.
 // No ONNX Runtime header here: this file is included by .cu files.
 #pragma once
 

@@ -1,5 +1,5 @@
 // CPU emulation of the CUDA features that SpQRMatMul's kernels use, so that their logic runs and is tested where no
-// GPU is (tests/test_spqr_matmul_cuda_emu.py). Test-only: never linked into libqcompiler_ops.so.
+// GPU is (tests/test_cuda_emu.py, the emulated cases of tests/test_fuzz_spqr_matmul.py). Test-only: never linked into libqcompiler_ops.so.
 //
 // The .cu files are compiled unchanged by the host C++ compiler with custom_ops/testing/emu/include first on the include path
 // (its cuda_fp16.h / cuda_runtime.h / mma.h stubs include this header) and QCOMPILER_CUDA_EMU defined (the launch goes
