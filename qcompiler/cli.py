@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("export", help="quantize a model and export it to an ONNX folder")
-    e.add_argument("model", help="local HF folder, .gguf file, or hub id")
+    from qcompiler.models.families import supported_model_types
+
+    e.add_argument("model", help="local HF folder, .gguf file, or hub id; its config's model_type must be one of "
+                                 f"{', '.join(supported_model_types())}")
     e.add_argument("-o", "--output", required=True, help="output folder (model.onnx, tokenizer, quant_config.json)")
     e.add_argument("--method", default="rtn", help="quantization method (default: rtn; see --help for the list)")
     e.add_argument("--preset", default=None,

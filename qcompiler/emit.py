@@ -92,7 +92,7 @@ def write_folder(output: str, *, force: bool, proto: onnx.ModelProto, tokenizer,
     from qcompiler.runtime.genai import GENAI_CONFIG_FILE, genai_config
 
     genai = genai_config(hf_config, family, manifest["kv"], generation_config=getattr(model, "generation_config", None),
-                         library=LIBRARY_FILE if with_library else None)
+                         library=LIBRARY_FILE if with_library else None, tokenizer=tokenizer)
 
     set_metadata(proto, record)
     with atomic_output(output, force=force) as tmp:

@@ -24,12 +24,19 @@ def make_tokenizer(vocab_size: int = VOCAB):
 
 
 def tiny_config(kind: str):
-    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=256)
     if kind == "llama":
         return LlamaConfig(intermediate_size=96, num_key_value_heads=2, **common)
+    if kind == "llama3":  # Llama 3.1/3.2: the llama3 rope scaling, tied embeddings (3.2 1B/3B)
+        return LlamaConfig(intermediate_size=96, num_key_value_heads=2, tie_word_embeddings=True,
+                           rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 32}, **common)
+    if kind == "qwen3":  # head_dim set apart from hidden/heads, as Qwen3's configs do
+        return Qwen3Config(intermediate_size=96, num_key_value_heads=2, head_dim=32, **common)
     if kind == "qwen2":
         return Qwen2Config(intermediate_size=96, num_key_value_heads=2, **common)
     if kind == "mistral":

