@@ -27,8 +27,9 @@ METADATA_ORDER = "qcompiler.metadata_order"  # keys of the model's metadata_prop
 def to_ir(proto: onnx.ModelProto) -> ir.Model:
     """`proto` as an `ir.Model` (inline tensors are wrapped, not copied; borrowed ones stay in their files)."""
     model = ir.serde.deserialize_model(proto)
-    folders = {borrowed_from(t) for t in all_tensors(proto)} - {None}
-    by_name = {t.name: borrowed_from(t) for t in all_tensors(proto) if borrowed_from(t) is not None}
+    borrowed = [(t.name, folder) for t in all_tensors(proto) if (folder := borrowed_from(t)) is not None]
+    by_name = dict(borrowed)
+    folders = {folder for _, folder in borrowed}
     for tensor, owner in _external_tensors(model):
         folder = by_name.get(tensor.name) if tensor.name else None
         if folder is None and len(folders) == 1:

@@ -39,7 +39,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch.func import functional_call
@@ -52,8 +52,7 @@ from qcompiler.quantize.calibration import calibration_mode, layer_output, captu
 from qcompiler.models.offload import keep, store_numel
 from qcompiler.models.preflight import check_finite
 from qcompiler.models.families import Family, get_module, iter_layers, layer_linears
-from qcompiler.quantize.transforms import (AffineTransforms, HeadTransform, NormTransform, TransformPlan,
-                                           attach_norm_residue, check_family)
+from qcompiler.quantize.transforms import AffineTransforms, HeadTransform, NormTransform, TransformPlan, check_family
 from qcompiler.quantize.methods import register_method
 from qcompiler.quantize.methods.base import (
     Method,

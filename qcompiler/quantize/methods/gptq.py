@@ -247,9 +247,6 @@ class GPTQ(Method):
     needs_calibration = True
     memory_offload_param_factor = 0.75  # as RTN's (qcompiler/quantize/methods/rtn.py)
 
-    def __init__(self, config: Optional[GPTQConfig] = None):
-        super().__init__(config)
-
     def quantize(
         self,
         model: torch.nn.Module,

@@ -29,9 +29,6 @@ class NoQuantization(Method):
     needs_calibration = False
     quantizes = False
 
-    def __init__(self, config: Optional[NoneConfig] = None):
-        super().__init__(config)
-
     def quantize(
         self,
         model: torch.nn.Module,

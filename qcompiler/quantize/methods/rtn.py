@@ -66,9 +66,6 @@ class RTN(Method):
     # --dtype fp16 copies the whole model in memory (not offloaded): its factor stays.
     memory_offload_param_factor = 0.75
 
-    def __init__(self, config: Optional[RTNConfig] = None):
-        super().__init__(config)
-
     def quantize(
         self,
         model: torch.nn.Module,

@@ -441,9 +441,6 @@ class SpQR(Method):
         "sub4": {"bits": 3, "stat_group_size": 32, "outlier_threshold": 0.3},
     }
 
-    def __init__(self, config: Optional[SpQRConfig] = None):
-        super().__init__(config)
-
     def quantize(
         self,
         model: torch.nn.Module,
