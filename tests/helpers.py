@@ -24,7 +24,8 @@ def make_tokenizer(vocab_size: int = VOCAB):
 
 
 def tiny_config(kind: str):
-    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
+    from transformers import (Gemma2Config, Gemma3TextConfig, GraniteConfig, LlamaConfig, MistralConfig, OPTConfig,
+                              Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
 
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=256)
@@ -34,13 +35,40 @@ def tiny_config(kind: str):
         return LlamaConfig(intermediate_size=96, num_key_value_heads=2, tie_word_embeddings=True,
                            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                            "original_max_position_embeddings": 32}, **common)
+                                            "factor": 8.0, "original_max_position_embeddings": 32}, **common)
     if kind == "qwen3":  # head_dim set apart from hidden/heads, as Qwen3's configs do
         return Qwen3Config(intermediate_size=96, num_key_value_heads=2, head_dim=32, **common)
     if kind == "qwen2":
         return Qwen2Config(intermediate_size=96, num_key_value_heads=2, **common)
     if kind == "mistral":
         return MistralConfig(intermediate_size=96, num_key_value_heads=2, **common)
+    if kind == "mistral-swa":  # a sliding window shorter than the sequences the tests run
+        return MistralConfig(intermediate_size=96, num_key_value_heads=2, sliding_window=8, **common)
+    if kind == "qwen2-swa":  # Qwen2.5 with use_sliding_window: the layers from max_window_layers on are local
+        return Qwen2Config(intermediate_size=96, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
+                           max_window_layers=1, **common)
+    if kind == "phi3":  # Phi-3.5-mini / Phi-4-mini: fused qkv and gate_up, longrope, partial rotary (Phi-4-mini)
+        return Phi3Config(intermediate_size=96, num_key_value_heads=2, original_max_position_embeddings=32,
+                          partial_rotary_factor=0.75, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2,
+                          rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                           "short_factor": [1.0 + 0.1 * i for i in range(6)],
+                                           "long_factor": [2.0 + 0.5 * i for i in range(6)],
+                                           "factor": 8.0, "original_max_position_embeddings": 32}, **common)
+    if kind in ("gemma2", "gemma3_text"):  # sliding layers interleaved with global ones, a window of 8
+        cls = Gemma2Config if kind == "gemma2" else Gemma3TextConfig
+        extra = ({"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0} if kind == "gemma2"
+                 else {"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                           "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}})
+        return cls(intermediate_size=96, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+                   sliding_window=8, layer_types=["sliding_attention", "full_attention"], pad_token_id=0,
+                   bos_token_id=1, eos_token_id=2, **extra, **common)
+    if kind == "smollm3":  # layer 1 is NoPE (no_rope_layer_interval 2)
+        return SmolLM3Config(intermediate_size=96, num_key_value_heads=2, no_rope_layer_interval=2, pad_token_id=0,
+                             bos_token_id=1, eos_token_id=2, **common)
+    if kind == "granite":
+        return GraniteConfig(intermediate_size=96, num_key_value_heads=2, embedding_multiplier=12.0,
+                             residual_multiplier=0.22, attention_multiplier=0.0078125, logits_scaling=8.0, **common)
     if kind == "opt":
         return OPTConfig(ffn_dim=96, word_embed_proj_dim=64, **common)
     raise ValueError(kind)

@@ -15,8 +15,10 @@ import onnx
 import pytest
 
 KINDS = ["llama3", "qwen3"]
-ALL_KINDS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "opt"]  # every row of README's table
-FAMILY_OF = {"llama3": "llama"}
+ALL_KINDS = ["llama", "llama3", "mistral", "mistral-swa", "qwen2", "qwen2-swa", "qwen3", "phi3", "gemma2",
+             "gemma3_text", "smollm3", "granite", "opt"]  # every row of README's table
+FAMILY_OF = {"llama3": "llama", "mistral-swa": "mistral", "qwen2-swa": "qwen2"}
+LINEARS_PER_LAYER = {"opt": 6, "phi3": 4}
 CAL = ("--nsamples", "4", "--seqlen", "32")
 METHODS = {
     "none": (),
@@ -32,7 +34,7 @@ METHODS = {
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_every_method_exports_and_validates(kind, method, tiny_export, text_file):
     flags = METHODS[method]
-    if kind == "qwen2" and "--nsamples" in flags:
+    if kind.startswith("qwen2") and "--nsamples" in flags:
         pytest.skip("transformers 5 loads a model_type qwen2 folder's tokenizer as Qwen2Tokenizer (byte-level BPE), "
                     "which reads the tiny word-level tokenizer as no tokens at all: nothing to calibrate on")
     cal = ("--calibration", str(text_file)) if "--nsamples" in flags else ()
@@ -41,7 +43,7 @@ def test_every_method_exports_and_validates(kind, method, tiny_export, text_file
     v = cfg["validation"]
     assert v["passed"] and v["max_abs_logit_diff"] <= v["limit"]
     assert cfg["family"] == FAMILY_OF.get(kind, kind)
-    assert cfg["n_quantized_layers"] == (0 if method == "none" else 2 * (6 if kind == "opt" else 7))
+    assert cfg["n_quantized_layers"] == (0 if method == "none" else 2 * LINEARS_PER_LAYER.get(kind, 7))
 
 
 def test_qwen3_graph_keeps_the_per_head_norms(tiny_export):

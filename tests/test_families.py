@@ -14,8 +14,9 @@ from qcompiler.models.families import (FAMILIES, GLOBAL_ROPE, LLAMA, MISTRAL, OP
                                        FusedLinear, Norm, family_for, get_module, iter_layers, layer_attention,
                                        norm_paths, quantizable_linears)
 
-KINDS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "opt"]  # tests/helpers.py::tiny_config
-FAMILY_OF = {"llama3": "llama"}  # tiny configs whose family has another name
+KINDS = ["llama", "llama3", "mistral", "mistral-swa", "qwen2", "qwen2-swa", "qwen3", "phi3", "gemma2", "gemma3_text",
+         "smollm3", "granite", "opt"]  # tests/helpers.py::tiny_config
+FAMILY_OF = {"llama3": "llama", "mistral-swa": "mistral", "qwen2-swa": "qwen2"}  # tiny configs named apart
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -26,13 +27,13 @@ def test_family_lookup_and_linears(kind):
     assert family_for(model) is family  # a model works as well as its config
     linears = quantizable_linears(model, family)
     n_layers = model.config.num_hidden_layers
-    assert len(linears) == n_layers * len(family.linear_names) == n_layers * (6 if kind == "opt" else 7)
+    assert len(linears) == n_layers * len(family.linear_names) == n_layers * {"opt": 6, "phi3": 4}.get(kind, 7)
     named = dict(model.named_modules())
     for path, module in linears.items():
         assert named[path] is module and isinstance(module, torch.nn.Linear)
     assert "lm_head" not in linears and not any("embed" in p for p in linears)
     first = next(iter(linears))
-    assert first == f"{family.layers}.0.self_attn.q_proj"
+    assert first == f"{family.layers}.0.self_attn.{'qkv_proj' if kind == 'phi3' else 'q_proj'}"
     assert [p for p, _ in iter_layers(model, family)] == [f"{family.layers}.{i}" for i in range(n_layers)]
 
 
@@ -71,33 +72,18 @@ def test_hook_defaults_change_nothing():
         assert layer_attention(family, tiny_config("llama")) == [GLOBAL_ROPE, GLOBAL_ROPE]
 
 
-def test_attention_hook_is_read(monkeypatch):
-    import qcompiler.models.families as families
-
-    local = dataclasses.replace(LLAMA, attention=lambda config, i: Attention(sliding_window=8) if i % 2 else GLOBAL_ROPE)
-    monkeypatch.setitem(families._BY_MODEL_TYPE, "llama", local)
-    with pytest.raises(QCompilerError, match=r"llama: 1 of 2 layers use sliding-window attention \(window 8 < "
-                                             r"max_position_embeddings 256\), first layer 1"):
-        family_for(tiny_config("llama"))
-
-
-@pytest.mark.parametrize("config, message", [
-    # Qwen2/Qwen3 with use_sliding_window: layers from max_window_layers on are "sliding_attention"
-    ("qwen2", "qwen2: 1 of 2 layers use sliding-window attention (window 64 < max_position_embeddings 256)"),
-    ("qwen3", "qwen3: 1 of 2 layers use sliding-window attention (window 64 < max_position_embeddings 256)"),
-    # Mistral: sliding_window on every layer
-    ("mistral", "mistral: 2 of 2 layers use sliding-window attention (window 64 < max_position_embeddings 256)"),
+@pytest.mark.parametrize("kind, expected", [
+    ("mistral-swa", [Attention(sliding_window=8), Attention(sliding_window=8)]),  # sliding_window on every layer
+    ("qwen2-swa", [GLOBAL_ROPE, Attention(sliding_window=8)]),  # local from max_window_layers on
+    ("gemma2", [Attention(sliding_window=8), GLOBAL_ROPE]),  # layer_types
+    ("gemma3_text", [Attention(sliding_window=8), GLOBAL_ROPE]),
+    ("smollm3", [GLOBAL_ROPE, Attention(rope=False)]),  # no_rope_layers: every 2nd layer NoPE here
 ])
-def test_sliding_window_shorter_than_the_context_is_refused(config, message):
-    cfg = tiny_config(config)
-    if config == "mistral":
-        cfg.sliding_window = 64
-    else:
-        fields = {k: v for k, v in cfg.to_dict().items() if k != "layer_types"}  # derived from the settings below
-        cfg = type(cfg)(**{**fields, "use_sliding_window": True, "max_window_layers": 1, "sliding_window": 64})
-    with pytest.raises(QCompilerError) as e:
-        family_for(cfg)
-    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+def test_layer_attention_reads_the_config_as_transformers_does(kind, expected):
+    """What each layer attends to, as the modeling code reads the config; the exporter traces that code, and
+    quant_config.json reports these (tests/test_architectures.py runs sequences longer than the windows)."""
+    cfg = tiny_config(kind)
+    assert layer_attention(family_for(cfg), cfg) == expected
 
 
 def test_a_window_that_covers_the_context_is_global_attention():
@@ -106,16 +92,15 @@ def test_a_window_that_covers_the_context_is_global_attention():
     assert layer_attention(family_for(cfg), cfg) == [GLOBAL_ROPE, GLOBAL_ROPE]
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(norm=Norm(kind="rmsnorm", has_bias=False, weight_offset=1.0)), "weight offset"),
-    (dict(fused=(FusedLinear("self_attn.v_proj", ("q", "k", "v")),)), "fused with q, k"),
-])
-def test_transforms_refuse_what_the_fold_cannot_express(change, message):
-    from qcompiler.quantize.transforms import check_family
+def test_a_fused_value_projection_gets_no_head_transform():
+    """Phi-3's q/k/v share one linear: no value → output transform (its v rows alone would carry it), the norm →
+    linears transforms stay; a split value projection keeps its pair."""
+    from qcompiler.models.families import PHI3
+    from qcompiler.quantize.transforms import head_pair
 
-    check_family(LLAMA)
-    with pytest.raises(QCompilerError, match=message):
-        check_family(dataclasses.replace(LLAMA, **change))
+    assert head_pair(LLAMA) == LLAMA.v_o
+    assert head_pair(PHI3) is None
+    assert head_pair(dataclasses.replace(LLAMA, fused=(FusedLinear("self_attn.v_proj", ("q", "k", "v")),))) is None
 
 
 # ---------------------------------------------------------------------------------------------------- no branching
@@ -211,4 +196,4 @@ def test_unknown_architecture():
     with pytest.raises(QCompilerError) as e:
         family_for(GPT2Config(n_layer=1))
     msg = str(e.value)
-    assert "'gpt2'" in msg and "llama, mistral, opt, qwen2" in msg and "\n" not in msg
+    assert "'gpt2'" in msg and "gemma2, gemma3_text, granite, llama, mistral, opt, phi3, qwen2, qwen3, smollm3" in msg and "\n" not in msg

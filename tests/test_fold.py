@@ -47,6 +47,18 @@ def test_fold_into_norm_and_linear_equal_the_transformed_computation():
     assert torch.allclose(got, x * w @ W.double() + bias, atol=1e-5)
 
 
+def test_fold_into_a_norm_with_a_weight_offset():
+    """Gemma's RMSNorm scales by `1 + w`: the folded weight `w'` gives `1 + w' = (1 + w) ⊙ P` (a fold that scaled the
+    stored `w` would give `1 + w ⊙ P`)."""
+    g = torch.Generator().manual_seed(2)
+    K = 8
+    w, s = torch.randn(K, generator=g), torch.rand(K, generator=g) + 0.5
+    nw, nb, left = fold.fold_into_norm(w, None, 1 / s, offset=1.0)
+    assert nb is None and left is None
+    assert torch.allclose(1 + nw.double(), (1 + w.double()) / s.double(), atol=1e-6)
+    assert not torch.allclose(1 + nw.double(), 1 + w.double() / s.double(), atol=1e-3)
+
+
 def test_fold_linear_output_and_heads():
     g = torch.Generator().manual_seed(1)
     A = torch.eye(4) + 0.1 * torch.randn(2, 4, 4, generator=g)

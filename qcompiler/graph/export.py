@@ -14,6 +14,7 @@ Matching is structural (a MatMul whose second input is a constant), never by exp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -82,7 +83,10 @@ class KVCacheWrapper(torch.nn.Module):
         from transformers import DynamicCache
 
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layout.num_layers)]
-        cache = DynamicCache(pairs, config=self.model.config)
+        # No config: every layer a full `DynamicLayer`. With the config, transformers makes a sliding-window layer's
+        # cache drop keys older than the window, so its present would be shorter than the others' (the graph's one
+        # past_sequence_length); the sliding-window mask, built from absolute positions, then hides those keys.
+        cache = DynamicCache(pairs)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -176,7 +180,7 @@ def export_model(
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     weights = tempfile.TemporaryDirectory(prefix="qcompiler-export-")
     tmp = weights.name
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _module_attributes_kept(model):
         warnings.simplefilter("ignore")
         path = os.path.join(tmp, "model.onnx")
         try:
@@ -214,6 +218,27 @@ def export_model(
     manifest["kv"] = dataclasses.asdict(layout)
     manifest["dtype"] = str(dtype).replace("torch.", "")
     return ExportResult(model=proto, manifest=manifest, weights=weights)
+
+
+@contextlib.contextmanager
+def _module_attributes_kept(model: torch.nn.Module):
+    """Restore every module's plain attributes after tracing. Modeling code may cache tensors on a module during
+    its forward (transformers' longrope rotary keeps `long_inv_freq`); under the exporter's trace those are fake
+    tensors, and a model left holding them computes wrong values afterwards (the validation's PyTorch reference)."""
+    saved = {m: dict(vars(m)) for m in model.modules()}
+    try:
+        yield
+    finally:
+        for module, attrs in saved.items():
+            state = vars(module)
+            for key in [k for k in state if k not in attrs]:
+                del state[key]
+            for key, value in attrs.items():
+                if state.get(key, _MISSING) is not value:
+                    state[key] = value
+
+
+_MISSING = object()
 
 
 def _name_dims(proto: onnx.ModelProto, layout: KVLayout) -> None:

@@ -46,19 +46,22 @@ def _apply_left(m: Tensor, w: Tensor) -> Tensor:
 
 
 def fold_into_norm(
-    weight: Tensor, bias: Optional[Tensor], P: Tensor, pre: Optional[Tensor] = None, *,
+    weight: Tensor, bias: Optional[Tensor], P: Tensor, pre: Optional[Tensor] = None, *, offset: float = 0.0,
     compute: torch.dtype = torch.float64,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Fold `T(y) = (y + pre) ⊙ P` (diagonal `P`) into a norm `y = x̂ ⊙ weight + bias`.
+    """Fold `T(y) = (y + pre) ⊙ P` (diagonal `P`) into a norm `y = x̂ ⊙ (weight + offset) + bias`.
 
-    Returns `(weight', bias', leftover)`: `weight ⊙ P`, `(bias + pre) ⊙ P`; a norm without bias (RMSNorm) cannot hold
-    the shift, so `bias'` is None and `leftover = pre ⊙ P` must be added after the norm (or folded downstream with
-    `fold_linear_input(..., pre=leftover)`), never dropped. `leftover` is None when there is nothing to add.
+    Returns `(weight', bias', leftover)`: `(weight + offset) ⊙ P − offset` (so the norm's effective scale is
+    `(weight + offset) ⊙ P`: Gemma's RMSNorm stores `w` and computes `1 + w`, offset 1), `(bias + pre) ⊙ P`; a norm
+    without bias (RMSNorm) cannot hold the shift, so `bias'` is None and `leftover = pre ⊙ P` must be added after the
+    norm (or folded downstream with `fold_linear_input(..., pre=leftover)`), never dropped. `leftover` is None when
+    there is nothing to add. The graph passes call it with offset 0: the exporter stores the norm's effective scale
+    (`1 + w` constant-folded) as the weight initializer.
     """
     if P.dim() != 1:
         raise ValueError("only a diagonal transform folds into a norm (a full matrix stays a MatMul)")
     w, b, p, s = (_t64(t, compute) for t in (weight, bias, P, pre))
-    new_w = w * p
+    new_w = (w + offset) * p - offset if offset else w * p
     if b is not None:
         new_b = (b + s) * p if s is not None else b * p
         return _f32(new_w), _f32(new_b), None

@@ -187,6 +187,68 @@ QWEN2 = dataclasses.replace(LLAMA, name="qwen2", model_types=("qwen2",), has_lin
 QWEN3 = dataclasses.replace(LLAMA, name="qwen3", model_types=("qwen3",), qk_norms=("self_attn.q_norm", "self_attn.k_norm"),
                             genai_type="qwen3")
 
+def smollm3_attention(config: Any, index: int) -> Attention:
+    """SmolLM3: transformers' `hf_attention`, with rotary embedding only on the layers whose
+    `config.no_rope_layers[index]` is 1 (every `no_rope_layer_interval`-th layer is NoPE: modeling_smollm3.py skips
+    `apply_rotary_pos_emb` there)."""
+    attention = hf_attention(config, index)
+    flags = getattr(config, "no_rope_layers", None)
+    return dataclasses.replace(attention, rope=bool(flags[index])) if flags is not None else attention
+
+
+# LLaMA's layout; some layers skip the rotary embedding (NoPE).
+SMOLLM3 = dataclasses.replace(LLAMA, name="smollm3", model_types=("smollm3",), attention=smollm3_attention,
+                              genai_type="smollm3")
+
+# LLaMA's layout; the embedding / residual / attention multipliers and the logits scaling are scalars in the
+# modeling code (traced into the graph as constants), between modules no transform folds across: the norm→linears
+# and value→output folds are unchanged.
+GRANITE = dataclasses.replace(LLAMA, name="granite", model_types=("granite",), genai_type="granite")
+
+# Phi-3 / Phi-3.5 / Phi-4-mini: q, k, v in one linear (`qkv_proj`) and gate, up in one (`gate_up_proj`). Quantized as
+# one linear each: the rows of a fused linear see the same input (the same Hessian for GPTQ/SpQR, the same norm for
+# AffineQuant's norm→linears transform), so quantizing them together is what quantizing the split q/k/v with a shared
+# calibration would do, and the export keeps the checkpoint's one MatMul (one SpQRMatMul) per fused linear.
+PHI3 = Family(
+    name="phi3",
+    model_types=("phi3",),
+    layers="model.layers",
+    sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    norm=RMSNORM,
+    norm_linears=(("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))),
+    v_o=("self_attn.qkv_proj", "self_attn.o_proj"),
+    embeddings=("model.embed_tokens",),
+    final_norm="model.norm",
+    genai_type="phi3",
+    fused=(FusedLinear("self_attn.qkv_proj", ("q", "k", "v")), FusedLinear("mlp.gate_up_proj", ("gate", "up"))),
+)
+
+# Gemma 2: RMSNorm computes x̂·(1 + w); four norms per layer (input → q/k/v, pre-feedforward → gate/up; the post-
+# attention and post-feedforward norms scale the block outputs before the residual add); GeGLU (tanh GELU), √hidden
+# embedding scale, query_pre_attn_scalar, attention and final logit soft-capping and interleaved sliding-window
+# layers are all in the modeling code the exporter traces.
+GEMMA2 = Family(
+    name="gemma2",
+    model_types=("gemma2",),
+    layers="model.layers",
+    sequential=LLAMA.sequential,
+    norm=Norm(kind="rmsnorm", has_bias=False, weight_offset=1.0),
+    norm_linears=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ),
+    v_o=("self_attn.v_proj", "self_attn.o_proj"),
+    embeddings=("model.embed_tokens",),
+    final_norm="model.norm",
+    genai_type="gemma2",
+    output_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+)
+
+# Gemma 3 (text): Gemma 2's layout plus per-head q/k norms (also 1 + w); local and global layers use different rope
+# bases (rope_parameters per layer type), which the traced rotary module computes.
+GEMMA3 = dataclasses.replace(GEMMA2, name="gemma3_text", model_types=("gemma3_text",), genai_type="gemma3_text",
+                             qk_norms=("self_attn.q_norm", "self_attn.k_norm"))
+
 OPT = Family(
     name="opt",
     model_types=("opt",),
@@ -208,7 +270,7 @@ OPT = Family(
     has_linear_bias=True,
 )
 
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, OPT)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, SMOLLM3, GRANITE, PHI3, GEMMA2, GEMMA3, OPT)
 _BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
 
 
@@ -228,16 +290,6 @@ def family_for(config) -> Family:
         raise QCompilerError(
             f"unsupported architecture '{model_type}': supported model types are {', '.join(supported_model_types())}"
         )
-    kinds = layer_attention(family, config)
-    odd = [i for i, a in enumerate(kinds) if a != GLOBAL_ROPE]
-    if odd:
-        a = kinds[odd[0]]
-        what = (f"sliding-window attention (window {a.sliding_window} < max_position_embeddings "
-                f"{getattr(config, 'max_position_embeddings', None)})" if a.sliding_window is not None
-                else "no rotary embedding (NoPE)")
-        raise QCompilerError(f"{model_type}: {len(odd)} of {len(kinds)} layers use {what}, first layer {odd[0]}; the "
-                             "exporter builds global attention with rotary embeddings only, so it refuses this "
-                             "model rather than export different attention")
     return family
 
 

@@ -47,12 +47,14 @@ def _norm_out(y: Any) -> torch.Tensor:
 
 @dataclasses.dataclass
 class NormTransform:
-    """`A` (vector `[K]` or matrix `[K, K]`) and optional shift `δ [K]` between `norm` and `linears` (module paths)."""
+    """`A` (vector `[K]` or matrix `[K, K]`) and optional shift `δ [K]` between `norm` and `linears` (module paths);
+    `weight_offset`: the norm's `Norm.weight_offset` (Gemma: 1.0), which the PyTorch merge keeps out of the scaling."""
 
     norm: str
     linears: tuple[str, ...]
     A: torch.Tensor
     shift: Optional[torch.Tensor] = None
+    weight_offset: float = 0.0
 
     @property
     def matrix(self) -> bool:
@@ -180,7 +182,7 @@ class AffineTransforms:
                     handles.append(attach_norm_residue(norm, matrix=f[P], shift=pre))
                     continue
                 # a shift a bias-free norm cannot hold is folded into the linears' biases (`merged_weights`)
-                w, b, _ = fold.fold_into_norm(norm.weight, bias, f[P], f[PRE])
+                w, b, _ = fold.fold_into_norm(norm.weight, bias, f[P], f[PRE], offset=t.weight_offset)
                 norm.weight.copy_(w)
                 if bias is not None:
                     bias.copy_(b)
@@ -271,17 +273,12 @@ def _norm_hook(matrix: bool, pre: bool, post: bool):
     return hook
 
 
-def check_family(family: Family) -> None:
-    """QCompilerError for family layouts these transforms cannot express exactly (yet): a norm with a weight offset
-    (`Norm.weight_offset`: the fold scales the stored weight, `(w + c)·p ≠ w·p + c`) and a fused value projection
-    (`Family.fused`: the per-KV-head transform must act on the v rows of the fused linear only)."""
-    if family.norm.weight_offset:
-        raise QCompilerError(f"{family.name}: transform methods (affinequant) do not support norms with a weight "
-                             f"offset ({family.norm.weight_offset:g}): the fold into the norm is not exact")
-    fused = fused_linear(family, family.v_o[0])
-    if fused is not None:
-        raise QCompilerError(f"{family.name}: transform methods (affinequant) do not support a value projection "
-                             f"fused with {', '.join(p for p in fused.parts if p != 'v')} ({fused.path})")
+def head_pair(family: Family) -> Optional[tuple[str, str]]:
+    """The (value, output) projections of the per-KV-head transform, or None when the value projection is fused
+    with q and k (Phi-3's `qkv_proj`): its transform would act on the v rows of the fused linear only, and the graph
+    holds one MatMul for all three, so AffineQuant learns the norm → linears transforms (and the clipping) there and
+    no value → output transform."""
+    return None if fused_linear(family, family.v_o[0]) is not None else family.v_o
 
 
 def identity_transforms(model: torch.nn.Module, family: Family, *, matrix: bool = False,
@@ -289,7 +286,6 @@ def identity_transforms(model: torch.nn.Module, family: Family, *, matrix: bool 
     """Identity transforms at every place the family allows (a starting point and a test fixture)."""
     from qcompiler.models.families import iter_layers
 
-    check_family(family)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
@@ -300,8 +296,11 @@ def identity_transforms(model: torch.nn.Module, family: Family, *, matrix: bool 
             K = get_module(layer, linears[0]).in_features
             A = torch.eye(K) if matrix else torch.ones(K)
             out.norms.append(NormTransform(norm=f"{path}.{norm}", linears=tuple(f"{path}.{n}" for n in linears),
-                                           A=A, shift=torch.zeros(K) if shift else None))
-        v, o = family.v_o
-        out.heads.append(HeadTransform(v=f"{path}.{v}", o=f"{path}.{o}",
-                                       blocks=torch.eye(head_dim).repeat(kv, 1, 1), repeat=heads // kv))
+                                           A=A, shift=torch.zeros(K) if shift else None,
+                                           weight_offset=family.norm.weight_offset))
+        pair = head_pair(family)
+        if pair is not None:
+            v, o = pair
+            out.heads.append(HeadTransform(v=f"{path}.{v}", o=f"{path}.{o}",
+                                           blocks=torch.eye(head_dim).repeat(kv, 1, 1), repeat=heads // kv))
     return out

@@ -52,7 +52,7 @@ from qcompiler.quantize.calibration import calibration_mode, layer_output, captu
 from qcompiler.models.offload import keep, store_numel
 from qcompiler.models.preflight import check_finite
 from qcompiler.models.families import Family, get_module, iter_layers, layer_linears
-from qcompiler.quantize.transforms import AffineTransforms, HeadTransform, NormTransform, TransformPlan, check_family
+from qcompiler.quantize.transforms import AffineTransforms, HeadTransform, NormTransform, TransformPlan, head_pair
 from qcompiler.quantize.methods import register_method
 from qcompiler.quantize.methods.base import (
     Method,
@@ -217,12 +217,14 @@ class _LayerState:
                 shift = stats.get(f"{norm}.mid", torch.zeros(K)).clone().requires_grad_(cfg.let)
             self.norms.append({"norm": norm, "linears": names, "A": A, "shift": shift})
             self.params_let += [A] + ([shift] if shift is not None else [])
-        v, o = family.v_o
-        self.v, self.o = v, o
+        pair = head_pair(family)
+        self.v, self.o = pair if pair is not None else (None, None)
         kv, self.repeat, d = heads_info
-        s = self._head_init(stats.get("o.absmax"), kv, d) if cfg.let else torch.ones(kv, d)
-        self.heads = torch.diag_embed(s).requires_grad_(cfg.let)
-        self.params_let.append(self.heads)
+        self.heads: Optional[torch.Tensor] = None  # no value → output transform (a fused value projection)
+        if pair is not None:
+            s = self._head_init(stats.get("o.absmax"), kv, d) if cfg.let else torch.ones(kv, d)
+            self.heads = torch.diag_embed(s).requires_grad_(cfg.let)
+            self.params_let.append(self.heads)
         self.up, self.low = {}, {}
         for name, lin in self.linears.items():
             gs = cfg.group_size or lin.in_features
@@ -260,9 +262,10 @@ class _LayerState:
     def set_epoch(self, epoch: int) -> None:
         cfg = self.cfg
         K = self.norms[0]["A"].shape[0]
-        d = self.heads.shape[-1]
         self.mask_norm = band_mask(K, band_at(K, epoch, cfg.epochs), cfg.sf) if cfg.ln_matrix else None
-        self.mask_head = band_mask(d, band_at(d, epoch, cfg.epochs), cfg.sf)
+        if self.heads is not None:
+            d = self.heads.shape[-1]
+            self.mask_head = band_mask(d, band_at(d, epoch, cfg.epochs), cfg.sf)
         self.enforce()
 
     def enforce(self) -> None:
@@ -273,11 +276,12 @@ class _LayerState:
                     make_dominant_(A, self.mask_norm)
                 else:
                     A.copy_(torch.where(A < 0, -1.0, 1.0) * A.abs().clamp_min(MIN_DIAG))
-            make_dominant_(self.heads, self.mask_head)
+            if self.heads is not None:
+                make_dominant_(self.heads, self.mask_head)
 
-    def masked(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def masked(self) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
         norms = [n["A"] * self.mask_norm if n["A"].dim() == 2 else n["A"] for n in self.norms]
-        return norms, self.heads * self.mask_head
+        return norms, None if self.heads is None else self.heads * self.mask_head
 
     def transforms(self) -> AffineTransforms:
         """The current transforms (masked, detached) with full module paths."""
@@ -287,9 +291,11 @@ class _LayerState:
             out.norms.append(NormTransform(norm=f"{self.path}.{n['norm']}",
                                            linears=tuple(f"{self.path}.{x}" for x in n["linears"]),
                                            A=A.detach().clone(),
-                                           shift=None if n["shift"] is None else n["shift"].detach().clone()))
-        out.heads.append(HeadTransform(v=f"{self.path}.{self.v}", o=f"{self.path}.{self.o}",
-                                       blocks=heads.detach().clone(), repeat=self.repeat))
+                                           shift=None if n["shift"] is None else n["shift"].detach().clone(),
+                                           weight_offset=self.family.norm.weight_offset))
+        if heads is not None:
+            out.heads.append(HeadTransform(v=f"{self.path}.{self.v}", o=f"{self.path}.{self.o}",
+                                           blocks=heads.detach().clone(), repeat=self.repeat))
         return out
 
     def weights(self, quantize: bool = True) -> tuple[dict[str, torch.Tensor], list]:
@@ -310,7 +316,8 @@ class _LayerState:
             b = fp.get(bias_key)
             if A.dim() == 1:
                 P = fold.inverse64(A, compute=c)
-                w2, b2, _ = fold.fold_into_norm(fp[f"{norm}.weight"], b, P, pre, compute=c)
+                w2, b2, _ = fold.fold_into_norm(fp[f"{norm}.weight"], b, P, pre,
+                                                offset=self.family.norm.weight_offset, compute=c)
                 out[f"{norm}.weight"] = w2
                 if b2 is not None:
                     out[bias_key] = b2
@@ -324,12 +331,13 @@ class _LayerState:
                 W, bb = fold.fold_linear_input(fp[f"{name}.weight"].T, fp.get(f"{name}.bias"), A,
                                                post=None if shift is None else shift, compute=c)
                 Wt[name] = (W.T, bb)
-        inv = fold.block_diag_heads(fold.blocks_inverse64(heads, compute=c))
-        W, bb = fold.fold_linear_output(fp[f"{self.v}.weight"].T, fp.get(f"{self.v}.bias"), inv, compute=c)
-        Wt[self.v] = (W.T, bb)
-        W, bb = fold.fold_linear_input(fp[f"{self.o}.weight"].T, fp.get(f"{self.o}.bias"),
-                                       fold.block_diag_heads(heads, self.repeat), compute=c)
-        Wt[self.o] = (W.T, bb)
+        if heads is not None:
+            inv = fold.block_diag_heads(fold.blocks_inverse64(heads, compute=c))
+            W, bb = fold.fold_linear_output(fp[f"{self.v}.weight"].T, fp.get(f"{self.v}.bias"), inv, compute=c)
+            Wt[self.v] = (W.T, bb)
+            W, bb = fold.fold_linear_input(fp[f"{self.o}.weight"].T, fp.get(f"{self.o}.bias"),
+                                           fold.block_diag_heads(heads, self.repeat), compute=c)
+            Wt[self.o] = (W.T, bb)
         for name, lin in self.linears.items():
             W, bb = Wt.get(name, (fp[f"{name}.weight"], fp.get(f"{name}.bias")))
             gs = cfg.group_size or lin.in_features
@@ -376,7 +384,9 @@ def _watch_stats(layer, family: Family, stats: dict) -> list:
 
     for norm, names in family.norm_linears:
         handles.append(linears[names[0]].register_forward_pre_hook(watch(norm)))
-    handles.append(linears[family.v_o[1]].register_forward_pre_hook(watch("o")))
+    pair = head_pair(family)
+    if pair is not None:
+        handles.append(linears[pair[1]].register_forward_pre_hook(watch("o")))
     return handles
 
 
@@ -429,7 +439,6 @@ class AffineQuant(Method):
         cfg: AffineQuantConfig = self.config
         if not calibration:
             raise QCompilerError("affinequant needs calibration windows")
-        check_family(family)
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         heads = text.num_attention_heads
         kv = getattr(text, "num_key_value_heads", None) or heads
