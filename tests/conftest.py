@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import VOCAB, fuzz_seed, make_tokenizer, tiny_model, write_tiny_gguf
+from tests.helpers import VOCAB, fuzz_seed, make_bpe_tokenizer, make_tokenizer, tiny_model, write_tiny_gguf
 
 
 def pytest_addoption(parser):
@@ -48,7 +48,7 @@ def tiny_dirs(tmp_path_factory):
         if kind not in cache:
             d = tmp_path_factory.mktemp(f"tiny-{kind}")
             tiny_model(kind).save_pretrained(d)
-            make_tokenizer().save_pretrained(d)
+            (make_bpe_tokenizer() if kind.startswith("qwen2") else make_tokenizer()).save_pretrained(d)
             cache[kind] = d
         return cache[kind]
 

@@ -23,6 +23,33 @@ def make_tokenizer(vocab_size: int = VOCAB):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+def _bpe_vocab() -> tuple[list[str], list[str]]:
+    """A byte-level BPE vocabulary of `VOCAB` tokens over `make_tokenizer`'s words w0..w18 ("Ġ" marks a leading
+    space, as GPT-2's byte map writes it) and its merges."""
+    digits = [str(i) for i in range(10)]
+    tokens = (["<unk>", "<s>", "</s>"] + [chr(x) for x in range(33, 127)] + ["\u0120", "\u0120w"]
+              + [f"w{i}" for i in digits] + [f"\u0120w{i}" for i in digits] + [f"w1{i}" for i in digits[:9]])
+    merges = (["\u0120 w"] + [f"w {i}" for i in digits] + [f"\u0120w {i}" for i in digits]
+              + [f"w1 {i}" for i in digits[:9]])
+    assert len(tokens) == VOCAB
+    return tokens, merges
+
+
+def make_bpe_tokenizer():
+    """A byte-level BPE tokenizer over `_bpe_vocab`: what transformers 5 needs for a `qwen2` (or `phi3`) folder, whose
+    tokenizer it always loads as that model's own class (Qwen2Tokenizer reads the vocabulary and merges and applies
+    its byte-level pre-tokenizer: a word-level tokenizer would give no tokens at all)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens, merges = _bpe_vocab()
+    bpe = models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ")) for m in merges], unk_token="<unk>")
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
 def tiny_config(kind: str):
     from transformers import (Gemma2Config, Gemma3TextConfig, GraniteConfig, LlamaConfig, MistralConfig, OPTConfig,
                               Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
@@ -117,12 +144,7 @@ def write_tiny_gguf(path: Path, *, tied: bool = False):
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    digits = [str(i) for i in range(10)]
-    tokens = (["<unk>", "<s>", "</s>"] + [chr(x) for x in range(33, 127)] + ["\u0120", "\u0120w"]
-              + [f"w{i}" for i in digits] + [f"\u0120w{i}" for i in digits] + [f"w1{i}" for i in digits[:9]])
-    merges = (["\u0120 w"] + [f"w {i}" for i in digits] + [f"\u0120w {i}" for i in digits]
-              + [f"w1 {i}" for i in digits[:9]])
-    assert len(tokens) == VOCAB
+    tokens, merges = _bpe_vocab()
     w.add_tokenizer_model("gpt2")
     w.add_token_list(tokens)
     w.add_token_types([1] * VOCAB)

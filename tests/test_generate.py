@@ -14,7 +14,8 @@ from qcompiler.runtime.generate import Generator, SamplingConfig, pick_token
 PROMPT = "w5 w17 w3 w99 w42 w7"
 
 
-@pytest.fixture(scope="module", params=["llama", "opt", "llama3", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "opt", "llama3", "qwen3", "mistral-swa", "qwen2-swa", "phi3", "gemma2",
+                                               "gemma3_text", "smollm3", "granite"])
 def exported(request, tiny_dirs, tiny_export):
     return request.param, tiny_dirs(request.param), tiny_export(request.param, "none")
 
