@@ -102,3 +102,72 @@ def test_genai_generates_the_same_tokens(kind, tiny_export):
     while not gen.is_done():
         gen.generate_next_token()
     assert [int(t) for t in gen.get_sequence(0)[len(prompt):]] == expected
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS[:-1])  # OPT's LayerNorm and learned positions: neither applies
+def test_norms_reach_the_fused_kernel_and_rotary_is_fused(kind, tiny_export, tmp_path):
+    """ONNX Runtime's optimiser turns every RMSNorm of the export into one SimplifiedLayerNormalization (Gemma's
+    `1 + w` included: the exporter stores the sum as the weight), and fuse-rotary turns every full-head rotation
+    into RotaryEmbedding (q and k of each layer with rope: SmolLM3's NoPE layer has none). Phi-3's partial rotary
+    (`partial_rotary_factor` < 1) and longrope (the angle table depends on the largest position of the call) stay
+    as exported."""
+    import onnxruntime as ort
+
+    from qcompiler.models.families import family_for, layer_attention, norm_paths
+    from qcompiler.runtime.ops import session
+    from tests.helpers import tiny_config
+
+    folder = tiny_export(kind, "rtn", *METHODS["rtn"])
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session(folder / "model.onnx", sess_options=so)
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    ops = [n.op_type for n in optimized.graph.node]
+    cfg = tiny_config(kind)
+    family = family_for(cfg)
+    assert ops.count("SimplifiedLayerNormalization") == cfg.num_hidden_layers * len(norm_paths(family)) + 1
+    rope_layers = sum(a.rope for a in layer_attention(family, cfg))
+    assert ops.count("RotaryEmbedding") == (0 if kind == "phi3" else 2 * rope_layers)
+
+
+def test_phi3_longrope_switches_tables_past_the_original_context(tiny_export, tiny_dirs):
+    """Phi-3's longrope rotates with the short factors while the call's largest position is inside
+    `original_max_position_embeddings` (32 here) and with the long factors past it, per forward call, as
+    transformers does: a prefill of 28 tokens and decode steps to position 40 equal transformers' own cached decode
+    step for step (a graph with one table baked in would differ from position 32 on)."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from qcompiler.graph.export import KVLayout
+    from qcompiler.runtime.ops import session
+
+    folder = tiny_export("phi3", "none")
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dirs("phi3")), attn_implementation="eager").eval()
+    layout = KVLayout.from_config(model.config)
+    sess = session(folder / "model.onnx")
+    names = [o.name for o in sess.get_outputs()]
+    ids = np.random.default_rng(3).integers(0, 120, size=(1, 40))
+
+    def feeds(chunk, start, past):
+        f = {"input_ids": chunk, "attention_mask": np.ones((1, start + chunk.shape[1]), np.int64),
+             "position_ids": np.arange(start, start + chunk.shape[1])[None].astype(np.int64)}
+        f.update(past if past is not None else layout.empty_past(1))
+        return f
+
+    cache = DynamicCache(config=model.config)
+    out, errors = None, []
+    for start, end in [(0, 28)] + [(t, t + 1) for t in range(28, 40)]:
+        past = None if out is None else {n.replace("present", "past_key_values"): v
+                                         for n, v in zip(names[1:], out[1:])}
+        out = sess.run(None, feeds(ids[:, start:end], start, past))
+        with torch.no_grad():
+            ref = model(torch.from_numpy(ids[:, start:end]), cache=cache, use_cache=True,
+                        position_ids=torch.arange(start, end)[None]).logits.numpy()
+        errors.append(float(np.abs(out[0] - ref).max()))
+    assert max(errors) <= 1e-4, errors
+    # and the long factors matter: a full forward of the 40 tokens (long tables throughout) differs from the
+    # stepwise one at the prefill's positions
+    with torch.no_grad():
+        full = model(torch.from_numpy(ids)).logits.numpy()
+    first = sess.run(["logits"], feeds(ids[:, :28], 0, None))[0]
+    assert float(np.abs(full[:, :28] - first).max()) > 1e-3
