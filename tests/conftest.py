@@ -58,15 +58,16 @@ def tiny_dirs(tmp_path_factory):
 # llama.cpp's tensor names for the tiny LLaMA's parameters (the inverse of transformers' GGUF name map)
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory):
-    """Factory: `tiny_gguf(tied=False)` → path of the tiny LLaMA written as a GGUF file (cached per session)."""
-    cache: dict[bool, Path] = {}
+    """Factory: `tiny_gguf(tied=False, kind="llama")` → path of the tiny model of `kind` written as a GGUF file
+    (tests/helpers.py::write_tiny_gguf; cached per session)."""
+    cache: dict[tuple, Path] = {}
 
-    def make(tied: bool = False) -> Path:
-        if tied not in cache:
-            path = tmp_path_factory.mktemp("gguf") / ("tiny-tied.gguf" if tied else "tiny.gguf")
-            write_tiny_gguf(path, tied=tied)
-            cache[tied] = path
-        return cache[tied]
+    def make(tied: bool = False, kind: str = "llama") -> Path:
+        if (tied, kind) not in cache:
+            path = tmp_path_factory.mktemp("gguf") / (f"tiny-{kind}-tied.gguf" if tied else f"tiny-{kind}.gguf")
+            write_tiny_gguf(path, kind=kind, tied=tied)
+            cache[tied, kind] = path
+        return cache[tied, kind]
 
     return make
 

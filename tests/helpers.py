@@ -117,33 +117,74 @@ def tiny_model(kind: str, seed: int = 0):
     return model
 
 
-_GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-               "lm_head.weight": "output.weight"}
-_GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+# How llama.cpp's converter (convert_hf_to_gguf.py) writes each tiny model: its `general.architecture` (Mistral is
+# written as llama; transformers tells it apart by "mistral" in `general.name`), and the value conventions the
+# loaders undo: the q/k rows of "llama" permuted for its RoPE, Gemma's norm weights stored as `1 + w`.
+_GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+              "gemma2": "gemma2", "gemma3_text": "gemma3"}
+GGUF_KINDS = tuple(_GGUF_ARCH)
 
 
-def write_tiny_gguf(path: Path, *, tied: bool = False):
-    """Write the tiny LLaMA as a GGUF file the way llama.cpp's converter lays it out (q/k rows permuted for its
-    RoPE, a byte-level BPE tokenizer over `make_tokenizer`'s words, ffn_down in Q8_0, the rest F32; `tied`: no
-    output.weight, so loaders tie lm_head to the embedding). Returns the model written."""
+def gguf_model(kind: str):
+    """The tiny model of `kind` as a GGUF file can describe it: transformers' GGUF loader reads only some config
+    fields and takes the class defaults for the rest (Qwen3's head_dim, Gemma's query_pre_attn_scalar and
+    soft-capping, Phi-3's rope), so the model written carries those defaults and loads back as itself."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(kind)
+    if kind == "qwen3":
+        cfg.head_dim = type(cfg)().head_dim
+    if kind.startswith("gemma"):
+        defaults = type(cfg)()
+        for field in ("query_pre_attn_scalar", "final_logit_softcapping", "attn_logit_softcapping"):
+            setattr(cfg, field, getattr(defaults, field))
+        cfg.layer_types = None
+        cfg = type(cfg)(**{k: v for k, v in cfg.to_dict().items() if k not in ("layer_types", "rope_parameters")})
+    if kind == "phi3":
+        cfg = type(cfg)(**{k: v for k, v in cfg.to_dict().items()
+                           if k not in ("rope_parameters", "partial_rotary_factor", "original_max_position_embeddings")})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+            elif p.ndim == 1:
+                p.uniform_(0.8, 1.2)
+    return model
+
+
+def write_tiny_gguf(path: Path, *, kind: str = "llama", tied: bool = False):
+    """Write the tiny model of `kind` (`gguf_model`) as a GGUF file the way llama.cpp's converter lays it out
+    (tensor names: the inverse of transformers' own GGUF name map; q/k rows permuted for "llama", Gemma's norms as
+    `1 + w`; a byte-level BPE tokenizer over `make_tokenizer`'s words; ffn_down in Q8_0, the rest F32; `tied`: no
+    output.weight, so loaders tie lm_head to the embedding — Gemma always is). Returns the model written."""
     import gguf
     import numpy as np
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
-    model = tiny_model("llama")
+    model = gguf_model(kind)
     c = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    arch = _GGUF_ARCH[kind]
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{kind}")
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    rope = c.rope_parameters
+    w.add_rope_freq_base(float(rope.get("rope_theta") or rope["full_attention"]["rope_theta"]))  # Gemma 3: global
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_rope_dimension_count(head_dim)
+    if getattr(c, "sliding_window", None):
+        w.add_sliding_window(c.sliding_window)
     tokens, merges = _bpe_vocab()
     w.add_tokenizer_model("gpt2")
     w.add_token_list(tokens)
@@ -152,23 +193,25 @@ def write_tiny_gguf(path: Path, *, tied: bool = False):
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
+    w.add_pad_token_id(0)
 
     def permute(W, n_head):  # llama.cpp's q/k row order (transformers' GGUF loader reverses it)
         return W.reshape(n_head, 2, W.shape[0] // n_head // 2, *W.shape[1:]).swapaxes(1, 2).reshape(W.shape)
 
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=c.to_dict())
+    gguf_of = {hf: g for g, hf in get_gguf_hf_weights_map(model, processor, model_type=arch).items()}
+    tied = tied or c.tie_word_embeddings
     for name, p in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue
         W = p.detach().numpy().astype(np.float32)
-        if name in _GGUF_NAMES:
-            g = _GGUF_NAMES[name]
-        else:
-            parts = name.split(".")  # model.layers.I.MODULE.weight
-            g = f"blk.{parts[2]}.{_GGUF_LAYER['.'.join(parts[3:-1])]}.{parts[-1]}"
-        if ".attn_q." in g:
+        g = gguf_of[name]
+        if arch == "llama" and ".attn_q." in g:
             W = permute(W, c.num_attention_heads)
-        elif ".attn_k." in g:
+        elif arch == "llama" and ".attn_k." in g:
             W = permute(W, c.num_key_value_heads)
+        if arch.startswith("gemma") and g.endswith("norm.weight"):
+            W = W + 1
         if g.endswith("ffn_down.weight"):
             q = gguf.quants.quantize(W, gguf.GGMLQuantizationType.Q8_0)
             w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)

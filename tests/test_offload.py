@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from tests.helpers import tiny_config
+from tests.helpers import GGUF_KINDS, tiny_config
 from qcompiler import QCompilerError
 from qcompiler.models import preflight
 from qcompiler.cli import main
@@ -94,12 +94,43 @@ def test_offloaded_gguf_equals_transformers_gguf_loader(tied, tiny_gguf):
     assert tok("w1 w12 w3")["input_ids"] == ref_tok("w1 w12 w3")["input_ids"]
 
 
-def test_offloaded_gguf_export_is_byte_identical(tiny_gguf, tmp_path):
+# the model_type transformers' GGUF loader gives each file (llama.cpp writes Mistral as "llama"; transformers only
+# reads it as mistral when general.name is exactly "mistral", so a Mistral GGUF loads, weights and all, as LLaMA)
+GGUF_MODEL_TYPE = {"mistral": "llama", "gemma3_text": "gemma3_text"}
+
+
+@pytest.mark.parametrize("kind", GGUF_KINDS)
+def test_gguf_of_each_family_loads_as_transformers_loads_it(kind, tiny_gguf):
+    """A GGUF file of each GGUF-capable type, written as llama.cpp's converter writes it (its names, LLaMA's q/k
+    permutation, Gemma's `1 + w` norms, Phi-3's fused qkv / gate_up, Qwen's q/k/v biases and Qwen3's q/k norms):
+    the offloaded weights equal transformers' loader bit for bit and the model written (ffn_down within its Q8_0
+    rounding)."""
+    from tests.helpers import gguf_model
+
+    path = tiny_gguf(kind=kind)
+    model, _ = load_offloaded(str(path), progress=False)
+    ref, _ = load_model(str(path), progress=False)
+    assert model.config.model_type == ref.config.model_type == GGUF_MODEL_TYPE.get(kind, kind)
+    params, ref_params = dict(model.named_parameters()), dict(ref.named_parameters())
+    written = dict(gguf_model(kind).named_parameters())
+    assert params.keys() == ref_params.keys() == written.keys()
+    for name, p in params.items():
+        assert torch.equal(p, ref_params[name]), name
+        if name.endswith("mlp.down_proj.weight"):
+            assert 0 < (p - written[name]).abs().max().item() < 1e-3, name
+        elif kind.startswith("gemma") and name.endswith("norm.weight"):  # stored as 1 + w, read back as that − 1
+            assert torch.equal(p, (written[name] + 1) - 1), name
+        else:
+            assert torch.equal(p, written[name]), name
+
+
+@pytest.mark.parametrize("kind", GGUF_KINDS)
+def test_offloaded_gguf_export_is_byte_identical(kind, tiny_gguf, tmp_path):
     outs = []
     for name, extra in (("plain", []), ("offload", ["--offload-weights"])):
         out = tmp_path / name
-        assert main(["export", str(tiny_gguf()), "--method", "rtn", "--bits", "3", "--group-size", "16", *extra,
-                     "-o", str(out), "-q"]) == 0
+        assert main(["export", str(tiny_gguf(kind=kind)), "--method", "rtn", "--bits", "3", "--group-size", "16",
+                     *extra, "-o", str(out), "-q"]) == 0
         outs.append(out)
     for f in ("model.onnx", "model.onnx.data"):
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
