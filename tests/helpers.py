@@ -126,9 +126,10 @@ GGUF_KINDS = tuple(_GGUF_ARCH)
 
 
 def gguf_model(kind: str):
-    """The tiny model of `kind` as a GGUF file can describe it: transformers' GGUF loader reads only some config
-    fields and takes the class defaults for the rest (Qwen3's head_dim, Gemma's query_pre_attn_scalar and
-    soft-capping, Phi-3's rope), so the model written carries those defaults and loads back as itself."""
+    """The tiny model of `kind` as a GGUF file can describe it: a GGUF file holds no Qwen3 head_dim (transformers
+    takes the class default), no Gemma query_pre_attn_scalar or layer pattern (defaults again), so the model written
+    carries those defaults. Phi-3's longrope and partial rotary and Gemma 2's soft-capping (0.5 / 1 here, not the
+    class defaults) are stored by llama.cpp and read back by `qcompiler.models.loading.complete_gguf_config`."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -136,14 +137,10 @@ def gguf_model(kind: str):
     if kind == "qwen3":
         cfg.head_dim = type(cfg)().head_dim
     if kind.startswith("gemma"):
-        defaults = type(cfg)()
-        for field in ("query_pre_attn_scalar", "final_logit_softcapping", "attn_logit_softcapping"):
-            setattr(cfg, field, getattr(defaults, field))
-        cfg.layer_types = None
+        cfg.query_pre_attn_scalar = type(cfg)().query_pre_attn_scalar
+        if kind == "gemma2":
+            cfg.final_logit_softcapping, cfg.attn_logit_softcapping = 0.5, 1.0  # caps the tiny logits reach
         cfg = type(cfg)(**{k: v for k, v in cfg.to_dict().items() if k not in ("layer_types", "rope_parameters")})
-    if kind == "phi3":
-        cfg = type(cfg)(**{k: v for k, v in cfg.to_dict().items()
-                           if k not in ("rope_parameters", "partial_rotary_factor", "original_max_position_embeddings")})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     with torch.no_grad():
@@ -182,9 +179,21 @@ def write_tiny_gguf(path: Path, *, kind: str = "llama", tied: bool = False):
     w.add_rope_freq_base(float(rope.get("rope_theta") or rope["full_attention"]["rope_theta"]))  # Gemma 3: global
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    if rope.get("rope_type") == "longrope":  # as llama.cpp's Phi-3 conversion stores it
+        import math
+
+        original = rope["original_max_position_embeddings"]
+        w.add_rope_scaling_orig_ctx_len(original)
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(c.max_position_embeddings / original)
+                                                  / math.log(original)))
+        w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
     if getattr(c, "sliding_window", None):
         w.add_sliding_window(c.sliding_window)
+    if getattr(c, "attn_logit_softcapping", None):
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
     tokens, merges = _bpe_vocab()
     w.add_tokenizer_model("gpt2")
     w.add_token_list(tokens)

@@ -124,6 +124,30 @@ def test_gguf_of_each_family_loads_as_transformers_loads_it(kind, tiny_gguf):
             assert torch.equal(p, written[name]), name
 
 
+@pytest.mark.parametrize("kind, what", [("phi3", "longrope and partial rotary"), ("gemma2", "soft-capping")])
+def test_gguf_config_keeps_what_transformers_gguf_loader_drops(kind, what, tiny_gguf):
+    """llama.cpp stores Phi-3's longrope factors and rotary dimension and Gemma 2's soft-capping values; transformers'
+    GGUF loader reads none of them (class defaults: plain rope over the whole head, caps 30 / 50). Loaded here, the
+    model computes what the model written computes (its weights put into the written model give the same logits);
+    transformers' own loader gives a different model."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import gguf_model
+
+    path = tiny_gguf(kind=kind)
+    ids = torch.tensor([list(range(3, 43))])  # past Phi-3's original context of 32: the long factors too
+    for loader in (load_model, load_offloaded):
+        model, _ = loader(str(path), progress=False)
+        written = gguf_model(kind)
+        written.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert torch.allclose(model(ids).logits, written(ids).logits, atol=1e-5), (loader.__name__, what)
+    plain = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain(ids).logits, written(ids).logits, atol=1e-3), what
+
+
 @pytest.mark.parametrize("kind", GGUF_KINDS)
 def test_offloaded_gguf_export_is_byte_identical(kind, tiny_gguf, tmp_path):
     outs = []

@@ -35,6 +35,67 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
+def complete_gguf_config(config: Any, path: str | os.PathLike) -> Any:
+    """`config` as transformers read it from GGUF file `path`, plus what llama.cpp's converter stored and
+    transformers' GGUF loader leaves out (it reads a fixed list of keys per architecture and takes the config class
+    defaults for the rest), where that changes the model:
+
+    - `{arch}.rope.dimension_count` below the head size: partial rotary (Phi-4-mini rotates 3/4 of each head);
+    - `rope_factors_long` / `rope_factors_short` tensors with `{arch}.rope.scaling.original_context_length` (and
+      `.attn_factor`): longrope (Phi-3.5-mini, Phi-4-mini);
+    - `{arch}.attn_logit_softcapping`, `{arch}.final_logit_softcapping` (Gemma 2).
+
+    Keyed by the metadata present, not by architecture; returns a new config when anything was added."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch_field = reader.fields.get("general.architecture")
+    arch = arch_field.contents() if arch_field is not None else ""
+
+    def value(key: str):
+        f = reader.fields.get(f"{arch}.{key}")
+        return None if f is None else f.contents()
+
+    d = config.to_dict()
+    rope = dict(d.get("rope_parameters") or {})
+    added: list[str] = []
+    heads = d.get("num_attention_heads") or 1
+    head_dim = d.get("head_dim") or d["hidden_size"] // heads
+    n_rot = value("rope.dimension_count")
+    if n_rot and n_rot < head_dim and "partial_rotary_factor" in rope:
+        rope["partial_rotary_factor"] = n_rot / head_dim
+        added.append(f"partial rotary {n_rot}/{head_dim}")
+    factors = {t.name: t for t in reader.tensors if t.name.startswith("rope_factors_")}
+    original = value("rope.scaling.original_context_length")
+    if {"rope_factors_long.weight", "rope_factors_short.weight"} <= set(factors) and original:
+        rope.update(rope_type="longrope",
+                    long_factor=[float(x) for x in factors["rope_factors_long.weight"].data],
+                    short_factor=[float(x) for x in factors["rope_factors_short.weight"].data],
+                    original_max_position_embeddings=int(original))
+        if value("rope.scaling.attn_factor") is not None:
+            rope["attention_factor"] = float(value("rope.scaling.attn_factor"))
+        if "original_max_position_embeddings" in d:
+            d["original_max_position_embeddings"] = int(original)
+        added.append(f"longrope (original context {original})")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        v = value(key)
+        if v is not None and key in d and d[key] != v:
+            d[key] = float(v)
+            added.append(f"{key} {v:g}")
+    if not added:
+        return config
+    log.info("%s: from the GGUF metadata transformers does not read: %s", Path(path).name, ", ".join(added))
+    d["rope_parameters"] = rope
+    return type(config).from_dict(d)
+
+
+def gguf_config(where: str, gguf_file: str) -> Any:
+    """The config of GGUF file `where/gguf_file` as transformers reads it, completed by `complete_gguf_config`."""
+    from transformers import AutoConfig
+
+    return complete_gguf_config(AutoConfig.from_pretrained(where, gguf_file=gguf_file), Path(where) / gguf_file)
+
+
 def _from_pretrained(source: str, dtype: torch.dtype, **kwargs: Any):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,8 +107,9 @@ def _from_pretrained(source: str, dtype: torch.dtype, **kwargs: Any):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
+        extra = {"config": gguf_config(source, kwargs["gguf_file"])} if "gguf_file" in kwargs else {}
         model, info = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, output_loading_info=True, **kwargs
+            source, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, output_loading_info=True, **kwargs, **extra
         )
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -95,10 +157,14 @@ def _load(source: str, loader):
 
 
 def load_config(source: str) -> Any:
-    """The model's `PretrainedConfig` only (no weights): checks the architecture before a long load."""
+    """The model's `PretrainedConfig` only (no weights): checks the architecture before a long load. A GGUF file's
+    config is completed by `complete_gguf_config`."""
     from transformers import AutoConfig
 
-    return _load(source, lambda where, **kw: AutoConfig.from_pretrained(where, **kw))
+    def config(where: str, **kw: Any) -> Any:
+        return gguf_config(where, kw["gguf_file"]) if "gguf_file" in kw else AutoConfig.from_pretrained(where, **kw)
+
+    return _load(source, config)
 
 
 @contextlib.contextmanager

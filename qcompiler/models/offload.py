@@ -190,7 +190,7 @@ def load_offloaded(source: str, *, store_dir: Optional[str] = None, progress: bo
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
-    from qcompiler.models.loading import ATTN_IMPLEMENTATION, resolve_source
+    from qcompiler.models.loading import ATTN_IMPLEMENTATION, gguf_config, resolve_source
     from qcompiler.models.preflight import check_finite_weight, check_loaded_weights
 
     where, kwargs = resolve_source(source)  # a missing local path: one-line error
@@ -198,7 +198,7 @@ def load_offloaded(source: str, *, store_dir: Optional[str] = None, progress: bo
         raise QCompilerError(f"--offload-weights needs a local HF folder with safetensors weights or a local GGUF "
                              f"file (got {source}: hub ids are downloaded and loaded whole)")
     gguf_file = kwargs.get("gguf_file")
-    config = AutoConfig.from_pretrained(where, **kwargs)
+    config = gguf_config(where, gguf_file) if gguf_file else AutoConfig.from_pretrained(where, **kwargs)
     config._attn_implementation = ATTN_IMPLEMENTATION
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
