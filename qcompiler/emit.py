@@ -34,6 +34,21 @@ def average_bits(result, model: torch.nn.Module) -> tuple[float, int]:
     return (total_bits / params if params else float(torch.finfo(next(model.parameters()).dtype).bits)), params
 
 
+def attention_record(family, config) -> Optional[dict]:
+    """Which layers attend through a sliding window and which have no rotary embedding (`Family.attention`), for
+    quant_config.json; None when every layer is global with rope."""
+    from qcompiler.models.families import layer_attention
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kinds = layer_attention(family, text)
+    local = [i for i, a in enumerate(kinds) if a.sliding_window is not None]
+    nope = [i for i, a in enumerate(kinds) if not a.rope]
+    if not local and not nope:
+        return None
+    return {"sliding_window": sorted({kinds[i].sliding_window for i in local}), "local_layers": local,
+            "nope_layers": nope}
+
+
 def export_record(*, source: str, family, method: str, config, method_options: dict, result, model, manifest: dict,
                   memory, proto: onnx.ModelProto, calibration: Optional[dict]) -> dict:
     """The content of quant_config.json (before emit adds the library and the validation)."""
@@ -54,6 +69,9 @@ def export_record(*, source: str, family, method: str, config, method_options: d
         "contrib_ops": sorted({n.op_type for n in proto.graph.node if n.domain == "com.microsoft"}),
         "layers": jsonable(result.report) if getattr(result, "report", None) else {},
     }
+    attention = attention_record(family, model.config)
+    if attention:
+        record["attention"] = attention
     if result.transforms:
         kept = [t for t in proto.graph.initializer if t.name.endswith(AFFINE_KEPT_SUFFIXES)]
         record["affine"] = {

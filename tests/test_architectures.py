@@ -171,3 +171,14 @@ def test_phi3_longrope_switches_tables_past_the_original_context(tiny_export, ti
         full = model(torch.from_numpy(ids)).logits.numpy()
     first = sess.run(["logits"], feeds(ids[:, :28], 0, None))[0]
     assert float(np.abs(full[:, :28] - first).max()) > 1e-3
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("gemma2", {"sliding_window": [8], "local_layers": [0], "nope_layers": []}),
+    ("qwen2-swa", {"sliding_window": [8], "local_layers": [1], "nope_layers": []}),
+    ("smollm3", {"sliding_window": [], "local_layers": [], "nope_layers": [1]}),
+    ("llama", None),
+])
+def test_quant_config_reports_the_attention_of_each_layer(kind, expected, tiny_export):
+    cfg = json.loads((tiny_export(kind, "none") / "quant_config.json").read_text())
+    assert cfg.get("attention") == expected

@@ -29,9 +29,9 @@ class Norm:
             shift is folded into the next linears' biases (qcompiler/quantize/transforms.py) and AffineQuant learns
             no shift.
         weight_offset: constant added to the stored weight (Gemma's RMSNorm computes `x̂ ⊙ (1 + weight)`: 1.0).
-            The transform fold arithmetic (`qcompiler.graph.fold.fold_into_norm`, the `fold-affine-into-norm` pass)
-            scales the stored weight, which is exact only for 0: `qcompiler.quantize.transforms.check_family` refuses
-            transform methods on families with an offset until that arithmetic reads it.
+            The PyTorch transform fold keeps it out of the scaling (`qcompiler.graph.fold.fold_into_norm(offset=)`:
+            `(w + c)·p − c`); in the graph the exporter stores `1 + w` as the norm's weight constant, which the
+            `fold-affine-into-norm` pass scales as it is.
     """
 
     kind: str
@@ -118,16 +118,14 @@ class Family:
         output_norms: norms applied to the attention / MLP output before the residual add (Gemma 2/3:
             `post_attention_layernorm`, `post_feedforward_layernorm`; their input norms are in `norm_linears`). They
             feed no linear of the layer, so no transform folds into them; listed in `norm_paths`.
-        fused: linears that stack several projections (`FusedLinear`; Phi-3: qkv_proj, gate_up_proj). RTN, GPTQ and
-            SpQR quantize them as one linear; `qcompiler.quantize.transforms.check_family` refuses transform methods
-            when the `v_o` value projection is fused (its per-KV-head transform must then act on the v rows only).
+        fused: linears that stack several projections (`FusedLinear`; Phi-3: qkv_proj, gate_up_proj). Every method
+            quantizes them as one linear; AffineQuant learns no value → output transform when the `v_o` value
+            projection is fused (`qcompiler.quantize.transforms.head_pair`).
         attention: `(text config, layer index) → Attention` (sliding window / global, rotary / NoPE); default
             `hf_attention`, what transformers' modeling code reads from the config (`layer_types`,
-            `sliding_window`). The exporter (qcompiler/graph/export.py: one causal mask and one rotary embedding
-            shared by all layers) and genai_config.json (qcompiler/runtime/genai.py) build global attention with
-            rope only, so `family_for` refuses, in one line, a model with any other layer (a Mistral whose window
-            is shorter than its context, Qwen2/Qwen3 with `use_sliding_window`) until they read this hook
-            (issue 25).
+            `sliding_window`). The exporter traces that modeling code (its masks and rotary included) with a full
+            KV cache per layer, so this is descriptive: `quant_config.json` reports it and the tests check it
+            against the configs.
     """
 
     name: str
