@@ -34,6 +34,22 @@ def average_bits(result, model: torch.nn.Module) -> tuple[float, int]:
     return (total_bits / params if params else float(torch.finfo(next(model.parameters()).dtype).bits)), params
 
 
+def bits_per_parameter(result, model: torch.nn.Module) -> dict:
+    """Stored bits per parameter, saying which tensors count: `decoder_linears` (the quantized linears: codes,
+    statistics, outliers, permutation; `average_bits`) and `all` (every parameter of the model, tied ones once: the
+    quantized linears as stored plus the others — embeddings, lm_head, norms, biases — at the export dtype), the
+    figure to set beside a GGUF file's size. `params_all`: the parameters `all` is over."""
+    linears, _ = average_bits(result, model)
+    quantized = {f"{name}.weight" for name in result.layers}
+    stored = sum(sum(w.stored_bits().values()) for w in result.layers.values())
+    total = 0
+    for name, p in model.named_parameters():  # tied parameters once
+        total += p.numel()
+        if name not in quantized:  # biases too (stored_bits leaves them out)
+            stored += p.numel() * torch.finfo(p.dtype).bits
+    return {"decoder_linears": linears, "all": stored / total if total else 0.0, "params_all": total}
+
+
 def attention_record(family, config) -> Optional[dict]:
     """Which layers attend through a sliding window and which have no rotary embedding (`Family.attention`), for
     quant_config.json; None when every layer is global with rope."""
@@ -60,6 +76,7 @@ def export_record(*, source: str, family, method: str, config, method_options: d
         "method": method,
         "config": jsonable(dataclasses.asdict(config)) if dataclasses.is_dataclass(config) else dict(method_options),
         "avg_bits": avg_bits,
+        "bits_per_param": bits_per_parameter(result, model),
         "quantized_params": params,
         "n_quantized_layers": len(result.layers),
         "kv": manifest["kv"],

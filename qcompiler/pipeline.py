@@ -119,7 +119,9 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
                                     tolerance=tolerance if validate else None, accuracy_level=accuracy_level)
 
     diff = checked["max_abs_logit_diff"] if checked else None
-    clock.say(f"wrote {Path(output)}: {len(result.layers)} SpQRMatMul layers, {record['avg_bits']:.3f} bits/param"
+    bits = record["bits_per_param"]
+    clock.say(f"wrote {Path(output)}: {len(result.layers)} SpQRMatMul layers, {record['avg_bits']:.3f} bits/param "
+              f"(decoder linears; {bits['all']:.3f} over all {bits['params_all'] / 1e6:.1f}M parameters)"
               + (f", ORT vs PyTorch max |Δlogit| = {diff:.2e}" if diff is not None else ""))
     peak_anon = clock.stop()
     return ExportReport(output=Path(output), avg_bits=record["avg_bits"], n_quantized=len(result.layers),

@@ -182,3 +182,19 @@ def test_phi3_longrope_switches_tables_past_the_original_context(tiny_export, ti
 def test_quant_config_reports_the_attention_of_each_layer(kind, expected, tiny_export):
     cfg = json.loads((tiny_export(kind, "none") / "quant_config.json").read_text())
     assert cfg.get("attention") == expected
+
+
+def test_bits_per_param_says_which_tensors_count(tiny_export, tiny_dirs):
+    """quant_config.json's bits/param over the decoder linears (the quantized weights as stored) and over every
+    parameter (tied embeddings once; embeddings, norms, lm_head at fp32): the second is what a file size compares."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((tiny_export("llama3", "rtn", *METHODS["rtn"]) / "quant_config.json").read_text())
+    bits = cfg["bits_per_param"]
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dirs("llama3"))).eval()
+    total = sum(p.numel() for p in model.parameters())  # tied: the embedding once
+    assert bits["params_all"] == total
+    assert bits["decoder_linears"] == cfg["avg_bits"]
+    rest = total - cfg["quantized_params"]
+    assert bits["all"] == pytest.approx((cfg["avg_bits"] * cfg["quantized_params"] + 32 * rest) / total)
+    assert cfg["avg_bits"] < bits["all"] < 32
