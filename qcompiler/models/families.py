@@ -225,22 +225,10 @@ PHI3 = Family(
 # attention and post-feedforward norms scale the block outputs before the residual add); GeGLU (tanh GELU), √hidden
 # embedding scale, query_pre_attn_scalar, attention and final logit soft-capping and interleaved sliding-window
 # layers are all in the modeling code the exporter traces.
-GEMMA2 = Family(
-    name="gemma2",
-    model_types=("gemma2",),
-    layers="model.layers",
-    sequential=LLAMA.sequential,
-    norm=Norm(kind="rmsnorm", has_bias=False, weight_offset=1.0),
-    norm_linears=(
-        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ),
-    v_o=("self_attn.v_proj", "self_attn.o_proj"),
-    embeddings=("model.embed_tokens",),
-    final_norm="model.norm",
-    genai_type="gemma2",
-    output_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
-)
+GEMMA2 = dataclasses.replace(
+    LLAMA, name="gemma2", model_types=("gemma2",), norm=Norm(kind="rmsnorm", has_bias=False, weight_offset=1.0),
+    norm_linears=(LLAMA.norm_linears[0], ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
+    genai_type="gemma2", output_norms=("post_attention_layernorm", "post_feedforward_layernorm"))
 
 # Gemma 3 (text): Gemma 2's layout plus per-head q/k norms (also 1 + w); local and global layers use different rope
 # bases (rope_parameters per layer type), which the traced rotary module computes.
