@@ -17,6 +17,7 @@ from .base import Pass, PassContext, PassError, PassManager, PassResult, Pipelin
 from .cleanup import Cleanup
 from .fold_affine_linear import FoldAffineIntoLinear
 from .fold_affine_norm import FoldAffineIntoNorm
+from .fuse_attention_rotary import FuseAttentionRotary
 from .fuse_rotary import FuseRotary
 from .quantize_activations import QuantizeActivations
 from .replace_linear import ReplaceLinear
@@ -28,6 +29,7 @@ __all__ = [
     "Cleanup",
     "FoldAffineIntoLinear",
     "FoldAffineIntoNorm",
+    "FuseAttentionRotary",
     "FuseRotary",
     "Pass",
     "PassContext",

@@ -227,6 +227,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(f"[{len(result.prompt_ids)} prompt tokens: {result.prefill_tokens_per_s:.1f} tok/s prefill; "
           f"{len(result.token_ids)} new tokens: {result.decode_tokens_per_s:.1f} tok/s decode"
           + ("; stopped at end of sequence" if result.stopped_at_eos else "") + "]", file=sys.stderr)
+    print(f"[{gen.describe()}]", file=sys.stderr)
     return 0
 
 

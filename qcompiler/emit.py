@@ -126,8 +126,10 @@ def write_folder(output: str, *, force: bool, proto: onnx.ModelProto, tokenizer,
     from qcompiler.passes.base import save_model
     from qcompiler.runtime.genai import GENAI_CONFIG_FILE, genai_config
 
+    fused = any(n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft" for n in proto.graph.node)
     genai = genai_config(hf_config, family, manifest["kv"], generation_config=getattr(model, "generation_config", None),
-                         library=LIBRARY_FILE if with_library else None, tokenizer=tokenizer)
+                         library=LIBRARY_FILE if with_library else None, tokenizer=tokenizer,
+                         shared_buffer=fused)
 
     set_metadata(proto, record)
     with atomic_output(output, force=force) as tmp:

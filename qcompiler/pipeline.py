@@ -95,7 +95,8 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
     with clock("export", "exporting to ONNX"):
         # the weights stay in the exporter's file until emit copies them (no second copy of the model in memory);
         # --verify-each runs the proto in ONNX Runtime from memory, so it needs them inline
-        exported = _export_graph(model, result, dtype=dtype, borrow_weights=not verify_each)
+        exported = _export_graph(model, result, dtype=dtype, borrow_weights=not verify_each,
+                                 fused_attention=contrib_ops)
 
     with clock("passes"):
         feeds = validation.random_feeds(model, exported.manifest["kv"], dtype=exported.manifest["dtype"]) \
@@ -150,7 +151,7 @@ def _load(source: str, *, offload: bool, quiet: bool):
     return load_model(source, progress=not quiet)
 
 
-def _export_graph(model: torch.nn.Module, result, *, dtype: str, borrow_weights: bool):
+def _export_graph(model: torch.nn.Module, result, *, dtype: str, borrow_weights: bool, fused_attention: bool):
     """The ONNX export of the quantized model: with learned transforms, of the full-precision model with the
     transforms as explicit nodes (the fold passes fold them); fp16, of a half copy (`model` stays the fp32
     validation reference; torch's Module.half: transformers refuses `.half()` on GGUF-loaded models)."""
@@ -158,6 +159,7 @@ def _export_graph(model: torch.nn.Module, result, *, dtype: str, borrow_weights:
 
     if result.transforms is not None:
         with result.transforms.export_copy(model) as fp_model:
-            return export_model(fp_model, transforms=result.transforms.manifest(), borrow_weights=borrow_weights)
+            return export_model(fp_model, transforms=result.transforms.manifest(), borrow_weights=borrow_weights,
+                                fused_attention=fused_attention)
     return export_model(torch.nn.Module.half(copy.deepcopy(model)) if dtype == "fp16" else model,
-                        borrow_weights=borrow_weights)
+                        borrow_weights=borrow_weights, fused_attention=fused_attention)

@@ -5,6 +5,7 @@
     quantize-activations                             when the method quantizes activations (w4a4 / w4a8)
     rsqrt-as-div                                     RMSNorm in the form ONNX Runtime fuses (standard ops)
     fuse-rotary                                      with contrib ops and a known max position: com.microsoft::RotaryEmbedding
+    fuse-attention-rotary                            with contrib ops: those rotations inside GroupQueryAttention
     cleanup                                          dead nodes, unused initializers, order, exporter debug metadata
     add-fallback                                     unless --no-fallback: the portable ONNX function of SpQRMatMul
     set-accuracy-level                               with --accuracy-level 4: int8 activations in the CPU kernel
@@ -17,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from qcompiler.passes import (AddFallback, Cleanup, FoldAffineIntoLinear, FoldAffineIntoNorm, FuseRotary, Pass,
-                              QuantizeActivations, ReplaceLinear, RsqrtAsDiv, SetAccuracyLevel)
+from qcompiler.passes import (AddFallback, Cleanup, FoldAffineIntoLinear, FoldAffineIntoNorm, FuseAttentionRotary,
+                              FuseRotary, Pass, QuantizeActivations, ReplaceLinear, RsqrtAsDiv, SetAccuracyLevel)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,7 +45,7 @@ def pass_list(options: GraphOptions, *, result, manifest: dict, max_positions: O
         passes.append(QuantizeActivations(result.layers, result.activation_bits))
     passes.append(RsqrtAsDiv())
     if options.contrib_ops and max_positions:
-        passes.append(FuseRotary(int(max_positions)))
+        passes += [FuseRotary(int(max_positions)), FuseAttentionRotary()]
     passes.append(Cleanup())
     if options.fallback:
         passes.append(AddFallback())

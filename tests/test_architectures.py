@@ -108,9 +108,11 @@ def test_genai_generates_the_same_tokens(kind, tiny_export):
 def test_norms_reach_the_fused_kernel_and_rotary_is_fused(kind, tiny_export, tmp_path):
     """ONNX Runtime's optimiser turns every RMSNorm of the export into one SimplifiedLayerNormalization (Gemma's
     `1 + w` included: the exporter stores the sum as the weight), and fuse-rotary turns every full-head rotation
-    into RotaryEmbedding (q and k of each layer with rope: SmolLM3's NoPE layer has none). Phi-3's partial rotary
+    into RotaryEmbedding (q and k of each layer with rope: SmolLM3's NoPE layer has none), which
+    fuse-attention-rotary moves into the layer's GroupQueryAttention (`do_rotary`) unless, as Gemma 3's, the q/k norm
+    comes after the head transpose (the RotaryEmbeddings stay). Phi-3's partial rotary
     (`partial_rotary_factor` < 1) and longrope (the angle table depends on the largest position of the call) stay
-    as exported."""
+    as exported; every layer's attention is one GroupQueryAttention."""
     import onnxruntime as ort
 
     from qcompiler.models.families import family_for, layer_attention, norm_paths
@@ -123,11 +125,17 @@ def test_norms_reach_the_fused_kernel_and_rotary_is_fused(kind, tiny_export, tmp
     session(folder / "model.onnx", sess_options=so)
     optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
     ops = [n.op_type for n in optimized.graph.node]
+    rotating = [n for n in optimized.graph.node if n.op_type == "GroupQueryAttention"
+                and any(a.name == "do_rotary" and a.i == 1 for a in n.attribute)]
     cfg = tiny_config(kind)
     family = family_for(cfg)
     assert ops.count("SimplifiedLayerNormalization") == cfg.num_hidden_layers * len(norm_paths(family)) + 1
     rope_layers = sum(a.rope for a in layer_attention(family, cfg))
-    assert ops.count("RotaryEmbedding") == (0 if kind == "phi3" else 2 * rope_layers)
+    assert ops.count("GroupQueryAttention") == cfg.num_hidden_layers
+    fused = 0 if kind == "phi3" else rope_layers
+    separate = kind == "gemma3_text"
+    assert ops.count("RotaryEmbedding") == (2 * fused if separate else 0)
+    assert len(rotating) == (0 if separate else fused)
 
 
 def test_phi3_longrope_switches_tables_past_the_original_context(tiny_export, tiny_dirs):

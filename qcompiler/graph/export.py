@@ -72,10 +72,11 @@ class KVCacheWrapper(torch.nn.Module):
     # stays the one exports have always carried, wherever this module lives.
     __module__ = "qcompiler.export"
 
-    def __init__(self, model: torch.nn.Module, layout: KVLayout):
+    def __init__(self, model: torch.nn.Module, layout: KVLayout, *, fused_attention: bool = False):
         super().__init__()
         self.model = model
         self.layout = layout
+        self.fused_attention = fused_attention
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
@@ -83,6 +84,13 @@ class KVCacheWrapper(torch.nn.Module):
         from transformers import DynamicCache
 
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layout.num_layers)]
+        if self.fused_attention:
+            from qcompiler.graph.gqa import AttentionStep, attention_step, new_only_cache
+
+            with attention_step(AttentionStep(pairs, attention_mask)) as step:
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=True, **{self._cache_kw: new_only_cache()})
+            return (out.logits, *step.presents())
         # No config: every layer a full `DynamicLayer`. With the config, transformers makes a sliding-window layer's
         # cache drop keys older than the window, so its present would be shorter than the others' (the graph's one
         # past_sequence_length); the sliding-window mask, built from absolute positions, then hides those keys.
@@ -144,6 +152,7 @@ def export_model(
     sample_past: int = 3,
     transforms: Optional[list] = None,
     borrow_weights: bool = False,
+    fused_attention: bool = False,
 ) -> ExportResult:
     """Export `model` (a HF causal LM, eval mode, fp32 or fp16) with KV cache; rename linear weights; build manifest.
 
@@ -151,9 +160,11 @@ def export_model(
     nodes are found, named `{module}/affine/...` and listed in `manifest["affine"]` for the fold passes.
     `borrow_weights`: leave the weights in the exporter's data file (`qcompiler.graph.external`) instead of loading them
     into the proto, which would hold a second copy of the model next to PyTorch's; passes read them from there.
+    `fused_attention`: each attention as one `com.microsoft::GroupQueryAttention` (`qcompiler.graph.gqa`) instead of
+    the modeling code's standard ops.
     """
     layout = KVLayout.from_config(model.config)
-    wrapper = KVCacheWrapper(model, layout).eval()
+    wrapper = KVCacheWrapper(model, layout, fused_attention=fused_attention).eval()
     dtype = next(model.parameters()).dtype
     batch = 2
     vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
@@ -180,7 +191,11 @@ def export_model(
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     weights = tempfile.TemporaryDirectory(prefix="qcompiler-export-")
     tmp = weights.name
-    with warnings.catch_warnings(), _module_attributes_kept(model):
+    if fused_attention:
+        from qcompiler.graph.gqa import fused_attention as attention_context
+    else:
+        attention_context = _unchanged
+    with warnings.catch_warnings(), _module_attributes_kept(model), attention_context(model):
         warnings.simplefilter("ignore")
         path = os.path.join(tmp, "model.onnx")
         try:
@@ -239,6 +254,11 @@ def _module_attributes_kept(model: torch.nn.Module):
 
 
 _MISSING = object()
+
+
+@contextlib.contextmanager
+def _unchanged(model):
+    yield
 
 
 def _name_dims(proto: onnx.ModelProto, layout: KVLayout) -> None:

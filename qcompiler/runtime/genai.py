@@ -2,8 +2,9 @@
 
 The decoder's inputs/outputs are this exporter's (input_ids, attention_mask, position_ids,
 past_key_values.{i}.key/value → logits, present.{i}.key/value); `session_options.custom_ops_library` names the op
-library copied into the folder. The presents are the past concatenated with the new step (not a preallocated
-buffer), so `past_present_share_buffer` is false. Search defaults come from the model's generation config when it
+library copied into the folder. With fused attention (GroupQueryAttention, the default export) past and present
+share one buffer of `max_length` per tensor (`past_present_share_buffer`); a standard-op graph (`--no-contrib-ops`)
+returns the past concatenated with the new step, so there it is false. Search defaults come from the model's generation config when it
 has one (greedy otherwise).
 """
 
@@ -21,8 +22,8 @@ GENAI_CONFIG_FILE = "genai_config.json"
 
 
 def genai_config(hf_config: Any, family: Family, kv: dict, *, generation_config: Any = None,
-                 library: Optional[str] = LIBRARY_FILE, dtype: str = "float32", tokenizer: Any = None
-                 ) -> Optional[dict]:
+                 library: Optional[str] = LIBRARY_FILE, dtype: str = "float32", tokenizer: Any = None,
+                 shared_buffer: bool = False) -> Optional[dict]:
     """The genai_config.json content for an export of a `family` model, or None if onnxruntime-genai has no model
     type for the family (OPT) or no end-of-sequence token can be found (onnxruntime-genai needs one).
 
@@ -88,7 +89,7 @@ def genai_config(hf_config: Any, family: Family, kv: dict, *, generation_config:
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": bool(shared_buffer),
             "repetition_penalty": float(pick("repetition_penalty", 1.0)),
             "temperature": float(pick("temperature", 1.0)),
             "top_k": int(pick("top_k", 1) or 1) if sample else 1,

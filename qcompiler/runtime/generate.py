@@ -2,6 +2,11 @@
 sampled (temperature / top-k / top-p), tokens streamed as they come, prefill and decode speed measured.
 
 Needs only the folder (model.onnx, quant_config.json for the KV layout, the tokenizer files) and the op library.
+
+The KV cache: a graph with fused attention (`com.microsoft::GroupQueryAttention`, the default export) gets one buffer
+per layer's key and value, sized for the prompt plus the new tokens and bound as both past and present
+(`past_present_share_buffer`, as onnxruntime-genai runs it): each step writes its keys in place. A standard-op graph
+(`--no-contrib-ops`) returns new presents each step (the past concatenated with the step), fed back as the next past.
 """
 
 from __future__ import annotations
@@ -127,6 +132,11 @@ class Generator:
         self.input_names = set(inputs)
         self.past_dtype = np.float16 if "float16" in inputs[self.past_names[0]].type else np.float32
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        self.provider = provider
+        self.threads = threads
+        #: past and present bound to one buffer per tensor (graphs whose attention is GroupQueryAttention)
+        self.shared_buffer = _has_fused_attention(self.folder / MODEL_FILE)
         from transformers import AutoTokenizer
 
         try:
@@ -148,6 +158,13 @@ class Generator:
                  **dict(zip(self.past_names, past))}
         return {k: v for k, v in feeds.items() if k in self.input_names}
 
+    def describe(self) -> str:
+        """The runtime settings, one line (what `qcompiler generate` prints)."""
+        kv = ("one shared key/value buffer per layer, sized prompt + new tokens (GroupQueryAttention)"
+              if self.shared_buffer else "presents concatenated each step (standard-op attention)")
+        threads = self.threads or "ONNX Runtime's default"
+        return f"KV cache: {kv}; provider {self.provider}; intra-op threads: {threads}"
+
     def encode(self, prompt: str, *, chat: bool = False) -> list[int]:
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
@@ -168,17 +185,17 @@ class Generator:
             raise QCompilerError(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
         rng = np.random.default_rng(sampling.seed)
         eos = self.tokenizer.eos_token_id
-        empty = self.empty_past()
+        step = (_SharedBuffer(self, len(prompt_ids) + max_new_tokens) if self.shared_buffer else _Concatenated(self))
         ids = np.asarray([prompt_ids], dtype=np.int64)
         t = time.perf_counter()
-        out = self.session.run(self.output_names, self._feeds(ids, empty, 0))
+        logits = step(ids, 0)
         prefill_s = time.perf_counter() - t
         tokens: list[int] = []
         shown = ""
         past_len = len(prompt_ids)
         t = time.perf_counter()
         while True:
-            tokens.append(pick_token(out[0][0, -1], sampling, rng))
+            tokens.append(pick_token(logits[0, -1], sampling, rng))
             if on_text is not None:
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 if text.startswith(shown) and len(text) > len(shown) and not text.endswith("\ufffd"):
@@ -186,8 +203,7 @@ class Generator:
                     shown = text
             if len(tokens) >= max_new_tokens or (stop_at_eos and eos is not None and tokens[-1] == eos):
                 break
-            step = np.asarray([[tokens[-1]]], dtype=np.int64)
-            out = self.session.run(self.output_names, self._feeds(step, list(out[1:]), past_len))
+            logits = step(np.asarray([[tokens[-1]]], dtype=np.int64), past_len)
             past_len += 1
         decode_s = time.perf_counter() - t
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -196,3 +212,54 @@ class Generator:
         return GenerationResult(prompt_ids=list(prompt_ids), token_ids=tokens, text=text, prefill_s=prefill_s,
                                 decode_s=decode_s,
                                 stopped_at_eos=bool(stop_at_eos and eos is not None and tokens[-1] == eos))
+
+
+def _has_fused_attention(path: Path) -> bool:
+    """Whether the graph's attention is com.microsoft::GroupQueryAttention (read without the weights)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft" for n in graph.node)
+
+
+class _Concatenated:
+    """Decode steps that feed each step's presents back as the next past."""
+
+    def __init__(self, gen: Generator):
+        self.gen = gen
+        self.past = gen.empty_past()
+
+    def __call__(self, ids: np.ndarray, past_len: int) -> np.ndarray:
+        out = self.gen.session.run(self.gen.output_names, self.gen._feeds(ids, self.past, past_len))
+        self.past = list(out[1:])
+        return out[0]
+
+
+class _SharedBuffer:
+    """Decode steps over one preallocated buffer per past/present pair (IOBinding: the same OrtValue bound as the
+    input `past_key_values.*` and the output `present.*`; GroupQueryAttention writes the step's keys in place)."""
+
+    def __init__(self, gen: Generator, capacity: int):
+        import onnxruntime as ort
+
+        self.gen = gen
+        device = "cuda" if gen.provider == "cuda" else "cpu"
+        shape = (1, gen.num_kv_heads, capacity, gen.head_dim)
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, gen.past_dtype), device, 0)
+                        for _ in gen.past_names]
+        self.binding = gen.session.io_binding()
+        for past, buffer in zip(gen.past_names, self.buffers):
+            self.binding.bind_ortvalue_input(past, buffer)
+
+    def __call__(self, ids: np.ndarray, past_len: int) -> np.ndarray:
+        gen, binding = self.gen, self.binding
+        for name, value in gen._feeds(ids, [], past_len).items():
+            binding.bind_cpu_input(name, value)
+        # the logits change shape from the prompt to the steps: bound unallocated on every call, first (get_outputs()
+        # follows the binding order)
+        binding.clear_binding_outputs()
+        binding.bind_output(gen.output_names[0], "cpu")
+        for present, buffer in zip(gen.present_names, self.buffers):
+            binding.bind_ortvalue_output(present, buffer)
+        gen.session.run_with_iobinding(binding)
+        return self.binding.get_outputs()[0].numpy()
