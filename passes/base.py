@@ -80,7 +80,7 @@ class PipelineResult:
         lines = []
         for name, res, secs in self.steps:
             counts = ", ".join(f"{k}={v}" for k, v in res.counts.items())
-            lines.append(f"{name:<20} {secs:7.2f}s  modified={res.modified}  {counts}")
+            lines.append(f"{name:<22} {secs:7.2f}s  modified={res.modified}  {counts}")
         return "\n".join(lines)
 
 

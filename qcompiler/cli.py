@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="named settings of the method, overridden by explicit flags (spqr: near-lossless = the "
                         "defaults, sub4 = 3-bit codes under 3.9 bits/param)")
     e.add_argument("--force", action="store_true", help="replace an existing output folder")
+    e.add_argument("--lm-head", default="keep", choices=("keep", "rtn"),
+                   help="quantize the output projection too (a tied embedding keeps its table for the lookup): rtn = "
+                        "min-max round-to-nearest with --lm-head-bits / --lm-head-group-size (default: keep, at the "
+                        "export dtype)")
+    e.add_argument("--lm-head-bits", type=int, default=4, help="lm_head code width: 2, 3 or 4 (default: 4)")
+    e.add_argument("--lm-head-group-size", type=int, default=32,
+                   help="lm_head input features per scale/zero group (default: 32)")
     e.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
                    help="activations/unquantized weights of the graph: fp32 (CPU default) or fp16 (GPU deployment)")
     cal = e.add_argument_group("calibration (methods that need data)")
@@ -191,9 +198,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
         offload_weights=args.offload_weights,
         fallback=args.fallback,
         contrib_ops=args.contrib_ops,
+        lm_head=_lm_head_config(args),
         quiet=args.quiet,
     )
     return 0
+
+
+def _lm_head_config(args: argparse.Namespace):
+    if args.lm_head == "keep":
+        return None
+    from qcompiler.quantize.lm_head import LMHeadConfig
+
+    return LMHeadConfig(method=args.lm_head, bits=args.lm_head_bits, group_size=args.lm_head_group_size)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

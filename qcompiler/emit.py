@@ -34,17 +34,23 @@ def average_bits(result, model: torch.nn.Module) -> tuple[float, int]:
     return (total_bits / params if params else float(torch.finfo(next(model.parameters()).dtype).bits)), params
 
 
-def bits_per_parameter(result, model: torch.nn.Module) -> dict:
+def bits_per_parameter(result, model: torch.nn.Module, lm_head=None) -> dict:
     """Stored bits per parameter, saying which tensors count: `decoder_linears` (the quantized linears: codes,
     statistics, outliers, permutation; `average_bits`) and `all` (every parameter of the model, tied ones once: the
     quantized linears as stored plus the others — embeddings, lm_head, norms, biases — at the export dtype), the
-    figure to set beside a GGUF file's size. `params_all`: the parameters `all` is over."""
+    figure to set beside a GGUF file's size. `params_all`: the parameters `all` is over. `lm_head`: the quantized
+    lm_head (`LMHeadResult`), counted as stored; untied from the embedding, its parameters still count once in
+    `params_all` while both tables count in the stored bits (the folder carries both)."""
     linears, _ = average_bits(result, model)
-    quantized = {f"{name}.weight" for name in result.layers}
-    stored = sum(sum(w.stored_bits().values()) for w in result.layers.values())
+    layers = dict(result.layers)
+    if lm_head is not None:
+        layers[lm_head.path] = lm_head.weight
+    quantized = {f"{name}.weight" for name in layers}
+    stored = sum(sum(w.stored_bits().values()) for w in layers.values())
     total = 0
     for name, p in model.named_parameters():  # tied parameters once
-        total += p.numel()
+        if not (lm_head is not None and lm_head.tied and name == f"{lm_head.path}.weight"):
+            total += p.numel()
         if name not in quantized:  # biases too (stored_bits leaves them out)
             stored += p.numel() * torch.finfo(p.dtype).bits
     return {"decoder_linears": linears, "all": stored / total if total else 0.0, "params_all": total}
@@ -66,7 +72,7 @@ def attention_record(family, config) -> Optional[dict]:
 
 
 def export_record(*, source: str, family, method: str, config, method_options: dict, result, model, manifest: dict,
-                  memory, proto: onnx.ModelProto, calibration: Optional[dict]) -> dict:
+                  memory, proto: onnx.ModelProto, calibration: Optional[dict], lm_head=None) -> dict:
     """The content of quant_config.json (before emit adds the library and the validation)."""
     avg_bits, params = average_bits(result, model)
     record = {
@@ -76,7 +82,7 @@ def export_record(*, source: str, family, method: str, config, method_options: d
         "method": method,
         "config": jsonable(dataclasses.asdict(config)) if dataclasses.is_dataclass(config) else dict(method_options),
         "avg_bits": avg_bits,
-        "bits_per_param": bits_per_parameter(result, model),
+        "bits_per_param": bits_per_parameter(result, model, lm_head),
         "quantized_params": params,
         "n_quantized_layers": len(result.layers),
         "kv": manifest["kv"],
@@ -86,6 +92,8 @@ def export_record(*, source: str, family, method: str, config, method_options: d
         "contrib_ops": sorted({n.op_type for n in proto.graph.node if n.domain == "com.microsoft"}),
         "layers": jsonable(result.report) if getattr(result, "report", None) else {},
     }
+    if lm_head is not None:
+        record["lm_head"] = {**jsonable(lm_head.config), "tied": lm_head.tied, **jsonable(lm_head.report)}
     attention = attention_record(family, model.config)
     if attention:
         record["attention"] = attention

@@ -53,8 +53,9 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
            verify_each: bool = False, dump_dir: Optional[str] = None, validate: bool = True,
            atol: Optional[float] = None, rtol: Optional[float] = None, dtype: str = "fp32", accuracy_level: int = 0,
            memory_check: bool = True, offload_weights: bool = False, fallback: bool = True, contrib_ops: bool = True,
-           quiet: bool = False) -> ExportReport:
-    """Quantize `source` with `method` and write an ONNX folder to `output`. See `qcompiler export --help`."""
+           lm_head: Optional[Any] = None, quiet: bool = False) -> ExportReport:
+    """Quantize `source` with `method` and write an ONNX folder to `output`. See `qcompiler export --help`.
+    `lm_head`: a `qcompiler.quantize.lm_head.LMHeadConfig` to quantize the output projection too (None: kept)."""
     from qcompiler.data import calibration_windows, resolve_calibration
     from qcompiler.models.families import family_for, quantizable_linears
     from qcompiler.models.loading import load_config
@@ -67,6 +68,9 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
     method_cls = get_method(method)
     config = method_cls.Config(**method_options)
     tolerance = validation.Tolerance.for_export(dtype, atol=atol, rtol=rtol, transforms=method_cls.learns_transforms)
+    if lm_head is not None and method_cls.learns_transforms:
+        raise QCompilerError("--lm-head is not supported with transform methods (affinequant): the export rebuilds "
+                             "their full-precision model around the transforms")
     if method_cls.learns_transforms and dtype != "fp32":
         raise QCompilerError("--dtype fp16 is not supported with transform methods (affinequant): the fold passes "
                              "are exact in fp32 only")
@@ -91,6 +95,13 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
         result = method_cls(config).quantize(model, family, calibration=calib, progress=not quiet)
     if not result.layers and method_cls.quantizes:
         raise QCompilerError("no linear layer was quantized (nothing to export)")
+    head = None
+    if lm_head is not None:
+        from qcompiler.quantize.lm_head import describe, quantize_lm_head
+
+        with clock("lm_head", "quantizing the lm_head"):
+            head = quantize_lm_head(model, family, lm_head)
+        clock.say(describe(head))
 
     with clock("export", "exporting to ONNX"):
         # the weights stay in the exporter's file until emit copies them (no second copy of the model in memory);
@@ -103,6 +114,7 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
             if verify_each else None
         passes = pass_list(GraphOptions(fallback=fallback, contrib_ops=contrib_ops, accuracy_level=accuracy_level),
                            result=result, manifest=exported.manifest,
+                           extra_layers={head.path: head.weight} if head is not None else None,
                            max_positions=getattr(model.config, "max_position_embeddings", None))
         run = PassManager(passes, context=PassContext(verify_each=verify_each, dump_dir=dump_dir,
                                                       verify_feeds=feeds)).run(exported.model)
@@ -111,21 +123,21 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
     with clock("emit"):
         record = emit.export_record(
             source=source, family=family, method=method, config=config, method_options=method_options,
-            result=result, model=model, manifest=exported.manifest, memory=memory, proto=run.model,
+            result=result, model=model, manifest=exported.manifest, memory=memory, proto=run.model, lm_head=head,
             calibration={"path": str(calibration), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
             if calib is not None else None)
         checked = emit.write_folder(output, force=force, proto=run.model, tokenizer=tokenizer,
                                     manifest=exported.manifest, record=record, model=model, hf_config=hf_config,
-                                    family=family, with_library=bool(result.layers),
+                                    family=family, with_library=bool(result.layers) or head is not None,
                                     tolerance=tolerance if validate else None, accuracy_level=accuracy_level)
 
     diff = checked["max_abs_logit_diff"] if checked else None
     bits = record["bits_per_param"]
-    clock.say(f"wrote {Path(output)}: {len(result.layers)} SpQRMatMul layers, {record['avg_bits']:.3f} bits/param "
+    clock.say(f"wrote {Path(output)}: {len(result.layers) + (head is not None)} SpQRMatMul layers, {record['avg_bits']:.3f} bits/param "
               f"(decoder linears; {bits['all']:.3f} over all {bits['params_all'] / 1e6:.1f}M parameters)"
               + (f", ORT vs PyTorch max |Δlogit| = {diff:.2e}" if diff is not None else ""))
     peak_anon = clock.stop()
-    return ExportReport(output=Path(output), avg_bits=record["avg_bits"], n_quantized=len(result.layers),
+    return ExportReport(output=Path(output), avg_bits=record["avg_bits"], n_quantized=len(result.layers) + (head is not None),
                         max_abs_logit_diff=diff, seconds=clock.seconds, peak_rss_gb=clock.peak_rss_gb,
                         peak_anon_gb=peak_anon)
 

@@ -31,16 +31,19 @@ class GraphOptions:
     accuracy_level: int = 0
 
 
-def pass_list(options: GraphOptions, *, result, manifest: dict, max_positions: Optional[int]) -> list[Pass]:
+def pass_list(options: GraphOptions, *, result, manifest: dict, max_positions: Optional[int],
+              extra_layers: Optional[dict] = None) -> list[Pass]:
     """The passes for one export. `result`: the method's `QuantizationResult`; `manifest`: the exporter's;
-    `max_positions`: the model's `max_position_embeddings` (None: unknown, no rotary fusion)."""
+    `max_positions`: the model's `max_position_embeddings` (None: unknown, no rotary fusion); `extra_layers`:
+    further linears in SpQRMatMul form (the quantized lm_head), replaced like the method's."""
     passes: list[Pass] = []
     plan = result.transforms
+    layers = {**result.layers, **(extra_layers or {})}
     if plan is not None:
         passes += [FoldAffineIntoNorm(manifest), FoldAffineIntoLinear(manifest),
                    ReplaceLinear(result.layers, manifest, expected=plan.expected, expected_bias=plan.expected_bias)]
     else:
-        passes.append(ReplaceLinear(result.layers, manifest))
+        passes.append(ReplaceLinear(layers, manifest))
     if result.activation_bits < 16:
         passes.append(QuantizeActivations(result.layers, result.activation_bits))
     passes.append(RsqrtAsDiv())

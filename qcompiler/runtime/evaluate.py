@@ -140,6 +140,7 @@ def torch_model_from_folder(folder: str | Path, *, model_override: Optional[str]
     from qcompiler.models.loading import load_model
     from qcompiler.graph.onnx_op import weight_from_node
     from qcompiler.graph.format import DOMAIN, OP_TYPE
+    from qcompiler.quantize.lm_head import untie
 
     folder = Path(folder)
     cfg = json.loads((folder / CONFIG_FILE).read_text())
@@ -159,6 +160,7 @@ def torch_model_from_folder(folder: str | Path, *, model_override: Optional[str]
             raise QCompilerError(f"{folder}: node {node.name} names no module of {source}")
         w = weight_from_node(node, inits)
         lin = modules[module]
+        untie(model, lin)  # a quantized lm_head tied to the embedding: the lookup keeps the full-precision table
         with torch.no_grad():
             lin.weight.copy_(torch.from_numpy(w.dequantize()))
             if w.bias is not None:  # AffineQuant folds may give a linear a bias it did not have

@@ -1,0 +1,106 @@
+"""The output projection (lm_head) quantized into a `SpQRMatMul` like the decoder's linears (`--lm-head`).
+
+The lm_head is the largest single matrix of a small model's decode step (SmolLM2-135M: 49152 × 576, ~2/3 of the bytes
+a step reads in fp32). It is quantized after the method has quantized the decoder, with its own settings:
+
+- `rtn`: min-max round-to-nearest per group of `group_size` input features (the RTN method's arithmetic), fp16
+  scale and zero per group (4 bits, group 32: 5 bits per parameter).
+
+A tied lm_head (the embedding table, Llama 3.2 / SmolLM2 / Gemma) is untied first: the embedding keeps its
+full-precision table for the token lookup and only the projection is quantized (the folder then carries the table
+once in full precision and once quantized; serving the lookup from the quantized table is not done yet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from qcompiler import QCompilerError
+from qcompiler.graph.format import SpQRWeight
+from qcompiler.models.families import Family, get_module
+from qcompiler.quantize.methods.base import (check_bits, check_group_size, dequantize_groups, layer_report,
+                                             round_to_nearest, to_spqr_weight)
+
+METHODS = ("rtn",)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LMHeadConfig:
+    """How the lm_head is quantized (`--lm-head METHOD --lm-head-bits B --lm-head-group-size G`).
+
+    Attributes:
+        method: "rtn".
+        bits: code width, 2, 3 or 4.
+        group_size: input features per scale/zero group.
+        round_zero: integer zero points (GPTQ's quantizer); False: the exact per-group min-max range.
+    """
+
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = 32
+    round_zero: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise QCompilerError(f"--lm-head must be one of {', '.join(METHODS)}, got {self.method!r}")
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+
+
+@dataclasses.dataclass
+class LMHeadResult:
+    """The quantized lm_head.
+
+    Attributes:
+        path: its module path (`Family.lm_head`).
+        weight: the layer in `SpQRMatMul` form.
+        report: as a `QuantizationResult.report` entry (avg_bits, rel_error, ...).
+        tied: it shared its weight with the input embedding before (the table now exists twice in the model).
+        config: the settings, JSON-serializable (quant_config.json's `lm_head`).
+    """
+
+    path: str
+    weight: SpQRWeight
+    report: dict[str, float]
+    tied: bool
+    config: dict
+
+
+def untie(model: torch.nn.Module, linear: torch.nn.Linear) -> bool:
+    """Give `linear` its own copy of a weight it shares with the input embedding; returns whether it was shared."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embedding is None or linear.weight is not embedding.weight:
+        return False
+    linear.weight = torch.nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+    if hasattr(model.config, "tie_word_embeddings"):
+        model.config.tie_word_embeddings = False  # nothing may tie them again (the export copy, save_pretrained)
+    return True
+
+
+def quantize_lm_head(model: torch.nn.Module, family: Family, config: LMHeadConfig) -> LMHeadResult:
+    """Quantize `model`'s lm_head in place (its weight becomes the evaluated one) and return it as a layer."""
+    linear = get_module(model, family.lm_head)
+    if not isinstance(linear, torch.nn.Linear):
+        raise QCompilerError(f"--lm-head: {family.lm_head} is not a linear layer ({type(linear).__name__})")
+    tied = untie(model, linear)
+    w = linear.weight.detach()
+    codes, scale, zero = round_to_nearest(w, bits=config.bits, group_size=config.group_size,
+                                          round_zero=config.round_zero)
+    evaluated = dequantize_groups(codes, scale, zero, config.group_size)
+    packed = to_spqr_weight(codes, scale, zero, bits=config.bits, group_size=config.group_size, bias=linear.bias)
+    report = layer_report(w, evaluated, packed)
+    with torch.no_grad():
+        linear.weight.copy_(evaluated.to(linear.weight.dtype))
+    return LMHeadResult(path=family.lm_head, weight=packed, report=report, tied=tied,
+                        config=dataclasses.asdict(config))
+
+
+def describe(result: Optional[LMHeadResult]) -> str:
+    if result is None:
+        return "lm_head kept at the export dtype"
+    c = result.config
+    return (f"lm_head {c['method']} {c['bits']}-bit g{c['group_size']}: {result.report['avg_bits']:.2f} bits/param, "
+            f"relative error {result.report['rel_error']:.4f}" + (" (untied from the embedding)" if result.tied else ""))
