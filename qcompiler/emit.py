@@ -34,23 +34,26 @@ def average_bits(result, model: torch.nn.Module) -> tuple[float, int]:
     return (total_bits / params if params else float(torch.finfo(next(model.parameters()).dtype).bits)), params
 
 
-def bits_per_parameter(result, model: torch.nn.Module, lm_head=None) -> dict:
+def bits_per_parameter(result, model: torch.nn.Module, lm_head=None, embedding_served: bool = False) -> dict:
     """Stored bits per parameter, saying which tensors count: `decoder_linears` (the quantized linears: codes,
     statistics, outliers, permutation; `average_bits`) and `all` (every parameter of the model, tied ones once: the
     quantized linears as stored plus the others — embeddings, lm_head, norms, biases — at the export dtype), the
     figure to set beside a GGUF file's size. `params_all`: the parameters `all` is over. `lm_head`: the quantized
-    lm_head (`LMHeadResult`), counted as stored; untied from the embedding, its parameters still count once in
-    `params_all` while both tables count in the stored bits (the folder carries both)."""
+    lm_head (`LMHeadResult`), counted as stored; a tied one counts once in `params_all`, and the embedding's table
+    is stored only if the lookup does not read the lm_head (`embedding_served`: the graph's SpQRGather)."""
     linears, _ = average_bits(result, model)
     layers = dict(result.layers)
     if lm_head is not None:
         layers[lm_head.path] = lm_head.weight
     quantized = {f"{name}.weight" for name in layers}
     stored = sum(sum(w.stored_bits().values()) for w in layers.values())
+    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
     total = 0
     for name, p in model.named_parameters():  # tied parameters once
         if not (lm_head is not None and lm_head.tied and name == f"{lm_head.path}.weight"):
             total += p.numel()
+        if embedding_served and p is embedding:
+            continue
         if name not in quantized:  # biases too (stored_bits leaves them out)
             stored += p.numel() * torch.finfo(p.dtype).bits
     return {"decoder_linears": linears, "all": stored / total if total else 0.0, "params_all": total}
@@ -82,7 +85,8 @@ def export_record(*, source: str, family, method: str, config, method_options: d
         "method": method,
         "config": jsonable(dataclasses.asdict(config)) if dataclasses.is_dataclass(config) else dict(method_options),
         "avg_bits": avg_bits,
-        "bits_per_param": bits_per_parameter(result, model, lm_head),
+        "bits_per_param": bits_per_parameter(result, model, lm_head, embedding_served=any(
+            n.op_type == "SpQRGather" and n.domain == "qcompiler" for n in proto.graph.node)),
         "quantized_params": params,
         "n_quantized_layers": len(result.layers),
         "kv": manifest["kv"],
@@ -93,7 +97,9 @@ def export_record(*, source: str, family, method: str, config, method_options: d
         "layers": jsonable(result.report) if getattr(result, "report", None) else {},
     }
     if lm_head is not None:
-        record["lm_head"] = {**jsonable(lm_head.config), "tied": lm_head.tied, **jsonable(lm_head.report)}
+        record["lm_head"] = {**jsonable(lm_head.config), "tied": lm_head.tied, **jsonable(lm_head.report),
+                             "embedding": "SpQRGather" if any(n.op_type == "SpQRGather" for n in proto.graph.node)
+                             else "table"}
     attention = attention_record(family, model.config)
     if attention:
         record["attention"] = attention

@@ -115,6 +115,7 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
         passes = pass_list(GraphOptions(fallback=fallback, contrib_ops=contrib_ops, accuracy_level=accuracy_level),
                            result=result, manifest=exported.manifest,
                            extra_layers={head.path: head.weight} if head is not None else None,
+                           tied_head=(head.path, head.weight) if head is not None and head.tied else None,
                            max_positions=getattr(model.config, "max_position_embeddings", None))
         run = PassManager(passes, context=PassContext(verify_each=verify_each, dump_dir=dump_dir,
                                                       verify_feeds=feeds)).run(exported.model)

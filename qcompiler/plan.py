@@ -2,6 +2,7 @@
 
     fold-affine-into-norm, fold-affine-into-linear   when the method learned transforms (AffineQuant): fold them
     replace-linear                                   each quantized linear → one qcompiler::SpQRMatMul
+    embed-from-lm-head                               a quantized lm_head tied to the embedding: the lookup reads it
     quantize-activations                             when the method quantizes activations (w4a4 / w4a8)
     rsqrt-as-div                                     RMSNorm in the form ONNX Runtime fuses (standard ops)
     fuse-rotary                                      with contrib ops and a known max position: com.microsoft::RotaryEmbedding
@@ -18,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from qcompiler.passes import (AddFallback, Cleanup, FoldAffineIntoLinear, FoldAffineIntoNorm, FuseAttentionRotary,
+from qcompiler.passes import (AddFallback, Cleanup, EmbedFromLMHead, FoldAffineIntoLinear, FoldAffineIntoNorm, FuseAttentionRotary,
                               FuseRotary, Pass, QuantizeActivations, ReplaceLinear, RsqrtAsDiv, SetAccuracyLevel)
 
 
@@ -32,10 +33,11 @@ class GraphOptions:
 
 
 def pass_list(options: GraphOptions, *, result, manifest: dict, max_positions: Optional[int],
-              extra_layers: Optional[dict] = None) -> list[Pass]:
+              extra_layers: Optional[dict] = None, tied_head: Optional[tuple] = None) -> list[Pass]:
     """The passes for one export. `result`: the method's `QuantizationResult`; `manifest`: the exporter's;
     `max_positions`: the model's `max_position_embeddings` (None: unknown, no rotary fusion); `extra_layers`:
-    further linears in SpQRMatMul form (the quantized lm_head), replaced like the method's."""
+    further linears in SpQRMatMul form (the quantized lm_head), replaced like the method's; `tied_head`:
+    `(path, SpQRWeight)` of a quantized lm_head whose table the embedding shares."""
     passes: list[Pass] = []
     plan = result.transforms
     layers = {**result.layers, **(extra_layers or {})}
@@ -44,6 +46,8 @@ def pass_list(options: GraphOptions, *, result, manifest: dict, max_positions: O
                    ReplaceLinear(result.layers, manifest, expected=plan.expected, expected_bias=plan.expected_bias)]
     else:
         passes.append(ReplaceLinear(layers, manifest))
+    if tied_head is not None:
+        passes.append(EmbedFromLMHead(*tied_head))
     if result.activation_bits < 16:
         passes.append(QuantizeActivations(result.layers, result.activation_bits))
     passes.append(RsqrtAsDiv())

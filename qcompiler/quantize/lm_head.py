@@ -6,9 +6,10 @@ a step reads in fp32). It is quantized after the method has quantized the decode
 - `rtn`: min-max round-to-nearest per group of `group_size` input features (the RTN method's arithmetic), fp16
   scale and zero per group (4 bits, group 32: 5 bits per parameter).
 
-A tied lm_head (the embedding table, Llama 3.2 / SmolLM2 / Gemma) is untied first: the embedding keeps its
-full-precision table for the token lookup and only the projection is quantized (the folder then carries the table
-once in full precision and once quantized; serving the lookup from the quantized table is not done yet).
+A tied lm_head (the embedding table, Llama 3.2 / SmolLM2 / Gemma) stays one table, quantized: the embedding's lookup
+reads the same decoded rows (as llama.cpp's tied `token_embd`). In PyTorch both modules get the decoded weight (the
+export traces them as two tables); the `embed-from-lm-head` pass then serves the lookup from the lm_head's
+SpQRMatMul initializers (`qcompiler::SpQRGather`), so the folder stores the table once.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class LMHeadResult:
         path: its module path (`Family.lm_head`).
         weight: the layer in `SpQRMatMul` form.
         report: as a `QuantizationResult.report` entry (avg_bits, rel_error, ...).
-        tied: it shared its weight with the input embedding before (the table now exists twice in the model).
+        tied: it shared its weight with the input embedding (which now holds the same decoded weight).
         config: the settings, JSON-serializable (quant_config.json's `lm_head`).
     """
 
@@ -70,7 +71,9 @@ class LMHeadResult:
 
 
 def untie(model: torch.nn.Module, linear: torch.nn.Linear) -> bool:
-    """Give `linear` its own copy of a weight it shares with the input embedding; returns whether it was shared."""
+    """Give `linear` its own copy of a weight it shares with the input embedding; returns whether it was shared.
+    (The export traces untied modules as a Gather and a MatMul on separate initializers, which replace-linear and
+    embed-from-lm-head rewrite; a tied pair exports as a MatMul on a Transpose of the Gather's table.)"""
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embedding is None or linear.weight is not embedding.weight:
         return False
@@ -94,6 +97,8 @@ def quantize_lm_head(model: torch.nn.Module, family: Family, config: LMHeadConfi
     report = layer_report(w, evaluated, packed)
     with torch.no_grad():
         linear.weight.copy_(evaluated.to(linear.weight.dtype))
+        if tied:  # one table: the lookup reads the quantized rows too
+            model.get_input_embeddings().weight.copy_(evaluated.to(linear.weight.dtype))
     return LMHeadResult(path=family.lm_head, weight=packed, report=report, tied=tied,
                         config=dataclasses.asdict(config))
 
@@ -103,4 +108,5 @@ def describe(result: Optional[LMHeadResult]) -> str:
         return "lm_head kept at the export dtype"
     c = result.config
     return (f"lm_head {c['method']} {c['bits']}-bit g{c['group_size']}: {result.report['avg_bits']:.2f} bits/param, "
-            f"relative error {result.report['rel_error']:.4f}" + (" (untied from the embedding)" if result.tied else ""))
+            f"relative error {result.report['rel_error']:.4f}"
+            + (" (tied: the embedding's lookup reads the same quantized table)" if result.tied else ""))

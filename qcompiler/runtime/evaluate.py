@@ -170,6 +170,7 @@ def torch_model_from_folder(folder: str | Path, *, model_override: Optional[str]
                     lin.bias.copy_(torch.from_numpy(w.bias))
         n += 1
     _load_folded_norms(model, inits, modules)
+    _load_gathered_embedding(model, proto, inits)
     abits = (cfg.get("config") or {}).get("abits", 16)
     if abits < 16:
         from qcompiler.graph.actquant import install_act_quant
@@ -178,6 +179,20 @@ def torch_model_from_folder(folder: str | Path, *, model_override: Optional[str]
                            if n.op_type == OP_TYPE and n.domain == DOMAIN], abits)
     log.info("loaded %d quantized linears into %s", n, source)
     return model, tokenizer
+
+
+def _load_gathered_embedding(model: torch.nn.Module, proto, inits: dict) -> None:
+    """An embedding served from a quantized lm_head (`qcompiler::SpQRGather`) gets that lm_head's decoded weight."""
+    from qcompiler.graph.format import DOMAIN, OP_TYPE
+    from qcompiler.graph.gather_op import OP_TYPE as GATHER
+    from qcompiler.graph.onnx_op import weight_from_node
+
+    by_qweight = {n.input[1]: n for n in proto.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN}
+    for node in proto.graph.node:
+        if node.op_type == GATHER and node.domain == DOMAIN and node.input[1] in by_qweight:
+            decoded = weight_from_node(by_qweight[node.input[1]], inits).dequantize()
+            with torch.no_grad():
+                model.get_input_embeddings().weight.copy_(torch.from_numpy(decoded))
 
 
 def _load_folded_norms(model: torch.nn.Module, inits: dict, modules: dict) -> None:
