@@ -15,6 +15,7 @@ Each pass is one small file with one concern; `PassManager` runs them with optio
 from .add_fallback import AddFallback
 from .base import Pass, PassContext, PassError, PassManager, PassResult, PipelineResult, run_pass
 from .cleanup import Cleanup
+from .drop_identity_reshapes import DropIdentityReshapes
 from .embed_from_lm_head import EmbedFromLMHead
 from .fold_affine_linear import FoldAffineIntoLinear
 from .fold_affine_norm import FoldAffineIntoNorm
@@ -28,6 +29,7 @@ from .set_accuracy_level import SetAccuracyLevel
 __all__ = [
     "AddFallback",
     "Cleanup",
+    "DropIdentityReshapes",
     "EmbedFromLMHead",
     "FoldAffineIntoLinear",
     "FoldAffineIntoNorm",

@@ -7,6 +7,7 @@
     rsqrt-as-div                                     RMSNorm in the form ONNX Runtime fuses (standard ops)
     fuse-rotary                                      with contrib ops and a known max position: com.microsoft::RotaryEmbedding
     fuse-attention-rotary                            with contrib ops: those rotations inside GroupQueryAttention
+    drop-identity-reshapes                           head split/join Reshapes that end where they started
     cleanup                                          dead nodes, unused initializers, order, exporter debug metadata
     add-fallback                                     unless --no-fallback: the portable ONNX function of SpQRMatMul
     set-accuracy-level                               with --accuracy-level 4: int8 activations in the CPU kernel
@@ -19,8 +20,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from qcompiler.passes import (AddFallback, Cleanup, EmbedFromLMHead, FoldAffineIntoLinear, FoldAffineIntoNorm, FuseAttentionRotary,
-                              FuseRotary, Pass, QuantizeActivations, ReplaceLinear, RsqrtAsDiv, SetAccuracyLevel)
+from qcompiler.passes import (AddFallback, Cleanup, DropIdentityReshapes, EmbedFromLMHead, FoldAffineIntoLinear,
+                              FoldAffineIntoNorm, FuseAttentionRotary, FuseRotary, Pass, QuantizeActivations,
+                              ReplaceLinear, RsqrtAsDiv, SetAccuracyLevel)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,6 +55,7 @@ def pass_list(options: GraphOptions, *, result, manifest: dict, max_positions: O
     passes.append(RsqrtAsDiv())
     if options.contrib_ops and max_positions:
         passes += [FuseRotary(int(max_positions)), FuseAttentionRotary()]
+    passes.append(DropIdentityReshapes())
     passes.append(Cleanup())
     if options.fallback:
         passes.append(AddFallback())

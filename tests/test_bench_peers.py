@@ -1,0 +1,175 @@
+"""bench/peers.py without the peers' binaries: llama-bench JSON parsing, the builder's config cleaning, `--ours`
+parsing, row selection, medians/ratios and the rendered table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import peers
+
+# Two tests of one `llama-bench -m X -p 64 -n 64 -t 2 -r 1 -o json` run (trimmed: fields the parser ignores dropped)
+LLAMA_BENCH_JSON = """[
+  {
+    "build_commit": "0c1e570", "build_number": 1, "cpu_info": "Intel(R) Xeon(R) Processor", "gpu_info": "",
+    "backends": "CPU", "model_filename": "build/peers/gguf/model-Q4_K_M.gguf", "model_type": "llama 256M Q4_K - Medium",
+    "model_size": 105467904, "model_n_params": 134515008, "n_batch": 2048, "n_ubatch": 512, "n_threads": 2,
+    "type_k": "f16", "type_v": "f16", "n_prompt": 64, "n_gen": 0, "n_depth": 0,
+    "test_time": "2026-12-06T11:16:51Z", "avg_ns": 152035000, "stddev_ns": 0, "avg_ts": 420.953,
+    "stddev_ts": 0.000000, "samples_ns": [ 152035000 ], "samples_ts": [ 420.953 ]
+  },
+  {
+    "build_commit": "0c1e570", "build_number": 1, "cpu_info": "Intel(R) Xeon(R) Processor", "gpu_info": "",
+    "backends": "CPU", "model_filename": "build/peers/gguf/model-Q4_K_M.gguf", "model_type": "llama 256M Q4_K - Medium",
+    "model_size": 105467904, "model_n_params": 134515008, "n_batch": 2048, "n_ubatch": 512, "n_threads": 2,
+    "type_k": "f16", "type_v": "f16", "n_prompt": 0, "n_gen": 64, "n_depth": 0,
+    "test_time": "2026-12-06T11:16:52Z", "avg_ns": 1075210000, "stddev_ns": 0, "avg_ts": 59.5235,
+    "stddev_ts": 0.000000, "samples_ns": [ 1075210000 ], "samples_ts": [ 59.5235 ]
+  }
+]"""
+
+
+def test_parse_llama_bench_picks_prefill_and_decode():
+    out = peers.parse_llama_bench(LLAMA_BENCH_JSON)
+    assert out["prefill_tok_s"] == pytest.approx(420.953)
+    assert out["decode_tok_s"] == pytest.approx(59.5235)
+    assert out["build_commit"] == "0c1e570" and out["n_threads"] == 2
+    assert out["type"] == "llama 256M Q4_K - Medium"
+
+
+def test_parse_llama_bench_order_does_not_matter_and_missing_test_fails():
+    tests = json.loads(LLAMA_BENCH_JSON)
+    out = peers.parse_llama_bench(json.dumps(tests[::-1]))
+    assert (out["prefill_tok_s"], out["decode_tok_s"]) == pytest.approx((420.953, 59.5235))
+    with pytest.raises(peers.BenchError, match="lacks a decode test"):
+        peers.parse_llama_bench(json.dumps(tests[:1]))
+    with pytest.raises(peers.BenchError, match="not JSON"):
+        peers.parse_llama_bench("| model | size |")
+
+
+def test_clean_hf_config_adds_architectures_and_drops_gguf_quantization():
+    cfg = {"model_type": "llama", "hidden_size": 576, "tie_word_embeddings": True,
+           "quantization_config": {"quant_method": "gguf"}}
+    out = peers.clean_hf_config(cfg)
+    assert out["architectures"] == ["LlamaForCausalLM"]
+    assert "quantization_config" not in out
+    assert out["hidden_size"] == 576 and out["tie_word_embeddings"] is True
+    assert "quantization_config" in cfg and "architectures" not in cfg  # the input is left as it was
+    assert peers.clean_hf_config({"architectures": ["Qwen2ForCausalLM"]})["architectures"] == ["Qwen2ForCausalLM"]
+
+
+def test_store_tied_as_embedding_renames_lm_head(tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    f = tmp_path / "model.safetensors"
+    w = torch.arange(6, dtype=torch.float32).reshape(3, 2)
+    save_file({"lm_head.weight": w, "model.norm.weight": torch.ones(2)}, str(f), metadata={"format": "pt"})
+    assert peers.store_tied_as_embedding(f) is True
+    with safe_open(str(f), "pt") as s:
+        assert sorted(s.keys()) == ["model.embed_tokens.weight", "model.norm.weight"]
+        assert torch.equal(s.get_tensor("model.embed_tokens.weight"), w)
+        assert s.metadata() == {"format": "pt"}
+    assert peers.store_tied_as_embedding(f) is False  # nothing left to rename
+
+
+def test_parse_ours():
+    assert peers.parse_ours(["w4=build/peers/ours/spqr-w4", " fp32 = out/fp32 "]) == [
+        ("w4", Path("build/peers/ours/spqr-w4")), ("fp32", Path("out/fp32"))]
+    with pytest.raises(peers.BenchError, match="expected LABEL=FOLDER"):
+        peers.parse_ours(["build/peers/ours/spqr-w4"])
+    with pytest.raises(peers.BenchError, match="expected LABEL=FOLDER"):
+        peers.parse_ours(["w4="])
+    with pytest.raises(peers.BenchError, match="'w4' is given twice"):
+        peers.parse_ours(["w4=a", "w4=b"])
+
+
+def test_ours_flag_through_main_rejects_bad_value(capsys):
+    assert peers.main(["--ours", "nolabel", "--skip-speed", "--skip-ppl"]) == 2
+    assert "expected LABEL=FOLDER" in capsys.readouterr().err
+
+
+def test_default_ours_and_selection(tmp_path):
+    for name in ("fp32", "spqr-w3", "not-a-default"):
+        (tmp_path / "ours" / name).mkdir(parents=True)
+        (tmp_path / "ours" / name / "model.onnx").write_bytes(b"")
+    (tmp_path / "ours" / "spqr-w4").mkdir()  # no model.onnx: not an export
+    ours = peers.default_ours(tmp_path / "ours")
+    assert [label for label, _ in ours] == ["fp32", "spqr-w3"]
+    rows = peers.all_peers(ours, tmp_path)
+    labels = [r.label for r in rows]
+    assert labels[:4] == ["ours-fp32", "ours-spqr-w3", "genai-int4-acc4", "genai-int4-acc0"]
+    assert "llama.cpp-Q4_K_M" in labels and "llama.cpp-IQ4_XS" in labels
+    assert [r.label for r in peers.select(rows, "ours,q4_k_m")] == ["ours-fp32", "ours-spqr-w3", "llama.cpp-Q4_K_M"]
+    gguf = next(r for r in rows if r.label == "llama.cpp-Q3_K_M")
+    assert gguf.model_file() == tmp_path / "gguf" / "model-Q3_K_M.gguf"
+    with pytest.raises(peers.BenchError, match="no row matches nope"):
+        peers.select(rows, "ours,nope")
+
+
+def test_median_and_ratio():
+    assert peers.median([3.0, 1.0, 2.0, float("nan")]) == 2.0
+    assert peers.median([4.0, 1.0]) == 2.5
+    assert peers.median([]) is None
+    assert peers.ratio(30.0, 20.0) == 1.5
+    assert peers.ratio(30.0, None) is None and peers.ratio(None, 2.0) is None
+
+
+def _run(decode: list[float], prefill: float = 100.0, mem: float = 50.0) -> list[dict]:
+    return [{"prefill_tok_s": prefill, "decode_tok_s": d, "mem_mb": mem} for d in decode]
+
+
+def test_render_table_medians_ratios_and_missing_rows():
+    result = {
+        "date": "2026-12-06", "command": ".venv/bin/python -m bench.peers --rounds 3", "source": "m.gguf",
+        "threads": [1, 2], "rounds": 3, "prompt_tokens": 64, "new_tokens": 64,
+        "environment": {"cpu": "Test CPU", "cpu_count": 2, "onnxruntime": "1.31.1", "onnxruntime_genai": "0.18.0",
+                        "llamacpp": "0c1e570"},
+        "protocol": {"windows": 40, "seqlen": 512, "windows_sha256": "abcdef0123456789"},
+        "rows": [
+            {"label": "ours-spqr-w4", "kind": "ours", "how": "ours", "bits_linears": 4.6251, "bits_all": 9.87,
+             "file_mb": 150.04, "ppl": {"ppl": 17.5, "protocol": "ORT"},
+             "speed": {"1": _run([30.0, 10.0, 20.0], mem=120.0), "2": _run([40.0, 40.0, 60.0], mem=130.0)}},
+            {"label": "genai-int4-acc4", "kind": "genai", "how": "genai", "bits_linears": 5.0, "bits_all": 8.0,
+             "file_mb": 100.0, "ppl": {"ppl": 18.0, "protocol": "ORT"},
+             "speed": {"1": _run([10.0, 10.0, 10.0]), "2": _run([20.0, 20.0, 20.0])}},
+            {"label": "llama.cpp-Q4_K_M", "kind": "llamacpp", "how": "q", "bits_linears": 4.9, "bits_all": 5.5,
+             "file_mb": 105.5, "ppl": {"ppl": 17.9, "protocol": "PyTorch fp32 (transformers-dequantized GGUF weights)"},
+             "speed": {"1": _run([40.0, 40.0, 40.0], mem=200.0), "2": _run([80.0, 80.0, 80.0], mem=210.0)}},
+            {"label": "llama.cpp-IQ4_XS", "kind": "llamacpp", "how": "iq", "missing": "no model-IQ4_XS.gguf"},
+        ],
+        "notes": ["a run note"], "timings": {"perplexity": 12.3},
+    }
+    text = peers.render_table(result)
+    assert "Test CPU" in text and "onnxruntime-genai 0.18.0" in text and "0c1e570" in text
+    assert "`.venv/bin/python -m bench.peers --rounds 3`" in text and "40 windows × 512 tokens" in text
+    header = next(ln for ln in text.splitlines() if ln.startswith("| model |"))
+    cells = {ln.split(" | ")[0][2:]: [c.strip() for c in ln.strip("|").split("|")]
+             for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith(("| model", "|---"))}
+    assert len(header.strip("|").split("|")) == len(cells["ours-spqr-w4"]) == 12
+    ours = cells["ours-spqr-w4"]
+    assert ours[2] == "4.63; 9.87" and ours[3] == "150.0" and ours[4] == "17.500"
+    assert ours[5:9] == ["100.0", "20.0", "100.0", "40.0"]  # medians of [30, 10, 20] and [40, 40, 60]
+    assert ours[9] == "2.00×, 2.00×" and ours[10] == "0.50×, 0.50×"  # 20/10, 40/20; 20/40, 40/80
+    assert ours[11] == "130 ᴳ"  # max over its runs, ONNX growth
+    assert cells["llama.cpp-Q4_K_M"][4] == "17.900 ⁽ᵗ⁾" and cells["llama.cpp-Q4_K_M"][11] == "210 ᴿ"
+    assert cells["llama.cpp-Q4_K_M"][10] == "1.00×, 1.00×"
+    assert "missing: no model-IQ4_XS.gguf" in cells["llama.cpp-IQ4_XS"][2]
+    assert "- a run note" in text and "perplexity 12" in text
+
+
+def test_ppl_cache_keys_on_mtime_and_windows(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x")
+    cache = peers.PplCache(tmp_path / "cache.json")
+    cache.put(model, "sha1", {"ppl": 12.5})
+    assert peers.PplCache(tmp_path / "cache.json").get(model, "sha1") == {"ppl": 12.5}
+    assert cache.get(model, "sha2") is None
+    import os
+
+    st = model.stat()
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert cache.get(model, "sha1") is None
