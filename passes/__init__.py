@@ -21,6 +21,7 @@ from .fold_affine_linear import FoldAffineIntoLinear
 from .fold_affine_norm import FoldAffineIntoNorm
 from .fuse_attention_rotary import FuseAttentionRotary
 from .fuse_rotary import FuseRotary
+from .fuse_skip_norm import FuseSkipNorm
 from .quantize_activations import QuantizeActivations
 from .replace_linear import ReplaceLinear
 from .rsqrt_as_div import RsqrtAsDiv
@@ -35,6 +36,7 @@ __all__ = [
     "FoldAffineIntoNorm",
     "FuseAttentionRotary",
     "FuseRotary",
+    "FuseSkipNorm",
     "Pass",
     "PassContext",
     "PassError",

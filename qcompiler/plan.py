@@ -5,6 +5,7 @@
     embed-from-lm-head                               a quantized lm_head tied to the embedding: the lookup reads it
     quantize-activations                             when the method quantizes activations (w4a4 / w4a8)
     rsqrt-as-div                                     RMSNorm in the form ONNX Runtime fuses (standard ops)
+    fuse-skip-norm                                   with contrib ops: residual Add + RMSNorm → SkipSimplifiedLayerNormalization
     fuse-rotary                                      with contrib ops and a known max position: com.microsoft::RotaryEmbedding
     fuse-attention-rotary                            with contrib ops: those rotations inside GroupQueryAttention
     drop-identity-reshapes                           head split/join Reshapes that end where they started
@@ -21,7 +22,7 @@ import dataclasses
 from typing import Optional
 
 from qcompiler.passes import (AddFallback, Cleanup, DropIdentityReshapes, EmbedFromLMHead, FoldAffineIntoLinear,
-                              FoldAffineIntoNorm, FuseAttentionRotary, FuseRotary, Pass, QuantizeActivations,
+                              FoldAffineIntoNorm, FuseAttentionRotary, FuseRotary, FuseSkipNorm, Pass, QuantizeActivations,
                               ReplaceLinear, RsqrtAsDiv, SetAccuracyLevel)
 
 
@@ -53,6 +54,8 @@ def pass_list(options: GraphOptions, *, result, manifest: dict, max_positions: O
     if result.activation_bits < 16:
         passes.append(QuantizeActivations(result.layers, result.activation_bits))
     passes.append(RsqrtAsDiv())
+    if options.contrib_ops:
+        passes.append(FuseSkipNorm())
     if options.contrib_ops and max_positions:
         passes += [FuseRotary(int(max_positions)), FuseAttentionRotary()]
     passes.append(DropIdentityReshapes())

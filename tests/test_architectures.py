@@ -107,7 +107,8 @@ def test_genai_generates_the_same_tokens(kind, tiny_export):
 @pytest.mark.parametrize("kind", ALL_KINDS[:-1])  # OPT's LayerNorm and learned positions: neither applies
 def test_norms_reach_the_fused_kernel_and_rotary_is_fused(kind, tiny_export, tmp_path):
     """ONNX Runtime's optimiser turns every RMSNorm of the export into one SimplifiedLayerNormalization (Gemma's
-    `1 + w` included: the exporter stores the sum as the weight), and fuse-rotary turns every full-head rotation
+    `1 + w` included: the exporter stores the sum as the weight) or, with the residual Add in front of it,
+    SkipSimplifiedLayerNormalization (fuse-skip-norm), and fuse-rotary turns every full-head rotation
     into RotaryEmbedding (q and k of each layer with rope: SmolLM3's NoPE layer has none), which
     fuse-attention-rotary moves into the layer's GroupQueryAttention (`do_rotary`) unless, as Gemma 3's, the q/k norm
     comes after the head transpose (the RotaryEmbeddings stay). Phi-3's partial rotary
@@ -129,7 +130,11 @@ def test_norms_reach_the_fused_kernel_and_rotary_is_fused(kind, tiny_export, tmp
                 and any(a.name == "do_rotary" and a.i == 1 for a in n.attribute)]
     cfg = tiny_config(kind)
     family = family_for(cfg)
-    assert ops.count("SimplifiedLayerNormalization") == cfg.num_hidden_layers * len(norm_paths(family)) + 1
+    norms = ops.count("SimplifiedLayerNormalization") + ops.count("SkipSimplifiedLayerNormalization")
+    assert norms == cfg.num_hidden_layers * len(norm_paths(family)) + 1
+    # fuse-skip-norm: every norm reading a residual sum (all but the first layer's input norm; Gemma's post norms
+    # read a block's output) takes the Add with it
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * cfg.num_hidden_layers
     rope_layers = sum(a.rope for a in layer_attention(family, cfg))
     assert ops.count("GroupQueryAttention") == cfg.num_hidden_layers
     fused = 0 if kind == "phi3" else rope_layers

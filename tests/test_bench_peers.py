@@ -173,3 +173,24 @@ def test_ppl_cache_keys_on_mtime_and_windows(tmp_path):
     st = model.stat()
     os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert cache.get(model, "sha1") is None
+
+
+@pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="needs GNU time")
+def test_measure_llamacpp_retries_without_repack_after_sigill(tmp_path, monkeypatch):
+    """A llama-bench that exits 132 (SIGILL) unless given `--repack 0`: one retry, flagged `repack: False`; any other
+    failure is reported, not retried."""
+    (tmp_path / "sample.json").write_text(LLAMA_BENCH_JSON)
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/bin/sh\necho \"$@\" >> " + str(tmp_path / "calls.txt") + "\n"
+                    "case \"$*\" in *'--repack 0'*) cat " + str(tmp_path / "sample.json") + ";; "
+                    "*nogood*) echo 'error: bad model' >&2; exit 1;; *) exit 132;; esac\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(peers, "LLAMACPP_BIN", tmp_path)
+    out = peers.measure_llamacpp(tmp_path / "m.gguf", 2, 64, 64)
+    assert out["repack"] is False and out["decode_tok_s"] == pytest.approx(59.5235)
+    assert out["mem_mb"] > 0
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert len(calls) == 2 and "-t 2" in calls[0] and calls[1].endswith("--repack 0")
+    with pytest.raises(peers.BenchError, match="exited 1: error: bad model"):
+        peers.measure_llamacpp(tmp_path / "nogood.gguf", 1, 64, 64)
+    assert len((tmp_path / "calls.txt").read_text().splitlines()) == 3
