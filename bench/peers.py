@@ -63,7 +63,16 @@ LLAMACPP_CMAKE = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX
                   "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF"]
 LLAMACPP_TARGETS = ["llama-bench", "llama-quantize", "llama-imatrix", "llama-perplexity"]
 DATA_FALLBACK = Path("/work/shared/data")
-OURS_DEFAULT = ["fp32", "spqr-w4", "spqr-w4-head4", "spqr-w3", "spqr-w3-head4"]
+# our rows: `qcompiler export SOURCE FLAGS -o build/peers/ours/LABEL` (`--prepare` exports the missing ones)
+HEAD4 = ["--lm-head", "rtn", "--lm-head-bits", "4", "--lm-head-group-size", "32"]
+OURS_BUILDS: dict[str, list[str]] = {
+    "fp32": ["--method", "none"],
+    "spqr-w4": ["--method", "spqr"],
+    "spqr-w4-head4": ["--method", "spqr", *HEAD4],
+    "spqr-w3": ["--method", "spqr", "--preset", "sub4"],
+    "spqr-w3-head4": ["--method", "spqr", "--preset", "sub4", *HEAD4],
+}
+OURS_DEFAULT = list(OURS_BUILDS)
 NICE = ["nice", "-n", "10"]  # heavy build steps yield to interactive work on this shared 2-core machine
 
 # onnxruntime-genai builds: `--extra_options` of its model builder (`-p int4 -e cpu`).
@@ -133,8 +142,8 @@ def parse_ours(values: Sequence[str]) -> list[tuple[str, Path]]:
 
 
 def default_ours(root: Path) -> list[tuple[str, Path]]:
-    """The folders of `OURS_DEFAULT` under `root` that exist (with a model.onnx)."""
-    return [(name, root / name) for name in OURS_DEFAULT if (root / name / "model.onnx").exists()]
+    """The folders of `OURS_BUILDS` under `root` (`--prepare` exports the missing ones; measuring skips them)."""
+    return [(name, root / name) for name in OURS_DEFAULT]
 
 
 def all_peers(ours: list[tuple[str, Path]], peers_dir: Path) -> list[Peer]:
@@ -143,8 +152,12 @@ def all_peers(ours: list[tuple[str, Path]], peers_dir: Path) -> list[Peer]:
         cfg = _read_json(folder / "quant_config.json") or {}
         options = cfg.get("config") or {}
         brief = ", ".join(f"{k}={options[k]}" for k in ("bits", "group_size", "outlier_threshold") if k in options)
-        how = f"`qcompiler export --method {cfg['method']}`" if "method" in cfg else "`qcompiler export` folder"
-        rows.append(Peer(f"ours-{label}", "ours", folder, how + (f" ({brief})" if brief else "")))
+        if label in OURS_BUILDS and folder == PEERS_DIR / "ours" / label:
+            how = f"`qcompiler export {' '.join(OURS_BUILDS[label])}`"
+        else:
+            how = f"`qcompiler export --method {cfg['method']}`" if "method" in cfg else "`qcompiler export` folder"
+            how += f" ({brief})" if brief else ""
+        rows.append(Peer(f"ours-{label}", "ours", folder, how))
     for b in GENAI_BUILDS:
         rows.append(Peer(b["name"], "genai", peers_dir / "genai" / b["name"], b["how"]))
     for q in GGUF_QUANTS:
@@ -333,8 +346,19 @@ class Preparer:
         _run("llama-quantize", cmd, log=self.dir / "logs" / f"quantize-{q['type']}.log")
         tmp.rename(out)
 
+    def ours(self, label: str, folder: Path) -> None:
+        _run(f"qcompiler export ({label})", [sys.executable, "-m", "qcompiler.cli", "export", self.args.source,
+                                             *OURS_BUILDS[label], "-o", folder, "--force", "-q"],
+             log=self.dir / "logs" / f"ours-{label}.log")
+
     def run(self, peers: list[Peer]) -> None:
         """Build what `peers` need and is missing (the HF folder whenever anything else is built, or for ppl)."""
+        for p in peers:
+            label = p.label.removeprefix("ours-")
+            if p.kind == "ours" and label in OURS_BUILDS and p.path == self.dir / "ours" / label \
+                    and not (p.path / "model.onnx").exists():
+                _say(f"prepare: {p.label} (qcompiler export {' '.join(OURS_BUILDS[label])})")
+                self._step(p.label, lambda label=label, path=p.path: self.ours(label, path))
         wanted_genai = [b for b in GENAI_BUILDS if any(p.path == self.dir / "genai" / b["name"] for p in peers)]
         wanted_gguf = [q for q in GGUF_QUANTS if any(p.path == gguf_path(self.dir, q["type"]) for p in peers)]
         if not (self.hf / "model.safetensors").exists():
