@@ -72,7 +72,11 @@ OURS_BUILDS: dict[str, list[str]] = {
     "spqr-w3": ["--method", "spqr", "--preset", "sub4"],
     "spqr-w3-head4": ["--method", "spqr", "--preset", "sub4", *HEAD4],
 }
-OURS_DEFAULT = list(OURS_BUILDS)
+# rows derived from a built row: its folder with `accuracy_level` 4 on every SpQRMatMul (int8 activations in the CPU
+# kernel) — the graph `--accuracy-level 4` exports (the set-accuracy-level pass runs last), without quantizing again
+OURS_DERIVED: dict[str, tuple[str, int]] = {"spqr-w4-head4-a4": ("spqr-w4-head4", 4),
+                                            "spqr-w3-head4-a4": ("spqr-w3-head4", 4)}
+OURS_DEFAULT = [*OURS_BUILDS, *OURS_DERIVED]
 NICE = ["nice", "-n", "10"]  # heavy build steps yield to interactive work on this shared 2-core machine
 
 # onnxruntime-genai builds: `--extra_options` of its model builder (`-p int4 -e cpu`).
@@ -141,6 +145,11 @@ def parse_ours(values: Sequence[str]) -> list[tuple[str, Path]]:
     return out
 
 
+def _stale(derived: Path, base: Path) -> bool:
+    """A derived file is missing or older than what it was made from."""
+    return not derived.exists() or (base.exists() and base.stat().st_mtime > derived.stat().st_mtime)
+
+
 def default_ours(root: Path) -> list[tuple[str, Path]]:
     """The folders of `OURS_BUILDS` under `root` (`--prepare` exports the missing ones; measuring skips them)."""
     return [(name, root / name) for name in OURS_DEFAULT]
@@ -154,6 +163,9 @@ def all_peers(ours: list[tuple[str, Path]], peers_dir: Path) -> list[Peer]:
         brief = ", ".join(f"{k}={options[k]}" for k in ("bits", "group_size", "outlier_threshold") if k in options)
         if label in OURS_BUILDS and folder == PEERS_DIR / "ours" / label:
             how = f"`qcompiler export {' '.join(OURS_BUILDS[label])}`"
+        elif label in OURS_DERIVED and folder == PEERS_DIR / "ours" / label:
+            base, level = OURS_DERIVED[label]
+            how = f"ours-{base} with `accuracy_level` {level} on every SpQRMatMul (= `--accuracy-level {level}`)"
         else:
             how = f"`qcompiler export --method {cfg['method']}`" if "method" in cfg else "`qcompiler export` folder"
             how += f" ({brief})" if brief else ""
@@ -351,10 +363,39 @@ class Preparer:
                                              *OURS_BUILDS[label], "-o", folder, "--force", "-q"],
              log=self.dir / "logs" / f"ours-{label}.log")
 
+    def derived(self, label: str, folder: Path) -> None:
+        """`OURS_DERIVED[label]`: the base folder's files (hard links) with the accuracy level set in model.onnx."""
+        import onnx
+
+        base, level = OURS_DERIVED[label]
+        source = self.dir / "ours" / base
+        if not (source / "model.onnx").exists():
+            raise BenchError(f"{label} needs ours-{base} first ({source} has no model.onnx)")
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp, copy_function=os.link)
+        proto = onnx.load(str(source / "model.onnx"), load_external_data=False)
+        for node in proto.graph.node:
+            if node.op_type == "SpQRMatMul" and node.domain == "qcompiler":
+                kept = [a for a in node.attribute if a.name != "accuracy_level"]
+                del node.attribute[:]
+                node.attribute.extend(kept + [onnx.helper.make_attribute("accuracy_level", level)])
+        (tmp / "model.onnx").unlink()
+        onnx.save(proto, str(tmp / "model.onnx"))
+        cfg = json.loads((source / "quant_config.json").read_text())
+        (tmp / "quant_config.json").unlink()
+        (tmp / "quant_config.json").write_text(json.dumps({**cfg, "accuracy_level": level}, indent=2) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+
     def run(self, peers: list[Peer]) -> None:
         """Build what `peers` need and is missing (the HF folder whenever anything else is built, or for ppl)."""
-        for p in peers:
+        for p in sorted(peers, key=lambda p: p.label.removeprefix("ours-") in OURS_DERIVED):  # bases first
             label = p.label.removeprefix("ours-")
+            if p.kind == "ours" and label in OURS_DERIVED and p.path == self.dir / "ours" / label \
+                    and _stale(p.path / "model.onnx", self.dir / "ours" / OURS_DERIVED[label][0] / "model.onnx"):
+                _say(f"prepare: {p.label} (accuracy level {OURS_DERIVED[label][1]} on ours-{OURS_DERIVED[label][0]})")
+                self._step(p.label, lambda label=label, path=p.path: self.derived(label, path))
             if p.kind == "ours" and label in OURS_BUILDS and p.path == self.dir / "ours" / label \
                     and not (p.path / "model.onnx").exists():
                 _say(f"prepare: {p.label} (qcompiler export {' '.join(OURS_BUILDS[label])})")

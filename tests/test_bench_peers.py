@@ -98,8 +98,8 @@ def test_default_ours_and_selection(tmp_path):
         (tmp_path / "ours" / name / "model.onnx").write_bytes(b"")
     (tmp_path / "ours" / "spqr-w4").mkdir()  # no model.onnx: not an export
     ours = peers.default_ours(tmp_path / "ours")  # every build of OURS_BUILDS, present or not (--prepare makes them)
-    assert [label for label, _ in ours] == list(peers.OURS_BUILDS) == ["fp32", "spqr-w4", "spqr-w4-head4", "spqr-w3",
-                                                                      "spqr-w3-head4"]
+    assert [label for label, _ in ours] == ["fp32", "spqr-w4", "spqr-w4-head4", "spqr-w3", "spqr-w3-head4",
+                                            "spqr-w4-head4-a4", "spqr-w3-head4-a4"]
     ours = [o for o in ours if o[0] in ("fp32", "spqr-w3")]
     rows = peers.all_peers(ours, tmp_path)
     labels = [r.label for r in rows]
@@ -196,3 +196,31 @@ def test_measure_llamacpp_retries_without_repack_after_sigill(tmp_path, monkeypa
     with pytest.raises(peers.BenchError, match="exited 1: error: bad model"):
         peers.measure_llamacpp(tmp_path / "nogood.gguf", 1, 64, 64)
     assert len((tmp_path / "calls.txt").read_text().splitlines()) == 3
+
+
+def test_derived_row_sets_the_accuracy_level(tmp_path):
+    """An OURS_DERIVED row is its base folder with accuracy_level on every SpQRMatMul, nothing else changed."""
+    import argparse
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    base = tmp_path / "ours" / "spqr-w4-head4"
+    base.mkdir(parents=True)
+    node = helper.make_node("SpQRMatMul", ["x", "w"], ["y"], domain="qcompiler", K=4, N=4, accuracy_level=0)
+    graph = helper.make_graph([node, helper.make_node("Relu", ["y"], ["z"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(graph), str(base / "model.onnx"))
+    (base / "quant_config.json").write_text('{"method": "spqr"}')
+    (base / "model.onnx.data").write_bytes(b"weights")
+    prep = peers.Preparer(argparse.Namespace(source=None), tmp_path)
+    out = tmp_path / "ours" / "spqr-w4-head4-a4"
+    prep.derived("spqr-w4-head4-a4", out)
+    got = onnx.load(str(out / "model.onnx"))
+    attrs = {a.name: a.i for a in got.graph.node[0].attribute}
+    assert attrs["accuracy_level"] == 4 and attrs["K"] == 4
+    assert [n.op_type for n in got.graph.node] == ["SpQRMatMul", "Relu"]
+    assert (out / "model.onnx.data").read_bytes() == b"weights"
+    assert peers.json.loads((out / "quant_config.json").read_text()) == {"method": "spqr", "accuracy_level": 4}
+    assert not peers._stale(out / "model.onnx", base / "model.onnx")
