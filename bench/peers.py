@@ -63,14 +63,16 @@ LLAMACPP_CMAKE = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX
                   "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF"]
 LLAMACPP_TARGETS = ["llama-bench", "llama-quantize", "llama-imatrix", "llama-perplexity"]
 DATA_FALLBACK = Path("/work/shared/data")
-# our rows: `qcompiler export SOURCE FLAGS -o build/peers/ours/LABEL` (`--prepare` exports the missing ones)
+# our rows: `qcompiler export SOURCE FLAGS -o build/peers/ours/LABEL` (`--prepare` exports the missing ones), with the
+# calibration of README's quality tables (bench/quality.py: 32 windows of 512 tokens of WikiText-2 validation, seed 0)
 HEAD4 = ["--lm-head", "rtn", "--lm-head-bits", "4", "--lm-head-group-size", "32"]
+CALIBRATION = ["--nsamples", "32", "--seqlen", "512"]
 OURS_BUILDS: dict[str, list[str]] = {
     "fp32": ["--method", "none"],
-    "spqr-w4": ["--method", "spqr"],
-    "spqr-w4-head4": ["--method", "spqr", *HEAD4],
-    "spqr-w3": ["--method", "spqr", "--preset", "sub4"],
-    "spqr-w3-head4": ["--method", "spqr", "--preset", "sub4", *HEAD4],
+    "spqr-w4-head4": ["--method", "spqr", *CALIBRATION, *HEAD4],
+    "spqr-w3-head4": ["--method", "spqr", "--preset", "sub4", *CALIBRATION, *HEAD4],
+    "spqr-w4": ["--method", "spqr", *CALIBRATION],
+    "spqr-w3": ["--method", "spqr", "--preset", "sub4", *CALIBRATION],
 }
 # rows derived from a built row: its folder with `accuracy_level` 4 on every SpQRMatMul (int8 activations in the CPU
 # kernel) — the graph `--accuracy-level 4` exports (the set-accuracy-level pass runs last), without quantizing again
