@@ -77,6 +77,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                                                      else argv) + "`.", "",
              "| prompt | same tokens | first difference at | reference top-2 margin there | max \\|Δlogit\\| (prefill) "
              "| max \\|Δlogit\\| (steps before the difference) |", "|--:|--:|--:|--:|--:|--:|"]
+    for folder in (args.fused, args.standard):
+        cfg = json.loads((folder / "quant_config.json").read_text())
+        lines.insert(-3, f"- `{folder}`: `qcompiler export {cfg['source']} --method {cfg['method']}` "
+                         f"(quant_config.json: contrib ops {cfg.get('contrib_ops') or 'none'}, "
+                         f"{cfg['avg_bits']:.3f} bits/param)")
+    lines.insert(-3, "")
     agree = 0
     for i, prompt in enumerate(cases):
         a, a_rows = greedy(fused, prompt, args.new_tokens)
