@@ -460,11 +460,8 @@ def _onnx_bits(path: Path) -> dict[str, float]:
 def _gguf_bits(path: Path) -> dict[str, float]:
     """Stored bits of a GGUF's tensors: `linears` (blk.*.{attn_q,k,v,output, ffn_gate,up,down}.weight),
     `linear_params`, `all` (every tensor)."""
-    sys.path.insert(0, str(LLAMACPP_SRC / "gguf-py"))  # its own reader knows the newest quant types
-    try:
-        import gguf
-    finally:
-        sys.path.pop(0)
+    import gguf  # the project's pinned gguf reads every type these files use (q4_K, q5_0, iq4_nl, iq4_xs, ...)
+
     reader = gguf.GGUFReader(str(path))
     linear_bits = linear_params = total = 0
     types: dict[str, int] = {}

@@ -52,7 +52,7 @@ class Variant:
                    perm=present["perm"], bias=present["bias"])
 
 
-class _Body:
+class FunctionBody:
     """Appends nodes to a function body; each `op` returns its (generated) output name."""
 
     def __init__(self) -> None:
@@ -104,7 +104,7 @@ def fallback_function(variant: Variant, *, opset: int = MIN_OPSET) -> onnx.Funct
     """The `qcompiler::SpQRMatMul` function (overload `variant.overload`) in standard ops of `opset`."""
     if opset < MIN_OPSET:
         raise ValueError(f"the fallback function needs opset ≥ {MIN_OPSET}, got {opset}")
-    b = _Body()
+    b = FunctionBody()
     f32 = TensorProto.FLOAT
     i64 = TensorProto.INT64
     one_d = b.const([1], np.int64)

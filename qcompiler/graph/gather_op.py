@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from qcompiler.graph.fallback import MIN_OPSET, _Body
+from qcompiler.graph.fallback import MIN_OPSET, FunctionBody
 from qcompiler.graph.format import DOMAIN, SpQRWeight
 
 OP_TYPE = "SpQRGather"
@@ -37,7 +37,7 @@ def gather_function(bits: int, *, opset: int = MIN_OPSET) -> onnx.FunctionProto:
     """The SpQRGather function for `bits`-wide codes, in standard ops of `opset` (≥ 18)."""
     if opset < MIN_OPSET:
         raise ValueError(f"SpQRGather needs opset ≥ {MIN_OPSET}, got {opset}")
-    b = _Body()
+    b = FunctionBody()
     f32 = TensorProto.FLOAT
     K = b.attr("K")
     K1 = b.op("Reshape", K, b.const([1], np.int64))
