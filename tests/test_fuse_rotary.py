@@ -152,7 +152,7 @@ def test_angles_not_tabulable_left_alone(variant):
 def test_cli_default_and_no_contrib_ops(tiny_dirs, tmp_path, capsys):
     from tests.helpers import run_cli
 
-    for flags, want in (((), ["GroupQueryAttention"]), (("--no-contrib-ops",), [])):
+    for flags, want in (((), ["GroupQueryAttention", "SkipSimplifiedLayerNormalization"]), (("--no-contrib-ops",), [])):
         out = tmp_path / ("out" + "".join(flags))
         code, _, err = run_cli(capsys, "export", tiny_dirs("llama"), "--method", "rtn", "--bits", "4",
                                "--group-size", "16", *flags, "-o", out, "-q")

@@ -134,6 +134,9 @@ def test_odd_hidden_sizes_export_and_validate(tmp_path, capsys):
     assert code == 0, err
     cfg = json.loads((out / "quant_config.json").read_text())
     assert cfg["n_quantized_layers"] == 14 and cfg["validation"]["max_abs_logit_diff"] <= cfg["validation"]["limit"]
+    # heads of 24: ONNX Runtime's GroupQueryAttention takes multiples of 16 only, so attention stays standard ops
+    assert "GroupQueryAttention" not in cfg["contrib_ops"]
+    assert not json.loads((out / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
 
 
 def test_output_folder_gets_umask_permissions_not_mkdtemp_ones(tmp_path):

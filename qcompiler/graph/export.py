@@ -161,9 +161,16 @@ def export_model(
     `borrow_weights`: leave the weights in the exporter's data file (`qcompiler.graph.external`) instead of loading them
     into the proto, which would hold a second copy of the model next to PyTorch's; passes read them from there.
     `fused_attention`: each attention as one `com.microsoft::GroupQueryAttention` (`qcompiler.graph.gqa`) instead of
-    the modeling code's standard ops.
+    the modeling code's standard ops (heads whose size is not a multiple of 16 keep standard ops, with a warning).
     """
     layout = KVLayout.from_config(model.config)
+    if fused_attention:
+        from qcompiler.graph.gqa import HEAD_SIZE_MULTIPLE, supported
+
+        if not supported(layout.head_dim):
+            log.warning("head size %d is not a multiple of %d (ONNX Runtime's GroupQueryAttention needs it): "
+                        "attention stays in standard ops", layout.head_dim, HEAD_SIZE_MULTIPLE)
+            fused_attention = False
     wrapper = KVCacheWrapper(model, layout, fused_attention=fused_attention).eval()
     dtype = next(model.parameters()).dtype
     batch = 2

@@ -27,6 +27,12 @@ from typing import Iterator, Optional
 import torch
 
 IMPLEMENTATION = "qcompiler_gqa"
+HEAD_SIZE_MULTIPLE = 16  # ONNX Runtime's GroupQueryAttention kernels: "head_size shall be a multiple of 16"
+
+
+def supported(head_dim: int) -> bool:
+    """Whether ONNX Runtime's GroupQueryAttention takes heads of `head_dim` (else the export keeps standard ops)."""
+    return head_dim % HEAD_SIZE_MULTIPLE == 0
 
 _ACTIVE: list["AttentionStep"] = []
 
