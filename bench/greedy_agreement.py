@@ -79,7 +79,8 @@ def main(argv: Optional[list[str]] = None) -> int:
              "| max \\|Δlogit\\| (steps before the difference) |", "|--:|--:|--:|--:|--:|--:|"]
     for folder in (args.fused, args.standard):
         cfg = json.loads((folder / "quant_config.json").read_text())
-        lines.insert(-3, f"- `{folder}`: `qcompiler export {cfg['source']} --method {cfg['method']}` "
+        flag = "" if cfg.get("contrib_ops") else " --no-contrib-ops"
+        lines.insert(-3, f"- `{folder}`: `qcompiler export {cfg['source']} --method {cfg['method']}{flag}` "
                          f"(quant_config.json: contrib ops {cfg.get('contrib_ops') or 'none'}, "
                          f"{cfg['avg_bits']:.3f} bits/param)")
     lines.insert(-3, "")
