@@ -78,6 +78,7 @@ def export_record(*, source: str, family, method: str, config, method_options: d
                   memory, proto: onnx.ModelProto, calibration: Optional[dict], lm_head=None) -> dict:
     """The content of quant_config.json (before emit adds the library and the validation)."""
     avg_bits, params = average_bits(result, model)
+    served = any(n.op_type == "SpQRGather" and n.domain == "qcompiler" for n in proto.graph.node)
     record = {
         "qcompiler_version": __version__,
         "source": str(Path(source).resolve()) if Path(source).exists() else source,
@@ -85,8 +86,7 @@ def export_record(*, source: str, family, method: str, config, method_options: d
         "method": method,
         "config": jsonable(dataclasses.asdict(config)) if dataclasses.is_dataclass(config) else dict(method_options),
         "avg_bits": avg_bits,
-        "bits_per_param": bits_per_parameter(result, model, lm_head, embedding_served=any(
-            n.op_type == "SpQRGather" and n.domain == "qcompiler" for n in proto.graph.node)),
+        "bits_per_param": bits_per_parameter(result, model, lm_head, embedding_served=served),
         "quantized_params": params,
         "n_quantized_layers": len(result.layers),
         "kv": manifest["kv"],
@@ -98,8 +98,7 @@ def export_record(*, source: str, family, method: str, config, method_options: d
     }
     if lm_head is not None:
         record["lm_head"] = {**jsonable(lm_head.config), "tied": lm_head.tied, **jsonable(lm_head.report),
-                             "embedding": "SpQRGather" if any(n.op_type == "SpQRGather" for n in proto.graph.node)
-                             else "table"}
+                             "embedding": "SpQRGather" if served else "table"}
     attention = attention_record(family, model.config)
     if attention:
         record["attention"] = attention

@@ -118,7 +118,8 @@ class Generator:
         if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise QCompilerError("--provider cuda: this onnxruntime has no CUDAExecutionProvider "
                                  "(install onnxruntime-gpu)")
-        kv = json.loads((self.folder / CONFIG_FILE).read_text())["kv"]
+        record = json.loads((self.folder / CONFIG_FILE).read_text())
+        kv = record["kv"]
         self.num_layers, self.num_kv_heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
         so = ort.SessionOptions()
         if threads:
@@ -136,7 +137,7 @@ class Generator:
         self.provider = provider
         self.threads = threads
         #: past and present bound to one buffer per tensor (graphs whose attention is GroupQueryAttention)
-        self.shared_buffer = _has_fused_attention(self.folder / MODEL_FILE)
+        self.shared_buffer = "GroupQueryAttention" in (record.get("contrib_ops") or [])
         from transformers import AutoTokenizer
 
         try:
@@ -212,14 +213,6 @@ class Generator:
         return GenerationResult(prompt_ids=list(prompt_ids), token_ids=tokens, text=text, prefill_s=prefill_s,
                                 decode_s=decode_s,
                                 stopped_at_eos=bool(stop_at_eos and eos is not None and tokens[-1] == eos))
-
-
-def _has_fused_attention(path: Path) -> bool:
-    """Whether the graph's attention is com.microsoft::GroupQueryAttention (read without the weights)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return any(n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft" for n in graph.node)
 
 
 class _Concatenated:
