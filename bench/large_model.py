@@ -105,7 +105,7 @@ def main(argv=None) -> int:
                             f"peak RSS {child_peak / GB:.2f} GB (estimate before loading: "
                             f"{cfg['memory_estimate_gib'] * 2**30 / GB:.2f} GB)"),
                  ("emitted", f"model.onnx {_size(out / 'model.onnx') / 1e6:.2f} MB + model.onnx.data "
-                             f"{_size(out / 'model.onnx.data') / GB:.2f} GB ({_size(out / 'model.onnx.data') / 2**31:.2f} × 2 GiB); {cfg['n_quantized_layers']} SpQRMatMul, "
+                             f"{_size(out / 'model.onnx.data') / GB:.2f} GB ({_size(out / 'model.onnx.data') / 2**31:.2f} × 2 GiB); {cfg['n_quantized_layers']} quantized linears, "
                              f"{cfg['avg_bits']:.3f} bits/param"),
                  ("validation (in the export)", f"max \\|logit diff\\| ORT vs PyTorch {val['max_abs_logit_diff']:.3g} "
                                                 f"(limit {val['limit']:.3g})")]

@@ -21,7 +21,9 @@ from .fold_affine_linear import FoldAffineIntoLinear
 from .fold_affine_norm import FoldAffineIntoNorm
 from .fuse_attention_rotary import FuseAttentionRotary
 from .fuse_rotary import FuseRotary
+from .fuse_sibling_linears import FuseSiblingLinears
 from .fuse_skip_norm import FuseSkipNorm
+from .pack_qkv import PackQKV
 from .quantize_activations import QuantizeActivations
 from .replace_linear import ReplaceLinear
 from .rsqrt_as_div import RsqrtAsDiv
@@ -36,7 +38,9 @@ __all__ = [
     "FoldAffineIntoNorm",
     "FuseAttentionRotary",
     "FuseRotary",
+    "FuseSiblingLinears",
     "FuseSkipNorm",
+    "PackQKV",
     "Pass",
     "PassContext",
     "PassError",

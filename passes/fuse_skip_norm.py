@@ -98,6 +98,8 @@ class FuseSkipNorm(Pass):
             for new, old in ((out, mul.outputs[0]), (total, r)):
                 new.type, new.shape = old.type, old.shape
             graph.insert_before(add, fused_node)
+            for unused in fused_node.outputs[1:3]:  # mean and inverse std: not requested (else computed and stored)
+                unused.name = ""
             mul.outputs[0].replace_all_uses_with(out)
             r.replace_all_uses_with(total)  # the next residual Add (the norm's own nodes go dead)
             for node in reversed(nodes):

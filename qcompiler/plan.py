@@ -4,12 +4,14 @@
     replace-linear                                   each quantized linear → one qcompiler::SpQRMatMul
     embed-from-lm-head                               a quantized lm_head tied to the embedding: the lookup reads it
     quantize-activations                             when the method quantizes activations (w4a4 / w4a8)
+    fuse-sibling-linears                             SpQRMatMuls reading one input (q/k/v, gate/up) → one + Split
     rsqrt-as-div                                     RMSNorm in the form ONNX Runtime fuses (standard ops)
     fuse-skip-norm                                   with contrib ops: residual Add + RMSNorm → SkipSimplifiedLayerNormalization
     fuse-rotary                                      with contrib ops and a known max position: com.microsoft::RotaryEmbedding
     fuse-attention-rotary                            with contrib ops: those rotations inside GroupQueryAttention
     drop-identity-reshapes                           head split/join Reshapes that end where they started
     cleanup                                          dead nodes, unused initializers, order, exporter debug metadata
+    pack-qkv                                         with contrib ops: attention reads the fused q/k/v unsplit
     add-fallback                                     unless --no-fallback: the portable ONNX function of SpQRMatMul
     set-accuracy-level                               with --accuracy-level 4: int8 activations in the CPU kernel
 
@@ -22,8 +24,8 @@ import dataclasses
 from typing import Optional
 
 from qcompiler.passes import (AddFallback, Cleanup, DropIdentityReshapes, EmbedFromLMHead, FoldAffineIntoLinear,
-                              FoldAffineIntoNorm, FuseAttentionRotary, FuseRotary, FuseSkipNorm, Pass, QuantizeActivations,
-                              ReplaceLinear, RsqrtAsDiv, SetAccuracyLevel)
+                              FoldAffineIntoNorm, FuseAttentionRotary, FuseRotary, FuseSiblingLinears, FuseSkipNorm,
+                              PackQKV, Pass, QuantizeActivations, ReplaceLinear, RsqrtAsDiv, SetAccuracyLevel)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,6 +55,7 @@ def pass_list(options: GraphOptions, *, result, manifest: dict, max_positions: O
         passes.append(EmbedFromLMHead(*tied_head))
     if result.activation_bits < 16:
         passes.append(QuantizeActivations(result.layers, result.activation_bits))
+    passes.append(FuseSiblingLinears())
     passes.append(RsqrtAsDiv())
     if options.contrib_ops:
         passes.append(FuseSkipNorm())
@@ -60,6 +63,8 @@ def pass_list(options: GraphOptions, *, result, manifest: dict, max_positions: O
         passes += [FuseRotary(int(max_positions)), FuseAttentionRotary()]
     passes.append(DropIdentityReshapes())
     passes.append(Cleanup())
+    if options.contrib_ops:  # after cleanup: the bypassed Reshapes' shape computations read q/k/v until then
+        passes.append(PackQKV())
     if options.fallback:
         passes.append(AddFallback())
     if options.accuracy_level:

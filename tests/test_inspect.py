@@ -19,7 +19,8 @@ def exported(tiny_export):
 def test_layers_and_bits_match_the_export(exported):
     layers, meta, total = inspect_model(exported)
     cfg = json.loads((exported / "quant_config.json").read_text())
-    assert len(layers) == cfg["n_quantized_layers"] == 14  # 7 linears x 2 layers
+    # 7 linears x 2 layers, in 4 nodes per layer (q/k/v and gate/up one node each)
+    assert sum(li.linears for li in layers) == cfg["n_quantized_layers"] == 14 and len(layers) == 8
     params = sum(li.N * li.K for li in layers)
     assert params == cfg["quantized_params"]
     assert 8 * sum(li.bytes for li in layers) / params == pytest.approx(cfg["avg_bits"], rel=1e-9)
@@ -31,8 +32,8 @@ def test_layers_and_bits_match_the_export(exported):
 def test_cli_prints_table_and_totals(exported, capsys):
     assert main(["inspect", str(exported), "--limit", "3"]) == 0
     out = capsys.readouterr().out
-    assert "qcompiler.method: rtn" in out and "... 11 more nodes" in out
-    assert "14 SpQRMatMul nodes" in out
+    assert "qcompiler.method: rtn" in out and "... 5 more nodes" in out
+    assert "8 SpQRMatMul nodes (14 linears)" in out
 
 
 def test_missing_folder(tmp_path):
@@ -44,7 +45,7 @@ def test_deployment_summary(tiny_export):
     from qcompiler.tools.inspect import deployment_summary
 
     lines = deployment_summary(tiny_export("llama", "rtn", "--bits", "3", "--group-size", "16"))
-    assert lines == ["graph dtype: float32", "portable fallback functions: w3s0 (14 nodes)",
+    assert lines == ["graph dtype: float32", "portable fallback functions: w3s0 (8 nodes)",
                      "op library in folder: libqcompiler_ops.so", "onnxruntime-genai config: genai_config.json"]
     bare = deployment_summary(tiny_export("opt", "rtn", "--bits", "4", "--group-size", "32", "--no-fallback"))
     assert bare[1].startswith("portable fallback functions: none") and bare[3] == "onnxruntime-genai config: no"

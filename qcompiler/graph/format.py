@@ -221,6 +221,94 @@ class SpQRWeight:
             bias=None if bias is None else np.asarray(bias, dtype=np.float32),
         )
 
+    # ------------------------------------------------------------------ fusing siblings
+    @staticmethod
+    def concat_refusal(weights: "list[SpQRWeight]") -> Optional[str]:
+        """Why `concat(weights)` is impossible (None: it is possible): the same K, bits, group sizes, statistics
+        width, permutation and bias presence, and every part but the last a whole number of second-level statistics groups."""
+        if len(weights) < 2:
+            return "fewer than two weights"
+        first = weights[0]
+        for w in weights[1:]:
+            for field in ("K", "bits", "group_size", "stat_bits", "stat_group_size"):
+                if getattr(w, field) != getattr(first, field):
+                    return f"{field} differs ({getattr(first, field)} vs {getattr(w, field)})"
+            if (w.perm is None) != (first.perm is None) or (w.perm is not None and not np.array_equal(w.perm,
+                                                                                                       first.perm)):
+                return "the input permutations differ"
+            if (w.bias is None) != (first.bias is None):
+                return "some have a bias, some not"
+        if first.stat_bits and any(w.N % first.stat_group_size for w in weights[:-1]):
+            return f"an output count is not a multiple of stat_group_size={first.stat_group_size}"
+        return None
+
+    @classmethod
+    def concat(cls, weights: "list[SpQRWeight]") -> "SpQRWeight":
+        """One weight whose rows are `weights`' rows in order (linears reading the same input, e.g. q/k/v): its
+        matmul is theirs concatenated along the last axis, exactly. Raises ValueError with `concat_refusal`'s
+        reason."""
+        reason = cls.concat_refusal(list(weights))
+        if reason is not None:
+            raise ValueError(f"cannot concatenate SpQR weights: {reason}")
+        first, N = weights[0], sum(w.N for w in weights)
+        if first.stat_bits == 0:
+            scales = np.concatenate([w.scales for w in weights], axis=1)
+            zeros = np.concatenate([w.zeros for w in weights], axis=1)
+            stats2 = None
+        else:  # codes packed along N in 32-code chunks: unpacked, joined, packed again
+            def join(field):
+                return pack_codes(np.concatenate([unpack_codes(getattr(w, field), w.stat_bits, w.N).astype(np.int64)
+                                                  for w in weights], axis=1), first.stat_bits)
+            scales, zeros = join("scales"), join("zeros")
+            stats2 = np.concatenate([w.stats2 for w in weights], axis=1)
+        row_ptr = col_idx = values = None
+        if any(w.nnz for w in weights):
+            counts = np.concatenate([np.diff(w.outlier_row_ptr) if w.outlier_row_ptr is not None
+                                     else np.zeros(w.N, np.int64) for w in weights])
+            row_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+            col_idx = np.concatenate([w.outlier_col_idx for w in weights if w.nnz]).astype(np.uint16)
+            values = np.concatenate([w.outlier_values for w in weights if w.nnz]).astype(np.float16)
+        bias = None if first.bias is None else np.concatenate([w.bias for w in weights]).astype(np.float32)
+        return cls(K=first.K, N=N, bits=first.bits, group_size=first.group_size, stat_bits=first.stat_bits,
+                   stat_group_size=first.stat_group_size, qweight=np.concatenate([w.qweight for w in weights]),
+                   scales=scales, zeros=zeros, stats2=stats2, outlier_row_ptr=row_ptr, outlier_col_idx=col_idx,
+                   outlier_values=values, perm=first.perm, bias=bias)
+
+    def split(self, sizes: "list[int]") -> "list[SpQRWeight]":
+        """The parts of `concat` back: rows `[0, sizes[0])`, then the next `sizes[1]`, ... (sizes sum to N; every
+        part but the last a whole number of statistics groups when stat_bits > 0)."""
+        if sum(sizes) != self.N or min(sizes) < 1:
+            raise ValueError(f"split sizes {sizes} do not partition N={self.N}")
+        if self.stat_bits and any(n % self.stat_group_size for n in sizes[:-1]):
+            raise ValueError(f"split sizes {sizes} cut a statistics group of {self.stat_group_size} rows")
+        parts, start = [], 0
+        codes_s = codes_z = None
+        if self.stat_bits:
+            codes_s = unpack_codes(self.scales, self.stat_bits, self.N).astype(np.int64)
+            codes_z = unpack_codes(self.zeros, self.stat_bits, self.N).astype(np.int64)
+        for n in sizes:
+            rows = slice(start, start + n)
+            if self.stat_bits:
+                scales, zeros = pack_codes(codes_s[:, rows], self.stat_bits), pack_codes(codes_z[:, rows], self.stat_bits)
+                g2 = slice(start // self.stat_group_size, math.ceil((start + n) / self.stat_group_size))
+                stats2 = np.ascontiguousarray(self.stats2[:, g2])
+            else:
+                scales, zeros, stats2 = (np.ascontiguousarray(self.scales[:, rows]),
+                                         np.ascontiguousarray(self.zeros[:, rows]), None)
+            row_ptr = col_idx = values = None
+            if self.outlier_row_ptr is not None:
+                lo, hi = int(self.outlier_row_ptr[start]), int(self.outlier_row_ptr[start + n])
+                if hi > lo:
+                    row_ptr = (self.outlier_row_ptr[start:start + n + 1] - lo).astype(np.int32)
+                    col_idx, values = self.outlier_col_idx[lo:hi].copy(), self.outlier_values[lo:hi].copy()
+            parts.append(SpQRWeight(K=self.K, N=n, bits=self.bits, group_size=self.group_size,
+                                    stat_bits=self.stat_bits, stat_group_size=self.stat_group_size,
+                                    qweight=self.qweight[rows].copy(), scales=scales, zeros=zeros, stats2=stats2,
+                                    outlier_row_ptr=row_ptr, outlier_col_idx=col_idx, outlier_values=values,
+                                    perm=self.perm, bias=None if self.bias is None else self.bias[rows].copy()))
+            start += n
+        return parts
+
     # ------------------------------------------------------------------ decoding
     def group_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """Decoded first-level (scale, zero), float32 `[N, G]`."""

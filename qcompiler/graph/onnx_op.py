@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import numpy as np
@@ -85,3 +86,27 @@ def weight_from_node(node: onnx.NodeProto, initializers: dict[str, onnx.TensorPr
         bias=None if bias is None else bias.astype(np.float32),
         **arrays,
     )
+
+
+#: node metadata key of a SpQRMatMul that serves several linears (passes/fuse_sibling_linears.py): a JSON list of
+#: `[module path, rows]`, in output order
+PARTS_KEY = "qcompiler.parts"
+
+
+def node_parts(node: onnx.NodeProto) -> list[tuple[str, int]]:
+    """`(module path, output rows)` of each linear a SpQRMatMul node computes, in output order: one for a node of
+    `spqr_node`, several for a fused node (its `qcompiler.parts` metadata)."""
+    for prop in node.metadata_props:
+        if prop.key == PARTS_KEY:
+            return [(str(m), int(n)) for m, n in json.loads(prop.value)]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return [(node.name.rsplit("/", 1)[0], int(attrs["N"]))]
+
+
+def weights_from_node(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> list[tuple[str, SpQRWeight]]:
+    """`(module path, SpQRWeight)` of each linear a SpQRMatMul node computes (a fused node split back)."""
+    parts = node_parts(node)
+    weight = weight_from_node(node, initializers)
+    if len(parts) == 1:
+        return [(parts[0][0], weight)]
+    return list(zip([m for m, _ in parts], weight.split([n for _, n in parts])))

@@ -138,7 +138,7 @@ def torch_model_from_folder(folder: str | Path, *, model_override: Optional[str]
     """The PyTorch fake-quant model of an exported folder: the source model with each quantized linear's weight
     replaced by the decoded SpQRMatMul weight (read back from model.onnx). Returns (model, tokenizer)."""
     from qcompiler.models.loading import load_model
-    from qcompiler.graph.onnx_op import weight_from_node
+    from qcompiler.graph.onnx_op import node_parts, weights_from_node
     from qcompiler.graph.format import DOMAIN, OP_TYPE
     from qcompiler.quantize.lm_head import untie
 
@@ -155,28 +155,27 @@ def torch_model_from_folder(folder: str | Path, *, model_override: Optional[str]
     for node in proto.graph.node:
         if node.op_type != OP_TYPE or node.domain != DOMAIN:
             continue
-        module = node.name.rsplit("/", 1)[0]
-        if module not in modules:
-            raise QCompilerError(f"{folder}: node {node.name} names no module of {source}")
-        w = weight_from_node(node, inits)
-        lin = modules[module]
-        untie(model, lin)  # a quantized lm_head tied to the embedding: the lookup keeps the full-precision table
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(w.dequantize()))
-            if w.bias is not None:  # AffineQuant folds may give a linear a bias it did not have
-                if lin.bias is None:
-                    lin.bias = torch.nn.Parameter(torch.from_numpy(w.bias.copy()), requires_grad=False)
-                else:
-                    lin.bias.copy_(torch.from_numpy(w.bias))
-        n += 1
+        for module, w in weights_from_node(node, inits):  # a fused node (q/k/v, gate/up): each linear's rows
+            if module not in modules:
+                raise QCompilerError(f"{folder}: node {node.name} names no module of {source}")
+            lin = modules[module]
+            untie(model, lin)  # a quantized lm_head tied to the embedding: the lookup keeps the full-precision table
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(w.dequantize()))
+                if w.bias is not None:  # AffineQuant folds may give a linear a bias it did not have
+                    if lin.bias is None:
+                        lin.bias = torch.nn.Parameter(torch.from_numpy(w.bias.copy()), requires_grad=False)
+                    else:
+                        lin.bias.copy_(torch.from_numpy(w.bias))
+            n += 1
     _load_folded_norms(model, inits, modules)
     _load_gathered_embedding(model, proto, inits)
     abits = (cfg.get("config") or {}).get("abits", 16)
     if abits < 16:
         from qcompiler.graph.actquant import install_act_quant
 
-        install_act_quant([modules[n.name.rsplit("/", 1)[0]] for n in proto.graph.node
-                           if n.op_type == OP_TYPE and n.domain == DOMAIN], abits)
+        install_act_quant([modules[m] for n in proto.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN
+                           for m, _ in node_parts(n)], abits)
     log.info("loaded %d quantized linears into %s", n, source)
     return model, tokenizer
 

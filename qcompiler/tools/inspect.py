@@ -14,6 +14,7 @@ from onnx import helper
 from qcompiler import QCompilerError
 from qcompiler.folder import MODEL_FILE
 from qcompiler.graph.format import DOMAIN, INPUT_NAMES, OP_TYPE
+from qcompiler.graph.onnx_op import node_parts
 
 
 @dataclasses.dataclass
@@ -21,12 +22,14 @@ class LayerInfo:
     """One SpQRMatMul node.
 
     Attributes:
-        name: node name (module path + "/SpQRMatMul").
+        name: node name (module path + "/SpQRMatMul"; a node serving sibling linears names them all, e.g.
+            `model.layers.0.mlp.gate_proj+up_proj/SpQRMatMul`).
         N, K, bits, group_size, stat_bits, stat_group_size: the node's attributes.
         outliers: stored outliers (0 without the CSR inputs).
         permuted: the node has an act-order permutation.
         bytes: bytes of its initializers (codes, statistics, outliers, permutation, bias).
         accuracy_level: the node's accuracy_level attribute (0 when absent).
+        linears: the linears the node computes (`qcompiler.graph.onnx_op.node_parts`).
     """
 
     name: str
@@ -40,6 +43,7 @@ class LayerInfo:
     permuted: bool
     bytes: int
     accuracy_level: int
+    linears: int = 1
 
     @property
     def bits_per_param(self) -> float:
@@ -83,6 +87,7 @@ def inspect_model(path: str | Path) -> tuple[list[LayerInfo], dict[str, str], in
             permuted=bool(named.get("perm")),
             bytes=sum(_nbytes(inits[i]) for i in node.input[1:] if i in inits),
             accuracy_level=int(attrs.get("accuracy_level", 0)),
+            linears=len(node_parts(node)),
         ))
     total = sum(_nbytes(t) for t in model.graph.initializer)
     return layers, {p.key: p.value for p in model.metadata_props}, total
@@ -108,7 +113,7 @@ def render(layers: list[LayerInfo], metadata: dict[str, str], total_bytes: int, 
     qbytes = sum(li.bytes for li in layers)
     lines.append("-" * len(head))
     if layers:
-        lines.append(f"{len(layers)} SpQRMatMul nodes, {params:,} quantized parameters, {qbytes:,} bytes "
+        lines.append(f"{len(layers)} SpQRMatMul nodes ({sum(li.linears for li in layers)} linears), {params:,} quantized parameters, {qbytes:,} bytes "
                      f"({8 * qbytes / params:.3f} bits/param), outliers "
                      f"{100 * sum(li.outliers for li in layers) / params:.2f}%")
     else:

@@ -9,6 +9,8 @@
 // |                               |                                   | portable = no packing, no AVX-512 code.       |
 // |                               |                                   | Other values: auto.                            |
 // | QCOMPILER_CPU_REQUIRE_PACKED  | 1, else off (default)             | a CPU call that takes no packed path fails     |
+// | QCOMPILER_CPU_KEEP_PAGES      | 1, else off (default)             | the stored weights stay resident after packing |
+// |                               |                                   | (default: released, cpu/packed.h ReleasePages) |
 // | QCOMPILER_CUDA_GEMV_X         | resident, slabs, rows; else the   | the decode GEMV's X staging, where it fits     |
 // |                               | launcher's choice (default)       |                                                |
 // | QCOMPILER_CUDA_GEMV_ROWS      | 1, 2, 4; else the cost model's    | the decode GEMV's rows per warp, where its tile |
@@ -31,6 +33,7 @@ enum class CpuIsa { kAuto, kAvx2, kAvx512Rows, kPortable };
 struct CpuSwitches {
   CpuIsa isa = CpuIsa::kAuto;
   bool require_packed = false;  // QCOMPILER_CPU_REQUIRE_PACKED=1
+  bool keep_pages = false;      // QCOMPILER_CPU_KEEP_PAGES=1
 };
 
 // QCOMPILER_CUDA_GEMV_X (kAuto: the launcher's choice)

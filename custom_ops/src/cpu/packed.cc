@@ -5,6 +5,11 @@
 #include <cmath>
 #include <cstring>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
 namespace qcompiler {
 namespace Cpu {
 namespace {
@@ -58,6 +63,23 @@ void GroupSums(const PackedWeights& w, const float* x, float* xg) {
 }
 
 }  // namespace
+
+void ReleasePages(const void* p, size_t bytes) {
+#if defined(__linux__)
+#ifndef MADV_PAGEOUT
+  constexpr int MADV_PAGEOUT = 21;  // Linux 5.4 (older headers lack the name; older kernels answer EINVAL)
+#endif
+  const long page_size = sysconf(_SC_PAGESIZE);
+  if (p == nullptr || page_size <= 0) return;
+  const uintptr_t page = static_cast<uintptr_t>(page_size);
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) / page * page;
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_PAGEOUT);  // a hint: errors ignored
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
 
 PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void* scales, const void* zeros,
                    const uint16_t* stats2, bool int8) {

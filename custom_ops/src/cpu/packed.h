@@ -107,6 +107,13 @@ struct PackedWeights {
   int stat_shift = 0;
 };
 
+// Hint that the whole pages inside [p, p + bytes) will not be read again (the stored tensors a packed copy replaces):
+// Linux's MADV_PAGEOUT reclaims them. ONNX Runtime maps a model's external data file, so the initializers' pages are
+// file-backed: reclaimed, they leave the process's resident set, and a later read (there is none on the packed
+// paths) faults them in again from the file; anonymous pages are swapped out or kept. The hint never changes what a
+// read returns. No-op on other systems and where the kernel refuses it.
+void ReleasePages(const void* p, size_t bytes);
+
 // The four second-level values of block blk, group g (coded_stats).
 inline const float* CodedStatValues(const PackedWeights& w, int64_t blk, int64_t g) {
   return w.stat_values.data() + ((blk >> w.stat_shift) * w.G + g) * 4;

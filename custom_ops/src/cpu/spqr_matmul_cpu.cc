@@ -62,6 +62,19 @@ void CheckIndices(const BoundInputs& b, const Attributes& a, const std::string& 
   }
 }
 
+size_t ElementBytes(ONNXTensorElementDataType type) {
+  switch (type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8:
+      return 1;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
+      return 2;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+      return 4;
+    default:
+      return 0;  // nothing released
+  }
+}
+
 struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
   SpQRMatMulCpuKernel(const OrtKernelInfo* info, ONNXTensorElementDataType x_type)
       : prefix_(spqr::ErrorPrefix(info)), attrs_(spqr::ReadAttributes(info, prefix_)), x_type_(x_type) {
@@ -70,6 +83,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     const env::CpuSwitches switches = env::ReadCpuSwitches();
     isa_ = &SelectCpuKernels(switches.isa);
     require_packed_ = switches.require_packed;
+    release_pages_ = !switches.keep_pages;
     Ort::ConstKernelInfo ki(info);
     for (size_t i = 1; i < spqr::kNumInputs; ++i) {
       int is_constant = 0;
@@ -88,12 +102,21 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     int8_ = allow_packed_ && attrs_.accuracy_level == 4 && isa_->packed_gemv_int8 != nullptr;
   }
 
-  // The packed weights, built on the first decode-sized call from that call's (constant) inputs.
+  // The packed weights, built on the first call that takes a packed path from that call's (constant) inputs; the
+  // stored tensors they replace are then released from the resident set (ReleasePages: the session keeps one copy
+  // of each weight resident, not two).
   const PackedWeights& Packed(const BoundInputs& b) {
     std::call_once(pack_once_, [&] {
       packed_ = std::make_unique<PackedWeights>(
           Pack(attrs_, b.in[spqr::kQWeight].as<uint8_t>(), b.in[spqr::kScales].data, b.in[spqr::kZeros].data,
                b.in[spqr::kStats2].present() ? b.in[spqr::kStats2].as<uint16_t>() : nullptr, int8_));
+      if (release_pages_) {
+        for (size_t i : {spqr::kQWeight, spqr::kScales, spqr::kZeros, spqr::kStats2}) {
+          const spqr::TensorArg& t = b.in[i];
+          const bool halved = i != spqr::kQWeight && i != spqr::kStats2 && t.data == halved_[i - spqr::kScales].data();
+          if (t.present() && !halved) ReleasePages(t.data, static_cast<size_t>(t.numel()) * ElementBytes(t.type));
+        }
+      }
     });
     return *packed_;
   }
@@ -317,6 +340,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
   const CpuKernels* isa_ = nullptr;  // the ISA's kernels (QCOMPILER_CPU_ISA and this CPU)
   bool allow_packed_ = true;
   bool require_packed_ = false;
+  bool release_pages_ = true;  // QCOMPILER_CPU_KEEP_PAGES=1: the stored weights stay resident after packing
   bool int8_ = false;
   std::once_flag pack_once_;
   std::array<std::once_flag, 2> halved_once_;       // float32 scales / zeros initializers converted to fp16
