@@ -13,6 +13,7 @@ from tests.helpers import one_error_line as _one_error_line
 from tests.helpers import run_cli as _run
 from qcompiler.cli import main
 from qcompiler.graph.format import DOMAIN, OP_TYPE
+from qcompiler.graph.onnx_op import node_parts
 
 
 @pytest.mark.parametrize("kind, method", [("llama", "rtn"), ("opt", "rtn"), ("llama", "none")])
@@ -28,7 +29,8 @@ def test_export_then_eval_ort_equals_torch(kind, method, tiny_dirs, text_file, t
     cfg = json.loads((out / "quant_config.json").read_text())
     assert cfg["method"] == method
     if method == "rtn":
-        assert len(ops) == (12 if kind == "opt" else 14)
+        # every linear (OPT 6 per layer, LLaMA 7) in one node with its siblings: q/k/v (and LLaMA's gate/up) share one
+        assert sum(len(node_parts(n)) for n in ops) == (12 if kind == "opt" else 14) and len(ops) == 8
         assert not any(n.op_type in ("MatMul", "Gemm") and "layers" in n.name for n in model.graph.node)
         assert cfg["config"]["bits"] == 3 and cfg["config"]["group_size"] == 16
         assert 3 < cfg["avg_bits"] < 6  # 3-bit codes + fp16 scale and zero per 16 weights = 5 bits

@@ -25,6 +25,6 @@ def test_netron_shows_spqr_node_names_and_attributes(tiny_export, tmp_path, caps
     from qcompiler.tools.netron_view import screenshot
 
     panel = screenshot(folder, tmp_path / "again.png", port=18092)
-    for text in ("SpQRMatMul:w3s0", "model.layers.0.self_attn.q_proj/SpQRMatMul", "3-bit, group 16", "group_size",
-                 "stat_bits", "model.layers.0.self_attn.q_proj/qweight"):
+    for text in ("SpQRMatMul:w3s0", "model.layers.0.self_attn.q_proj+k_proj+v_proj/SpQRMatMul", "3-bit, group 16",
+                 "group_size", "stat_bits", "model.layers.0.self_attn.q_proj+k_proj+v_proj/qweight"):
         assert text in panel, f"{text!r} not in Netron's panel:\n{panel}"
