@@ -3,8 +3,8 @@
 q/k/v read the same normed hidden state, gate/up too. GPTQ-style quantizers derive a linear's input permutation
 (act-order) from its input's Hessian, so siblings share it, and their rows can be stored as one weight
 (`SpQRWeight.concat`): one kernel call reads X, permutes and (with int8 activations) quantizes it once instead of
-three times, and each call's fixed cost is paid once. SmolLM2-135M, one thread, a decode step's profiled kernel
-time: q/k/v 20–33 µs each for 66–197 KB of weights (bench/results/ names the run that measured the gain).
+three times, and each call's fixed cost is paid once (bench/results/peers-2026-12-06-fused.md measures exports
+with the pass against the earlier peers-2026-12-06.md without it).
 
 Exact: every output row is computed as before (same codes, statistics, outliers, bias), so the Split's outputs
 equal the old nodes' outputs. The fused node is named after its parts (`model.layers.0.self_attn.q_proj+k_proj+v_proj`)
