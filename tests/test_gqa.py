@@ -22,7 +22,7 @@ def _stepped_logits(folder, ids: np.ndarray, *, shared: bool) -> np.ndarray:
     step = _SharedBuffer(gen, ids.shape[1]) if shared else _Concatenated(gen)
     logits = [step(ids[:, :PROMPT], 0)]
     for pos in range(PROMPT, ids.shape[1]):
-        logits.append(step(ids[:, pos:pos + 1], pos))
+        logits.append(step(ids[:, pos:pos + 1], pos).copy())  # _SharedBuffer: the next step overwrites them
     return np.concatenate(logits, axis=1)
 
 

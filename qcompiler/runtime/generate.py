@@ -230,29 +230,57 @@ class _Concatenated:
 
 class _SharedBuffer:
     """Decode steps over one preallocated buffer per past/present pair (IOBinding: the same OrtValue bound as the
-    input `past_key_values.*` and the output `present.*`; GroupQueryAttention writes the step's keys in place)."""
+    input `past_key_values.*` and the output `present.*`; GroupQueryAttention writes the step's keys in place).
+
+    Bound once: the presents, and for the one-token steps the logits and the step's input_ids / position_ids (arrays
+    the binding reads in place, rewritten each step); only the attention mask (one longer each step) is bound anew.
+    The logits a one-token step returns are overwritten by the next step."""
 
     def __init__(self, gen: Generator, capacity: int):
         import onnxruntime as ort
 
+        self.ort = ort
         self.gen = gen
-        device = "cuda" if gen.provider == "cuda" else "cpu"
+        self.device = "cuda" if gen.provider == "cuda" else "cpu"
         shape = (1, gen.num_kv_heads, capacity, gen.head_dim)
-        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, gen.past_dtype), device, 0)
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, gen.past_dtype), self.device, 0)
                         for _ in gen.past_names]
         self.binding = gen.session.io_binding()
         for past, buffer in zip(gen.past_names, self.buffers):
             self.binding.bind_ortvalue_input(past, buffer)
+        # the logits first (get_outputs() follows the binding order): unallocated until the first one-token step
+        self.binding.bind_output(gen.output_names[0], "cpu")
+        for present, buffer in zip(gen.present_names, self.buffers):
+            self.binding.bind_ortvalue_output(present, buffer)
+        self.mask = np.ones((1, capacity), np.int64)
+        self.token = np.zeros((1, 1), np.int64)  # this step's input_ids and position_ids, read in place
+        self.position = np.zeros((1, 1), np.int64)
+        self.logits: Optional[np.ndarray] = None  # the one-token steps' logits, (1, 1, vocab)
+
+    def _bind_step_buffers(self, like: np.ndarray) -> None:
+        ort, gen, binding = self.ort, self.gen, self.binding
+        if self.logits is None or self.logits.shape[-1] != like.shape[-1] or self.logits.dtype != like.dtype:
+            self.logits = np.zeros((1, 1, like.shape[-1]), like.dtype)
+        binding.bind_ortvalue_output(gen.output_names[0], ort.OrtValue.ortvalue_from_numpy(self.logits))
+        binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self.token))
+        if "position_ids" in gen.input_names:
+            binding.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(self.position))
 
     def __call__(self, ids: np.ndarray, past_len: int) -> np.ndarray:
         gen, binding = self.gen, self.binding
-        for name, value in gen._feeds(ids, [], past_len).items():
-            binding.bind_cpu_input(name, value)
-        # the logits change shape from the prompt to the steps: bound unallocated on every call, first (get_outputs()
-        # follows the binding order)
-        binding.clear_binding_outputs()
-        binding.bind_output(gen.output_names[0], "cpu")
-        for present, buffer in zip(gen.present_names, self.buffers):
-            binding.bind_ortvalue_output(present, buffer)
+        S = ids.shape[1]
+        if S > 1 or self.logits is None:  # the prompt (or a first single token): ORT allocates the logits
+            binding.bind_output(gen.output_names[0], "cpu")
+            for name, value in gen._feeds(ids, [], past_len).items():
+                binding.bind_cpu_input(name, value)
+            gen.session.run_with_iobinding(binding)
+            logits = binding.get_outputs()[0].numpy()
+            self._bind_step_buffers(logits)
+            return logits
+        self.token[0, 0] = ids[0, 0]
+        self.position[0, 0] = past_len
+        if "attention_mask" in gen.input_names:
+            binding.bind_ortvalue_input("attention_mask", self.ort.OrtValue.ortvalue_from_numpy(
+                self.mask[:, :past_len + 1]))
         gen.session.run_with_iobinding(binding)
-        return self.binding.get_outputs()[0].numpy()
+        return self.logits

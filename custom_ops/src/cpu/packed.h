@@ -164,7 +164,8 @@ using PackedGemvFn = void (*)(const PackedGemvArgs& args, int64_t b0, int64_t b1
 PackedGemvFn PackedGemvAvx512(const PackedWeights& w, int64_t M);
 // y[n - n0] += sum over p in [row_ptr[n], row_ptr[n + 1]) of val[p] * x[col[p]] for rows n in [n0, n1): the
 // outliers as the op stores them (fp16 values, uint16 columns; no copy: 4 bytes per outlier stay 4 bytes of
-// traffic), scalar FMAs with F16C conversions, or nullptr where the CPU lacks AVX + FMA + F16C.
+// traffic), F16C conversions and a running fp64 sum over the range (no branch per row), or nullptr where the CPU
+// lacks AVX + FMA + F16C.
 using PackedOutlierRowsFn = void (*)(const uint16_t* val, const uint16_t* col, const int32_t* row_ptr,
                                      const float* x, int64_t n0, int64_t n1, float* y);
 PackedOutlierRowsFn PackedOutlierRowsF16c();

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <utility>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -205,33 +206,38 @@ constexpr PackedGemvFn kInt8Fns2[kPackedAvx2MaxRows + 1] = {nullptr, &GemvInt82<
                                                              &GemvInt82<2, HALF, CODED>, &GemvInt82<3, HALF, CODED>,
                                                              &GemvInt82<4, HALF, CODED>};
 
-// The outliers of rows [n0, n1) times x added to y[n - n0] (stride 1): per row 8 fp16 values converted at once
-// (F16C; the base-ISA code would call a libgcc conversion per value), then one load of x and one scalar FMA per
-// outlier in four chains. Scalar on purpose: a 16-wide AVX-512 gather costs about as much per element as scalar
-// loads on the CPU measured (AMD Zen 4: 0.37 vs 0.31-0.36 ns per outlier streamed), and the vector versions paid a
-// masked tail and a horizontal sum per row on top (0.51 ns per outlier at ~40 per row).
+// The outliers of rows [n0, n1) times x added to y[n - n0] (stride 1), branch-free over rows: the products in
+// storage order summed into a running fp64 total (cum[i] = sum of the first i products of the range), then each
+// row's sum is the difference of the totals at its two ends, rounded to fp32 once. Rows hold few outliers at uneven
+// counts (SmolLM2's 4-bit export: 83 % of the rows none; the 3-bit one 0 to 20+), so a loop per row spent its time
+// on mispredicted loop exits (2-3x slower in a replay of both exports' row pointers; the decode figures before and
+// after are in bench/results/peers-*.md). fp64 keeps the difference of two totals as
+// exact as the fp32 row sum it replaces (totals over one task's rows; the products are fp32). A NaN or infinity in
+// x reaches every later row of the range (it already reaches every row through the dense part).
 __attribute__((target("avx,fma,f16c"))) void OutlierRowsF16c(const uint16_t* val, const uint16_t* col,
                                                               const int32_t* row_ptr, const float* x, int64_t n0,
                                                               int64_t n1, float* y) {
+  const int32_t q0 = row_ptr[n0], q1 = row_ptr[n1];
+  if (q1 == q0) return;
+  thread_local std::vector<double> cum;
+  cum.resize(std::max(cum.size(), static_cast<size_t>(q1 - q0) + 1));
+  double* c = cum.data() - q0;  // c[q] = sum of the products [q0, q)
+  double total = 0.0;
+  c[q0] = 0.0;
+  int32_t q = q0;
   alignas(32) float v[8];
-  for (int64_t n = n0; n < n1; ++n) {
-    const int32_t p1 = row_ptr[n + 1];
-    int32_t p = row_ptr[n];
-    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-    for (; p + 8 <= p1; p += 8) {  // 8 values converted at once, then one load of x and one FMA per outlier
-      _mm256_store_ps(v, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(val + p))));
-      a0 = std::fma(v[0], x[col[p]], a0);
-      a1 = std::fma(v[1], x[col[p + 1]], a1);
-      a2 = std::fma(v[2], x[col[p + 2]], a2);
-      a3 = std::fma(v[3], x[col[p + 3]], a3);
-      a0 = std::fma(v[4], x[col[p + 4]], a0);
-      a1 = std::fma(v[5], x[col[p + 5]], a1);
-      a2 = std::fma(v[6], x[col[p + 6]], a2);
-      a3 = std::fma(v[7], x[col[p + 7]], a3);
+  for (; q + 8 <= q1; q += 8) {  // 8 values converted at once
+    _mm256_store_ps(v, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(val + q))));
+    for (int i = 0; i < 8; ++i) {
+      total += static_cast<double>(v[i] * x[col[q + i]]);
+      c[q + i + 1] = total;
     }
-    for (; p < p1; ++p) a0 = std::fma(_cvtsh_ss(val[p]), x[col[p]], a0);
-    y[n - n0] += (a0 + a1) + (a2 + a3);
   }
+  for (; q < q1; ++q) {
+    total += static_cast<double>(_cvtsh_ss(val[q]) * x[col[q]]);
+    c[q + 1] = total;
+  }
+  for (int64_t n = n0; n < n1; ++n) y[n - n0] += static_cast<float>(c[row_ptr[n + 1]] - c[row_ptr[n]]);
 }
 
 }  // namespace
