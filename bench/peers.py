@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import importlib.util
 import json
@@ -772,8 +773,18 @@ def _perplexity_genai(sess, windows: list, kv: dict[str, int]):
     return perplexity_ort(_Int32Mask(sess), windows, progress=False, **kv)
 
 
+@functools.lru_cache(maxsize=1)
+def _op_library_sha256() -> str:
+    """sha256 (16 hex digits) of the op library our exports run with in this environment."""
+    from qcompiler.runtime.ops import library_path
+
+    return hashlib.sha256(library_path().read_bytes()).hexdigest()[:16]
+
+
 class PplCache:
-    """Perplexities per model file in a JSON file, keyed by `path|mtime_ns|windows sha256`."""
+    """Perplexities per model file in a JSON file, keyed by `path|mtime_ns|windows sha256`, and for our exports the
+    op library's sha256 too (a kernel change can change their logits: the cached figure would describe the old
+    build)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -781,7 +792,11 @@ class PplCache:
 
     @staticmethod
     def key(model_file: Path, windows_sha: str) -> str:
-        return f"{model_file.resolve()}|{model_file.stat().st_mtime_ns}|{windows_sha}"
+        key = f"{model_file.resolve()}|{model_file.stat().st_mtime_ns}|{windows_sha}"
+        library = model_file.parent / "libqcompiler_ops.so"
+        if library.is_file():
+            key += f"|{_op_library_sha256()}"
+        return key
 
     def get(self, model_file: Path, windows_sha: str) -> Optional[dict]:
         return self.data.get(self.key(model_file, windows_sha))

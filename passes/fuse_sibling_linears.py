@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from qcompiler.graph.edit import copy_value_info, is_const, node_from_proto
 from qcompiler.graph.format import DOMAIN, INPUT_NAMES, OP_TYPE, SpQRWeight
-from qcompiler.graph.onnx_op import PARTS_KEY, describe, spqr_node
+from qcompiler.graph.onnx_op import PARTS_KEY, describe, spqr_node, weight_from_arrays
 
 from .base import Pass, PassError, PassResult
 
@@ -43,11 +43,7 @@ def _weight(node: ir.Node) -> Optional[SpQRWeight]:
             return None
         else:
             arrays[name] = value.const_value.numpy()
-    attrs = {k: a.value for k, a in node.attributes.items()}
-    bias = arrays.pop("bias")
-    return SpQRWeight(K=attrs["K"], N=attrs["N"], bits=attrs["bits"], group_size=attrs["group_size"],
-                      stat_bits=attrs["stat_bits"], stat_group_size=attrs["stat_group_size"],
-                      bias=None if bias is None else bias.astype(np.float32), **arrays)
+    return weight_from_arrays({k: a.value for k, a in node.attributes.items()}, arrays)
 
 
 def _fused_prefix(modules: list[str]) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import onnx
@@ -69,13 +69,11 @@ def describe(weight: SpQRWeight) -> str:
     return ", ".join(parts)
 
 
-def weight_from_node(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> SpQRWeight:
-    """Read a `SpQRMatMul` node and its initializers back into a `SpQRWeight` (inverse of `spqr_node`)."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    arrays: dict[str, Optional[np.ndarray]] = {}
-    for name, inp in zip(INPUT_NAMES[1:], list(node.input[1:]) + [""] * (len(INPUT_NAMES) - len(node.input))):
-        arrays[name] = numpy_helper.to_array(initializers[inp]) if inp else None
-    bias = arrays.pop("bias")
+def weight_from_arrays(attrs: Mapping[str, Any], arrays: Mapping[str, Optional[np.ndarray]]) -> SpQRWeight:
+    """A `SpQRWeight` from a SpQRMatMul node's attributes and its inputs after X (keyed by `INPUT_NAMES[1:]`; None
+    for an omitted optional input), whichever graph representation they were read from."""
+    arrays = dict(arrays)
+    bias = arrays.pop("bias", None)
     return SpQRWeight(
         K=int(attrs["K"]),
         N=int(attrs["N"]),
@@ -86,6 +84,15 @@ def weight_from_node(node: onnx.NodeProto, initializers: dict[str, onnx.TensorPr
         bias=None if bias is None else bias.astype(np.float32),
         **arrays,
     )
+
+
+def weight_from_node(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> SpQRWeight:
+    """Read a `SpQRMatMul` node and its initializers back into a `SpQRWeight` (inverse of `spqr_node`)."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    arrays: dict[str, Optional[np.ndarray]] = {}
+    for name, inp in zip(INPUT_NAMES[1:], list(node.input[1:]) + [""] * (len(INPUT_NAMES) - len(node.input))):
+        arrays[name] = numpy_helper.to_array(initializers[inp]) if inp else None
+    return weight_from_arrays(attrs, arrays)
 
 
 #: node metadata key of a SpQRMatMul that serves several linears (passes/fuse_sibling_linears.py): a JSON list of
