@@ -78,7 +78,8 @@ OURS_BUILDS: dict[str, list[str]] = {
 # rows derived from a built row: its folder with `accuracy_level` 4 on every SpQRMatMul (int8 activations in the CPU
 # kernel) — the graph `--accuracy-level 4` exports (the set-accuracy-level pass runs last), without quantizing again
 OURS_DERIVED: dict[str, tuple[str, int]] = {"spqr-w4-head4-a4": ("spqr-w4-head4", 4),
-                                            "spqr-w3-head4-a4": ("spqr-w3-head4", 4)}
+                                            "spqr-w3-head4-a4": ("spqr-w3-head4", 4),
+                                            "spqr-w4-a4": ("spqr-w4", 4)}
 OURS_DEFAULT = [*OURS_BUILDS, *OURS_DERIVED]
 NICE = ["nice", "-n", "10"]  # heavy build steps yield to interactive work on this shared 2-core machine
 

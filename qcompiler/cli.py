@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="relative part of the validation tolerance, see --atol (default: 1e-4, 1e-3 for methods "
                           "with learned transforms: affinequant, affinequant+spqr; fp16: 0.01)")
     adv.add_argument("--accuracy-level", type=int, choices=(0, 4), default=0,
-                     help="4: SpQRMatMul may quantize its input to int8 per 32 columns on CPUs with AVX512-VNNI or AVX2 "
+                     help="4: SpQRMatMul may quantize its input to int8 per 32 (β1 = 16: 16) columns on CPUs with AVX512-VNNI or AVX2 "
                           "(faster decode, some accuracy cost: docs/kernels.md); validation runs at level 0 "
                           "(default: 0, fp32 activations)")
     adv.add_argument("--no-fallback", dest="fallback", action="store_false",

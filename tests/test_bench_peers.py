@@ -99,7 +99,7 @@ def test_default_ours_and_selection(tmp_path):
     (tmp_path / "ours" / "spqr-w4").mkdir()  # no model.onnx: not an export
     ours = peers.default_ours(tmp_path / "ours")  # every build of OURS_BUILDS, present or not (--prepare makes them)
     assert [label for label, _ in ours] == ["fp32", "spqr-w4-head4", "spqr-w3-head4", "spqr-w4", "spqr-w3",
-                                            "spqr-w4-head4-a4", "spqr-w3-head4-a4"]
+                                            "spqr-w4-head4-a4", "spqr-w3-head4-a4", "spqr-w4-a4"]
     ours = [o for o in ours if o[0] in ("fp32", "spqr-w3")]
     rows = peers.all_peers(ours, tmp_path)
     labels = [r.label for r in rows]

@@ -357,7 +357,8 @@ _INT8_PATHS = [
 @pytest.mark.parametrize("stats", [(3, 16), (3, 32), (0, 16), (3, 8)])
 @pytest.mark.parametrize("isa,M", _INT8_PATHS)
 def test_int8_activation_path(bits, group_size, K, stats, isa, M, monkeypatch):
-    # accuracy_level=4: X is quantized to int8 per 32 stored columns (scale max|x| / 127). Each output may then move
+    # accuracy_level=4: X is quantized to int8 per 32 stored columns, per 16 where the groups are 16 columns (scale
+    # max|x| / 127 of those columns; XScalesPerChunk in packed.h). Each output may then move
     # by at most sum_j |dense W[n, j]| * scale_j / 2 (outliers and the zero-point term keep exact x), which this test
     # holds the kernel to; it also checks that the result is not the fp32 one (the int8 path really ran).
     monkeypatch.setenv("QCOMPILER_CPU_REQUIRE_PACKED", "1")
@@ -370,11 +371,12 @@ def test_int8_activation_path(bits, group_size, K, stats, isa, M, monkeypatch):
     ref = w.matmul(x)
     dense = dataclasses.replace(w, outlier_row_ptr=None, outlier_col_idx=None, outlier_values=None).dequantize()
     stored = x[:, w.perm] if w.perm is not None else x
-    chunks = -(-K // 32)
-    padded = np.zeros((M, chunks * 32), np.float32)
+    span = 16 if group_size == 16 else 32  # columns per X scale
+    blocks = -(-K // span)
+    padded = np.zeros((M, blocks * span), np.float32)
     padded[:, :K] = stored
-    step = np.abs(padded.reshape(M, chunks, 32)).max(axis=2) / 127.0  # [M, chunks]
-    step_stored = np.repeat(step, 32, axis=1)[:, :K]
+    step = np.abs(padded.reshape(M, blocks, span)).max(axis=2) / 127.0  # [M, blocks]
+    step_stored = np.repeat(step, span, axis=1)[:, :K]
     step_orig = np.empty_like(step_stored)
     step_orig[:, w.perm if w.perm is not None else np.arange(K)] = step_stored
     bound = (step_orig / 2) @ np.abs(dense).T  # [M, N]
@@ -386,6 +388,37 @@ def test_int8_activation_path(bits, group_size, K, stats, isa, M, monkeypatch):
     if isa == "avx2" and _has_vnni():  # the same int8 arithmetic as the VNNI kernel (exact integer sums)
         monkeypatch.delenv("QCOMPILER_CPU_ISA")
         np.testing.assert_allclose(y, _run(w, x, accuracy_level=4), rtol=0, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("isa,M", [p for p in _INT8_PATHS if p.values[1] == 1])
+def test_int8_x_scales_per_16_columns_with_16_column_groups(isa, M, monkeypatch):
+    # With 16-column groups each half of a 32-column chunk of X has its own int8 scale: a half of small values next
+    # to a half of large ones keeps its precision. Here the large half is exactly representable (integers, max 127:
+    # scale 1), so the whole error comes from the small half; one scale per 32 columns would round it all to zero
+    # (an error of |W[:, 16:32] @ x[16:32]|, ~100x the per-16 bound checked here).
+    monkeypatch.setenv("QCOMPILER_CPU_REQUIRE_PACKED", "1")
+    if isa == "avx2":
+        monkeypatch.setenv("QCOMPILER_CPU_ISA", "avx2")
+    K = 64
+    w = random_weight(N=48, K=K, bits=4, group_size=16, stat_bits=3, stat_group_size=16, outlier_rate=0.0,
+                      permute=False, bias=False, seed=5)
+    rng = np.random.default_rng(6)
+    x = np.zeros((1, K), np.float32)
+    x[0, :16] = rng.integers(-126, 127, 16)
+    x[0, 0] = 127.0
+    x[0, 16:32] = rng.uniform(0.2, 0.3, 16) * rng.choice([-1.0, 1.0], 16)
+    x[0, 32:] = rng.integers(-127, 128, K - 32)
+    x[0, 32], x[0, 48] = 127.0, 127.0
+    y = _run(w, x, accuracy_level=4)
+    ref = w.matmul(x)
+    dense = w.dequantize()
+    # the other halves are exact in int8 (integers, max 127): only x[16:32] is rounded, by at most half its step
+    bound = (np.abs(x[0, 16:32]).max() / 127.0 / 2) * np.abs(dense[:, 16:32]).sum(axis=1)
+    tol = 1e-5 * np.abs(ref).max()  # fp32 accumulation order
+    err = np.abs(y - ref)[0]
+    assert (err <= bound * 1.001 + tol).all(), float((err - bound).max())
+    per_32_error = np.abs(dense[:, 16:32] @ x[0, 16:32])  # what one scale per 32 columns would lose
+    assert per_32_error.max() > 10 * (bound.max() + tol)
 
 
 def test_accuracy_level_is_validated():

@@ -179,21 +179,24 @@ void PackedGemvInputs(const PackedWeights& w, const float* x, int64_t xstride, i
 
 void PackedGemvInt8Inputs(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, int32_t* xq, float* xd,
                           float* xg, int64_t xg_stride) {
+  const int64_t H = XScalesPerChunk(w), span = spqr::kChunk / H;  // scales per chunk, columns per scale
   for (int64_t m = 0; m < mm; ++m) {
     const float* xr = x + m * xstride;  // zero past K up to whole chunks
     for (int64_t c = 0; c < w.chunks; ++c) {
-      float amax = 0.f;
-      for (int k = 0; k < spqr::kChunk; ++k) amax = std::max(amax, std::fabs(xr[c * spqr::kChunk + k]));
-      const float d = amax / 127.f;
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      xd[c * mm + m] = d;
-      // round half to even (as nearbyint in the default mode) by the 1.5 * 2^23 trick, which compilers vectorize
-      // (nearbyint is a libm call per value without SSE4.1): |x * inv| <= 127 (+ an ulp), far below 2^22
       int8_t q[spqr::kChunk];
-      for (int k = 0; k < spqr::kChunk; ++k) {
-        constexpr float kMagic = 12582912.0f;
-        const float r = (xr[c * spqr::kChunk + k] * inv + kMagic) - kMagic;
-        q[k] = static_cast<int8_t>(std::clamp(r, -127.f, 127.f));
+      for (int64_t h = 0; h < H; ++h) {
+        const float* xs = xr + c * spqr::kChunk + h * span;
+        float amax = 0.f;
+        for (int64_t k = 0; k < span; ++k) amax = std::max(amax, std::fabs(xs[k]));
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        xd[(c * H + h) * mm + m] = amax / 127.f;
+        // round half to even (as nearbyint in the default mode) by the 1.5 * 2^23 trick, which compilers vectorize
+        // (nearbyint is a libm call per value without SSE4.1): |x * inv| <= 127 (+ an ulp), far below 2^22
+        for (int64_t k = 0; k < span; ++k) {
+          constexpr float kMagic = 12582912.0f;
+          const float r = (xs[k] * inv + kMagic) - kMagic;
+          q[h * span + k] = static_cast<int8_t>(std::clamp(r, -127.f, 127.f));
+        }
       }
       for (int j = 0; j < 8; ++j) {
         int32_t word;

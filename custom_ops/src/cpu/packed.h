@@ -138,8 +138,9 @@ struct PackedGemvArgs {
   const float* xs = nullptr;
   const float* xg = nullptr;  // [MM][G]: sum of x over each group
   int64_t xg_stride = 0;
-  // int8 path: X quantized per 32 columns (symmetric, round to nearest): xq [chunks][8][MM] (4 int8 per word: the
-  // columns of one quad), xd [chunks][MM] (the scales); xg as above (exact fp32 sums)
+  // int8 path: X quantized per 32 columns, or per 16 where the weight's groups are 16 columns (symmetric, round to
+  // nearest): xq [chunks][8][MM] (4 int8 per word: the columns of one quad), xd [chunks][XScalesPerChunk][MM] (the
+  // scales); xg as above (exact fp32 sums)
   const int32_t* xq = nullptr;
   const float* xd = nullptr;
   float* y = nullptr;  // [MM][y_stride]: row n of W at column n - 16·b0 (no bias, no outliers)
@@ -154,7 +155,13 @@ void PackedGemvInputs(const PackedWeights& w, const float* x, int64_t xstride, i
 // Rows of X one kernel call takes (larger M: several calls over slices of X, see spqr_matmul_cpu.cc).
 constexpr int kPackedMaxRows = 8;
 
-// The int8 path's xq / xd ([chunks][8][mm], [chunks][mm]) and xg for mm rows of X (as PackedGemvInputs).
+// Scales of X per 32-column chunk on the int8 path: 2 (one per 16 columns) where the weight's groups are 16 columns
+// (the kernels keep the two halves' integer sums apart there anyway, and a block of 16 shares its scale with fewer
+// large activations: SmolLM2's q/k/v inputs lost 0.5 % perplexity at one scale per 32), else 1.
+inline int64_t XScalesPerChunk(const PackedWeights& w) { return w.group_size == 16 ? 2 : 1; }
+
+// The int8 path's xq / xd ([chunks][8][mm], [chunks][XScalesPerChunk][mm]) and xg for mm rows of X (as
+// PackedGemvInputs).
 void PackedGemvInt8Inputs(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, int32_t* xq, float* xd,
                           float* xg, int64_t xg_stride);
 

@@ -187,7 +187,7 @@ QC_AVX2 void GemvInt82(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
 #pragma GCC unroll 4
             for (int m = 0; m < MM; ++m) {
               const __m256 v = _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[h][m], ones));
-              t[h][m] = _mm256_fmadd_ps(v, _mm256_set1_ps(a.xd[c * MM + m]), t[h][m]);
+              t[h][m] = _mm256_fmadd_ps(v, _mm256_set1_ps(a.xd[(c * H + h) * MM + m]), t[h][m]);
             }
           }
         }

@@ -131,7 +131,8 @@ QC_AVX512 void Gemv(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
 }
 
 // int8 path: per chunk and row of X, sum_k q_k xq_k in int32 by vpdpbusd (4 columns per lane and instruction),
-// converted and scaled by the chunk's X scale; then per group as the fp32 path.
+// converted and scaled by the chunk's X scale (each half-chunk's with 16-column groups, XScalesPerChunk); then per
+// group as the fp32 path.
 template <int MM, bool HALF, bool CODED>
 QC_VNNI void GemvInt8(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
   const PackedWeights& w = *a.w;
@@ -177,7 +178,7 @@ QC_VNNI void GemvInt8(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
           for (int m = 0; m < MM; ++m) {
             __m512i v = acc[h][m][0];
             if (NC == 2) v = _mm512_add_epi32(v, _mm512_srai_epi32(acc[h][m][NC - 1], 4));  // exact: a multiple of 16
-            t[h][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(a.xd[c * MM + m]), t[h][m]);
+            t[h][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(a.xd[(c * H + h) * MM + m]), t[h][m]);
           }
         }
       }
@@ -251,11 +252,10 @@ QC_VNNI void GemvInt8Pair(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
             acc[b][h][1] = _mm512_dpbusd_epi32(acc[b][h][1], _mm512_and_si512(z, high4), xh);  // 16 q: see GemvInt8
           }
         }
-        const __m512 xd = _mm512_set1_ps(a.xd[c]);
         for (int b = 0; b < 2; ++b) {
           for (int h = 0; h < H; ++h) {
             const __m512i v = _mm512_add_epi32(acc[b][h][0], _mm512_srai_epi32(acc[b][h][1], 4));
-            t[b][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), xd, t[b][h]);
+            t[b][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(a.xd[c * H + h]), t[b][h]);
           }
         }
       }
