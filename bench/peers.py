@@ -20,7 +20,7 @@ row (ONNX rows in ONNX Runtime; GGUF rows: the GGUF's weights dequantized by tra
     .venv/bin/python -m bench.peers                           # measure: 5 rounds, threads 1 and 2, ppl 40 windows
     .venv/bin/python -m bench.peers --models ours-fp32,Q4_K_M --rounds 1 --threads 1 --ppl-windows 4   # smoke
 
-Writes bench/results/peers-DATE.md and .json (or `--output`), rewritten after each stage and each speed round, so an
+Writes bench/results/peers-DATE.md and .json (peers-DATE-2.md, ... where that exists; or `--output`), rewritten after each stage and each speed round, so an
 interrupted run keeps what it measured. Progress goes to stderr. Builds and the perplexity cache live in
 build/peers/ (perplexities are cached per model file, keyed by path, mtime and the windows' hash).
 """
@@ -70,9 +70,10 @@ HEAD4 = ["--lm-head", "rtn", "--lm-head-bits", "4", "--lm-head-group-size", "32"
 CALIBRATION = ["--nsamples", "32", "--seqlen", "512"]
 OURS_BUILDS: dict[str, list[str]] = {
     "fp32": ["--method", "none"],
-    "spqr-w4-head4": ["--method", "spqr", *CALIBRATION, *HEAD4],
+    # fp32 activations explicitly (4-bit SpQR exports default to int8 activations: the -a4 rows below)
+    "spqr-w4-head4": ["--method", "spqr", "--accuracy-level", "0", *CALIBRATION, *HEAD4],
     "spqr-w3-head4": ["--method", "spqr", "--preset", "sub4", *CALIBRATION, *HEAD4],
-    "spqr-w4": ["--method", "spqr", *CALIBRATION],
+    "spqr-w4": ["--method", "spqr", "--accuracy-level", "0", *CALIBRATION],
     "spqr-w3": ["--method", "spqr", "--preset", "sub4", *CALIBRATION],
 }
 # rows derived from a built row: its folder with `accuracy_level` 4 on every SpQRMatMul (int8 activations in the CPU
@@ -782,6 +783,17 @@ def _op_library_sha256() -> str:
     return hashlib.sha256(library_path().read_bytes()).hexdigest()[:16]
 
 
+def default_output(results: Path, today: Optional[datetime.date] = None) -> Path:
+    """peers-DATE.md in `results`, or peers-DATE-2.md, -3, ... where that report exists already (a second run on the
+    same day, e.g. `--prepare` to add a row, never overwrites a report)."""
+    stem = f"peers-{today or datetime.date.today()}"
+    path, n = results / f"{stem}.md", 1
+    while path.exists() or path.with_suffix(".json").exists():
+        n += 1
+        path = results / f"{stem}-{n}.md"
+    return path
+
+
 class PplCache:
     """Perplexities per model file in a JSON file, keyed by `path|mtime_ns|windows sha256`, and for our exports the
     op library's sha256 too (a kernel change can change their logits: the cached figure would describe the old
@@ -1016,8 +1028,7 @@ class Run:
     def __init__(self, args: argparse.Namespace, peers: list[Peer], argv: Sequence[str]):
         self.args = args
         self.peers = peers
-        self.out = (Path(args.output) if args.output
-                    else REPO / "bench" / "results" / f"peers-{datetime.date.today()}.md")
+        self.out = Path(args.output) if args.output else default_output(REPO / "bench" / "results")
         self.result: dict[str, Any] = {
             "date": datetime.date.today().isoformat(),
             "started": datetime.datetime.now().isoformat(timespec="seconds"),

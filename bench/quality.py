@@ -422,7 +422,8 @@ class Bench:
                 seqlen=self.args.calib_seqlen,
                 seed=self.args.seed,
                 quiet=not self.args.verbose,
-                **preset.get("export", {}),
+                # fp32 activations unless the row says otherwise (4-bit SpQR exports default to int8 ones)
+                **{"accuracy_level": 0, **preset.get("export", {})},
             )
         _free()
 

@@ -104,10 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--rtol", type=float, default=None,
                      help="relative part of the validation tolerance, see --atol (default: 1e-4, 1e-3 for methods "
                           "with learned transforms: affinequant, affinequant+spqr; fp16: 0.01)")
-    adv.add_argument("--accuracy-level", type=int, choices=(0, 4), default=0,
-                     help="4: SpQRMatMul may quantize its input to int8 per 32 (β1 = 16: 16) columns on CPUs with AVX512-VNNI or AVX2 "
-                          "(faster decode, some accuracy cost: docs/kernels.md); validation runs at level 0 "
-                          "(default: 0, fp32 activations)")
+    adv.add_argument("--accuracy-level", type=int, choices=(0, 4), default=None,
+                     help="4: SpQRMatMul may quantize its input to int8 per 32 (β1 = 16: 16) columns on CPUs with "
+                          "AVX512-VNNI or AVX2 (faster decode, some accuracy cost: docs/kernels.md); 0: fp32 "
+                          "activations; validation runs at level 0 (default: 4 for --method spqr with 4-bit codes, "
+                          "where its measured perplexity cost is under 0.5 %, else 0)")
     adv.add_argument("--no-fallback", dest="fallback", action="store_false",
                      help="omit the portable ONNX functions that let the model run without the op library")
     adv.add_argument("--no-contrib-ops", dest="contrib_ops", action="store_false",

@@ -51,11 +51,13 @@ class ExportReport:
 def export(source: str, *, output: str, method: str, method_options: dict[str, Any], force: bool = False,
            calibration: Optional[str] = None, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
            verify_each: bool = False, dump_dir: Optional[str] = None, validate: bool = True,
-           atol: Optional[float] = None, rtol: Optional[float] = None, dtype: str = "fp32", accuracy_level: int = 0,
+           atol: Optional[float] = None, rtol: Optional[float] = None, dtype: str = "fp32",
+           accuracy_level: Optional[int] = None,
            memory_check: bool = True, offload_weights: bool = False, fallback: bool = True, contrib_ops: bool = True,
            lm_head: Optional[Any] = None, quiet: bool = False) -> ExportReport:
     """Quantize `source` with `method` and write an ONNX folder to `output`. See `qcompiler export --help`.
-    `lm_head`: a `qcompiler.quantize.lm_head.LMHeadConfig` to quantize the output projection too (None: kept)."""
+    `lm_head`: a `qcompiler.quantize.lm_head.LMHeadConfig` to quantize the output projection too (None: kept).
+    `accuracy_level`: None = the method's measured default for `method_options` (`Method.default_accuracy_level`)."""
     from qcompiler.data import calibration_windows, resolve_calibration
     from qcompiler.models.families import family_for, quantizable_linears
     from qcompiler.models.loading import load_config
@@ -67,6 +69,8 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
     check_output(output, force=force)
     method_cls = get_method(method)
     config = method_cls.Config(**method_options)
+    if accuracy_level is None:
+        accuracy_level = method_cls.default_accuracy_level(config) if method_cls.quantizes else 0
     tolerance = validation.Tolerance.for_export(dtype, atol=atol, rtol=rtol, transforms=method_cls.learns_transforms)
     if lm_head is not None and method_cls.learns_transforms:
         raise QCompilerError("--lm-head is not supported with transform methods (affinequant): the export rebuilds "
@@ -134,8 +138,10 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
 
     diff = checked["max_abs_logit_diff"] if checked else None
     bits = record["bits_per_param"]
+    activations = ("int8 activations on CPU (accuracy level 4; --accuracy-level 0 for fp32)" if accuracy_level
+                   else "fp32 activations")
     clock.say(f"wrote {Path(output)}: {len(result.layers) + (head is not None)} SpQRMatMul layers, {record['avg_bits']:.3f} bits/param "
-              f"(decoder linears; {bits['all']:.3f} over all {bits['params_all'] / 1e6:.1f}M parameters)"
+              f"(decoder linears; {bits['all']:.3f} over all {bits['params_all'] / 1e6:.1f}M parameters), {activations}"
               + (f", ORT vs PyTorch max |Δlogit| = {diff:.2e}" if diff is not None else ""))
     peak_anon = clock.stop()
     return ExportReport(output=Path(output), avg_bits=record["avg_bits"], n_quantized=len(result.layers) + (head is not None),

@@ -3,6 +3,7 @@ parsing, row selection, medians/ratios and the rendered table."""
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
@@ -224,3 +225,12 @@ def test_derived_row_sets_the_accuracy_level(tmp_path):
     assert (out / "model.onnx.data").read_bytes() == b"weights"
     assert peers.json.loads((out / "quant_config.json").read_text()) == {"method": "spqr", "accuracy_level": 4}
     assert not peers._stale(out / "model.onnx", base / "model.onnx")
+
+
+def test_default_output_never_overwrites_a_report(tmp_path):
+    day = datetime.date(2026, 12, 6)
+    assert peers.default_output(tmp_path, day) == tmp_path / "peers-2026-12-06.md"
+    (tmp_path / "peers-2026-12-06.md").write_text("kept")
+    assert peers.default_output(tmp_path, day) == tmp_path / "peers-2026-12-06-2.md"
+    (tmp_path / "peers-2026-12-06-2.json").write_text("{}")
+    assert peers.default_output(tmp_path, day) == tmp_path / "peers-2026-12-06-3.md"

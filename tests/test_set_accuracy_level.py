@@ -54,3 +54,30 @@ def test_export_with_accuracy_level_4(tiny_dirs, tmp_path, capsys):
     assert "accuracy_level_max_abs_logit_diff" in cfg["validation"]
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert set(_levels(model)) == {4}
+
+
+def test_measured_defaults_per_method():
+    # int8 activations by default only where their perplexity cost was measured under 0.5 % (4-bit SpQR codes)
+    from qcompiler.quantize.methods import get_method
+
+    spqr = get_method("spqr")
+    assert spqr.default_accuracy_level(spqr.Config()) == 4
+    assert spqr.default_accuracy_level(spqr.Config(**spqr.presets["sub4"])) == 0
+    for name in ("rtn", "gptq", "affinequant", "affinequant+spqr"):
+        method = get_method(name)
+        assert method.default_accuracy_level(method.Config()) == 0, name
+
+
+@pytest.mark.parametrize("flags,level", [((), 4), (("--preset", "sub4"), 0), (("--accuracy-level", "0"), 0)])
+def test_spqr_export_default_accuracy_level(flags, level, tiny_dirs, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["export", str(tiny_dirs("llama")), "--method", "spqr", *flags, "--nsamples", "4", "--seqlen", "32",
+                 "--calibration", str(text_file), "-o", str(out)]) == 0
+    said = capsys.readouterr()
+    cfg = json.loads((out / "quant_config.json").read_text())
+    assert cfg.get("accuracy_level", 0) == level
+    assert set(_levels(onnx.load(str(out / "model.onnx"), load_external_data=False))) == {level}
+    assert ("int8 activations on CPU (accuracy level 4" if level else "fp32 activations") in said.out + said.err
+    from qcompiler.runtime.generate import Generator
+
+    assert ("SpQRMatMul activations: int8" if level else "SpQRMatMul activations: fp32") in Generator(out).describe()

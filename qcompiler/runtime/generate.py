@@ -138,6 +138,7 @@ class Generator:
         self.threads = threads
         #: past and present bound to one buffer per tensor (graphs whose attention is GroupQueryAttention)
         self.shared_buffer = "GroupQueryAttention" in (record.get("contrib_ops") or [])
+        self.accuracy_level = int(record.get("accuracy_level") or 0)
         from transformers import AutoTokenizer
 
         try:
@@ -164,7 +165,10 @@ class Generator:
         kv = ("one shared key/value buffer per layer, sized prompt + new tokens (GroupQueryAttention)"
               if self.shared_buffer else "presents concatenated each step (standard-op attention)")
         threads = self.threads or "ONNX Runtime's default"
-        return f"KV cache: {kv}; provider {self.provider}; intra-op threads: {threads}"
+        activations = ("int8 on CPUs with AVX512-VNNI or AVX2 (accuracy level 4)" if self.accuracy_level
+                       else "fp32 (accuracy level 0)")
+        return (f"KV cache: {kv}; SpQRMatMul activations: {activations}; provider {self.provider}; "
+                f"intra-op threads: {threads}")
 
     def encode(self, prompt: str, *, chat: bool = False) -> list[int]:
         if chat:

@@ -441,6 +441,13 @@ class SpQR(Method):
         "sub4": {"bits": 3, "stat_group_size": 32, "outlier_threshold": 0.3},
     }
 
+    @classmethod
+    def default_accuracy_level(cls, config: SpQRConfig) -> int:
+        # SmolLM2-135M, WikiText-2 40 × 512 (bench/results/peers-2026-12-06-int8x16.md, int8 X per 16 columns):
+        # 4-bit codes (near-lossless) cost +0.32 % with the fp32 lm_head and +0.48 % with the 4-bit one; 3-bit
+        # codes (sub4) +0.62 %, over the 0.5 % bar → fp32 activations
+        return 4 if config.bits >= 4 else 0
+
     def quantize(
         self,
         model: torch.nn.Module,
