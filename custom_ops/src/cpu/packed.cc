@@ -130,7 +130,23 @@ PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void
     }
     return w;
   }
-  // Decoded per row (fp16 statistics, or second-level groups that split a block).
+  // fp16 statistics: kept as stored, in the block layout (no rounding: the kernels convert exactly)
+  if (a.stat_bits == 0) {
+    w.half_stats = true;
+    w.stat_halves.assign(static_cast<size_t>(w.blocks * G * 2 * kPackRows), 0);
+    const auto* sc = static_cast<const uint16_t*>(scales);
+    const auto* zc = static_cast<const uint16_t*>(zeros);
+    for (int64_t n = 0; n < a.N; ++n) {
+      const int64_t blk = n / kPackRows, lane = n % kPackRows;
+      for (int64_t g = 0; g < G; ++g) {
+        uint16_t* dst = w.stat_halves.data() + (blk * G + g) * 2 * kPackRows;
+        dst[lane] = sc[g * a.N + n];
+        dst[kPackRows + lane] = zc[g * a.N + n];
+      }
+    }
+    return w;
+  }
+  // Decoded per row (second-level groups that split a block).
   w.stat_values.assign(static_cast<size_t>(w.blocks * G * 2 * kPackRows), 0.f);
   for (int64_t n = 0; n < a.N; ++n) {
     const int64_t blk = n / kPackRows, lane = n % kPackRows;

@@ -94,7 +94,8 @@ constexpr float Pow2(int e) {
 
 struct PackedWeights {
   int64_t K = 0, N = 0, bits = 0, group_size = 0, G = 0, chunks = 0, blocks = 0;
-  bool coded_stats = false;         // statistics as codes + second-level values (else decoded fp32)
+  bool coded_stats = false;         // statistics as codes + second-level values (else decoded per row)
+  bool half_stats = false;          // not coded_stats: the rows' s and z as the stored fp16 (stat_bits 0), else fp32
   PackedVector<uint32_t> codes;      // [blocks][chunks][bits][16] (fp32 path)
   // int8 path (accuracy_level 4): [blocks][chunks][4][16]; byte b of word i of a lane holds the codes of columns
   // 8i + b (low nibble) and 8i + 4 + b (high nibble), so one AND (or shift + AND) gives 4 consecutive codes per
@@ -102,8 +103,12 @@ struct PackedWeights {
   PackedVector<uint32_t> nibbles;
   PackedVector<uint8_t> stat_codes;  // coded_stats: [blocks][G][16] (scale code | zero code << 4)
   // coded_stats: [blocks >> stat_shift][G][4] (ss, sz, zs, zz): one row per second-level group of rows (2^stat_shift
-  // blocks share it; shift 0 where stat_group_size / 16 is not a power of two); else [blocks][G][2][16] (s, z)
+  // blocks share it; shift 0 where stat_group_size / 16 is not a power of two); else [blocks][G][2][16] (s, z) where
+  // the statistics were quantized (second-level groups that split a block)
   PackedVector<float> stat_values;
+  // half_stats: [blocks][G][2][16] fp16 (s, z), the stored values unchanged (half the bytes of fp32 per call: 1 bit
+  // per weight at 32-column groups, not 2; converted by vcvtph2ps)
+  PackedVector<uint16_t> stat_halves;
   int stat_shift = 0;
 };
 

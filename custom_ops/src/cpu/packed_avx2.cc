@@ -14,8 +14,8 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define QC_HAVE_AVX2_BUILD 1
-#define QC_AVX2 __attribute__((target("avx2,fma")))
-#define QC_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
+#define QC_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define QC_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
 #endif
 
 namespace qcompiler {
@@ -71,6 +71,10 @@ QC_AVX2_INLINE void FinishGroup2(const PackedGemvArgs& a, int64_t blk, int64_t g
     const __m256 zc = _mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4));
     s = _mm256_mul_ps(_mm256_set1_ps(v[0]), _mm256_sub_ps(sc, _mm256_set1_ps(v[1])));
     z = _mm256_mul_ps(_mm256_set1_ps(v[2]), _mm256_sub_ps(zc, _mm256_set1_ps(v[3])));
+  } else if (w.half_stats) {
+    const uint16_t* v = w.stat_halves.data() + (blk * w.G + g) * 2 * kPackRows + L * kHalf;
+    s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
+    z = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + kPackRows)));
   } else {
     const float* v = w.stat_values.data() + (blk * w.G + g) * 2 * kPackRows + L * kHalf;
     s = _mm256_loadu_ps(v);
@@ -249,7 +253,8 @@ PackedOutlierRowsFn PackedOutlierRowsF16c() {
 }
 
 bool PackedAvx2Available() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return has;
 }
 

@@ -66,6 +66,10 @@ QC_AVX512_INLINE void GroupStats(const PackedWeights& w, int64_t blk, int64_t g,
     s = _mm512_mul_ps(_mm512_set1_ps(v[0]),
                       _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15))), _mm512_set1_ps(v[1])));
     z = _mm512_mul_ps(_mm512_set1_ps(v[2]), _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)), _mm512_set1_ps(v[3])));
+  } else if (w.half_stats) {
+    const uint16_t* v = w.stat_halves.data() + (blk * w.G + g) * 2 * kPackRows;
+    s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
+    z = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + kPackRows)));
   } else {
     const float* v = w.stat_values.data() + (blk * w.G + g) * 2 * kPackRows;
     s = _mm512_loadu_ps(v);
