@@ -20,9 +20,10 @@ row (ONNX rows in ONNX Runtime; GGUF rows: the GGUF's weights dequantized by tra
     .venv/bin/python -m bench.peers                           # measure: 5 rounds, threads 1 and 2, ppl 40 windows
     .venv/bin/python -m bench.peers --models ours-fp32,Q4_K_M --rounds 1 --threads 1 --ppl-windows 4   # smoke
 
-Writes bench/results/peers-DATE.md and .json (peers-DATE-2.md, ... where that exists; or `--output`), rewritten after each stage and each speed round, so an
-interrupted run keeps what it measured. Progress goes to stderr. Builds and the perplexity cache live in
-build/peers/ (perplexities are cached per model file, keyed by path, mtime and the windows' hash).
+Writes bench/results/peers-DATE.md and .json (peers-DATE-2.md, ... where that exists; or `--output`), rewritten
+after each stage and each speed round, so an interrupted run keeps what it measured. Progress goes to stderr. Builds
+and the perplexity cache live in build/peers/ (perplexities are cached per model file, keyed by path, mtime and the
+windows' hash, and for our rows the op library's sha256).
 """
 
 from __future__ import annotations
@@ -804,18 +805,16 @@ class PplCache:
         self.data = _read_json(path) or {}
 
     @staticmethod
-    def key(model_file: Path, windows_sha: str) -> str:
+    def key(model_file: Path, windows_sha: str, runtime: str = "") -> str:
+        """`runtime`: what else the figure depends on (our rows: the op library's sha256), "" for nothing."""
         key = f"{model_file.resolve()}|{model_file.stat().st_mtime_ns}|{windows_sha}"
-        library = model_file.parent / "libqcompiler_ops.so"
-        if library.is_file():
-            key += f"|{_op_library_sha256()}"
-        return key
+        return f"{key}|{runtime}" if runtime else key
 
-    def get(self, model_file: Path, windows_sha: str) -> Optional[dict]:
-        return self.data.get(self.key(model_file, windows_sha))
+    def get(self, model_file: Path, windows_sha: str, runtime: str = "") -> Optional[dict]:
+        return self.data.get(self.key(model_file, windows_sha, runtime))
 
-    def put(self, model_file: Path, windows_sha: str, value: dict) -> None:
-        self.data[self.key(model_file, windows_sha)] = value
+    def put(self, model_file: Path, windows_sha: str, value: dict, runtime: str = "") -> None:
+        self.data[self.key(model_file, windows_sha, runtime)] = value
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.data, indent=1) + "\n")
 
@@ -1086,7 +1085,8 @@ class Run:
         cache = PplCache(self.args.peers_dir / "ppl-cache.json")
         for peer in peers:
             row = self.row(peer)
-            hit = cache.get(peer.model_file(), protocol["windows_sha256"])
+            runtime = _op_library_sha256() if peer.kind == "ours" else ""
+            hit = cache.get(peer.model_file(), protocol["windows_sha256"], runtime)
             if hit is not None:
                 row["ppl"] = {**hit, "cached": True}
                 _say(f"ppl {peer.label}: {hit['ppl']:.3f} (cached)")
@@ -1101,7 +1101,7 @@ class Run:
                 self.write()
                 continue
             res["seconds"] = time.perf_counter() - t
-            cache.put(peer.model_file(), protocol["windows_sha256"], res)
+            cache.put(peer.model_file(), protocol["windows_sha256"], res, runtime)
             row["ppl"] = res
             _say(f"ppl {peer.label}: {res['ppl']:.3f} ({res['seconds']:.0f} s)")
             self.write()

@@ -245,9 +245,9 @@ class _SharedBuffer:
 
         self.ort = ort
         self.gen = gen
-        self.device = "cuda" if gen.provider == "cuda" else "cpu"
+        device = "cuda" if gen.provider == "cuda" else "cpu"
         shape = (1, gen.num_kv_heads, capacity, gen.head_dim)
-        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, gen.past_dtype), self.device, 0)
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, gen.past_dtype), device, 0)
                         for _ in gen.past_names]
         self.binding = gen.session.io_binding()
         for past, buffer in zip(gen.past_names, self.buffers):

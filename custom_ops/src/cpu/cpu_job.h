@@ -156,11 +156,11 @@ struct PackedPrep {
   const PackedWeights* pw = nullptr;
   const int64_t* slice_rows = nullptr;
   const int64_t* slice_begin = nullptr;
-  int32_t* xq = nullptr;  // int8 path: xq [M * xq_row], xd [M * chunks]
+  int32_t* xq = nullptr;  // int8 path: xq [M * xq_row], xd [M * xd_row]
   float* xd = nullptr;
   float* xs = nullptr;  // fp32 path: xs [M * xs_row]
   float* xg = nullptr;  // [M * G]
-  int64_t xq_row = 0, xs_row = 0;
+  int64_t xq_row = 0, xd_row = 0, xs_row = 0;
   float* xt = nullptr;  // [K, M], or nullptr
 };
 void PackedPrepTask(void* user, size_t i);

@@ -273,16 +273,16 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       prep.slice_begin = slice_begin.data();
       if (int8_) {  // xq [M * chunks * 8] int32, then xd [M * chunks * XScalesPerChunk] and xg [M * G] fp32
         prep.xq_row = pw.chunks * 8;
-        const int64_t xd_row = pw.chunks * XScalesPerChunk(pw);
+        prep.xd_row = pw.chunks * XScalesPerChunk(pw);
         packed_xq.resize(std::max(packed_xq.size(), static_cast<size_t>(M * prep.xq_row)));
-        packed_x.resize(std::max(packed_x.size(), static_cast<size_t>(M * (xd_row + pw.G))));
+        packed_x.resize(std::max(packed_x.size(), static_cast<size_t>(M * (prep.xd_row + pw.G))));
         prep.xq = packed_xq.data();
         prep.xd = packed_x.data();
-        prep.xg = prep.xd + M * xd_row;
+        prep.xg = prep.xd + M * prep.xd_row;
         j.packed.xq = prep.xq;
         j.packed.xd = prep.xd;
         j.packed_xq_row = prep.xq_row;
-        j.packed_xd_row = xd_row;
+        j.packed_xd_row = prep.xd_row;
       } else {  // xs [M * xs_row], then xg [M * G]
         prep.xs_row = pw.chunks * PiecesPerChunk(static_cast<int>(pw.bits));
         packed_x.resize(std::max(packed_x.size(), static_cast<size_t>(M * (prep.xs_row + pw.G))));
