@@ -22,6 +22,7 @@ from .fold_affine_norm import FoldAffineIntoNorm
 from .fuse_attention_rotary import FuseAttentionRotary
 from .fuse_rotary import FuseRotary
 from .fuse_sibling_linears import FuseSiblingLinears
+from .fuse_silu_mul import FuseSiluMul
 from .fuse_skip_norm import FuseSkipNorm
 from .pack_qkv import PackQKV
 from .quantize_activations import QuantizeActivations
@@ -39,6 +40,7 @@ __all__ = [
     "FuseAttentionRotary",
     "FuseRotary",
     "FuseSiblingLinears",
+    "FuseSiluMul",
     "FuseSkipNorm",
     "PackQKV",
     "Pass",

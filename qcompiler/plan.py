@@ -5,6 +5,7 @@
     embed-from-lm-head                               a quantized lm_head tied to the embedding: the lookup reads it
     quantize-activations                             when the method quantizes activations (w4a4 / w4a8)
     fuse-sibling-linears                             SpQRMatMuls reading one input (q/k/v, gate/up) → one + Split
+    fuse-silu-mul                                    gate/up + Split + silu(gate)·up → one SpQRMatMul (its activation)
     rsqrt-as-div                                     RMSNorm in the form ONNX Runtime fuses (standard ops)
     fuse-skip-norm                                   with contrib ops: residual Add + RMSNorm → SkipSimplifiedLayerNormalization
     fuse-rotary                                      with contrib ops and a known max position: com.microsoft::RotaryEmbedding
@@ -24,8 +25,8 @@ import dataclasses
 from typing import Optional
 
 from qcompiler.passes import (AddFallback, Cleanup, DropIdentityReshapes, EmbedFromLMHead, FoldAffineIntoLinear,
-                              FoldAffineIntoNorm, FuseAttentionRotary, FuseRotary, FuseSiblingLinears, FuseSkipNorm,
-                              PackQKV, Pass, QuantizeActivations, ReplaceLinear, RsqrtAsDiv, SetAccuracyLevel)
+                              FoldAffineIntoNorm, FuseAttentionRotary, FuseRotary, FuseSiblingLinears, FuseSiluMul,
+                              FuseSkipNorm, PackQKV, Pass, QuantizeActivations, ReplaceLinear, RsqrtAsDiv, SetAccuracyLevel)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,6 +57,7 @@ def pass_list(options: GraphOptions, *, result, manifest: dict, max_positions: O
     if result.activation_bits < 16:
         passes.append(QuantizeActivations(result.layers, result.activation_bits))
     passes.append(FuseSiblingLinears())
+    passes.append(FuseSiluMul())
     passes.append(RsqrtAsDiv())
     if options.contrib_ops:
         passes.append(FuseSkipNorm())

@@ -83,18 +83,21 @@ def single_op_model(
     bias_dtype=None,
     accuracy_level: int = 0,
     fallback: bool = False,
+    activation: str = "",
 ) -> onnx.ModelProto:
     """A one-node model `Y = SpQRMatMul(X)` for kernel tests and benchmarks. X's last dim is K. `fallback`: carry
-    the portable ONNX function (qcompiler/graph/fallback.py), so the model also runs without the op library."""
+    the portable ONNX function (qcompiler/graph/fallback.py), so the model also runs without the op library.
+    `activation`: the node's `activation` attribute (Y's last dim N/2 with "silu_mul")."""
     x_dtype = np.dtype(x_dtype)
     shape = list(x_shape[:-1]) + [weight.K]
     node, inits = spqr_node(weight, x="X", y="Y", prefix="layer", bias_dtype=bias_dtype or x_dtype,
-                            accuracy_level=accuracy_level)
+                            accuracy_level=accuracy_level, activation=activation)
     graph = helper.make_graph(
         [node],
         "spqr_matmul",
         [helper.make_tensor_value_info("X", NP_TO_ONNX[x_dtype], shape)],
-        [helper.make_tensor_value_info("Y", NP_TO_ONNX[x_dtype], list(x_shape[:-1]) + [weight.N])],
+        [helper.make_tensor_value_info("Y", NP_TO_ONNX[x_dtype],
+                                       list(x_shape[:-1]) + [weight.N // 2 if activation else weight.N])],
         initializer=inits,
     )
     model = helper.make_model(

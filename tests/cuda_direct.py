@@ -114,7 +114,7 @@ class DirectKernel(LaunchChoices):
     def __init__(self, lib_path: Path):
         lib = ctypes.CDLL(str(lib_path))
         i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-        flat = [i64, i64, i64, i32, i64, i32, i64, p, i32, p, p, p, p, p, p, p, p, p, i32, p]
+        flat = [i64, i64, i64, i32, i64, i32, i64, p, i32, p, p, p, p, p, p, p, p, p, i32, i32, p]
         lib.qc_cuda_scratch_bytes.restype = ctypes.c_size_t
         lib.qc_cuda_scratch_bytes.argtypes = flat
         lib.qc_cuda_spqr_matmul.restype = i32
@@ -123,11 +123,13 @@ class DirectKernel(LaunchChoices):
         lib.qc_cuda_error_string.argtypes = [i32]
         self.lib = bind_launch_choices(lib)
 
-    def launch(self, weight: SpQRWeight, x: np.ndarray, *, bias_dtype=None, x_device=None) -> Launch:
-        return Launch(self.lib, KernelCall(weight, x, bias_dtype), x=x_device)
+    def launch(self, weight: SpQRWeight, x: np.ndarray, *, bias_dtype=None, x_device=None,
+               activation: str = "") -> Launch:
+        return Launch(self.lib, KernelCall(weight, x, bias_dtype, activation), x=x_device)
 
-    def run(self, weight: SpQRWeight, x: np.ndarray, *, bias_dtype=None) -> np.ndarray:
-        """`x` [..., K] fp32 or fp16 -> [..., N] of the same dtype. Raises RuntimeError on a failed launch."""
-        launch = self.launch(weight, x, bias_dtype=bias_dtype)
+    def run(self, weight: SpQRWeight, x: np.ndarray, *, bias_dtype=None, activation: str = "") -> np.ndarray:
+        """`x` [..., K] fp32 or fp16 -> [..., N] (with `activation` "silu_mul": [..., N/2]) of the same dtype. Raises
+        RuntimeError on a failed launch."""
+        launch = self.launch(weight, x, bias_dtype=bias_dtype, activation=activation)
         launch()
         return launch.output()

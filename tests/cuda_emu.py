@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 OPS = REPO / "custom_ops"
 TESTING = OPS / "testing"  # test-only C++ (not in the wheel): the emulation, the C entries
 # the CUDA sources (compiled as C++ here), as CMakeLists.txt lists them for the op library
-CUDA_SOURCES = [OPS / "src/cuda" / name for name in ("launcher.cu", "decode_gemv.cu", "prefill.cu", "generic_rows.cu")]
+CUDA_SOURCES = [OPS / "src/cuda" / name for name in ("launcher.cu", "decode_gemv.cu", "prefill.cu", "generic_rows.cu",
+                                                        "activation.cu")]
 SOURCES = [*CUDA_SOURCES, OPS / "src/common/env_switches.cc", TESTING / "emu/cuda_emu.cc",
            TESTING / "emu/spqr_matmul_emu.cc", TESTING / "emu/emu_selftest.cc", TESTING / "launch_choices_c.cc"]
 HEADERS = [TESTING / "emu/cuda_emu.h", OPS / "src/cuda/spqr_matmul_cuda_impl.cuh", OPS / "src/cuda/kernels.cuh",
@@ -95,8 +96,13 @@ class KernelCall:
     (custom_ops/src/cuda/spqr_matmul_cuda.cc) binds them; `c_args(pointers)` is the C entries' argument list up to y.
     Shared by the emulated kernels and the direct GPU runs (tests/cuda_direct.py)."""
 
-    def __init__(self, weight: SpQRWeight, x: np.ndarray, bias_dtype=None):
+    #: the `activation` attribute's values as the C entries take them (common/spqr_format.h kActivation*)
+    ACTIVATIONS = {"": 0, "silu_mul": 1}
+
+    def __init__(self, weight: SpQRWeight, x: np.ndarray, bias_dtype=None, activation: str = ""):
         w = self.weight = weight
+        self.activation = self.ACTIVATIONS[activation]
+        self.n_out = w.N // 2 if self.activation else w.N
         self.M = int(np.prod(x.shape[:-1], dtype=np.int64))
         self.lead = x.shape[:-1]
         self.x_is_half = x.dtype == np.float16
@@ -106,15 +112,15 @@ class KernelCall:
         self.arrays = [x.reshape(self.M, w.K), w.qweight, w.scales if w.stat_bits else u16(w.scales),
                        w.zeros if w.stat_bits else u16(w.zeros), u16(w.stats2), w.outlier_row_ptr,
                        w.outlier_col_idx, u16(w.outlier_values), w.perm, bias,
-                       np.full((self.M, w.N), np.nan, dtype=x.dtype)]
+                       np.full((self.M, self.n_out), np.nan, dtype=x.dtype)]
 
     def c_args(self, ptr: list) -> list:
         w = self.weight
         return [self.M, w.K, w.N, w.bits, w.group_size, w.stat_bits, w.stat_group_size, ptr[0], int(self.x_is_half),
-                *ptr[1:9], ptr[9], int(self.bias_is_half), ptr[10]]
+                *ptr[1:9], ptr[9], int(self.bias_is_half), self.activation, ptr[10]]
 
     def result(self, y: np.ndarray) -> np.ndarray:
-        return y.reshape(*self.lead, self.weight.N)
+        return y.reshape(*self.lead, self.n_out)
 
 
 # Rows per warp each decode GEMV tile (rows of X: 1, 2, 3-4, 5-8) offers, most first (GemvOffers, kernels.cuh)
@@ -156,12 +162,14 @@ class EmulatedKernel(LaunchChoices):
         i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
         lib.qc_emu_spqr_matmul.restype = i32
         lib.qc_emu_spqr_matmul.argtypes = [i64, i64, i64, i32, i64, i32, i64, p, i32, p, p, p, p, p, p, p, p, p, i32,
-                                           p, ctypes.c_uint, ctypes.c_char_p, ctypes.c_size_t]
+                                           i32, p, ctypes.c_uint, ctypes.c_char_p, ctypes.c_size_t]
         self.lib = bind_launch_choices(lib)
 
-    def run(self, weight: SpQRWeight, x: np.ndarray, *, bias_dtype=None, seed: int = 0) -> np.ndarray:
-        """`x` [..., K] fp32 or fp16 -> [..., N] of the same dtype. Raises RuntimeError on a failed launch."""
-        call = KernelCall(weight, x, bias_dtype)
+    def run(self, weight: SpQRWeight, x: np.ndarray, *, bias_dtype=None, seed: int = 0,
+            activation: str = "") -> np.ndarray:
+        """`x` [..., K] fp32 or fp16 -> [..., N] (with `activation` "silu_mul": [..., N/2]) of the same dtype. Raises
+        RuntimeError on a failed launch."""
+        call = KernelCall(weight, x, bias_dtype, activation)
         bufs = [None if a is None else _Buffer(self.lib, a) for a in call.arrays]
         msg = ctypes.create_string_buffer(512)
         try:

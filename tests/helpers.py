@@ -255,14 +255,16 @@ def assert_no_output(path) -> None:
     assert not path.exists(), f"partial output left behind: {sorted(p.name for p in path.iterdir())}"
 
 
-def assert_matches_reference(weight, x, y) -> None:
-    """`y`, an SpQRMatMul kernel's output for `x`, against the NumPy reference `weight.matmul(x)`: same dtype and
-    shape, max error within 1e-4 (fp32) or 2e-3 (fp16: the output's rounding, 2^-10 relative, dominates) of the
-    reference's largest magnitude."""
+def assert_matches_reference(weight, x, y, activation: str = "") -> None:
+    """`y`, an SpQRMatMul kernel's output for `x`, against the NumPy reference `weight.matmul(x)` (then the node's
+    `activation`, format.apply_activation): same dtype and shape, max error within 1e-4 (fp32) or 2e-3 (fp16: the
+    output's rounding, 2^-10 relative, dominates) of the reference's largest magnitude."""
     import numpy as np
 
-    ref = weight.matmul(x)
-    assert y.dtype == x.dtype and y.shape == x.shape[:-1] + (weight.N,)
+    from qcompiler.graph.format import apply_activation
+
+    ref = apply_activation(weight.matmul(x), activation)
+    assert y.dtype == x.dtype and y.shape == x.shape[:-1] + (ref.shape[-1],)
     scale = float(np.abs(ref.astype(np.float32)).max())
     rel = 1e-4 if x.dtype == np.float32 else 2e-3
     err = float(np.abs(y.astype(np.float32) - ref.astype(np.float32)).max())

@@ -96,7 +96,7 @@ def test_pass_fuses_siblings_with_the_same_outputs_and_skips_others():
 
 
 def test_spqr_export_runs_qkv_and_gate_up_as_one_node_each(tiny_export, text_file):
-    """Every layer: q/k/v one SpQRMatMul read whole by GroupQueryAttention (packed QKV), gate/up one + Split; prefill
+    """Every layer: q/k/v one SpQRMatMul read whole by GroupQueryAttention (packed QKV), gate/up one with its SwiGLU; prefill
     and single-token steps over the shared KV buffer equal the folder's PyTorch model (torch_model_from_folder
     splits the fused nodes back)."""
     import torch
@@ -118,7 +118,13 @@ def test_spqr_export_runs_qkv_and_gate_up_as_one_node_each(tiny_export, text_fil
     assert all(list(n.input[1:3]) == ["", ""] for n in attention)  # packed q/k/v
     producers = {o: n for n in graph.node for o in n.output}
     assert all(producers[n.input[0]].op_type == "SpQRMatMul" for n in attention)
-    assert sum(n.op_type == "Split" for n in graph.node) == 2  # gate/up, per layer
+    # gate/up: one node per layer that applies silu(gate) · up itself (fuse-silu-mul), read by down_proj
+    gate_up = [n for n in spqr if n.name.endswith("gate_proj+up_proj/SpQRMatMul")]
+    assert len(gate_up) == 2 and all({a.name: a.s for a in n.attribute}.get("activation") == b"silu_mul"
+                                     for n in gate_up)
+    assert not any(n.op_type in ("Split", "Sigmoid") for n in graph.node)
+    down = [n for n in spqr if n.name.endswith("down_proj/SpQRMatMul")]
+    assert [producers[n.input[0]].name for n in down] == [n.name for n in gate_up]
     model, _ = torch_model_from_folder(folder)
     ids = np.random.default_rng(5).integers(3, 120, size=(1, PROMPT + STEPS))
     with torch.no_grad():

@@ -45,7 +45,7 @@ def test_deployment_summary(tiny_export):
     from qcompiler.tools.inspect import deployment_summary
 
     lines = deployment_summary(tiny_export("llama", "rtn", "--bits", "3", "--group-size", "16"))
-    assert lines == ["graph dtype: float32", "portable fallback functions: w3s0 (8 nodes)",
+    assert lines == ["graph dtype: float32", "portable fallback functions: w3s0 (6 nodes), w3s0_silu_mul (2 nodes)",
                      "op library in folder: libqcompiler_ops.so", "onnxruntime-genai config: genai_config.json"]
     bare = deployment_summary(tiny_export("opt", "rtn", "--bits", "4", "--group-size", "32", "--no-fallback"))
     assert bare[1].startswith("portable fallback functions: none") and bare[3] == "onnxruntime-genai config: no"

@@ -93,9 +93,9 @@ def run(request):
     if request.param == "direct":
         return request.getfixturevalue("direct_kernel").run
 
-    def on_cuda(weight, x, bias_dtype=None):
+    def on_cuda(weight, x, bias_dtype=None, activation=""):
         model = single_op_model(weight, x_dtype=x.dtype, x_shape=[f"d{i}" for i in range(x.ndim - 1)] + [None],
-                                bias_dtype=bias_dtype)
+                                bias_dtype=bias_dtype, activation=activation)
         return _cuda_session(model).run(None, {"X": x})[0]
 
     return on_cuda
@@ -115,12 +115,12 @@ def _check(run, weight: SpQRWeight, x: np.ndarray, **kw) -> None:
     else:
         variable, values = None, ()
     if variable is None or os.environ.get(variable):
-        assert_matches_reference(weight, x, run(weight, x, **kw))
+        assert_matches_reference(weight, x, run(weight, x, **kw), kw.get("activation", ""))
         return
     for value in values:
         os.environ[variable] = value
         try:
-            assert_matches_reference(weight, x, run(weight, x, **kw))
+            assert_matches_reference(weight, x, run(weight, x, **kw), kw.get("activation", ""))
         finally:
             del os.environ[variable]
 

@@ -13,7 +13,7 @@ inline SpQRMatMulArgs MakeArgs(int64_t M, int64_t K, int64_t N, int bits, int64_
                                int64_t stat_group_size, const void* x, int x_is_half, const uint8_t* qweight,
                                const void* scales, const void* zeros, const uint16_t* stats2, const int32_t* row_ptr,
                                const uint16_t* col_idx, const uint16_t* values, const int32_t* perm, const void* bias,
-                               int bias_is_half, void* y) {
+                               int bias_is_half, int activation, void* y) {
   SpQRMatMulArgs a;
   a.M = M;
   a.K = K;
@@ -34,6 +34,7 @@ inline SpQRMatMulArgs MakeArgs(int64_t M, int64_t K, int64_t N, int bits, int64_
   a.perm = perm;
   a.bias = bias;
   a.bias_is_half = bias_is_half != 0;
+  a.activation = activation;
   a.y = y;
   return a;
 }

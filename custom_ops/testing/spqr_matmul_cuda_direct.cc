@@ -13,10 +13,10 @@
   int64_t M, int64_t K, int64_t N, int bits, int64_t group_size, int stat_bits, int64_t stat_group_size,           \
       const void *x, int x_is_half, const uint8_t *qweight, const void *scales, const void *zeros,                 \
       const uint16_t *stats2, const int32_t *row_ptr, const uint16_t *col_idx, const uint16_t *values,             \
-      const int32_t *perm, const void *bias, int bias_is_half, void *y
+      const int32_t *perm, const void *bias, int bias_is_half, int activation, void *y
 #define QC_DIRECT_ARGS                                                                                             \
   M, K, N, bits, group_size, stat_bits, stat_group_size, x, x_is_half, qweight, scales, zeros, stats2, row_ptr,    \
-      col_idx, values, perm, bias, bias_is_half, y
+      col_idx, values, perm, bias, bias_is_half, activation, y
 
 extern "C" {
 

@@ -21,11 +21,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompiler.graph.format import CHUNK, DOMAIN, INPUT_NAMES, OP_TYPE
+from qcompiler.graph.format import ACTIVATIONS, CHUNK, DOMAIN, INPUT_NAMES, OP_TYPE
 
 MIN_OPSET = 18  # BitwiseAnd/BitwiseOr (18), ScatterND/ScatterElements with reduction="add" (16)
 MIN_IR_VERSION = 10  # function overloads
-ATTRIBUTES = ("K", "N", "bits", "group_size", "stat_bits", "stat_group_size", "accuracy_level")
+ATTRIBUTES = ("K", "N", "bits", "group_size", "stat_bits", "stat_group_size", "accuracy_level", "activation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,19 +37,25 @@ class Variant:
     outliers: bool
     perm: bool
     bias: bool
+    activation: str = ""
 
     @property
     def overload(self) -> str:
         return f"w{self.bits}s{self.stat_bits}" + "".join(
-            f"_{name}" for name, on in (("outliers", self.outliers), ("perm", self.perm), ("bias", self.bias)) if on)
+            f"_{name}" for name, on in (("outliers", self.outliers), ("perm", self.perm), ("bias", self.bias),
+                                        (self.activation, bool(self.activation))) if on)
 
     @classmethod
     def of(cls, node: onnx.NodeProto) -> "Variant":
         """The variant of a SpQRMatMul node (from its attributes and which inputs it names)."""
-        attrs = {a.name: a.i for a in node.attribute}
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         present = {name: i < len(node.input) and node.input[i] != "" for i, name in enumerate(INPUT_NAMES)}
+        activation = attrs.get("activation", b"")
+        activation = activation.decode() if isinstance(activation, bytes) else str(activation)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"{node.name}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
         return cls(bits=attrs["bits"], stat_bits=attrs["stat_bits"], outliers=present["outlier_row_ptr"],
-                   perm=present["perm"], bias=present["bias"])
+                   perm=present["perm"], bias=present["bias"], activation=activation)
 
 
 class FunctionBody:
@@ -146,6 +152,11 @@ def fallback_function(variant: Variant, *, opset: int = MIN_OPSET) -> onnx.Funct
     y = b.op("MatMul", x, b.op("Transpose", w, perm=[1, 0]))
     if variant.bias:
         y = b.op("Add", y, b.op("Cast", "bias", to=f32))
+    if variant.activation == "silu_mul":  # the gate half, then the up half: silu(gate) · up
+        half = b.op("Reshape", b.op("Div", N, b.const(2, np.int64)), one_d)
+        gate = b.op("Slice", y, b.const([0], np.int64), half, b.const([-1], np.int64))
+        up = b.op("Slice", y, half, N1, b.const([-1], np.int64))
+        y = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)
     b.nodes.append(helper.make_node("CastLike", [y, "X"], ["Y"]))
     fn = helper.make_function(DOMAIN, OP_TYPE, list(INPUT_NAMES), ["Y"], b.nodes,
                               [helper.make_opsetid("", opset)], attributes=list(ATTRIBUTES),

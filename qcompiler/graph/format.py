@@ -35,6 +35,25 @@ INPUT_NAMES = (
     "bias",
 )
 
+#: values of the optional `activation` attribute (docs/spqr-format.md): "" none; "silu_mul": the N rows are a gate
+#: half then an up half, Y[..., j] = silu(Z[..., j]) · Z[..., N/2 + j] with Z = X·Wᵀ + bias
+ACTIVATIONS = ("", "silu_mul")
+
+
+def apply_activation(z: np.ndarray, activation: str) -> np.ndarray:
+    """Reference of the `activation` attribute on the product `z [..., N]` (computed in fp32, returned in z's dtype)."""
+    if activation == "":
+        return z
+    if activation != "silu_mul":
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if z.shape[-1] % 2:
+        raise ValueError(f"activation 'silu_mul' needs an even N, got {z.shape[-1]}")
+    f = z.astype(np.float32)
+    h = f.shape[-1] // 2
+    g, u = f[..., :h], f[..., h:]
+    with np.errstate(over="ignore"):  # e^−g = inf for g < −88: silu → −0, as the kernels give
+        return (g / (1.0 + np.exp(-g)) * u).astype(z.dtype)
+
 
 def packed_row_bytes(n_codes: int, bits: int) -> int:
     """Bytes taken by one packed row of `n_codes` codes of width `bits`."""

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qcompiler.graph.format import DOMAIN, INPUT_NAMES, OP_TYPE, SpQRWeight
+from qcompiler.graph.format import ACTIVATIONS, DOMAIN, INPUT_NAMES, OP_TYPE, SpQRWeight
 
 
 def spqr_node(
@@ -21,15 +21,19 @@ def spqr_node(
     bias_dtype=np.float32,
     doc: Optional[str] = None,
     accuracy_level: int = 0,
+    activation: str = "",
 ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     """A `SpQRMatMul` node reading `x`, writing `y`, with initializers named `{prefix}/{input_name}`.
 
     `prefix` is the module path (e.g. `model.layers.3.mlp.down_proj`), so Netron shows readable names.
     `accuracy_level` 4 lets the CPU kernel quantize X to int8 (docs/spqr-format.md); 0 (the default) writes no
-    attribute.
+    attribute. `activation` (`format.ACTIVATIONS`; "" writes no attribute): "silu_mul" makes Y the SwiGLU of the product
+    (`weight`'s rows: the gate half, then the up half).
     """
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level must be 0..4, got {accuracy_level}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     inits: list[onnx.TensorProto] = []
     inputs = [x]
     for name, arr in zip(INPUT_NAMES[1:], weight.inputs(bias_dtype=bias_dtype)):
@@ -50,6 +54,7 @@ def spqr_node(
         doc_string=doc or describe(weight),
         **weight.attributes(),
         **({"accuracy_level": accuracy_level} if accuracy_level else {}),
+        **({"activation": activation} if activation else {}),
     )
     return node, inits
 

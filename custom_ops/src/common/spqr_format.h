@@ -16,6 +16,11 @@ namespace spqr {
 
 constexpr int kChunk = 32;  // codes per packing chunk
 
+// The optional `activation` attribute (docs/spqr-format.md): none ("" or absent), or "silu_mul": with Z = X·Wᵀ + bias
+// ([M, N], N even), Y[m, j] = silu(Z[m, j]) · Z[m, N/2 + j] for j < N/2 (a SwiGLU MLP's gate and up rows in one node).
+constexpr int kActivationNone = 0;
+constexpr int kActivationSiluMul = 1;
+
 // Node attributes of one SpQRMatMul (validated by ValidateAttributes).
 struct Attributes {
   int64_t K = 0;                // input features
@@ -25,7 +30,9 @@ struct Attributes {
   int64_t stat_bits = 0;        // 0: fp16 scales/zeros; 2..4: quantized with second-level stats
   int64_t stat_group_size = 0;  // beta2: output rows per second-level stats group
   int64_t accuracy_level = 0;   // optional; 4: the CPU kernel may quantize X to int8 (per 32 columns)
+  int activation = 0;           // optional `activation` attribute: kActivationNone or kActivationSiluMul
 
+  SPQR_HD int64_t out_cols() const { return activation == 0 ? N : N / 2; }  // Y's last dim
   SPQR_HD int64_t n_groups() const { return (K + group_size - 1) / group_size; }
   SPQR_HD int64_t n_stat_groups() const { return (N + stat_group_size - 1) / stat_group_size; }
 };

@@ -49,6 +49,13 @@ void ExpectShape(const std::string& prefix, const TensorArg& t, size_t idx, cons
   }
 }
 
+// The `activation` attribute's value → kActivation*; -1 for a value this library does not know.
+int ParseActivation(const std::string& name) {
+  if (name.empty()) return kActivationNone;
+  if (name == "silu_mul") return kActivationSiluMul;
+  return -1;
+}
+
 }  // namespace
 
 int64_t TensorArg::numel() const {
@@ -98,6 +105,21 @@ Attributes ReadAttributes(const OrtKernelInfo* info, const std::string& prefix) 
     }
     a.accuracy_level = v;
   }
+  std::string activation;
+  {  // optional string
+    size_t size = 0;
+    OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_string(info, "activation", nullptr, &size);
+    if (st != nullptr) {
+      Ort::GetApi().ReleaseStatus(st);
+      size = 0;
+    }
+    if (size > 1) {
+      activation.resize(size);
+      Ort::ThrowOnError(Ort::GetApi().KernelInfoGetAttribute_string(info, "activation", activation.data(), &size));
+      activation.resize(size - 1);  // the size counts the terminating NUL
+    }
+  }
+  a.activation = ParseActivation(activation);
   std::ostringstream bad;
   if (a.K <= 0 || a.N <= 0) bad << "K and N must be positive (K=" << a.K << ", N=" << a.N << "); ";
   // Index inputs (row pointers, permutation) are int32: larger dims cannot be addressed (and would overflow sizes).
@@ -110,6 +132,9 @@ Attributes ReadAttributes(const OrtKernelInfo* info, const std::string& prefix) 
   if (a.stat_group_size <= 0) bad << "stat_group_size must be positive, got " << a.stat_group_size << "; ";
   if (a.accuracy_level < 0 || a.accuracy_level > 4)
     bad << "accuracy_level must be 0..4, got " << a.accuracy_level << "; ";
+  if (a.activation < 0) bad << "activation must be \"\" or \"silu_mul\", got \"" << activation << "\"; ";
+  if (a.activation == kActivationSiluMul && a.N % 2 != 0)
+    bad << "activation \"silu_mul\" needs an even N (gate rows, then as many up rows), got N=" << a.N << "; ";
   if (!bad.str().empty()) Fail(prefix, "bad attributes: " + bad.str());
   return a;
 }
@@ -147,7 +172,7 @@ BoundInputs BindInputs(OrtKernelContext* context, const Attributes& a, ONNXTenso
     Fail(prefix, "output [" + std::to_string(b.M) + ", " + std::to_string(a.N) + "] is too large");
   }
   b.y_shape = x.shape;
-  b.y_shape.back() = a.N;
+  b.y_shape.back() = a.out_cols();
 
   const int64_t G = a.n_groups();
   ExpectType(prefix, b.in[kQWeight], kQWeight, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
@@ -235,6 +260,22 @@ OrtStatusPtr InferOutputShape(const OrtCustomOp* /*op*/, OrtShapeInferContext* c
   int64_t n = 0;
   size_t n_bytes = 0;
   if (OrtStatus* st = api.ReadOpAttr(attr, ORT_OP_ATTR_INT, &n, sizeof(n), &n_bytes)) return st;
+  {  // "silu_mul" halves the last dim (an absent or unreadable attribute: none)
+    const OrtOpAttr* act = nullptr;
+    OrtStatus* ast = api.ShapeInferContext_GetAttribute(ctx, "activation", &act);
+    if (ast != nullptr) {
+      api.ReleaseStatus(ast);
+    } else if (act != nullptr) {
+      char text[32] = {0};
+      size_t text_bytes = 0;
+      OrtStatus* rst = api.ReadOpAttr(act, ORT_OP_ATTR_STRING, text, sizeof(text) - 1, &text_bytes);
+      if (rst != nullptr) {
+        api.ReleaseStatus(rst);
+      } else if (ParseActivation(std::string(text)) == kActivationSiluMul) {  // text: NUL-terminated (zeroed)
+        n /= 2;
+      }
+    }
+  }
   dims[rank - 1] = n;
   syms[rank - 1] = "";
   for (size_t i = 0; i + 1 < rank; ++i) {

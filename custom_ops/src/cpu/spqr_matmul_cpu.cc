@@ -8,6 +8,7 @@
 #include "cpu/spqr_matmul_cpu.h"
 
 #include "common/env_switches.h"
+#include "cpu/activation.h"
 #include "cpu/cpu_job.h"
 #include "cpu/cpu_kernels.h"
 
@@ -72,6 +73,35 @@ size_t ElementBytes(ONNXTensorElementDataType type) {
       return 4;
     default:
       return 0;  // nothing released
+  }
+}
+
+// Y = act(Z) for the `activation` attribute: rows of Z [M, N] → rows of Y [M, N/2], kActivationRows rows per task
+// (fp16 rows through an fp32 row buffer).
+constexpr int64_t kActivationRows = 16;
+struct ActivationJob {
+  int64_t N;
+  const float* z_f32;
+  const uint16_t* z_f16;
+  float* y_f32;
+  uint16_t* y_f16;
+  int64_t M;
+};
+void ActivationTask(void* data, size_t task) {
+  const ActivationJob& j = *static_cast<const ActivationJob*>(data);
+  const int64_t begin = static_cast<int64_t>(task) * kActivationRows, end = std::min(j.M, begin + kActivationRows);
+  const int64_t h = j.N / 2;
+  if (j.z_f32 != nullptr) {
+    SiluMulRows(j.z_f32 + begin * j.N, end - begin, j.N, j.y_f32 + begin * h);
+    return;
+  }
+  thread_local std::vector<float> z, y;
+  z.resize(static_cast<size_t>(j.N));
+  y.resize(static_cast<size_t>(h));
+  for (int64_t m = begin; m < end; ++m) {
+    for (int64_t n = 0; n < j.N; ++n) z[n] = spqr::HalfBitsToFloat(j.z_f16[m * j.N + n]);
+    SiluMulRows(z.data(), 1, j.N, y.data());
+    for (int64_t n = 0; n < h; ++n) j.y_f16[m * h + n] = Ort::Float16_t(y[n]).val;
   }
 }
 
@@ -204,134 +234,163 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     const int32_t* perm = b.in[spqr::kPerm].present() ? b.in[spqr::kPerm].as<int32_t>() : nullptr;
     if (!packed_path) ConvertXRows(b.in[spqr::kX].data, half_x, perm, K, xstride, lane_x, xp.data(), 0, M);
 
-    Job j;
-    j.a = a;
-    j.M = M;
-    j.qweight = b.in[spqr::kQWeight].as<uint8_t>();
-    j.scales = b.in[spqr::kScales].data;
-    j.zeros = b.in[spqr::kZeros].data;
-    j.stats2 = b.in[spqr::kStats2].present() ? b.in[spqr::kStats2].as<uint16_t>() : nullptr;
-    if (b.in[spqr::kRowPtr].present()) {
-      j.row_ptr = b.in[spqr::kRowPtr].as<int32_t>();
-      j.col_idx = b.in[spqr::kColIdx].as<uint16_t>();
-      j.values = b.in[spqr::kValues].as<uint16_t>();
-    }
-    if (b.in[spqr::kBias].present()) {
-      if (b.in[spqr::kBias].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-        j.bias_f32 = b.in[spqr::kBias].as<float>();
-      } else {
-        j.bias_f16 = b.in[spqr::kBias].as<uint16_t>();
-      }
-    }
-    j.xp = xp.data();
-    j.xstride = xstride;
-    j.lane_x = lane_x;
-    j.row512 = row512;
+    // With an activation, the product Z goes to scratch ([M, N], as Y would be), then Y = act(Z) (activation.h).
+    thread_local std::vector<float> z_f32;
+    thread_local std::vector<uint16_t> z_f16;
+    float* y_f32 = nullptr;
+    uint16_t* y_f16 = nullptr;
     if (half_x) {
-      j.y_f16 = reinterpret_cast<uint16_t*>(y.GetTensorMutableData<Ort::Float16_t>());
+      y_f16 = reinterpret_cast<uint16_t*>(y.GetTensorMutableData<Ort::Float16_t>());
     } else {
-      j.y_f32 = y.GetTensorMutableData<float>();
+      y_f32 = y.GetTensorMutableData<float>();
     }
-    thread_local std::vector<float> packed_x, xt;
-    thread_local std::vector<int32_t> packed_xq;
-    if (gemm_decode != nullptr) {
-      // rows of X 64 bytes more than whole chunks apart: the micro-kernel reads kGemmRowsMax rows at once, which a
-      // stride of a multiple of 4 KB would put in one L1 set (K = 4096 ran at 2/3 of the speed)
-      const int64_t gstride = xstride + 16;
-      xp.resize(std::max(xp.size(), static_cast<size_t>(M * gstride)));
-      j.xp = xp.data();
-      j.xstride = gstride;
-      ConvertJob conv{b.in[spqr::kX].data, half_x, perm, K, gstride, xp.data(), M};
-      ctx.ParallelFor(&ConvertTask, static_cast<size_t>((M + kConvertRows - 1) / kConvertRows), 0, &conv);
-      j.packed.w = packed_.get();
-      j.packed_decode = gemm_decode;
-      for (int mr = 1; mr <= kGemmRowsMax; ++mr) j.packed_micro[mr] = isa.packed_micro(mr);
-      j.halves_to_floats = isa.halves_to_floats;
-      // blocks per task: X is read once per task; at least 12 tasks (where there are 12 blocks) so that 2, 3, 4 or 6
-      // threads get equal shares (N = 576: 36 blocks as 9 tasks of 4 left one of 2 threads a task behind; as 12
-      // tasks of 3, 576x576 at M = 64 took 288 instead of 331 us, medians of 4 alternating runs; 1536x576 within the
-      // noise, 782 against 774 us; M = 512 unchanged)
-      j.gemm_blocks = std::clamp<int64_t>((packed_->blocks + 11) / 12, 1, kPackedGemmMaxBlocks);
-      ctx.ParallelFor(&PackedGemmTask, static_cast<size_t>((packed_->blocks + j.gemm_blocks - 1) / j.gemm_blocks), 0,
-                      &j);
-      return;
-    }
-    if (packed_path) {
-      const PackedWeights& pw = *packed_;
-      PackedPrep prep;
-      prep.x = b.in[spqr::kX].data;
-      prep.half_x = half_x;
-      prep.perm = perm;
-      prep.K = K;
-      prep.M = M;
-      prep.xstride = xstride;
-      prep.xp = xp.data();
-      prep.pw = &pw;
-      std::vector<int64_t> slice_begin(slice_rows.size());
-      for (size_t i = 1; i < slice_rows.size(); ++i) slice_begin[i] = slice_begin[i - 1] + slice_rows[i - 1];
-      prep.slice_rows = slice_rows.data();
-      prep.slice_begin = slice_begin.data();
-      if (int8_) {  // xq [M * chunks * 8] int32, then xd [M * chunks * XScalesPerChunk] and xg [M * G] fp32
-        prep.xq_row = pw.chunks * 8;
-        prep.xd_row = pw.chunks * XScalesPerChunk(pw);
-        packed_xq.resize(std::max(packed_xq.size(), static_cast<size_t>(M * prep.xq_row)));
-        packed_x.resize(std::max(packed_x.size(), static_cast<size_t>(M * (prep.xd_row + pw.G))));
-        prep.xq = packed_xq.data();
-        prep.xd = packed_x.data();
-        prep.xg = prep.xd + M * prep.xd_row;
-        j.packed.xq = prep.xq;
-        j.packed.xd = prep.xd;
-        j.packed_xq_row = prep.xq_row;
-        j.packed_xd_row = prep.xd_row;
-      } else {  // xs [M * xs_row], then xg [M * G]
-        prep.xs_row = pw.chunks * PiecesPerChunk(static_cast<int>(pw.bits));
-        packed_x.resize(std::max(packed_x.size(), static_cast<size_t>(M * (prep.xs_row + pw.G))));
-        prep.xs = packed_x.data();
-        prep.xg = prep.xs + M * prep.xs_row;
-        j.packed.xs = prep.xs;
-        j.packed_xs_row = prep.xs_row;
-      }
-      j.packed.xg = prep.xg;
-      j.packed.xg_stride = pw.G;
-      if (j.row_ptr != nullptr && M >= kTransposeMinRows) {
-        xt.resize(std::max(xt.size(), static_cast<size_t>(K * M)));
-        prep.xt = xt.data();
-        j.xt = prep.xt;
-      }
-      if (slice_rows.size() == 1) {
-        PackedPrepTask(&prep, 0);
+    if (a.activation != spqr::kActivationNone) {
+      const size_t zn = static_cast<size_t>(M * a.N);
+      if (half_x) {
+        z_f16.resize(std::max(z_f16.size(), zn));
       } else {
-        ctx.ParallelFor(&PackedPrepTask, slice_rows.size(), 0, &prep);
+        z_f32.resize(std::max(z_f32.size(), zn));
       }
-      j.packed_rows = std::move(slice_rows);
-      j.packed_fns = std::move(slice_fns);
-      j.packed.w = &pw;
-      j.outlier_rows = isa.outlier_rows;
-      j.halves_to_floats = isa.halves_to_floats;
-      j.packed_task_blocks = kPackTaskBlocks;
-      if (j.packed_rows.size() > 1) {  // several slices: bigger tasks (at least 8 of them)
-        const int64_t block_bytes = pw.chunks * (int8_ ? 4 : pw.bits) * kPackRows * 4;
-        j.packed_task_blocks = std::clamp(std::min(kPackTaskBytes / block_bytes, (pw.blocks + 7) / 8), kPackTaskBlocks,
-                                          kPackTaskMaxBlocks);
+    }
+    auto run = [&](float* out_f32, uint16_t* out_f16) {
+      Job j;
+      j.a = a;
+      j.M = M;
+      j.qweight = b.in[spqr::kQWeight].as<uint8_t>();
+      j.scales = b.in[spqr::kScales].data;
+      j.zeros = b.in[spqr::kZeros].data;
+      j.stats2 = b.in[spqr::kStats2].present() ? b.in[spqr::kStats2].as<uint16_t>() : nullptr;
+      if (b.in[spqr::kRowPtr].present()) {
+        j.row_ptr = b.in[spqr::kRowPtr].as<int32_t>();
+        j.col_idx = b.in[spqr::kColIdx].as<uint16_t>();
+        j.values = b.in[spqr::kValues].as<uint16_t>();
       }
-      const int64_t tasks = (pw.blocks + j.packed_task_blocks - 1) / j.packed_task_blocks;
-      ctx.ParallelFor(&PackedTask, static_cast<size_t>(tasks), 0, &j);
+      if (b.in[spqr::kBias].present()) {
+        if (b.in[spqr::kBias].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+          j.bias_f32 = b.in[spqr::kBias].as<float>();
+        } else {
+          j.bias_f16 = b.in[spqr::kBias].as<uint16_t>();
+        }
+      }
+      j.xp = xp.data();
+      j.xstride = xstride;
+      j.lane_x = lane_x;
+      j.row512 = row512;
+      j.y_f32 = out_f32;
+      j.y_f16 = out_f16;
+      thread_local std::vector<float> packed_x, xt;
+      thread_local std::vector<int32_t> packed_xq;
+      if (gemm_decode != nullptr) {
+        // rows of X 64 bytes more than whole chunks apart: the micro-kernel reads kGemmRowsMax rows at once, which a
+        // stride of a multiple of 4 KB would put in one L1 set (K = 4096 ran at 2/3 of the speed)
+        const int64_t gstride = xstride + 16;
+        xp.resize(std::max(xp.size(), static_cast<size_t>(M * gstride)));
+        j.xp = xp.data();
+        j.xstride = gstride;
+        ConvertJob conv{b.in[spqr::kX].data, half_x, perm, K, gstride, xp.data(), M};
+        ctx.ParallelFor(&ConvertTask, static_cast<size_t>((M + kConvertRows - 1) / kConvertRows), 0, &conv);
+        j.packed.w = packed_.get();
+        j.packed_decode = gemm_decode;
+        for (int mr = 1; mr <= kGemmRowsMax; ++mr) j.packed_micro[mr] = isa.packed_micro(mr);
+        j.halves_to_floats = isa.halves_to_floats;
+        // blocks per task: X is read once per task; at least 12 tasks (where there are 12 blocks) so that 2, 3, 4 or 6
+        // threads get equal shares (N = 576: 36 blocks as 9 tasks of 4 left one of 2 threads a task behind; as 12
+        // tasks of 3, 576x576 at M = 64 took 288 instead of 331 us, medians of 4 alternating runs; 1536x576 within the
+        // noise, 782 against 774 us; M = 512 unchanged)
+        j.gemm_blocks = std::clamp<int64_t>((packed_->blocks + 11) / 12, 1, kPackedGemmMaxBlocks);
+        ctx.ParallelFor(&PackedGemmTask, static_cast<size_t>((packed_->blocks + j.gemm_blocks - 1) / j.gemm_blocks), 0,
+                        &j);
+        return;
+      }
+      if (packed_path) {
+        const PackedWeights& pw = *packed_;
+        PackedPrep prep;
+        prep.x = b.in[spqr::kX].data;
+        prep.half_x = half_x;
+        prep.perm = perm;
+        prep.K = K;
+        prep.M = M;
+        prep.xstride = xstride;
+        prep.xp = xp.data();
+        prep.pw = &pw;
+        std::vector<int64_t> slice_begin(slice_rows.size());
+        for (size_t i = 1; i < slice_rows.size(); ++i) slice_begin[i] = slice_begin[i - 1] + slice_rows[i - 1];
+        prep.slice_rows = slice_rows.data();
+        prep.slice_begin = slice_begin.data();
+        if (int8_) {  // xq [M * chunks * 8] int32, then xd [M * chunks * XScalesPerChunk] and xg [M * G] fp32
+          prep.xq_row = pw.chunks * 8;
+          prep.xd_row = pw.chunks * XScalesPerChunk(pw);
+          packed_xq.resize(std::max(packed_xq.size(), static_cast<size_t>(M * prep.xq_row)));
+          packed_x.resize(std::max(packed_x.size(), static_cast<size_t>(M * (prep.xd_row + pw.G))));
+          prep.xq = packed_xq.data();
+          prep.xd = packed_x.data();
+          prep.xg = prep.xd + M * prep.xd_row;
+          j.packed.xq = prep.xq;
+          j.packed.xd = prep.xd;
+          j.packed_xq_row = prep.xq_row;
+          j.packed_xd_row = prep.xd_row;
+        } else {  // xs [M * xs_row], then xg [M * G]
+          prep.xs_row = pw.chunks * PiecesPerChunk(static_cast<int>(pw.bits));
+          packed_x.resize(std::max(packed_x.size(), static_cast<size_t>(M * (prep.xs_row + pw.G))));
+          prep.xs = packed_x.data();
+          prep.xg = prep.xs + M * prep.xs_row;
+          j.packed.xs = prep.xs;
+          j.packed_xs_row = prep.xs_row;
+        }
+        j.packed.xg = prep.xg;
+        j.packed.xg_stride = pw.G;
+        if (j.row_ptr != nullptr && M >= kTransposeMinRows) {
+          xt.resize(std::max(xt.size(), static_cast<size_t>(K * M)));
+          prep.xt = xt.data();
+          j.xt = prep.xt;
+        }
+        if (slice_rows.size() == 1) {
+          PackedPrepTask(&prep, 0);
+        } else {
+          ctx.ParallelFor(&PackedPrepTask, slice_rows.size(), 0, &prep);
+        }
+        j.packed_rows = std::move(slice_rows);
+        j.packed_fns = std::move(slice_fns);
+        j.packed.w = &pw;
+        j.outlier_rows = isa.outlier_rows;
+        j.halves_to_floats = isa.halves_to_floats;
+        j.packed_task_blocks = kPackTaskBlocks;
+        if (j.packed_rows.size() > 1) {  // several slices: bigger tasks (at least 8 of them)
+          const int64_t block_bytes = pw.chunks * (int8_ ? 4 : pw.bits) * kPackRows * 4;
+          j.packed_task_blocks = std::clamp(std::min(kPackTaskBytes / block_bytes, (pw.blocks + 7) / 8), kPackTaskBlocks,
+                                            kPackTaskMaxBlocks);
+        }
+        const int64_t tasks = (pw.blocks + j.packed_task_blocks - 1) / j.packed_task_blocks;
+        ctx.ParallelFor(&PackedTask, static_cast<size_t>(tasks), 0, &j);
+        return;
+      }
+      if (M >= kGemmMinRows) {
+        ctx.ParallelFor(&TileTask, static_cast<size_t>((a.N + kGemvRows - 1) / kGemvRows), 0, &j);
+        return;
+      }
+      if (gemv) {
+        ctx.ParallelFor(&GemvTask, static_cast<size_t>((a.N + kGemvRows - 1) / kGemvRows), 0, &j);
+        return;
+      }
+      // ~64 rows of work per task for GEMV-sized calls, fewer rows when each row serves many X rows.
+      // (a multiple of kRowBlock).
+      const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(64, a.N / 64) / std::max<int64_t>(1, M / 8));
+      j.rows_per_task = (rows + kRowBlock - 1) / kRowBlock * kRowBlock;
+      const int64_t tasks = (a.N + j.rows_per_task - 1) / j.rows_per_task;
+      ctx.ParallelFor(&RowBlockTask, static_cast<size_t>(tasks), 0, &j);
+    };
+    if (a.activation == spqr::kActivationNone) {
+      run(y_f32, y_f16);
       return;
     }
-    if (M >= kGemmMinRows) {
-      ctx.ParallelFor(&TileTask, static_cast<size_t>((a.N + kGemvRows - 1) / kGemvRows), 0, &j);
-      return;
+    run(half_x ? nullptr : z_f32.data(), half_x ? z_f16.data() : nullptr);
+    ActivationJob act{a.N, half_x ? nullptr : z_f32.data(), half_x ? z_f16.data() : nullptr, y_f32, y_f16, M};
+    const int64_t tasks = (M + kActivationRows - 1) / kActivationRows;
+    if (tasks == 1) {
+      ActivationTask(&act, 0);
+    } else {
+      ctx.ParallelFor(&ActivationTask, static_cast<size_t>(tasks), 0, &act);
     }
-    if (gemv) {
-      ctx.ParallelFor(&GemvTask, static_cast<size_t>((a.N + kGemvRows - 1) / kGemvRows), 0, &j);
-      return;
-    }
-    // ~64 rows of work per task for GEMV-sized calls, fewer rows when each row serves many X rows.
-    // (a multiple of kRowBlock).
-    const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(64, a.N / 64) / std::max<int64_t>(1, M / 8));
-    j.rows_per_task = (rows + kRowBlock - 1) / kRowBlock * kRowBlock;
-    const int64_t tasks = (a.N + j.rows_per_task - 1) / j.rows_per_task;
-    ctx.ParallelFor(&RowBlockTask, static_cast<size_t>(tasks), 0, &j);
   }
 
  private:

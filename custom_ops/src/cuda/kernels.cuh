@@ -2,7 +2,8 @@
 // its checks use) and one launch function per kernel file. Plain host C++ plus cudaStream_t.
 // - decode_gemv.cu: the decode GEMV (M <= kGemvMaxRows, group_size 16 or a multiple of 32), a lane per 32-code chunk;
 // - prefill.cu: the tensor-core prefill (fp16 X, M >= kPrefillMinRows), X permuted once into scratch;
-// - generic_rows.cu: everything else (fp32 X with M > 8, other group sizes), one warp per output row.
+// - generic_rows.cu: everything else (fp32 X with M > 8, other group sizes), one warp per output row;
+// - activation.cu: the `activation` attribute's epilogue, after any of them.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -74,6 +75,10 @@ inline bool UsesPrefill(const SpQRMatMulArgs& a) {
 // Enqueues the prefill kernel for `a` with its large tile (PrefillLarge) or its small one, after permuting X's
 // columns into a.scratch when perm is present. Returns a cudaError_t value (cudaErrorInvalidValue: no scratch).
 int LaunchPrefill(const SpQRMatMulArgs& a, bool large_tile, cudaStream_t s);
+
+// ---- activation epilogue (activation.cu) ----
+// Enqueues Y [M, N/2] = silu(Z[:, :N/2]) · Z[:, N/2:] for Z [M, N] (fp16 when `half`, else fp32).
+void LaunchSiluMul(const void* z, void* y, int64_t M, int64_t N, bool half, cudaStream_t s);
 
 }  // namespace Cuda
 }  // namespace qcompiler

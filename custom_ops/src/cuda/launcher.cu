@@ -76,18 +76,46 @@ bool PrefillUsesLargeTile(int64_t M, int64_t N, int sms) {
   return sms <= 0 || blocks >= sms;
 }
 
-size_t ScratchBytes(const SpQRMatMulArgs& args) {
+namespace {
+
+// Scratch bytes of the prefill's permuted X (0: none), and where the activation's Z starts (256-byte aligned).
+size_t PrefillScratchBytes(const SpQRMatMulArgs& args) {
   return UsesPrefill(args) && args.perm != nullptr ? static_cast<size_t>(args.M * args.K) * sizeof(uint16_t) : 0;
+}
+size_t ActivationScratchOffset(const SpQRMatMulArgs& args) { return (PrefillScratchBytes(args) + 255) / 256 * 256; }
+
+int LaunchProduct(const SpQRMatMulArgs& args, const env::CudaSwitches& switches, cudaStream_t s);
+
+}  // namespace
+
+size_t ScratchBytes(const SpQRMatMulArgs& args) {
+  if (args.activation == spqr::kActivationNone) return PrefillScratchBytes(args);
+  return ActivationScratchOffset(args) + static_cast<size_t>(args.M * args.N) * (args.x_is_half ? 2 : 4);
 }
 
 int LaunchSpQRMatMul(const SpQRMatMulArgs& args, const env::CudaSwitches& switches, void* stream) {
   if (args.M == 0 || args.N == 0) return static_cast<int>(cudaSuccess);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (args.activation == spqr::kActivationNone) return LaunchProduct(args, switches, s);
+  if (args.activation != spqr::kActivationSiluMul || args.N % 2 != 0 || args.scratch == nullptr) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  SpQRMatMulArgs product = args;  // Z [M, N] into scratch, then Y from it
+  product.y = static_cast<char*>(args.scratch) + ActivationScratchOffset(args);
+  const int err = LaunchProduct(product, switches, s);
+  if (err != 0) return err;
+  LaunchSiluMul(product.y, args.y, args.M, args.N, args.x_is_half, s);
+  return static_cast<int>(cudaGetLastError());
+}
+
+namespace {
+
+int LaunchProduct(const SpQRMatMulArgs& args, const env::CudaSwitches& switches, cudaStream_t s) {
   // the kernels divide in 32 bits (Div); the decode GEMV counts columns in int up to a slab past K
   constexpr int64_t kMax32 = (int64_t{1} << 31) - 1;
   if (args.K + kSlab > kMax32 || args.N + 32 > kMax32 || args.M * args.K > (int64_t{1} << 40)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
   // the decode GEMV: its group sizes, and statistics arrays it can index with 32-bit offsets (GroupStatsRows)
   const int64_t groups = (args.K + args.group_size - 1) / args.group_size;
   const int64_t stat_bytes = groups * (args.stat_bits ? spqr::PackedRowBytes(args.N, args.stat_bits) : args.N * 2);
@@ -111,6 +139,8 @@ int LaunchSpQRMatMul(const SpQRMatMulArgs& args, const env::CudaSwitches& switch
   }
   return static_cast<int>(cudaGetLastError());
 }
+
+}  // namespace
 
 const char* CudaErrorString(int error) { return cudaGetErrorString(static_cast<cudaError_t>(error)); }
 

@@ -81,6 +81,7 @@ struct SpQRMatMulCudaKernel : spqr::KernelBase<SpQRMatMulCudaKernel> {
     args.perm = b.in[spqr::kPerm].as<int32_t>();
     args.bias = b.in[spqr::kBias].data;
     args.bias_is_half = b.in[spqr::kBias].type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    args.activation = a.activation;
     args.y = y.GetTensorMutableRawData();
     const Scratch scratch(context, ctx.GetInput(spqr::kX).GetTensorMemoryInfo().GetDeviceId(), ScratchBytes(args));
     args.scratch = scratch.data();

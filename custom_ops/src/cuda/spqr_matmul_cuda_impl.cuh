@@ -31,13 +31,14 @@ struct SpQRMatMulArgs {
   const int32_t* perm = nullptr;      // [K]
   const void* bias = nullptr;         // [N] float or half
   bool bias_is_half = false;
-  void* y = nullptr;  // [M, N], same type as x
+  int activation = 0;  // spqr::kActivation*: none, or silu_mul (Y [M, N/2] from the product Z [M, N] in scratch)
+  void* y = nullptr;  // [M, N] (with an activation [M, N/2]), same type as x
   void* scratch = nullptr;  // ScratchBytes(*this) bytes of device memory when that is not 0 (X's columns in stored
-                            // order for the prefill kernel)
+                            // order for the prefill kernel; then, 256-byte aligned, Z with an activation)
 };
 
-// Device memory LaunchSpQRMatMul needs in `args.scratch` (0: none). Only X's type, M, K, group_size and whether perm
-// is present matter.
+// Device memory LaunchSpQRMatMul needs in `args.scratch` (0: none). Only X's type, M, K, N, group_size, activation
+// and whether perm is present matter.
 size_t ScratchBytes(const SpQRMatMulArgs& args);
 
 // Enqueues Y = X * W^T + bias on `stream` (a cudaStream_t), with the launch choices `switches` force (read once by

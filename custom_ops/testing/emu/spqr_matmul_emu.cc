@@ -46,11 +46,11 @@ __attribute__((visibility("default"))) int qc_emu_spqr_matmul(
     int64_t M, int64_t K, int64_t N, int bits, int64_t group_size, int stat_bits, int64_t stat_group_size,
     const void* x, int x_is_half, const uint8_t* qweight, const void* scales, const void* zeros,
     const uint16_t* stats2, const int32_t* row_ptr, const uint16_t* col_idx, const uint16_t* values,
-    const int32_t* perm, const void* bias, int bias_is_half, void* y, unsigned seed, char* message,
+    const int32_t* perm, const void* bias, int bias_is_half, int activation, void* y, unsigned seed, char* message,
     size_t message_bytes) {
   qcompiler::Cuda::SpQRMatMulArgs a =
       qcompiler::Cuda::MakeArgs(M, K, N, bits, group_size, stat_bits, stat_group_size, x, x_is_half, qweight, scales,
-                                zeros, stats2, row_ptr, col_idx, values, perm, bias, bias_is_half, y);
+                                zeros, stats2, row_ptr, col_idx, values, perm, bias, bias_is_half, activation, y);
   qcompiler::emu::ScheduleSeed() = seed;
   const size_t scratch_bytes = qcompiler::Cuda::ScratchBytes(a);
   a.scratch = scratch_bytes ? qc_emu_alloc(scratch_bytes) : nullptr;  // as ORT's allocator would, after the output
