@@ -1,6 +1,8 @@
 // SiluMulRows (activation.h): one loop the compiler vectorizes, cloned per x86 ISA (ifunc dispatch at load time).
 #include "cpu/activation.h"
 
+#include "cpu/clones.h"
+
 #include <cmath>
 #include <cstring>
 
@@ -9,13 +11,14 @@ namespace Cpu {
 namespace {
 
 // e^t for t clamped to [−87.3, 88.7] (beyond: 0 and +inf follow from the clamp and the division below), written
-// without branches or libm calls so that it vectorizes: t = n·ln2 + r with |r| ≤ ln2/2 (ln2 in two parts, Cody-Waite),
+// without branches or libm calls so that it vectorizes: t = n·ln2 + r with |r| ≲ ln2/2 (ln2 in two parts, Cody-Waite),
 // e^r by the Cephes expf polynomial, 2^n by the exponent bits.
-inline float ExpBranchFree(float t) {
+QC_CLONE_INLINE float ExpBranchFree(float t) {
   t = t == t ? t : 0.0f;  // NaN (its product stays NaN through x): no float → int conversion of NaN below
   t = t < -87.3f ? -87.3f : t;
   t = t > 88.7f ? 88.7f : t;
-  const float n = std::floor(t * 1.44269504088896341f + 0.5f);
+  constexpr float kRound = 12582912.0f;  // 1.5 · 2^23: adding and subtracting it rounds to an integer (|t·log2e| < 2^22)
+  const float n = (t * 1.44269504088896341f + kRound) - kRound;
   const float r = (t - n * 0.693359375f) - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -25,8 +28,8 @@ inline float ExpBranchFree(float t) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   // n in [−126, 128]: 2^n as two factors so that n = 128 (t near 88.7) stays finite in each
-  const int32_t half = static_cast<int32_t>(n) / 2;
-  const int32_t bits_a = (half + 127) << 23, bits_b = (static_cast<int32_t>(n) - half + 127) << 23;
+  const int32_t ni = static_cast<int32_t>(n), half = ni >> 1;
+  const int32_t bits_a = (half + 127) << 23, bits_b = (ni - half + 127) << 23;
   float a, b;
   std::memcpy(&a, &bits_a, 4);
   std::memcpy(&b, &bits_b, 4);
@@ -35,10 +38,7 @@ inline float ExpBranchFree(float t) {
 
 }  // namespace
 
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-#endif
-void SiluMulRows(const float* z, int64_t rows, int64_t n, float* y) {
+QC_X86_CLONES void SiluMulRows(const float* z, int64_t rows, int64_t n, float* y) {
   const int64_t h = n / 2;
   for (int64_t r = 0; r < rows; ++r) {
     const float* g = z + r * n;

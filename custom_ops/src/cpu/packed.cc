@@ -1,6 +1,8 @@
 // Packing of the decode path's weights (layout in packed.h); portable C++, run once per session.
 #include "cpu/packed.h"
 
+#include "cpu/clones.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -54,10 +56,11 @@ void PackNibbles(const spqr::Attributes& a, const uint8_t* qweight, PackedWeight
 }
 
 // xg[g] = sum of x over group g (the zero-point term of both packed kernels).
-void GroupSums(const PackedWeights& w, const float* x, float* xg) {
+QC_CLONE_INLINE void GroupSums(const PackedWeights& w, const float* x, float* xg) {
   for (int64_t g = 0; g < w.G; ++g) {
     float sum = 0.f;
-    for (int64_t k = g * w.group_size, end = std::min(w.K, k + w.group_size); k < end; ++k) sum += x[k];
+    const int64_t begin = g * w.group_size, end = begin + w.group_size < w.K ? begin + w.group_size : w.K;
+    for (int64_t k = begin; k < end; ++k) sum += x[k];
     xg[g] = sum;
   }
 }
@@ -174,8 +177,8 @@ PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void
   return w;
 }
 
-void PackedGemvInputs(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, float* xs, float* xg,
-                      int64_t xg_stride) {
+QC_X86_CLONES void PackedGemvInputs(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, float* xs,
+                                    float* xg, int64_t xg_stride) {
   const int bits = static_cast<int>(w.bits), P = PiecesPerChunk(bits);
   float factor[34];
   int code[34];
@@ -193,27 +196,38 @@ void PackedGemvInputs(const PackedWeights& w, const float* x, int64_t xstride, i
   for (int64_t m = 0; m < mm; ++m) GroupSums(w, x + m * xstride, xg + m * xg_stride);
 }
 
-void PackedGemvInt8Inputs(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, int32_t* xq, float* xd,
-                          float* xg, int64_t xg_stride) {
-  const int64_t H = XScalesPerChunk(w), span = spqr::kChunk / H;  // scales per chunk, columns per scale
+namespace {
+
+// One chunk's SPAN-column pieces → int8 codes and their scales (the loops in a shape the compiler vectorizes: the
+// max as a halving tree of element-wise maxima, exact in any order; the rounding by nearbyint, which clones with
+// SSE4.1 and later do in one instruction, round half to even as the scalar build does).
+template <int SPAN>
+QC_CLONE_INLINE void QuantizeChunk(const float* xs, int8_t* q, float* scales, int64_t scale_stride) {
+  constexpr int H = spqr::kChunk / SPAN;
+  for (int h = 0; h < H; ++h) {
+    float t[SPAN];
+    for (int k = 0; k < SPAN; ++k) t[k] = std::fabs(xs[h * SPAN + k]);
+    for (int s = SPAN / 2; s > 0; s /= 2)
+      for (int k = 0; k < s; ++k) t[k] = t[k] > t[k + s] ? t[k] : t[k + s];
+    const float amax = t[0];
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    scales[h * scale_stride] = amax / 127.f;
+    for (int k = 0; k < SPAN; ++k) {  // |x · inv| <= 127 (+ an ulp): the clamp only trims that ulp
+      const float r = std::nearbyint(xs[h * SPAN + k] * inv);
+      q[h * SPAN + k] = static_cast<int8_t>(r < -127.f ? -127.f : (r > 127.f ? 127.f : r));
+    }
+  }
+}
+
+template <int SPAN>
+QC_CLONE_INLINE void Int8Inputs(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, int32_t* xq, float* xd,
+                       float* xg, int64_t xg_stride) {
+  constexpr int64_t H = spqr::kChunk / SPAN;
   for (int64_t m = 0; m < mm; ++m) {
     const float* xr = x + m * xstride;  // zero past K up to whole chunks
     for (int64_t c = 0; c < w.chunks; ++c) {
       int8_t q[spqr::kChunk];
-      for (int64_t h = 0; h < H; ++h) {
-        const float* xs = xr + c * spqr::kChunk + h * span;
-        float amax = 0.f;
-        for (int64_t k = 0; k < span; ++k) amax = std::max(amax, std::fabs(xs[k]));
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        xd[(c * H + h) * mm + m] = amax / 127.f;
-        // round half to even (as nearbyint in the default mode) by the 1.5 * 2^23 trick, which compilers vectorize
-        // (nearbyint is a libm call per value without SSE4.1): |x * inv| <= 127 (+ an ulp), far below 2^22
-        for (int64_t k = 0; k < span; ++k) {
-          constexpr float kMagic = 12582912.0f;
-          const float r = (xs[k] * inv + kMagic) - kMagic;
-          q[h * span + k] = static_cast<int8_t>(std::clamp(r, -127.f, 127.f));
-        }
-      }
+      QuantizeChunk<SPAN>(xr + c * spqr::kChunk, q, xd + c * H * mm + m, mm);
       for (int j = 0; j < 8; ++j) {
         int32_t word;
         std::memcpy(&word, q + 4 * j, 4);  // little-endian: column 4j + b in byte b
@@ -221,6 +235,17 @@ void PackedGemvInt8Inputs(const PackedWeights& w, const float* x, int64_t xstrid
       }
     }
     GroupSums(w, xr, xg + m * xg_stride);
+  }
+}
+
+}  // namespace
+
+QC_X86_CLONES void PackedGemvInt8Inputs(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm,
+                                        int32_t* xq, float* xd, float* xg, int64_t xg_stride) {
+  if (XScalesPerChunk(w) == 2) {
+    Int8Inputs<16>(w, x, xstride, mm, xq, xd, xg, xg_stride);
+  } else {
+    Int8Inputs<32>(w, x, xstride, mm, xq, xd, xg, xg_stride);
   }
 }
 

@@ -13,6 +13,7 @@
 // - GEMM (prefill): each task decodes a tile of kNr rows of W once, transposed to [K, kNr], and multiplies it with
 //   all of X by a kMr x kNr register-blocked micro-kernel (X values broadcast, W rows as vectors), K in blocks of
 //   kKc so the tile block stays in L1; partial sums live in an [M, kNr] fp32 buffer of the task.
+#include "cpu/clones.h"
 #include "cpu/cpu_job.h"
 #include "cpu/cpu_kernels.h"
 
@@ -469,13 +470,22 @@ void GemvTask(void* user, size_t task) {
 }
 
 // Rows [m0, m1) of X -> fp32 in stored column order (lane order for the portable GEMV), zero past K.
-void ConvertXRows(const void* x, bool half_x, const int32_t* perm, int64_t K, int64_t xstride, bool lane_x,
-                  float* xp, int64_t m0, int64_t m1) {
+QC_X86_CLONES void ConvertXRows(const void* x, bool half_x, const int32_t* perm, int64_t K, int64_t xstride,
+                                bool lane_x, float* xp, int64_t m0, int64_t m1) {
   const float* xf = static_cast<const float*>(x);
   const uint16_t* xh = static_cast<const uint16_t*>(x);
   for (int64_t m = m0; m < m1; ++m) {
     float* dst = xp + m * xstride;
     std::fill(dst + (K & ~int64_t{7}), dst + xstride, 0.f);  // padding past K (lane order stays within 8)
+    if (!half_x && !lane_x) {  // the packed paths' case, as loops the clones vectorize (a gather with perm)
+      const float* row = xf + m * K;
+      if (perm != nullptr) {
+        for (int64_t k = 0; k < K; ++k) dst[k] = row[perm[k]];
+      } else {
+        std::copy(row, row + K, dst);
+      }
+      continue;
+    }
     for (int64_t k = 0; k < K; ++k) {
       const int64_t src = m * K + (perm ? perm[k] : k);
       dst[lane_x ? LanePos(k) : k] = half_x ? HalfToFloat(xh[src]) : xf[src];
