@@ -6,7 +6,7 @@
 #   bash examples/smollm2.sh                                   # spqr, near-lossless preset (the default; int8
 #                                                              # activations in ONNX Runtime: its perplexity ~0.3 %
 #                                                              # above PyTorch's; add --accuracy-level 0 for fp32)
-#   bash examples/smollm2.sh spqr --preset sub4                # SpQR 3-bit
+#   bash examples/smollm2.sh spqr --preset sub4                # SpQR 3-bit (int8 activations too, ~0.3 %)
 #   bash examples/smollm2.sh gptq --bits 3 --group-size 64
 #   bash examples/smollm2.sh rtn --bits 4 --group-size 16
 # Environment: NSAMPLES × CALIB_SEQLEN calibration tokens (default 32 × 512: minutes on 2 cores; the references use

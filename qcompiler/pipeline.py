@@ -70,7 +70,7 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
     method_cls = get_method(method)
     config = method_cls.Config(**method_options)
     if accuracy_level is None:
-        accuracy_level = method_cls.default_accuracy_level(config)
+        accuracy_level = method_cls.default_accuracy_level(config, lm_head=lm_head is not None)
     tolerance = validation.Tolerance.for_export(dtype, atol=atol, rtol=rtol, transforms=method_cls.learns_transforms)
     if lm_head is not None and method_cls.learns_transforms:
         raise QCompilerError("--lm-head is not supported with transform methods (affinequant): the export rebuilds "

@@ -105,8 +105,8 @@ def test_spqr_export_runs_qkv_and_gate_up_as_one_node_each(tiny_export, text_fil
     from qcompiler.runtime.evaluate import torch_model_from_folder
     from tests.test_gqa import PROMPT, STEPS, _stepped_logits
 
-    folder = tiny_export("llama", "spqr", "--preset", "sub4", "--nsamples", "4", "--seqlen", "32", "--calibration",
-                         str(text_file))
+    folder = tiny_export("llama", "spqr", "--preset", "sub4", "--accuracy-level", "0", "--nsamples", "4", "--seqlen",
+                         "32", "--calibration", str(text_file))
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
     spqr = [n for n in graph.node if n.op_type == "SpQRMatMul"]
     assert [n.name for n in spqr[:4]] == ["model.layers.0.self_attn.q_proj+k_proj+v_proj/SpQRMatMul",

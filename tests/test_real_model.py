@@ -63,7 +63,8 @@ pytestmark = pytest.mark.skipif(
 # the exports: name → `qcompiler export` flags
 EXPORTS = {
     "rtn": ["--method", "rtn", "--bits", "3", "--group-size", "16"],
-    "spqr": ["--method", "spqr", "--preset", "sub4", "--nsamples", "8", "--seqlen", "256", "--seed", "0"],
+    "spqr": ["--method", "spqr", "--preset", "sub4", "--accuracy-level", "0", "--nsamples", "8", "--seqlen", "256",
+             "--seed", "0"],
 }
 EXPORT_THREADS = 1  # torch threads of each export process
 SEQLEN, WINDOWS = 512, 4

@@ -62,13 +62,17 @@ def test_measured_defaults_per_method():
 
     spqr = get_method("spqr")
     assert spqr.default_accuracy_level(spqr.Config()) == 4
-    assert spqr.default_accuracy_level(spqr.Config(**spqr.presets["sub4"])) == 0
+    assert spqr.default_accuracy_level(spqr.Config(), lm_head=True) == 4
+    sub4 = spqr.Config(**spqr.presets["sub4"])
+    assert spqr.default_accuracy_level(sub4) == 4 and spqr.default_accuracy_level(sub4, lm_head=True) == 0
+    assert spqr.default_accuracy_level(spqr.Config(bits=2)) == 0
     for name in ("rtn", "gptq", "affinequant", "affinequant+spqr"):
         method = get_method(name)
         assert method.default_accuracy_level(method.Config()) == 0, name
 
 
-@pytest.mark.parametrize("flags,level", [((), 4), (("--preset", "sub4"), 0), (("--accuracy-level", "0"), 0)])
+@pytest.mark.parametrize("flags,level", [((), 4), (("--preset", "sub4"), 4), (("--preset", "sub4", "--lm-head", "rtn"), 0),
+                                         (("--accuracy-level", "0"), 0)])
 def test_spqr_export_default_accuracy_level(flags, level, tiny_dirs, text_file, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["export", str(tiny_dirs("llama")), "--method", "spqr", *flags, "--nsamples", "4", "--seqlen", "32",

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/spqr_op.h"
+#include "cpu/clones.h"
 #include "cpu/gemv_avx512.h"
 #include "cpu/packed.h"
 
@@ -32,12 +33,6 @@ inline float HalfToFloat(uint16_t bits) {
 #endif
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// A second copy compiled for AVX2 + FMA, picked at load time on CPUs that have them (GCC function multiversioning).
-#define SPQR_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define SPQR_CPU_CLONES
-#endif
 
 // Rows of W decoded together; each X row is loaded once per block and multiplied with all of them.
 constexpr int kRowBlock = 4;

@@ -11,7 +11,7 @@ namespace Cpu {
 namespace {
 
 // y[i] += a * x[i], i < n.
-SPQR_CPU_CLONES void Axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
+QC_X86_CLONES void Axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 

@@ -96,7 +96,7 @@ inline V8 Load8(const float* p) {
 }
 
 // out[r] = dot(w + r*K, x) for r < kRowBlock: 8 lanes per row, each x vector loaded once for all rows.
-SPQR_CPU_CLONES
+QC_X86_CLONES
 void DotRows(const float* __restrict w, const float* __restrict x, int64_t K, float* __restrict out) {
   V8 acc[kRowBlock] = {};
   int64_t i = 0;
@@ -113,7 +113,7 @@ void DotRows(const float* __restrict w, const float* __restrict x, int64_t K, fl
 }
 
 // c[i, 0:kNr] += sum_{k < kc} x[i][k] * wt[k, 0:kNr] for i < kMr (x[i] points at row i's first column of the block).
-SPQR_CPU_CLONES
+QC_X86_CLONES
 void MicroKernel(const float* const* __restrict x, const float* __restrict wt, int64_t kc, float* __restrict c) {
   V8 acc[kMr][2];
   for (int i = 0; i < kMr; ++i) {
@@ -163,7 +163,7 @@ void RowStats(const Job& j, int64_t n, float* s, float* z) {
 
 // Decoded row n of W in stored column order from its first-level statistics s, z [G], outliers included:
 // w[k] = s_g * (q_k - z_g) (+ delta).
-SPQR_CPU_CLONES void DecodeRowWithStats(const Job& j, int64_t n, const float* s, const float* z, float* w,
+QC_X86_CLONES void DecodeRowWithStats(const Job& j, int64_t n, const float* s, const float* z, float* w,
                                         uint8_t* codes) {
   const Attributes& a = j.a;
   const int bits = static_cast<int>(a.bits);
@@ -226,7 +226,7 @@ inline bool StatsDecodedEightRowsAtOnce(const Attributes& a) {
 
 // BlockStats for quantized statistics with stat_group_size % 8 == 0: 8 rows per vector, in lane order.
 template <int SB>
-SPQR_CPU_CLONES void BlockStatsLanes(const Job& j, int64_t n0, int64_t g0, int64_t g1, float* s, float* z) {
+QC_X86_CLONES void BlockStatsLanes(const Job& j, int64_t n0, int64_t g0, int64_t g1, float* s, float* z) {
   const int64_t bg = g1 - g0;
   const Attributes& a = j.a;
   const int64_t row_bytes = spqr::PackedRowBytes(a.N, SB);
@@ -300,7 +300,7 @@ void BlockStats(const Job& j, int64_t n0, int64_t g0, int64_t g1, float* s, floa
 
 // y[m] += sum over groups [g0, g1) of s_g * sum_k (q_k - z_g) * x[m, k] for one packed row, MM rows of X.
 template <int BITS, int MM>
-SPQR_CPU_CLONES void GemvRow(const Job& j, const uint8_t* qrow, int64_t g0, int64_t g1, const float* s,
+QC_X86_CLONES void GemvRow(const Job& j, const uint8_t* qrow, int64_t g0, int64_t g1, const float* s,
                              const float* z, float* y) {
   const int64_t lanes_per_group = j.a.group_size / 8;
   const int64_t n_lanes = (j.a.K + 7) / 8;
@@ -345,7 +345,7 @@ GemvRowFn GemvRowFor(int64_t bits, int64_t M) {
 
 // sum of row n's outliers times x (x in the GEMV path's order, see Job::lane_x).
 // Four independent chains: one would wait an FMA latency per outlier (~40 outliers per row at SpQR's 1 %).
-SPQR_CPU_CLONES float OutlierDot(const Job& j, int64_t n, const float* x) {
+QC_X86_CLONES float OutlierDot(const Job& j, int64_t n, const float* x) {
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   const auto term = [&](int32_t p) {
     const int64_t k = j.col_idx[p];

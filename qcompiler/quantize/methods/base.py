@@ -68,9 +68,10 @@ class Method(abc.ABC):
         self.config = config if config is not None else self.Config()
 
     @classmethod
-    def default_accuracy_level(cls, config: Any) -> int:
-        """`accuracy_level` of an export with `config` when `--accuracy-level` is not given: 4 (int8 activations in
-        the CPU kernel) only where its perplexity cost was measured at ≤ 0.5 %, else 0 (fp32 activations)."""
+    def default_accuracy_level(cls, config: Any, *, lm_head: bool = False) -> int:
+        """`accuracy_level` of an export with `config` (and a quantized lm_head where `lm_head`) when
+        `--accuracy-level` is not given: 4 (int8 activations in the CPU kernel) only where its perplexity cost was
+        measured at ≤ 0.5 %, else 0 (fp32 activations)."""
         return 0
 
     @abc.abstractmethod

@@ -442,12 +442,14 @@ class SpQR(Method):
     }
 
     @classmethod
-    def default_accuracy_level(cls, config: SpQRConfig) -> int:
+    def default_accuracy_level(cls, config: SpQRConfig, *, lm_head: bool = False) -> int:
         # SmolLM2-135M, WikiText-2 40 × 512 (bench/results/peers-2026-12-06-int8x16.md, int8 X per 16 columns):
         # 4-bit codes (near-lossless) cost +0.32 % with the fp32 lm_head and +0.48 % with the 4-bit one. 3-bit codes
         # (sub4): +0.34 % with the fp32 lm_head (bench/results/quality-2026-12-06-int8x16.md) but +0.62 % with the
-        # 4-bit one; kept at fp32 activations for now (the tests' 3-bit exports assume them; docs/kernels.md)
-        return 4 if config.bits >= 4 else 0
+        # 4-bit one (peers-2026-12-06-int8x16.md); 2-bit codes: not measured
+        if config.bits >= 4:
+            return 4
+        return 4 if config.bits == 3 and not lm_head else 0
 
     def quantize(
         self,
