@@ -840,6 +840,22 @@ def summarize(row: dict, threads: int) -> dict[str, Optional[float]]:
     return {"prefill": median([r["prefill_tok_s"] for r in runs]), "decode": median([r["decode_tok_s"] for r in runs])}
 
 
+def paired_ratio(row: dict, ref_row: Optional[dict], threads: int) -> Optional[tuple[float, float, float]]:
+    """Decode tok/s of `row` over `ref_row`'s, round by round (both measured within the same round, seconds apart, so
+    the machine's drift over minutes cancels): (median, lower quartile, upper quartile) of the per-round ratios;
+    None unless both rows have every round."""
+    runs = row.get("speed", {}).get(str(threads), [])
+    refs = (ref_row or {}).get("speed", {}).get(str(threads), [])
+    if not runs or len(runs) != len(refs):
+        return None
+    ratios = sorted(a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(runs, refs)
+                    if a.get("decode_tok_s") and b.get("decode_tok_s"))
+    if len(ratios) != len(runs):
+        return None
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+    return statistics.median(ratios), q[0], q[2]
+
+
 def render_table(result: dict) -> str:
     """The markdown report of a `result` (the .json's content)."""
     rows, threads = result["rows"], result["threads"]
@@ -871,12 +887,12 @@ def render_table(result: dict) -> str:
         "| model | built from / how | bits/param (decoder linears; all) | file MB | ppl | "
         + " | ".join(f"prefill tok/s {t} | decode tok/s {t}" for t in t_names)
         + f" | decode vs {GENAI_REF} ({', '.join(t_names)}) | decode vs {LLAMACPP_REF} ({', '.join(t_names)}) "
-        "| memory MB |",
-        "|---|---|--:|--:|--:|" + "--:|--:|" * len(threads) + "--:|--:|--:|",
+        + f"| decode vs {GENAI_REF}, paired by round ({', '.join(t_names)}) | memory MB |",
+        "|---|---|--:|--:|--:|" + "--:|--:|" * len(threads) + "--:|--:|--:|--:|",
     ]
     for r in rows:
         if r.get("missing"):
-            lines.append(f"| {r['label']} | {r['how']} | missing: {r['missing']} |" + " |" * (5 + 2 * len(threads)))
+            lines.append(f"| {r['label']} | {r['how']} | missing: {r['missing']} |" + " |" * (6 + 2 * len(threads)))
             continue
         bits = (f"{_fmt(r.get('bits_linears'), '.2f')}; {_fmt(r.get('bits_all'), '.2f')}")
         p = r.get("ppl")
@@ -894,13 +910,16 @@ def render_table(result: dict) -> str:
         vs = [", ".join(_fmt(ratio(decode[t], ref[name].get(t)), ".2f") + "×" if ratio(decode[t], ref[name].get(t))
                         else "—" for t in threads) for name in (GENAI_REF, LLAMACPP_REF)]
         vs = ["—" if set(v.split(", ")) == {"—"} else v for v in vs]
+        paired = [paired_ratio(r, by_label.get(GENAI_REF), t) for t in threads]
+        paired_cell = "—" if all(p is None for p in paired) else "; ".join(
+            "—" if p is None else f"{p[0]:.2f}× [{p[1]:.2f}–{p[2]:.2f}]" for p in paired)
         mems = [m["mem_mb"] for runs in r.get("speed", {}).values() for m in runs if m.get("mem_mb") is not None]
         mem = f"{max(mems):.0f}" + (" ᴿ" if r["kind"] == "llamacpp" else " ᴳ") if mems else "—"
         if r.get("speed_error"):
             speed = [f"failed: {r['speed_error']}"] + [""] * (len(speed) - 1)
         how = r["how"] + (f" — stored: {gguf_types_text(r)}" if gguf_types_text(r) else "")
         lines.append(f"| {r['label']} | {how} | {bits} | {r.get('file_mb', 0):.1f} | {ppl_cell} | "
-                     + " | ".join(speed) + f" | {vs[0]} | {vs[1]} | {mem} |")
+                     + " | ".join(speed) + f" | {vs[0]} | {vs[1]} | {paired_cell} | {mem} |")
     no_repack = [r["label"] for r in rows for runs in r.get("speed", {}).values() for m in runs
                  if m.get("repack") is False]
     notes = list(result.get("notes", []))
@@ -939,6 +958,10 @@ NOTES = [
     "process gains one thread per extra intra-op thread, `threads_after` in the .json). llama.cpp: "
     "`llama-bench -p 64 -n 64 -r 1` (its own warm-up), `avg_ts` of the pp64 and tg64 tests; its tg test decodes "
     "from an empty context, ours after the 64-token prompt.",
+    "decode vs …: the ratio of the rows' median decode speeds; paired by round: the median (and the quartiles, in "
+    "brackets) of the per-round ratios, each row against the reference measured in the same round seconds apart, "
+    "which cancels the machine's drift over minutes that moves both medians (this VM's speed swings by up to 2× "
+    "within a run at times).",
     "GGUF types: the K-quants and IQ4_XS need rows of multiples of 256; this model's 576-wide rows (every linear "
     "but ffn_down, whose rows are 1536 wide) fall back to a legacy type (llama-quantize's warning: Q4_K → q5_0, "
     "IQ4_XS → iq4_nl, ...). The how column lists the types the file really holds.",

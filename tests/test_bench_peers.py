@@ -138,7 +138,7 @@ def test_render_table_medians_ratios_and_missing_rows():
              "speed": {"1": _run([30.0, 10.0, 20.0], mem=120.0), "2": _run([40.0, 40.0, 60.0], mem=130.0)}},
             {"label": "genai-int4-acc4", "kind": "genai", "how": "genai", "bits_linears": 5.0, "bits_all": 8.0,
              "file_mb": 100.0, "ppl": {"ppl": 18.0, "protocol": "ORT"},
-             "speed": {"1": _run([10.0, 10.0, 10.0]), "2": _run([20.0, 20.0, 20.0])}},
+             "speed": {"1": _run([15.0, 5.0, 10.0]), "2": _run([20.0, 20.0, 20.0])}},
             {"label": "llama.cpp-Q4_K_M", "kind": "llamacpp", "how": "q", "bits_linears": 4.9, "bits_all": 5.5,
              "file_mb": 105.5, "ppl": {"ppl": 17.9, "protocol": "PyTorch fp32 (transformers-dequantized GGUF weights)"},
              "speed": {"1": _run([40.0, 40.0, 40.0], mem=200.0), "2": _run([80.0, 80.0, 80.0], mem=210.0)}},
@@ -152,15 +152,18 @@ def test_render_table_medians_ratios_and_missing_rows():
     header = next(ln for ln in text.splitlines() if ln.startswith("| model |"))
     cells = {ln.split(" | ")[0][2:]: [c.strip() for c in ln.strip("|").split("|")]
              for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith(("| model", "|---"))}
-    assert len(header.strip("|").split("|")) == len(cells["ours-spqr-w4"]) == 12
+    assert len(header.strip("|").split("|")) == len(cells["ours-spqr-w4"]) == 13
     ours = cells["ours-spqr-w4"]
     assert ours[2] == "4.63; 9.87" and ours[3] == "150.0" and ours[4] == "17.500"
     assert ours[5:9] == ["100.0", "20.0", "100.0", "40.0"]  # medians of [30, 10, 20] and [40, 40, 60]
     assert ours[9] == "2.00×, 2.00×" and ours[10] == "0.50×, 0.50×"  # 20/10, 40/20; 20/40, 40/80
-    assert ours[11] == "130 ᴳ"  # max over its runs, ONNX growth
-    assert cells["llama.cpp-Q4_K_M"][4] == "17.900 ⁽ᵗ⁾" and cells["llama.cpp-Q4_K_M"][11] == "210 ᴿ"
+    # paired by round: t1 30/15, 10/5, 20/10 (the drift both rows saw cancels), t2 40/20, 40/20, 60/20
+    assert ours[11] == "2.00× [2.00–2.00]; 2.00× [2.00–2.50]"
+    assert cells["genai-int4-acc4"][11] == "1.00× [1.00–1.00]; 1.00× [1.00–1.00]"
+    assert ours[12] == "130 ᴳ"  # max over its runs, ONNX growth
+    assert cells["llama.cpp-Q4_K_M"][4] == "17.900 ⁽ᵗ⁾" and cells["llama.cpp-Q4_K_M"][12] == "210 ᴿ"
     assert cells["llama.cpp-Q4_K_M"][10] == "1.00×, 1.00×"
-    assert cells["llama.cpp-IQ4_XS"][2] == "missing: no model-IQ4_XS.gguf" and len(cells["llama.cpp-IQ4_XS"]) == 12
+    assert cells["llama.cpp-IQ4_XS"][2] == "missing: no model-IQ4_XS.gguf" and len(cells["llama.cpp-IQ4_XS"]) == 13
     assert "- a run note" in text and "perplexity 12" in text
 
 
