@@ -64,8 +64,9 @@ struct Job {
   GemvRowAvx512Fn row512 = nullptr;  // GEMV rows by the AVX-512 kernel (xp in stored order), else portable
   // Packed path: X in slices of packed_rows[i] rows, each by packed_fns[i]; the kernels' per-call inputs
   // (args.y unset, xs / xg for all M rows).
-  std::vector<int64_t> packed_rows;
-  std::vector<PackedGemvFn> packed_fns;
+  const int64_t* packed_rows = nullptr;
+  const PackedGemvFn* packed_fns = nullptr;
+  size_t packed_slices = 0;
   int64_t packed_task_blocks = 0;
   int64_t packed_xs_row = 0;  // floats of the x table per row of X
   int64_t packed_xq_row = 0, packed_xd_row = 0;  // int8 path: words of xq / scales of xd per row of X

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -174,9 +175,85 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     }
   }
 
+  // The inputs of this call into `b`. When every input but X is an initializer (what exports write), the first call
+  // binds and checks them all (spqr::BindInputs) and keeps that binding; later calls take it (after checking that
+  // ORT hands over the same values) and bind only X, without the per-input shape queries and their allocations (a
+  // fixed cost per call that showed on small nodes). Anything unexpected takes the full binding, whose checks give
+  // the error messages.
+  void Bind(OrtKernelContext* context, BoundInputs& b) {
+    const OrtApi& api = Ort::GetApi();
+    if (bound_ready_.load(std::memory_order_acquire) && BindX(context, b)) return;
+    b = spqr::BindInputs(context, attrs_, x_type_, prefix_, /*host_data=*/true);
+    bool cacheable = true;
+    for (size_t i = 1; i < spqr::kNumInputs; ++i) cacheable &= !b.in[i].present() || constant_[i];
+    if (!cacheable) return;
+    std::call_once(bound_once_, [&] {
+      bound_ = b;
+      size_t count = 0;
+      Ort::ThrowOnError(api.KernelContext_GetInputCount(context, &count));
+      bound_count_ = count;
+      bound_ready_.store(true, std::memory_order_release);
+    });
+  }
+
+  // The fast binding (Bind): false when any constant input differs from the kept binding or X is not as expected.
+  bool BindX(OrtKernelContext* context, BoundInputs& b) {
+    const OrtApi& api = Ort::GetApi();
+    size_t count = 0;
+    Ort::ThrowOnError(api.KernelContext_GetInputCount(context, &count));
+    if (count != bound_count_) return false;
+    for (size_t i = 1; i < spqr::kNumInputs && i < count; ++i) {
+      const OrtValue* v = nullptr;
+      Ort::ThrowOnError(api.KernelContext_GetInput(context, i, &v));
+      if (v != bound_.in[i].value) return false;
+    }
+    const OrtValue* xv = nullptr;
+    Ort::ThrowOnError(api.KernelContext_GetInput(context, spqr::kX, &xv));
+    if (xv == nullptr) return false;
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    Ort::ThrowOnError(api.GetTensorTypeAndShape(xv, &info));
+    ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    size_t rank = 0;
+    OrtStatus* st = api.GetTensorElementType(info, &type);
+    if (st == nullptr) st = api.GetDimensionsCount(info, &rank);
+    spqr::TensorArg& x = b.in[spqr::kX];
+    if (st == nullptr) {
+      x.shape.resize(rank);
+      st = api.GetDimensions(info, x.shape.data(), rank);
+    }
+    api.ReleaseTensorTypeAndShapeInfo(info);
+    if (st != nullptr) {
+      api.ReleaseStatus(st);
+      return false;
+    }
+    const Attributes& a = attrs_;
+    if (type != x_type_ || rank == 0 || x.shape.back() != a.K) return false;
+    int64_t numel = 1;
+    for (int64_t d : x.shape) numel *= d;
+    const int64_t M = numel / a.K;
+    if (M > 0 && a.N > std::numeric_limits<int64_t>::max() / M) return false;
+    x.value = xv;
+    x.type = type;
+    x.data = Ort::ConstValue(xv).GetTensorRawData();
+    for (size_t i = 1; i < spqr::kNumInputs; ++i) {
+      const spqr::TensorArg& src = bound_.in[i];
+      spqr::TensorArg& dst = b.in[i];
+      dst.value = src.value;
+      dst.type = src.type;
+      dst.data = src.data;
+      dst.shape.assign(src.shape.begin(), src.shape.end());  // in place: the thread's vectors keep their capacity
+    }
+    b.M = M;
+    b.nnz = bound_.nnz;
+    b.y_shape.assign(x.shape.begin(), x.shape.end());
+    b.y_shape.back() = a.out_cols();
+    return true;
+  }
+
   void Compute(OrtKernelContext* context) {
     const Attributes& a = attrs_;
-    BoundInputs b = spqr::BindInputs(context, a, x_type_, prefix_, /*host_data=*/true);
+    thread_local BoundInputs b;  // per thread, its vectors reused call after call
+    Bind(context, b);
     std::array<std::vector<uint16_t>, 2> halved_local;
     if (a.stat_bits == 0) HalveStats(b, halved_local);
     // Index inputs that are initializers are checked on the first call only; inputs fed at run time every call.
@@ -192,9 +269,12 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
 
     // X -> fp32 in stored column order (the GEMV path: in its lane order within each 8 columns).
     const int64_t M = b.M, K = a.K;
-    // The packed path (any M): X in near-equal slices of at most kPackedMaxRows rows.
-    std::vector<int64_t> slice_rows;
-    std::vector<PackedGemvFn> slice_fns;
+    // The packed path (any M): X in near-equal slices of at most kPackedMaxRows rows (per-thread lists, grow-only:
+    // no allocation per call).
+    thread_local std::vector<int64_t> slice_rows, slice_begin;
+    thread_local std::vector<PackedGemvFn> slice_fns;
+    slice_rows.clear();
+    slice_fns.clear();
     // The packed prefill path (fp32 activations, UsePackedGemm): each block decoded once, then a GEMM.
     const CpuKernels& isa = *isa_;
     const PackedDecodeFn gemm_decode =
@@ -313,7 +393,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
         prep.xstride = xstride;
         prep.xp = xp.data();
         prep.pw = &pw;
-        std::vector<int64_t> slice_begin(slice_rows.size());
+        slice_begin.assign(slice_rows.size(), 0);
         for (size_t i = 1; i < slice_rows.size(); ++i) slice_begin[i] = slice_begin[i - 1] + slice_rows[i - 1];
         prep.slice_rows = slice_rows.data();
         prep.slice_begin = slice_begin.data();
@@ -349,13 +429,14 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
         } else {
           ctx.ParallelFor(&PackedPrepTask, slice_rows.size(), 0, &prep);
         }
-        j.packed_rows = std::move(slice_rows);
-        j.packed_fns = std::move(slice_fns);
+        j.packed_rows = slice_rows.data();
+        j.packed_fns = slice_fns.data();
+        j.packed_slices = slice_rows.size();
         j.packed.w = &pw;
         j.outlier_rows = isa.outlier_rows;
         j.halves_to_floats = isa.halves_to_floats;
         j.packed_task_blocks = kPackTaskBlocks;
-        if (j.packed_rows.size() > 1) {  // several slices: bigger tasks (at least 8 of them)
+        if (j.packed_slices > 1) {  // several slices: bigger tasks (at least 8 of them)
           const int64_t block_bytes = pw.chunks * (int8_ ? 4 : pw.bits) * kPackRows * 4;
           j.packed_task_blocks = std::clamp(std::min(kPackTaskBytes / block_bytes, (pw.blocks + 7) / 8), kPackTaskBlocks,
                                             kPackTaskMaxBlocks);
@@ -408,6 +489,10 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
   std::unique_ptr<PackedWeights> packed_;
   std::array<bool, spqr::kNumInputs> constant_{};  // input i is an initializer (same data on every call)
   std::atomic<bool> indices_checked_{false};       // constant index inputs already validated
+  std::once_flag bound_once_;                      // Bind: the binding of the first call, all but X initializers
+  std::atomic<bool> bound_ready_{false};
+  BoundInputs bound_;
+  size_t bound_count_ = 0;
 };
 
 }  // namespace
