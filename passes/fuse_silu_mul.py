@@ -33,7 +33,7 @@ def _other(node: ir.Node, value: ir.Value) -> Optional[ir.Value]:
     return b if a is value and b is not value else a if b is value and a is not value else None
 
 
-def _match(graph: ir.Graph, node: ir.Node) -> Optional[tuple[ir.Node, list[ir.Node]]]:
+def _match(node: ir.Node) -> Optional[tuple[ir.Node, list[ir.Node]]]:
     """`(final Mul, nodes to remove)` when `node`'s output is the gate/up pair of a silu-gated product."""
     y = node.outputs[0]
     if y.is_graph_output() or len(users(y)) != 1:
@@ -83,7 +83,7 @@ class FuseSiluMul(Pass):
         for node in list(graph):
             if node.op_type != OP_TYPE or node.domain != DOMAIN or "activation" in node.attributes:
                 continue
-            found = _match(graph, node)
+            found = _match(node)
             if found is None:
                 continue
             mul, dead = found
