@@ -165,6 +165,30 @@ def test_packed_gemv_path_is_required_when_asked(monkeypatch):
         _run(w, _x((1, 96)))
 
 
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+def test_kept_binding_is_taken_run_after_run(accuracy_level, monkeypatch):
+    # A node whose inputs but X are initializers binds them on its first call and keeps that binding; under
+    # QCOMPILER_CPU_REQUIRE_KEPT_BINDING=1 a later call that does not take it fails. ONNX Runtime wraps the same
+    # initializer in a fresh OrtValue each run, so runs of varying M (plain and through an IOBinding, as the
+    # generator's decode steps) hold the kept binding to the tensors' data, not to those wrappers.
+    monkeypatch.setenv("QCOMPILER_CPU_REQUIRE_KEPT_BINDING", "1")
+    w = random_weight(N=70, K=600, bits=4, group_size=16, stat_bits=3, stat_group_size=16, outlier_rate=0.02,
+                      permute=True, bias=True, seed=11)
+    model = single_op_model(w, x_shape=["m", None], accuracy_level=accuracy_level)
+    sess = ops.session(model.SerializeToString())
+    for M in (1, 5, 1, 40, 1, 1):
+        x = _x((M, 600), seed=M)
+        first_call = ops.session(model.SerializeToString()).run(None, {"X": x})[0]  # a fresh node: full binding
+        if accuracy_level == 0:
+            assert_matches_reference(w, x, first_call)
+        np.testing.assert_array_equal(sess.run(None, {"X": x})[0], first_call)
+        binding = sess.io_binding()
+        binding.bind_cpu_input("X", x)
+        binding.bind_output("Y", "cpu")
+        sess.run_with_iobinding(binding)
+        np.testing.assert_array_equal(binding.get_outputs()[0].numpy(), first_call)
+
+
 @pytest.mark.parametrize("group_size", [12, 20])
 @pytest.mark.parametrize("M", [1, 3])
 def test_row_path_for_group_sizes_not_multiple_of_8(group_size, M):

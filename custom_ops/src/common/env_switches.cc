@@ -26,6 +26,7 @@ CpuSwitches ReadCpuSwitches() {
           : Is(isa, "portable")    ? CpuIsa::kPortable
                                    : CpuIsa::kAuto;
   s.require_packed = Is(Get("QCOMPILER_CPU_REQUIRE_PACKED"), "1");
+  s.require_kept_binding = Is(Get("QCOMPILER_CPU_REQUIRE_KEPT_BINDING"), "1");
   s.keep_pages = Is(Get("QCOMPILER_CPU_KEEP_PAGES"), "1");
   return s;
 }

@@ -9,6 +9,9 @@
 // |                               |                                   | portable = no packing, no AVX-512 code.       |
 // |                               |                                   | Other values: auto.                            |
 // | QCOMPILER_CPU_REQUIRE_PACKED  | 1, else off (default)             | a CPU call that takes no packed path fails     |
+// | QCOMPILER_CPU_REQUIRE_KEPT_BINDING | 1, else off (default)        | a CPU call after a node's first, all its inputs |
+// |                               |                                   | but X initializers, fails unless it takes the  |
+// |                               |                                   | kept binding (SpQRMatMulCpuKernel::Bind)       |
 // | QCOMPILER_CPU_KEEP_PAGES      | 1, else off (default)             | the stored weights stay resident after packing |
 // |                               |                                   | (default: released, cpu/packed.h ReleasePages) |
 // | QCOMPILER_CUDA_GEMV_X         | resident, slabs, rows; else the   | the decode GEMV's X staging, where it fits     |
@@ -33,6 +36,7 @@ enum class CpuIsa { kAuto, kAvx2, kAvx512Rows, kPortable };
 struct CpuSwitches {
   CpuIsa isa = CpuIsa::kAuto;
   bool require_packed = false;  // QCOMPILER_CPU_REQUIRE_PACKED=1
+  bool require_kept_binding = false;  // QCOMPILER_CPU_REQUIRE_KEPT_BINDING=1
   bool keep_pages = false;      // QCOMPILER_CPU_KEEP_PAGES=1
 };
 

@@ -152,7 +152,8 @@ struct PackedPrep {
   const PackedWeights* pw = nullptr;
   const int64_t* slice_rows = nullptr;
   const int64_t* slice_begin = nullptr;
-  int32_t* xq = nullptr;  // int8 path: xq [M * xq_row], xd [M * xd_row]
+  int32_t* xq = nullptr;  // int8 path: xq [M * xq_row], xd [M * xd_row], written by int8_inputs
+  PackedInt8InputsFn int8_inputs = nullptr;
   float* xd = nullptr;
   float* xs = nullptr;  // fp32 path: xs [M * xs_row]
   float* xg = nullptr;  // [M * G]

@@ -67,6 +67,8 @@ QC_CLONE_INLINE void GroupSums(const PackedWeights& w, const float* x, float* xg
 
 }  // namespace
 
+void PackedGroupSums(const PackedWeights& w, const float* x, float* xg) { GroupSums(w, x, xg); }
+
 void ReleasePages(const void* p, size_t bytes) {
 #if defined(__linux__)
 #ifndef MADV_PAGEOUT

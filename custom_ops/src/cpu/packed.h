@@ -169,6 +169,13 @@ inline int64_t XScalesPerChunk(const PackedWeights& w) { return w.group_size == 
 // PackedGemvInputs).
 void PackedGemvInt8Inputs(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, int32_t* xq, float* xd,
                           float* xg, int64_t xg_stride);
+using PackedInt8InputsFn = void (*)(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, int32_t* xq,
+                                    float* xd, float* xg, int64_t xg_stride);
+// The same with AVX-512 (identical values: the max is exact in any order, the rounding the same instruction), or
+// nullptr without it.
+PackedInt8InputsFn PackedInt8InputsAvx512();
+// xg[g] = the sum of x over group g's columns, in column order (PackedGemvInputs' and PackedGemvInt8Inputs' xg row).
+void PackedGroupSums(const PackedWeights& w, const float* x, float* xg);
 
 // y for blocks [b0, b1) of rows (16 rows each) and M (1..kPackedMaxRows) rows of X, or nullptr where this
 // CPU/build lacks AVX-512.

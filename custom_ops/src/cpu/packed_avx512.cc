@@ -7,6 +7,7 @@
 #include "cpu/packed.h"
 
 #include <algorithm>
+#include <cstring>
 #include <utility>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -440,6 +441,56 @@ QC_AVX512 void HalvesToFloats(const uint16_t* src, float* dst, int64_t n) {
 
 HalvesToFloatsFn HalvesToFloatsAvx512() { return CpuHasAvx512() ? &HalvesToFloats : nullptr; }
 
+// PackedGemvInt8Inputs with AVX-512, SPAN columns per scale (16 or 32): per span the max of |x| (exact in any
+// order), scale max/127, q = round-half-even(x · 127/max) clamped to ±127 (vrndscaleps in the default rounding mode,
+// what nearbyint does), the 32 codes of a chunk stored as its 8 words. Identical values to the portable function.
+template <int SPAN>
+QC_AVX512 void Int8InputsAvx512(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, int32_t* xq,
+                                float* xd, float* xg, int64_t xg_stride) {
+  constexpr int H = spqr::kChunk / SPAN, V = SPAN / 16;  // spans per chunk, vectors per span
+  const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  for (int64_t m = 0; m < mm; ++m) {
+    const float* xr = x + m * xstride;  // zero past K up to whole chunks
+    for (int64_t c = 0; c < w.chunks; ++c) {
+      alignas(16) int8_t q[spqr::kChunk];
+      for (int h = 0; h < H; ++h) {
+        __m512 v[V];
+        __m512 amax = _mm512_setzero_ps();
+        for (int i = 0; i < V; ++i) {
+          v[i] = _mm512_loadu_ps(xr + c * spqr::kChunk + h * SPAN + 16 * i);
+          amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+        }
+        const float a = _mm512_reduce_max_ps(amax);
+        const float inv = a > 0.f ? 127.f / a : 0.f;
+        xd[(c * H + h) * mm + m] = a / 127.f;
+        for (int i = 0; i < V; ++i) {
+          const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v[i], _mm512_set1_ps(inv)),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          const __m512i k = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
+          _mm_store_si128(reinterpret_cast<__m128i*>(q + h * SPAN + 16 * i), _mm512_cvtepi32_epi8(k));
+        }
+      }
+      for (int j = 0; j < 8; ++j) {
+        int32_t word;
+        std::memcpy(&word, q + 4 * j, 4);  // little-endian: column 4j + b in byte b
+        xq[(c * 8 + j) * mm + m] = word;
+      }
+    }
+    PackedGroupSums(w, xr, xg + m * xg_stride);
+  }
+}
+
+QC_AVX512 void Int8InputsAvx512Any(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, int32_t* xq,
+                                   float* xd, float* xg, int64_t xg_stride) {
+  if (XScalesPerChunk(w) == 2) {
+    Int8InputsAvx512<16>(w, x, xstride, mm, xq, xd, xg, xg_stride);
+  } else {
+    Int8InputsAvx512<32>(w, x, xstride, mm, xq, xd, xg, xg_stride);
+  }
+}
+
+PackedInt8InputsFn PackedInt8InputsAvx512() { return CpuHasAvx512() ? &Int8InputsAvx512Any : nullptr; }
+
 bool PackedAvx512Available() { return CpuHasAvx512(); }
 
 bool PackedInt8Available() {
@@ -463,6 +514,7 @@ bool PackedAvx512Available() { return false; }
 PackedDecodeFn PackedDecodeAvx512(const PackedWeights&) { return nullptr; }
 PackedMicroFn PackedMicroAvx512(int) { return nullptr; }
 HalvesToFloatsFn HalvesToFloatsAvx512() { return nullptr; }
+PackedInt8InputsFn PackedInt8InputsAvx512() { return nullptr; }
 bool PackedInt8Available() { return false; }
 PackedGemvFn PackedGemvVnni(const PackedWeights&, int64_t) { return nullptr; }
 
@@ -479,6 +531,7 @@ const CpuKernels& Avx512Kernels() {
     t.packed_max_rows = kPackedMaxRows;
     t.packed_gemv = &PackedGemvAvx512;
     t.packed_gemv_int8 = PackedInt8Available() ? &PackedGemvVnni : nullptr;
+    t.packed_int8_inputs = PackedInt8InputsAvx512();
     t.packed_gemv_any_rows = true;
     t.packed_decode = &PackedDecodeAvx512;
     t.packed_micro = &PackedMicroAvx512;

@@ -152,7 +152,7 @@ void PackedPrepTask(void* user, size_t i) {
   ConvertXRows(p.x, p.half_x, p.perm, p.K, p.xstride, /*lane_x=*/false, p.xp, m0, m0 + mm);
   const float* x = p.xp + m0 * p.xstride;
   if (p.xq != nullptr) {
-    PackedGemvInt8Inputs(pw, x, p.xstride, mm, p.xq + m0 * p.xq_row, p.xd + m0 * p.xd_row, p.xg + m0 * pw.G, pw.G);
+    p.int8_inputs(pw, x, p.xstride, mm, p.xq + m0 * p.xq_row, p.xd + m0 * p.xd_row, p.xg + m0 * pw.G, pw.G);
   } else {
     PackedGemvInputs(pw, x, p.xstride, mm, p.xs + m0 * p.xs_row, p.xg + m0 * pw.G, pw.G);
   }

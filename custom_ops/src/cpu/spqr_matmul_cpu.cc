@@ -110,10 +110,12 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
   SpQRMatMulCpuKernel(const OrtKernelInfo* info, ONNXTensorElementDataType x_type)
       : prefix_(spqr::ErrorPrefix(info)), attrs_(spqr::ReadAttributes(info, prefix_)), x_type_(x_type) {
     // The environment switches (common/env_switches.h), read once here: QCOMPILER_CPU_ISA picks the ISA table,
-    // QCOMPILER_CPU_REQUIRE_PACKED=1 makes a call fail unless it takes a packed path (tests).
+    // QCOMPILER_CPU_REQUIRE_PACKED=1 makes a call fail unless it takes a packed path, and
+    // QCOMPILER_CPU_REQUIRE_KEPT_BINDING=1 unless it takes the kept binding where it should (tests).
     const env::CpuSwitches switches = env::ReadCpuSwitches();
     isa_ = &SelectCpuKernels(switches.isa);
     require_packed_ = switches.require_packed;
+    require_kept_binding_ = switches.require_kept_binding;
     release_pages_ = !switches.keep_pages;
     Ort::ConstKernelInfo ki(info);
     for (size_t i = 1; i < spqr::kNumInputs; ++i) {
@@ -177,12 +179,17 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
 
   // The inputs of this call into `b`. When every input but X is an initializer (what exports write), the first call
   // binds and checks them all (spqr::BindInputs) and keeps that binding; later calls take it (after checking that
-  // ORT hands over the same values) and bind only X, without the per-input shape queries and their allocations (a
+  // ORT hands over the same tensors) and bind only X, without the per-input shape queries and their allocations (a
   // fixed cost per call that showed on small nodes). Anything unexpected takes the full binding, whose checks give
   // the error messages.
   void Bind(OrtKernelContext* context, BoundInputs& b) {
     const OrtApi& api = Ort::GetApi();
-    if (bound_ready_.load(std::memory_order_acquire) && BindX(context, b)) return;
+    const bool ready = bound_ready_.load(std::memory_order_acquire);
+    if (ready && BindX(context, b)) return;
+    if (ready && require_kept_binding_) {
+      throw Ort::Exception(prefix_ + "QCOMPILER_CPU_REQUIRE_KEPT_BINDING=1 but this call did not take the kept binding",
+                           ORT_FAIL);
+    }
     b = spqr::BindInputs(context, attrs_, x_type_, prefix_, /*host_data=*/true);
     bool cacheable = true;
     for (size_t i = 1; i < spqr::kNumInputs; ++i) cacheable &= !b.in[i].present() || constant_[i];
@@ -197,6 +204,9 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
   }
 
   // The fast binding (Bind): false when any constant input differs from the kept binding or X is not as expected.
+  // The constant inputs are compared by their data: ONNX Runtime hands over a fresh OrtValue wrapping the same
+  // initializer tensor in every run (the run's execution frame holds its own copies), so the OrtValue pointers
+  // differ from run to run while the tensors' buffers do not.
   bool BindX(OrtKernelContext* context, BoundInputs& b) {
     const OrtApi& api = Ort::GetApi();
     size_t count = 0;
@@ -205,7 +215,9 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     for (size_t i = 1; i < spqr::kNumInputs && i < count; ++i) {
       const OrtValue* v = nullptr;
       Ort::ThrowOnError(api.KernelContext_GetInput(context, i, &v));
-      if (v != bound_.in[i].value) return false;
+      if ((v == nullptr) != (bound_.in[i].value == nullptr)) return false;
+      if (v != nullptr && Ort::ConstValue(v).GetTensorRawData() != bound_.in[i].data) return false;
+      b.in[i].value = v;
     }
     const OrtValue* xv = nullptr;
     Ort::ThrowOnError(api.KernelContext_GetInput(context, spqr::kX, &xv));
@@ -238,7 +250,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     for (size_t i = 1; i < spqr::kNumInputs; ++i) {
       const spqr::TensorArg& src = bound_.in[i];
       spqr::TensorArg& dst = b.in[i];
-      dst.value = src.value;
+      if (i >= count) dst.value = src.value;  // else this call's OrtValue, set above
       dst.type = src.type;
       dst.data = src.data;
       dst.shape.assign(src.shape.begin(), src.shape.end());  // in place: the thread's vectors keep their capacity
@@ -403,6 +415,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
           packed_xq.resize(std::max(packed_xq.size(), static_cast<size_t>(M * prep.xq_row)));
           packed_x.resize(std::max(packed_x.size(), static_cast<size_t>(M * (prep.xd_row + pw.G))));
           prep.xq = packed_xq.data();
+          prep.int8_inputs = isa.packed_int8_inputs != nullptr ? isa.packed_int8_inputs : &PackedGemvInt8Inputs;
           prep.xd = packed_x.data();
           prep.xg = prep.xd + M * prep.xd_row;
           j.packed.xq = prep.xq;
@@ -481,6 +494,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
   const CpuKernels* isa_ = nullptr;  // the ISA's kernels (QCOMPILER_CPU_ISA and this CPU)
   bool allow_packed_ = true;
   bool require_packed_ = false;
+  bool require_kept_binding_ = false;
   bool release_pages_ = true;  // QCOMPILER_CPU_KEEP_PAGES=1: the stored weights stay resident after packing
   bool int8_ = false;
   std::once_flag pack_once_;
