@@ -230,6 +230,15 @@ QC_VNNI void GemvInt8Pair(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
   for (; blk + 2 <= b1; blk += 2) {
     const uint32_t* nib[2] = {w.nibbles.data() + blk * block_words, w.nibbles.data() + (blk + 1) * block_words};
     const bool shared = (blk >> w.stat_shift) == ((blk + 1) >> w.stat_shift);
+    // the next pair's statistics, prefetched below (none past this task's last pair)
+    const bool next_pair = blk + 4 <= b1;
+    const char* next_stat_codes =
+        reinterpret_cast<const char*>(w.stat_codes.data() + (next_pair ? (blk + 2) * w.G * kPackRows : 0));
+    const int64_t stat_code_bytes = next_pair ? 2 * w.G * kPackRows : 0;
+    const char* next_stat_values =
+        reinterpret_cast<const char*>(w.stat_values.data() + (next_pair ? ((blk + 2) >> w.stat_shift) * w.G * 4 : 0));
+    const int64_t stat_value_bytes =
+        next_pair ? (((blk + 3) >> w.stat_shift) - ((blk + 2) >> w.stat_shift) + 1) * w.G * 4 * 4 : 0;
     __m512 y[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t c0 = 0, g = 0; c0 < w.chunks; c0 += chunks_per_group, g += H) {
       __m512 t[2][H];
@@ -241,12 +250,19 @@ QC_VNNI void GemvInt8Pair(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
           for (auto& ah : ab)
             for (auto& v : ah) v = _mm512_setzero_si512();
         const int32_t* xq = a.xq + c * 8;
+        // The codes kPrefetchChunks ahead in both blocks' streams, running on into the next pair's two blocks (with
+        // K = 576, 18 chunks a block, the first 8 chunks of every pair had been left to the hardware prefetcher), and
+        // one line a chunk of the next pair's statistics (codes and second-level values: short streams that start
+        // anew every pair).
+        const int64_t pc = c + kPrefetchChunks;
+        const int64_t ahead = pc < w.chunks ? pc * 4 * kPackRows : 2 * block_words + (pc - w.chunks) * 4 * kPackRows;
         for (int b = 0; b < 2; ++b) {
           for (int i = 0; i < 4; ++i) {
-            _mm_prefetch(reinterpret_cast<const char*>(nib[b] + ((c + kPrefetchChunks) * 4 + i) * kPackRows),
-                         _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(nib[b] + ahead + i * kPackRows), _MM_HINT_T0);
           }
         }
+        if (c * 64 < stat_code_bytes) _mm_prefetch(next_stat_codes + c * 64, _MM_HINT_T0);
+        if (c * 64 < stat_value_bytes) _mm_prefetch(next_stat_values + c * 64, _MM_HINT_T0);
 #pragma GCC unroll 4
         for (int i = 0; i < 4; ++i) {
           const __m512i xl = _mm512_set1_epi32(xq[2 * i]), xh = _mm512_set1_epi32(xq[2 * i + 1]);
