@@ -4,7 +4,10 @@ quality side by side, all measured in one run on one machine.
 Rows (the table's "built from / how" column says what each is and how it was made):
 
 - ours: `qcompiler export` folders (`--ours LABEL=FOLDER`, default: those of build/peers/ours/{fp32, spqr-w4,
-  spqr-w4-head4, spqr-w3, spqr-w3-head4} that exist), run through `qcompiler.runtime.generate.Generator`;
+  spqr-w4-head4, spqr-w3, spqr-w3-head4} that exist), run through `qcompiler.runtime.generate.Generator` (what
+  `qcompiler generate` runs), and with `--drivers qcompiler,genai` also through onnxruntime-genai's Generator on the
+  folder's genai_config.json (rows `...@genai`; this checkout's op library registered by absolute path, since a
+  folder carries the copy made when it was exported);
 - onnxruntime-genai's model builder, int4 block 32, accuracy level 4 (int8 activations) and 0 (fp32 compute), built
   from the same model written as an HF safetensors folder, run through `onnxruntime_genai`;
 - llama.cpp (built from the llama-cpp-python sdist in build/llamacpp): an F32 GGUF converted from that HF folder by
@@ -124,12 +127,16 @@ class Peer:
         kind: "ours" (a `qcompiler export` folder), "genai" (an onnxruntime-genai folder) or "llamacpp" (a .gguf).
         path: the folder (ours, genai) or the .gguf file.
         how: what it is and how it was built (table column).
+        driver: for "ours", what runs the generation loop: "qcompiler" (`qcompiler.runtime.generate.Generator`, what
+            `qcompiler generate` runs) or "genai" (onnxruntime-genai's Generator on the folder's genai_config.json, the
+            op library of this checkout registered through its session options).
     """
 
     label: str
     kind: str
     path: Path
     how: str
+    driver: str = "qcompiler"
 
     def model_file(self) -> Path:
         """The file whose presence means the model exists (and whose mtime keys the perplexity cache)."""
@@ -161,7 +168,12 @@ def default_ours(root: Path) -> list[tuple[str, Path]]:
     return [(name, root / name) for name in OURS_DEFAULT]
 
 
-def all_peers(ours: list[tuple[str, Path]], peers_dir: Path) -> list[Peer]:
+DRIVERS = ("qcompiler", "genai")
+GENAI_DRIVER_SUFFIX = "@genai"  # label suffix of our rows run by onnxruntime-genai
+
+
+def all_peers(ours: list[tuple[str, Path]], peers_dir: Path, drivers: Sequence[str] = ("qcompiler",)) -> list[Peer]:
+    """Every row: our folders (once per driver in `drivers`), the genai builds, the GGUFs."""
     rows = []
     for label, folder in ours:
         cfg = _read_json(folder / "quant_config.json") or {}
@@ -175,12 +187,32 @@ def all_peers(ours: list[tuple[str, Path]], peers_dir: Path) -> list[Peer]:
         else:
             how = f"`qcompiler export --method {cfg['method']}`" if "method" in cfg else "`qcompiler export` folder"
             how += f" ({brief})" if brief else ""
-        rows.append(Peer(f"ours-{label}", "ours", folder, how))
+        for driver in drivers:
+            if driver == "qcompiler":
+                rows.append(Peer(f"ours-{label}", "ours", folder, how))
+            else:
+                rows.append(Peer(f"ours-{label}{GENAI_DRIVER_SUFFIX}", "ours", folder,
+                                 how + "; run by onnxruntime-genai (its Generator, the folder's genai_config.json)",
+                                 driver="genai"))
     for b in GENAI_BUILDS:
         rows.append(Peer(b["name"], "genai", peers_dir / "genai" / b["name"], b["how"]))
     for q in GGUF_QUANTS:
         rows.append(Peer(f"llama.cpp-{q['type']}", "llamacpp", gguf_path(peers_dir, q["type"]), q["how"]))
     return rows
+
+
+def _ours_label(peer: Peer) -> str:
+    """The `--ours` label of one of our rows (its row label without the prefix and the driver suffix)."""
+    return peer.label.removeprefix("ours-").removesuffix(GENAI_DRIVER_SUFFIX)
+
+
+def parse_drivers(value: str) -> list[str]:
+    """`--drivers` → the drivers in order; raises BenchError on an unknown or repeated one, or none."""
+    drivers = [d.strip() for d in value.split(",") if d.strip()]
+    bad = [d for d in drivers if d not in DRIVERS]
+    if bad or not drivers or len(set(drivers)) != len(drivers):
+        raise BenchError(f"--drivers {value!r}: expected a comma-separated subset of {', '.join(DRIVERS)}")
+    return drivers
 
 
 def select(peers: list[Peer], models: Optional[str]) -> list[Peer]:
@@ -396,8 +428,10 @@ class Preparer:
 
     def run(self, peers: list[Peer]) -> None:
         """Build what `peers` need and is missing (the HF folder whenever anything else is built, or for ppl)."""
-        for p in sorted(peers, key=lambda p: p.label.removeprefix("ours-") in OURS_DERIVED):  # bases first
-            label = p.label.removeprefix("ours-")
+        ours_rows = {p.path: p for p in peers if p.kind == "ours"}.values()  # a folder once, whatever its drivers
+        others = [p for p in peers if p.kind != "ours"]
+        for p in sorted([*ours_rows, *others], key=lambda p: _ours_label(p) in OURS_DERIVED):  # bases first
+            label = _ours_label(p)
             if p.kind == "ours" and label in OURS_DERIVED and p.path == self.dir / "ours" / label \
                     and _stale(p.path / "model.onnx", self.dir / "ours" / OURS_DERIVED[label][0] / "model.onnx"):
                 _say(f"prepare: {p.label} (accuracy level {OURS_DERIVED[label][1]} on ours-{OURS_DERIVED[label][0]})")
@@ -555,27 +589,42 @@ def _reset_hwm() -> bool:
         return False
 
 
-def measure_onnx(kind: str, path: Path, threads: int, ids: list[int], new_tokens: int) -> dict[str, Any]:
+def genai_session_overlay(kind: str, threads: int, library: Optional[Path]) -> dict[str, Any]:
+    """The genai_config.json overlay of a measurement run by onnxruntime-genai: the thread count, and for our folders
+    this checkout's op library by absolute path (a folder carries the copy made when it was exported)."""
+    options: dict[str, Any] = {"intra_op_num_threads": threads}
+    if kind == "ours":
+        options["custom_ops_library"] = str(library)
+    return {"model": {"decoder": {"session_options": options}}}
+
+
+def measure_onnx(kind: str, path: Path, threads: int, ids: list[int], new_tokens: int,
+                 driver: str = "qcompiler") -> dict[str, Any]:
     """One measurement of an ONNX model in this process: load, one short warm-up generation, then a timed one.
+    `driver` (our folders): "qcompiler" runs `qcompiler.runtime.generate.Generator`, "genai" onnxruntime-genai's
+    Generator (genai folders always run by it).
     Memory: `mem_mb` = VmHWM after the run − VmRSS just before the model is loaded (the high-water mark reset there
     through /proc/self/clear_refs), i.e. the peak growth the model caused."""
     import numpy as np  # noqa: F401 - imported before the baseline, like everything the runtimes pull in
     import onnxruntime  # noqa: F401
 
-    if kind == "genai":
+    by_genai = kind == "genai" or driver == "genai"
+    if by_genai:
         import onnxruntime_genai as og
+
+        from qcompiler.runtime.ops import library_path
     else:
         from qcompiler.runtime.generate import Generator
     reset = _reset_hwm()
     before = _proc_status()
-    if kind == "ours":
+    if not by_genai:
         gen = Generator(path, threads=threads)
         gen.generate(ids, max_new_tokens=4, stop_at_eos=False)
         res = gen.generate(ids, max_new_tokens=new_tokens, stop_at_eos=False)
         prefill, decode, generated = res.prefill_tokens_per_s, res.decode_tokens_per_s, res.token_ids
     else:
         config = og.Config(str(path))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        config.overlay(json.dumps(genai_session_overlay(kind, threads, library_path() if kind == "ours" else None)))
         model = og.Model(config)
         _genai_generate(og, model, ids, 4)
         prefill, decode, generated = _genai_generate(og, model, ids, new_tokens)
@@ -653,17 +702,17 @@ def measure_llamacpp(path: Path, threads: int, prompt_tokens: int, new_tokens: i
 
 
 def measure_one(kind: str, path: Path, threads: int, tokenizer: Optional[Path], prompt_tokens: int,
-                new_tokens: int) -> dict[str, Any]:
+                new_tokens: int, driver: str = "qcompiler") -> dict[str, Any]:
     if kind == "llamacpp":
         return measure_llamacpp(path, threads, prompt_tokens, new_tokens)
     ids = prompt_ids(tokenizer or path, prompt_tokens)
-    return measure_onnx(kind, path, threads, ids, new_tokens)
+    return measure_onnx(kind, path, threads, ids, new_tokens, driver=driver)
 
 
 def spawn_measure(peer: Peer, threads: int, args: argparse.Namespace, tokenizer: Optional[Path]) -> dict[str, Any]:
     """`measure_one` in a fresh `python -m bench.peers --measure-one` process; its last stdout line is the JSON."""
     cmd = [sys.executable, "-m", "bench.peers", "--measure-one", peer.kind, str(peer.path), "--threads", str(threads),
-           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--driver", peer.driver]
     if tokenizer is not None:
         cmd += ["--tokenizer", str(tokenizer)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -1022,6 +1071,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"build/peers/ours/{{{','.join(OURS_DEFAULT)}}})")
     p.add_argument("--models", default=None, help="only rows whose label contains one of these comma-separated "
                                                    "tokens (e.g. ours,Q4_K_M,genai-int4-acc4)")
+    p.add_argument("--drivers", default="qcompiler",
+                   help="what runs our folders' generation, comma-separated: qcompiler (`qcompiler generate`'s "
+                        "Generator), genai (onnxruntime-genai; rows labelled ...@genai) (default: qcompiler)")
     p.add_argument("--prepare", action="store_true", help="build what is missing first (HF folder, genai, GGUFs)")
     p.add_argument("--skip-speed", action="store_true", help="no speed measurements")
     p.add_argument("--skip-ppl", action="store_true", help="no perplexity")
@@ -1041,6 +1093,7 @@ def build_parser() -> argparse.ArgumentParser:
     internal = p.add_argument_group("internal")
     internal.add_argument("--measure-one", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     internal.add_argument("--tokenizer", type=Path, default=None, help=argparse.SUPPRESS)
+    internal.add_argument("--driver", default="qcompiler", choices=DRIVERS, help=argparse.SUPPRESS)
     return p
 
 
@@ -1059,7 +1112,8 @@ class Run:
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "environment": environment(), "protocol": None, "timings": {}, "notes": [],
             "speed_measured": not args.skip_speed,
-            "rows": [{"label": p.label, "kind": p.kind, "path": str(p.path), "how": p.how} for p in peers],
+            "rows": [{"label": p.label, "kind": p.kind, "path": str(p.path), "how": p.how, "driver": p.driver}
+                     for p in peers],
         }
 
     def row(self, peer: Peer) -> dict:
@@ -1170,12 +1224,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                   file=sys.stderr)
             return 2
         print(json.dumps(measure_one(kind, Path(path), args.threads[0], args.tokenizer, args.prompt_tokens,
-                                     args.new_tokens)))
+                                     args.new_tokens, driver=args.driver)))
         return 0
     args.calibration = _data_file("wikitext2/valid.tokens.txt")
     try:
         ours = parse_ours(args.ours) if args.ours else default_ours(args.peers_dir / "ours")
-        peers = select(all_peers(ours, args.peers_dir), args.models)
+        peers = select(all_peers(ours, args.peers_dir, parse_drivers(args.drivers)), args.models)
     except BenchError as e:
         print(f"bench/peers.py: error: {e}", file=sys.stderr)
         return 2

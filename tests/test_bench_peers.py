@@ -113,6 +113,26 @@ def test_default_ours_and_selection(tmp_path):
         peers.select(rows, "ours,nope")
 
 
+def test_our_rows_per_driver(tmp_path):
+    # --drivers qcompiler,genai: each folder of ours twice, the second run by onnxruntime-genai (label ...@genai),
+    # the same folder and perplexity; the genai measurement registers this checkout's op library by absolute path.
+    ours = [("spqr-w4", tmp_path / "ours" / "spqr-w4")]
+    rows = peers.all_peers(ours, tmp_path, peers.parse_drivers("qcompiler,genai"))
+    mine = [r for r in rows if r.kind == "ours"]
+    assert [(r.label, r.driver) for r in mine] == [("ours-spqr-w4", "qcompiler"), ("ours-spqr-w4@genai", "genai")]
+    assert mine[0].path == mine[1].path and "onnxruntime-genai" in mine[1].how
+    assert [r.label for r in peers.select(rows, "ours")] == ["ours-spqr-w4", "ours-spqr-w4@genai"]
+    assert [r.driver for r in peers.all_peers(ours, tmp_path) if r.kind == "ours"] == ["qcompiler"]
+    for bad in ("", "genai,genai", "qcompiler,ort"):
+        with pytest.raises(peers.BenchError, match="--drivers"):
+            peers.parse_drivers(bad)
+    lib = tmp_path / "libqcompiler_ops.so"
+    assert peers.genai_session_overlay("ours", 2, lib) == {
+        "model": {"decoder": {"session_options": {"intra_op_num_threads": 2, "custom_ops_library": str(lib)}}}}
+    assert peers.genai_session_overlay("genai", 1, None) == {
+        "model": {"decoder": {"session_options": {"intra_op_num_threads": 1}}}}
+
+
 def test_median_and_ratio():
     assert peers.median([3.0, 1.0, 2.0, float("nan")]) == 2.0
     assert peers.median([4.0, 1.0]) == 2.5
