@@ -133,6 +133,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     // accuracy_level 4: int8 activations where the table has a packed int8 kernel (AVX512-VNNI; AVX2 on CPUs
     // without AVX-512), else fp32 as level 0 (AVX-512 without VNNI, portable builds).
     int8_ = allow_packed_ && attrs_.accuracy_level == 4 && isa_->packed_gemv_int8 != nullptr;
+    int8_inputs_ = isa_->packed_int8_inputs != nullptr ? isa_->packed_int8_inputs : &PackedGemvInt8Inputs;
   }
 
   // The packed weights, built on the first call that takes a packed path from that call's (constant) inputs; the
@@ -212,12 +213,17 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     size_t count = 0;
     Ort::ThrowOnError(api.KernelContext_GetInputCount(context, &count));
     if (count != bound_count_) return false;
-    for (size_t i = 1; i < spqr::kNumInputs && i < count; ++i) {
+    for (size_t i = 1; i < spqr::kNumInputs; ++i) {  // the constant inputs: this call's values, the kept rest
+      const spqr::TensorArg& src = bound_.in[i];
+      spqr::TensorArg& dst = b.in[i];
       const OrtValue* v = nullptr;
-      Ort::ThrowOnError(api.KernelContext_GetInput(context, i, &v));
-      if ((v == nullptr) != (bound_.in[i].value == nullptr)) return false;
-      if (v != nullptr && Ort::ConstValue(v).GetTensorRawData() != bound_.in[i].data) return false;
-      b.in[i].value = v;
+      if (i < count) Ort::ThrowOnError(api.KernelContext_GetInput(context, i, &v));
+      if ((v == nullptr) != (src.value == nullptr)) return false;
+      if (v != nullptr && Ort::ConstValue(v).GetTensorRawData() != src.data) return false;
+      dst.value = v;
+      dst.type = src.type;
+      dst.data = src.data;
+      dst.shape.assign(src.shape.begin(), src.shape.end());  // in place: the thread's vectors keep their capacity
     }
     const OrtValue* xv = nullptr;
     Ort::ThrowOnError(api.KernelContext_GetInput(context, spqr::kX, &xv));
@@ -247,14 +253,6 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     x.value = xv;
     x.type = type;
     x.data = Ort::ConstValue(xv).GetTensorRawData();
-    for (size_t i = 1; i < spqr::kNumInputs; ++i) {
-      const spqr::TensorArg& src = bound_.in[i];
-      spqr::TensorArg& dst = b.in[i];
-      if (i >= count) dst.value = src.value;  // else this call's OrtValue, set above
-      dst.type = src.type;
-      dst.data = src.data;
-      dst.shape.assign(src.shape.begin(), src.shape.end());  // in place: the thread's vectors keep their capacity
-    }
     b.M = M;
     b.nnz = bound_.nnz;
     b.y_shape.assign(x.shape.begin(), x.shape.end());
@@ -415,7 +413,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
           packed_xq.resize(std::max(packed_xq.size(), static_cast<size_t>(M * prep.xq_row)));
           packed_x.resize(std::max(packed_x.size(), static_cast<size_t>(M * (prep.xd_row + pw.G))));
           prep.xq = packed_xq.data();
-          prep.int8_inputs = isa.packed_int8_inputs != nullptr ? isa.packed_int8_inputs : &PackedGemvInt8Inputs;
+          prep.int8_inputs = int8_inputs_;
           prep.xd = packed_x.data();
           prep.xg = prep.xd + M * prep.xd_row;
           j.packed.xq = prep.xq;
@@ -497,6 +495,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
   bool require_kept_binding_ = false;
   bool release_pages_ = true;  // QCOMPILER_CPU_KEEP_PAGES=1: the stored weights stay resident after packing
   bool int8_ = false;
+  PackedInt8InputsFn int8_inputs_ = nullptr;  // X's int8 preparation: the ISA table's, else the portable one
   std::once_flag pack_once_;
   std::array<std::once_flag, 2> halved_once_;       // float32 scales / zeros initializers converted to fp16
   std::array<std::vector<uint16_t>, 2> halved_;
