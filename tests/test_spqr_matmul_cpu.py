@@ -141,10 +141,10 @@ def test_packed_gemv_path(bits, group_size, K, stats, M, monkeypatch):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size,K", [(16, 600), (32, 600), (128, 576)])
 @pytest.mark.parametrize("stats", ["coded-b16", "coded-b32", "split-b8", "fp16"])
-@pytest.mark.parametrize("M", [1, 4, 7])
+@pytest.mark.parametrize("M", [1, 4, 7, 20])
 def test_avx2_packed_gemv_path(bits, group_size, K, stats, M, monkeypatch):
-    # What a CPU without AVX-512 runs at decode sizes (QCOMPILER_CPU_ISA=avx2 keeps all AVX-512 code out): the packed
-    # GEMV on two 8-row halves per block, slices of at most 4 rows of X (M=7: 4 + 3). Every bit width has a field
+    # What a CPU without AVX-512 runs (QCOMPILER_CPU_ISA=avx2 keeps all AVX-512 code out): the packed GEMV on two 8-row
+    # halves per block, slices of at most 4 rows of X (M=7: 4 + 3; M=20, prefill sizes: 5 x 4). Every bit width has a field
     # ending at bit 31 (converted after a one-bit shift, AVX2 having no unsigned conversion).
     monkeypatch.setenv("QCOMPILER_CPU_ISA", "avx2")
     monkeypatch.setenv("QCOMPILER_CPU_REQUIRE_PACKED", "1")
@@ -369,10 +369,10 @@ _INT8_PATHS = [
     pytest.param("avx512", M, marks=pytest.mark.skipif(not _has_vnni(), reason="needs AVX512-VNNI"), id=f"vnni-M{M}")
     for M in (1, 3, 8, 20)
 ] + [
-    # CPUs without AVX-512: vpmaddubsw on two 8-row halves, slices of up to 4 rows (M=7: 4 + 3); M ≥ 8 takes fp32
+    # CPUs without AVX-512: vpmaddubsw, slices of up to 4 rows (M=7: 4 + 3; M=20, prefill sizes: 5 slices of 4)
     pytest.param("avx2", M, marks=pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="needs AVX2"),
                  id=f"avx2-M{M}")
-    for M in (1, 3, 7)
+    for M in (1, 3, 7, 20)
 ]
 
 
@@ -412,6 +412,25 @@ def test_int8_activation_path(bits, group_size, K, stats, isa, M, monkeypatch):
     if isa == "avx2" and _has_vnni():  # the same int8 arithmetic as the VNNI kernel (exact integer sums)
         monkeypatch.delenv("QCOMPILER_CPU_ISA")
         np.testing.assert_allclose(y, _run(w, x, accuracy_level=4), rtol=0, atol=1e-6 * scale)
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="needs AVX2")
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("group_size,K", [(16, 600), (64, 600)])
+@pytest.mark.parametrize("stats", [(3, 16), (2, 32), (4, 16), (0, 16), (3, 8)])
+def test_avx2_int8_one_row_equals_a_row_of_two(bits, group_size, K, stats, monkeypatch):
+    # AVX2 at M = 1 takes a whole block of 16 rows per pass (statistics tables shared by its halves; 4-bit statistic
+    # codes excepted), M = 2 the per-half kernel: the same integer sums and fp32 steps, so row 0 of a two-row call
+    # equals the one-row call bit for bit (X is quantized to int8 row by row).
+    monkeypatch.setenv("QCOMPILER_CPU_ISA", "avx2")
+    monkeypatch.setenv("QCOMPILER_CPU_REQUIRE_PACKED", "1")
+    w = random_weight(N=70, K=K, bits=bits, group_size=group_size, stat_bits=stats[0], stat_group_size=stats[1],
+                      outlier_rate=0.02, permute=True, bias=True, seed=bits * 10 + group_size + stats[0])
+    x = _x((2, K), seed=3)
+    y1 = _run(w, x[:1], accuracy_level=4)
+    y2 = _run(w, x, accuracy_level=4)
+    np.testing.assert_array_equal(y1[0], y2[0])
+    assert not np.array_equal(y1[0], w.matmul(x[:1])[0])  # the int8 path ran
 
 
 @pytest.mark.parametrize("isa,M", [p for p in _INT8_PATHS if p.values[1] == 1])

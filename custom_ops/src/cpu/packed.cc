@@ -109,6 +109,7 @@ PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void
   const int64_t G = w.G;
   w.coded_stats = a.stat_bits >= 2 && a.stat_bits <= 4 && a.stat_group_size % kPackRows == 0;
   if (w.coded_stats) {
+    w.stat_bits = a.stat_bits;
     const int sb = static_cast<int>(a.stat_bits);
     const int64_t row_bytes = spqr::PackedRowBytes(a.N, a.stat_bits);
     const int64_t N2 = a.n_stat_groups();

@@ -95,6 +95,7 @@ constexpr float Pow2(int e) {
 struct PackedWeights {
   int64_t K = 0, N = 0, bits = 0, group_size = 0, G = 0, chunks = 0, blocks = 0;
   bool coded_stats = false;         // statistics as codes + second-level values (else decoded per row)
+  int64_t stat_bits = 0;            // coded_stats: the scale and zero codes' width (2..4)
   bool half_stats = false;          // not coded_stats: the rows' s and z as the stored fp16 (stat_bits 0), else fp32
   PackedVector<uint32_t> codes;      // [blocks][chunks][bits][16] (fp32 path)
   // int8 path (accuracy_level 4): [blocks][chunks][4][16]; byte b of word i of a lane holds the codes of columns
