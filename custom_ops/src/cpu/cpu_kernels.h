@@ -24,6 +24,8 @@ struct CpuKernels {
   int64_t packed_max_rows = 0;
   PackedGemvFn (*packed_gemv)(const PackedWeights& w, int64_t M) = nullptr;
   PackedGemvFn (*packed_gemv_int8)(const PackedWeights& w, int64_t M) = nullptr;
+  // Whether packed_gemv_int8 reads 3-bit codes as PackedWeights::codes3 (3 bits a weight in memory; else nibbles).
+  bool int8_codes3 = false;
   // X's preparation for packed_gemv_int8 (its int8 codes, scales and group sums), else PackedGemvInt8Inputs.
   PackedInt8InputsFn packed_int8_inputs = nullptr;
   // Whether slices of the packed GEMV also take M >= kGemmMinRows rows of X (else the portable GEMM does).

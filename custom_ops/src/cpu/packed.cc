@@ -55,6 +55,21 @@ void PackNibbles(const spqr::Attributes& a, const uint8_t* qweight, PackedWeight
   }
 }
 
+void PackCodes3(const spqr::Attributes& a, const uint8_t* qweight, PackedWeights& w) {
+  const int64_t row_bytes = spqr::PackedRowBytes(a.K, 3);
+  uint8_t q[spqr::kChunk];
+  for (int64_t n = 0; n < a.N; ++n) {
+    const int64_t blk = n / kPackRows, lane = n % kPackRows;
+    for (int64_t c = 0; c < w.chunks; ++c) {
+      spqr::DecodeChunk(qweight + n * row_bytes + c * 4 * 3, 3, q);
+      uint32_t words[3];
+      PackChunkCodes3(q, words);
+      uint32_t* dst = w.codes3.data() + ((blk * w.chunks + c) * 3) * kPackRows + lane;
+      for (int i = 0; i < 3; ++i) dst[i * kPackRows] = words[i];
+    }
+  }
+}
+
 // xg[g] = sum of x over group g (the zero-point term of both packed kernels).
 QC_CLONE_INLINE void GroupSums(const PackedWeights& w, const float* x, float* xg) {
   for (int64_t g = 0; g < w.G; ++g) {
@@ -66,6 +81,20 @@ QC_CLONE_INLINE void GroupSums(const PackedWeights& w, const float* x, float* xg
 }
 
 }  // namespace
+
+void PackChunkCodes3(const uint8_t* q, uint32_t words[3]) {
+  for (int i = 0; i < 3; ++i) words[i] = 0;
+  for (int b = 0; b < 4; ++b) {
+    uint32_t f[8];
+    for (int qd = 0; qd < 8; ++qd) f[qd] = q[4 * qd + b] & 7u;
+    const uint32_t w0 = f[0] | f[1] << 3 | (f[6] & 3u) << 6;
+    const uint32_t w1 = f[2] | f[3] << 3 | (f[6] >> 2) << 6 | (f[7] >> 2) << 7;
+    const uint32_t w2 = f[4] | f[5] << 3 | (f[7] & 3u) << 6;
+    words[0] |= w0 << (8 * b);
+    words[1] |= w1 << (8 * b);
+    words[2] |= w2 << (8 * b);
+  }
+}
 
 void PackedGroupSums(const PackedWeights& w, const float* x, float* xg) { GroupSums(w, x, xg); }
 
@@ -87,7 +116,7 @@ void ReleasePages(const void* p, size_t bytes) {
 }
 
 PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void* scales, const void* zeros,
-                   const uint16_t* stats2, bool int8) {
+                   const uint16_t* stats2, bool int8, bool int8_codes3) {
   PackedWeights w;
   w.K = a.K;
   w.N = a.N;
@@ -96,7 +125,10 @@ PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void
   w.G = a.n_groups();
   w.chunks = (a.K + spqr::kChunk - 1) / spqr::kChunk;
   w.blocks = (a.N + kPackRows - 1) / kPackRows;
-  if (int8) {
+  if (int8 && int8_codes3 && a.bits == 3) {
+    w.codes3.assign(static_cast<size_t>(w.blocks * w.chunks * 3 * kPackRows), 0u);
+    PackCodes3(a, qweight, w);
+  } else if (int8) {
     w.nibbles.assign(static_cast<size_t>(w.blocks * w.chunks * 4 * kPackRows), 0u);
     PackNibbles(a, qweight, w);
   } else {

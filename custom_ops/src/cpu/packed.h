@@ -102,6 +102,13 @@ struct PackedWeights {
   // 8i + b (low nibble) and 8i + 4 + b (high nibble), so one AND (or shift + AND) gives 4 consecutive codes per
   // lane as bytes for vpdpbusd.
   PackedVector<uint32_t> nibbles;
+  // int8 path, 3-bit codes, where the ISA's int8 kernels read them (CpuKernels::int8_codes3; instead of nibbles: 3 bits
+  // a weight in memory, not 4): [blocks][chunks][3][16]; byte b of each word of a lane holds the codes f_q of columns
+  // 4q + b, two whole ones per word (word 0: f0 | f1 << 3, word 1: f2 | f3 << 3, word 2: f4 | f5 << 3) and in the
+  // top two bits the parts of f6 and f7 (word 0: f6's low two bits, word 2: f7's, word 1: their high bits, f6's at
+  // bit 6, f7's at bit 7), so one shift and AND give a quad's 4 codes per lane as bytes (two shifts, two ANDs and
+  // an OR for quads 6 and 7).
+  PackedVector<uint32_t> codes3;
   PackedVector<uint8_t> stat_codes;  // coded_stats: [blocks][G][16] (scale code | zero code << 4)
   // coded_stats: [blocks >> stat_shift][G][4] (ss, sz, zs, zz): one row per second-level group of rows (2^stat_shift
   // blocks share it; shift 0 where stat_group_size / 16 is not a power of two); else [blocks][G][2][16] (s, z) where
@@ -132,9 +139,12 @@ inline bool Packable(const spqr::Attributes& a) {
 }
 
 // Packs the constant inputs (scales/zeros: fp16 [G, N] or packed codes; stats2: fp16 [G, N2, 4] or nullptr):
-// `codes` for the fp32 path, or `nibbles` with `int8`.
+// `codes` for the fp32 path, or with `int8` `nibbles` (`codes3` for 3-bit codes with `int8_codes3`).
 PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void* scales, const void* zeros,
-                   const uint16_t* stats2, bool int8 = false);
+                   const uint16_t* stats2, bool int8 = false, bool int8_codes3 = false);
+
+// The words of codes3 for one lane's 32 codes of a chunk (q[k] = the code of column k, < 8).
+void PackChunkCodes3(const uint8_t* q, uint32_t words[3]);
 
 // What the packed GEMV kernel reads per call (X in stored column order, MM rows).
 struct PackedGemvArgs {

@@ -147,19 +147,46 @@ PackedGemvFn FnFor2(bool half, bool coded, int64_t M) {
   return coded ? kFns2<BITS, false, true>[M] : kFns2<BITS, false, false>[M];
 }
 
+// Quads 2i and 2i + 1 of a chunk's codes for 8 rows (the 4 codes of columns 4q..4q+3 as bytes per lane), p: the
+// chunk's first word for these rows. Nibbles: word i's low and high nibbles. codes3 (packed.h): words 0..2 hold
+// quads 0..5 in their low six bits; quads 6 and 7 join word 0's or word 2's top two bits with a bit of word 1.
+QC_AVX2_INLINE __m256i LoadWord2(const uint32_t* p, int k) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k * kPackRows));
+}
+
+template <bool CODES3>
+QC_AVX2_INLINE void QuadPair2(const uint32_t* p, int i, __m256i& lo, __m256i& hi) {
+  if (!CODES3) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i z = LoadWord2(p, i);
+    lo = _mm256_and_si256(z, low4);
+    hi = _mm256_and_si256(_mm256_srli_epi16(z, 4), low4);
+  } else if (i < 3) {
+    const __m256i low3 = _mm256_set1_epi8(7);
+    const __m256i z = LoadWord2(p, i);
+    lo = _mm256_and_si256(z, low3);
+    hi = _mm256_and_si256(_mm256_srli_epi16(z, 3), low3);
+  } else {
+    const __m256i two = _mm256_set1_epi8(3), bit2 = _mm256_set1_epi8(4);
+    const __m256i w0 = LoadWord2(p, 0), w1 = LoadWord2(p, 1), w2 = LoadWord2(p, 2);
+    lo = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(w0, 6), two), _mm256_and_si256(_mm256_srli_epi16(w1, 4), bit2));
+    hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(w2, 6), two), _mm256_and_si256(_mm256_srli_epi16(w1, 5), bit2));
+  }
+}
+
 // int8 path without VNNI (accuracy_level 4 on AVX2 CPUs): the nibble layout and the int8 X of packed_avx512.cc's
 // GemvInt8. Per word (4 codes of 8 rows) vpmaddubsw multiplies the codes (unsigned, ≤ 15) with 4 int8 x (|x| ≤ 127)
 // into int16 pairs; a chunk's 8 products per lane are summed in int16 (at most 8 · 2 · 15 · 127 = 30480 < 2^15: no
 // saturation) and widened once by vpmaddwd, then converted and scaled by the chunk's X scale as there.
-template <int MM, bool HALF, bool CODED>
+template <int MM, bool HALF, bool CODED, bool CODES3>
 QC_AVX2 void GemvInt82(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
   const PackedWeights& w = *a.w;
   constexpr int H = HALF ? 2 : 1;
+  constexpr int W = CODES3 ? 3 : 4;  // words per chunk and lane
   const int64_t chunks_per_group = HALF ? 1 : w.group_size / spqr::kChunk;
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t blk = b0; blk < b1; ++blk) {
-    const uint32_t* nib = w.nibbles.data() + blk * w.chunks * 4 * kPackRows;
+    const uint32_t* nib = (CODES3 ? w.codes3.data() : w.nibbles.data()) + blk * w.chunks * W * kPackRows;
     for (int L = 0; L < 2; ++L) {  // the block's two halves of 8 rows
       __m256 y[MM];
       for (int m = 0; m < MM; ++m) y[m] = _mm256_setzero_ps();
@@ -172,13 +199,14 @@ QC_AVX2 void GemvInt82(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
           for (int h = 0; h < H; ++h)
             for (int m = 0; m < MM; ++m) acc[h][m] = _mm256_setzero_si256();
           const int32_t* xq = a.xq + c * 8 * MM;
+          const uint32_t* p = nib + c * W * kPackRows + L * kHalf;
+          for (int i = 0; i < W; ++i) {
+            _mm_prefetch(reinterpret_cast<const char*>(p + (kPrefetchChunks * W + i) * kPackRows), _MM_HINT_T0);
+          }
 #pragma GCC unroll 4
           for (int i = 0; i < 4; ++i) {
-            const uint32_t* p = nib + (c * 4 + i) * kPackRows + L * kHalf;
-            _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchChunks * 4 * kPackRows), _MM_HINT_T0);
-            const __m256i z = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-            const __m256i lo = _mm256_and_si256(z, low4);
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(z, 4), low4);
+            __m256i lo, hi;
+            QuadPair2<CODES3>(p, i, lo, hi);
             const int h = HALF && i >= 2 ? 1 : 0;
 #pragma GCC unroll 4
             for (int m = 0; m < MM; ++m) {
@@ -248,16 +276,16 @@ QC_AVX2_INLINE void FinishGroupBlock2(const PackedGemvArgs& a, int64_t blk, int6
 // distance ahead in the block's stream and on into the next block's. Coded statistics of at most 3 bits, fp16 or
 // fp32 statistics. The same operations on the same values as GemvInt82<1, HALF, CODED> (exact integer sums, then the
 // same fp32 steps in the same order), so the same results.
-template <bool HALF, bool CODED>
+template <bool HALF, bool CODED, bool CODES3>
 QC_AVX2 void GemvInt8Block2(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
   const PackedWeights& w = *a.w;
   constexpr int H = HALF ? 2 : 1;
+  constexpr int W = CODES3 ? 3 : 4;  // words (cache lines of the block) per chunk
   const int64_t chunks_per_group = HALF ? 1 : w.group_size / spqr::kChunk;
-  const int64_t block_words = w.chunks * 4 * kPackRows;
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const int64_t block_words = w.chunks * W * kPackRows;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t blk = b0; blk < b1; ++blk) {
-    const uint32_t* nib = w.nibbles.data() + blk * block_words;
+    const uint32_t* nib = (CODES3 ? w.codes3.data() : w.nibbles.data()) + blk * block_words;
     __m256 y[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t c0 = 0, g = 0; c0 < w.chunks; c0 += chunks_per_group, g += H) {
       __m256 t[H][2];
@@ -268,19 +296,16 @@ QC_AVX2 void GemvInt8Block2(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
         for (auto& ah : acc)
           for (auto& v : ah) v = _mm256_setzero_si256();
         const int32_t* xq = a.xq + c * 8;
-        // the chunk kPrefetchChunks ahead (4 lines), past the block's end in the next block (prefetches never fault)
-        const int64_t pc = c + kPrefetchChunks;
-        const uint32_t* ahead = nib + pc * 4 * kPackRows;
-        for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(ahead + i * kPackRows), _MM_HINT_T0);
+        // the chunk kPrefetchChunks ahead (W lines), past the block's end in the next block (prefetches never fault)
+        const uint32_t* ahead = nib + (c + kPrefetchChunks) * W * kPackRows;
+        for (int i = 0; i < W; ++i) _mm_prefetch(reinterpret_cast<const char*>(ahead + i * kPackRows), _MM_HINT_T0);
 #pragma GCC unroll 4
         for (int i = 0; i < 4; ++i) {
           const __m256i xl = _mm256_set1_epi32(xq[2 * i]), xh = _mm256_set1_epi32(xq[2 * i + 1]);
           const int h = HALF && i >= 2 ? 1 : 0;
           for (int L = 0; L < 2; ++L) {
-            const __m256i z =
-                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nib + (c * 4 + i) * kPackRows + L * kHalf));
-            const __m256i lo = _mm256_and_si256(z, low4);
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(z, 4), low4);
+            __m256i lo, hi;
+            QuadPair2<CODES3>(nib + c * W * kPackRows + L * kHalf, i, lo, hi);
             acc[h][L] = _mm256_add_epi16(acc[h][L],
                                          _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)));
           }
@@ -300,10 +325,20 @@ QC_AVX2 void GemvInt8Block2(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
   }
 }
 
-template <bool HALF, bool CODED>
-constexpr PackedGemvFn kInt8Fns2[kPackedAvx2MaxRows + 1] = {nullptr, &GemvInt82<1, HALF, CODED>,
-                                                             &GemvInt82<2, HALF, CODED>, &GemvInt82<3, HALF, CODED>,
-                                                             &GemvInt82<4, HALF, CODED>};
+template <bool HALF, bool CODED, bool CODES3>
+constexpr PackedGemvFn kInt8Fns2[kPackedAvx2MaxRows + 1] = {
+    nullptr, &GemvInt82<1, HALF, CODED, CODES3>, &GemvInt82<2, HALF, CODED, CODES3>,
+    &GemvInt82<3, HALF, CODED, CODES3>, &GemvInt82<4, HALF, CODED, CODES3>};
+
+template <bool CODES3>
+PackedGemvFn Int8FnFor2(bool half, bool coded, int64_t M, int64_t stat_bits) {
+  if (M == 1 && (!coded || stat_bits <= 3)) {  // a whole block per pass (4-bit statistic codes: 16 values)
+    if (half) return coded ? &GemvInt8Block2<true, true, CODES3> : &GemvInt8Block2<true, false, CODES3>;
+    return coded ? &GemvInt8Block2<false, true, CODES3> : &GemvInt8Block2<false, false, CODES3>;
+  }
+  if (half) return coded ? kInt8Fns2<true, true, CODES3>[M] : kInt8Fns2<true, false, CODES3>[M];
+  return coded ? kInt8Fns2<false, true, CODES3>[M] : kInt8Fns2<false, false, CODES3>[M];
+}
 
 // The outliers of rows [n0, n1) times x added to y[n - n0] (stride 1), branch-free over rows: the products in
 // storage order summed into a running fp64 total (cum[i] = sum of the first i products of the range), then each
@@ -366,15 +401,12 @@ PackedGemvFn PackedGemvAvx2(const PackedWeights& w, int64_t M) {
 }
 
 PackedGemvFn PackedGemvInt8Avx2(const PackedWeights& w, int64_t M) {
-  if (!PackedAvx2Available() || M < 1 || M > kPackedAvx2MaxRows || w.nibbles.empty()) return nullptr;
+  const bool codes3 = !w.codes3.empty();
+  if (!PackedAvx2Available() || M < 1 || M > kPackedAvx2MaxRows || (w.nibbles.empty() && !codes3)) return nullptr;
   const bool half = w.group_size == 16;
   if (!half && w.group_size % spqr::kChunk != 0) return nullptr;
-  if (M == 1 && (!w.coded_stats || w.stat_bits <= 3)) {  // a whole block per pass (4-bit statistic codes: 16 values)
-    if (half) return w.coded_stats ? &GemvInt8Block2<true, true> : &GemvInt8Block2<true, false>;
-    return w.coded_stats ? &GemvInt8Block2<false, true> : &GemvInt8Block2<false, false>;
-  }
-  if (half) return w.coded_stats ? kInt8Fns2<true, true>[M] : kInt8Fns2<true, false>[M];
-  return w.coded_stats ? kInt8Fns2<false, true>[M] : kInt8Fns2<false, false>[M];
+  return codes3 ? Int8FnFor2<true>(half, w.coded_stats, M, w.stat_bits)
+                : Int8FnFor2<false>(half, w.coded_stats, M, w.stat_bits);
 }
 
 #else  // not x86-64 GCC/Clang
@@ -399,6 +431,7 @@ const CpuKernels& Avx2Kernels() {
     t.packed_gemv = &PackedGemvAvx2;
     t.packed_gemv_int8 = &PackedGemvInt8Avx2;
     t.packed_gemv_any_rows = true;
+    t.int8_codes3 = true;
     t.outlier_rows = PackedOutlierRowsF16c();
     return t;
   }();

@@ -143,7 +143,8 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     std::call_once(pack_once_, [&] {
       packed_ = std::make_unique<PackedWeights>(
           Pack(attrs_, b.in[spqr::kQWeight].as<uint8_t>(), b.in[spqr::kScales].data, b.in[spqr::kZeros].data,
-               b.in[spqr::kStats2].present() ? b.in[spqr::kStats2].as<uint16_t>() : nullptr, int8_));
+               b.in[spqr::kStats2].present() ? b.in[spqr::kStats2].as<uint16_t>() : nullptr, int8_,
+               isa_->int8_codes3));
       if (release_pages_) {
         for (size_t i : {spqr::kQWeight, spqr::kScales, spqr::kZeros, spqr::kStats2}) {
           const spqr::TensorArg& t = b.in[i];
@@ -448,7 +449,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
         j.halves_to_floats = isa.halves_to_floats;
         j.packed_task_blocks = kPackTaskBlocks;
         if (j.packed_slices > 1) {  // several slices: bigger tasks (at least 8 of them)
-          const int64_t block_bytes = pw.chunks * (int8_ ? 4 : pw.bits) * kPackRows * 4;
+          const int64_t block_bytes = pw.chunks * (!int8_ ? pw.bits : pw.codes3.empty() ? 4 : 3) * kPackRows * 4;
           j.packed_task_blocks = std::clamp(std::min(kPackTaskBytes / block_bytes, (pw.blocks + 7) / 8), kPackTaskBlocks,
                                             kPackTaskMaxBlocks);
         }
