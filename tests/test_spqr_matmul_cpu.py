@@ -414,6 +414,56 @@ def test_int8_activation_path(bits, group_size, K, stats, isa, M, monkeypatch):
         np.testing.assert_allclose(y, _run(w, x, accuracy_level=4), rtol=0, atol=1e-6 * scale)
 
 
+def _int8_emulation(w, x: np.ndarray) -> np.ndarray:
+    """What the int8 path computes, in float64: X in stored column order quantized per span (16 columns with 16-column
+    groups, else 32) as the kernels do it in fp32 (scale max|x| / 127, x · (127 / max) rounded half to even, clamped
+    to ±127), the codes' dot products with those int8 values, the zero-point term with the exact group sums of x,
+    then outliers (exact x) and bias."""
+    M, K = x.shape
+    stored = (x[:, w.perm] if w.perm is not None else x).astype(np.float32)
+    span = 16 if w.group_size == 16 else 32
+    padded = np.zeros((M, -(-K // 32) * 32), np.float32)
+    padded[:, :K] = stored
+    spans = padded.reshape(M, -1, span)
+    amax = np.abs(spans).max(axis=2, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.clip(np.rint(spans * inv), -127, 127)  # float32 product, then round half to even
+    xhat = (q.astype(np.float64) * (amax / np.float32(127.0)).astype(np.float64)).reshape(M, -1)[:, :K]
+    s, z = (t.astype(np.float64) for t in w.group_stats())  # [N, G]
+    g = np.arange(K) // w.group_size
+    dense = s[:, g] * w.codes().astype(np.float64)  # s · code, stored order
+    sums = np.zeros((M, w.n_groups))
+    np.add.at(sums.T, g, stored.T.astype(np.float64))  # exact-ish group sums of x
+    y = xhat @ dense.T - sums @ (s * z).T
+    if w.outlier_values is not None:
+        rows = np.repeat(np.arange(w.N), np.diff(w.outlier_row_ptr))
+        cols = w.outlier_col_idx.astype(np.int64)
+        vals = w.outlier_values.astype(np.float64)
+        np.add.at(y.T, rows, (stored[:, cols].astype(np.float64) * vals).T)
+    if w.bias is not None:
+        y = y + w.bias.astype(np.float64)
+    return y
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("group_size,K", [(16, 600), (64, 600)])
+@pytest.mark.parametrize("isa,M", _INT8_PATHS)
+def test_int8_path_matches_its_emulation(bits, group_size, K, isa, M, monkeypatch):
+    # The int8 path to fp32 rounding: X's int8 preparation (ISA-specific: AVX2, AVX-512) rounds each value as the
+    # emulation does, so one value rounded the other way (an error of ~3e-4 of max|y| here) fails the tolerance.
+    monkeypatch.setenv("QCOMPILER_CPU_REQUIRE_PACKED", "1")
+    if isa == "avx2":
+        monkeypatch.setenv("QCOMPILER_CPU_ISA", "avx2")
+    w = random_weight(N=70, K=K, bits=bits, group_size=group_size, stat_bits=3, stat_group_size=16,
+                      outlier_rate=0.02, permute=True, bias=True, seed=bits * 7 + group_size + M)
+    x = _x((M, K), seed=M + 11)
+    y = _run(w, x, accuracy_level=4)
+    ref = _int8_emulation(w, x)
+    scale = float(np.abs(ref).max())
+    np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * scale)
+    assert np.abs(y - w.matmul(x)).max() > 2e-4 * scale  # the fp32 result is farther away than the tolerance
+
+
 @pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="needs AVX2")
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("group_size,K", [(16, 600), (64, 600)])

@@ -374,6 +374,64 @@ __attribute__((target("avx,fma,f16c"))) void OutlierRowsF16c(const uint16_t* val
   for (int64_t n = n0; n < n1; ++n) y[n - n0] += static_cast<float>(c[row_ptr[n + 1]] - c[row_ptr[n]]);
 }
 
+// PackedGemvInt8Inputs with AVX2 (the portable loop's x86-64-v3 clone stayed scalar): per span of SPAN columns (16
+// or 32) the max of |x| (exact in any order), then x · 127 / max rounded to nearest even (vroundps, as nearbyint),
+// clamped to ±127 and packed to bytes; identical values.
+template <int SPAN>
+QC_AVX2 void Int8InputsAvx2(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, int32_t* xq,
+                            float* xd, float* xg, int64_t xg_stride) {
+  constexpr int H = spqr::kChunk / SPAN, V = SPAN / 8;  // spans per chunk, vectors per span
+  const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t m = 0; m < mm; ++m) {
+    const float* xr = x + m * xstride;  // zero past K up to whole chunks
+    for (int64_t c = 0; c < w.chunks; ++c) {
+      __m256i k[4];  // the chunk's 32 codes as int32, 8 per vector
+      for (int h = 0; h < H; ++h) {
+        __m256 v[V];
+        __m256 amax = _mm256_setzero_ps();
+        for (int i = 0; i < V; ++i) {
+          v[i] = _mm256_loadu_ps(xr + c * spqr::kChunk + h * SPAN + 8 * i);
+          amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], abs_mask));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+        const float a = _mm_cvtss_f32(m4);
+        const float inv = a > 0.f ? 127.f / a : 0.f;
+        xd[(c * H + h) * mm + m] = a / 127.f;
+        for (int i = 0; i < V; ++i) {
+          const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          k[h * V + i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+        }
+      }
+      // int32 -> int8 (no saturation: |k| <= 127); the packs interleave 128-bit lanes, the permute restores column
+      // order: word j = columns 4j..4j+3, one byte each
+      const __m256i b = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(k[0], k[1]), _mm256_packs_epi32(k[2], k[3])), order);
+      if (mm == 1) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + c * 8), b);
+      } else {
+        alignas(32) int32_t words[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(words), b);
+        for (int j = 0; j < 8; ++j) xq[(c * 8 + j) * mm + m] = words[j];
+      }
+    }
+    PackedGroupSums(w, xr, xg + m * xg_stride);
+  }
+}
+
+QC_AVX2 void Int8InputsAvx2Any(const PackedWeights& w, const float* x, int64_t xstride, int64_t mm, int32_t* xq,
+                               float* xd, float* xg, int64_t xg_stride) {
+  if (XScalesPerChunk(w) == 2) {
+    Int8InputsAvx2<16>(w, x, xstride, mm, xq, xd, xg, xg_stride);
+  } else {
+    Int8InputsAvx2<32>(w, x, xstride, mm, xq, xd, xg, xg_stride);
+  }
+}
+
 }  // namespace
 
 PackedOutlierRowsFn PackedOutlierRowsF16c() {
@@ -432,6 +490,7 @@ const CpuKernels& Avx2Kernels() {
     t.packed_gemv_int8 = &PackedGemvInt8Avx2;
     t.packed_gemv_any_rows = true;
     t.int8_codes3 = true;
+    t.packed_int8_inputs = &Int8InputsAvx2Any;
     t.outlier_rows = PackedOutlierRowsF16c();
     return t;
   }();
