@@ -469,17 +469,20 @@ def test_int8_path_matches_its_emulation(bits, group_size, K, isa, M, monkeypatc
 @pytest.mark.parametrize("group_size,K", [(16, 600), (64, 600)])
 @pytest.mark.parametrize("stats", [(3, 16), (2, 32), (4, 16), (0, 16), (3, 8)])
 def test_avx2_int8_one_row_equals_a_row_of_two(bits, group_size, K, stats, monkeypatch):
-    # AVX2 at M = 1 takes a whole block of 16 rows per pass (statistics tables shared by its halves; 4-bit statistic
-    # codes excepted), M = 2 the per-half kernel: the same integer sums and fp32 steps, so row 0 of a two-row call
-    # equals the one-row call bit for bit (X is quantized to int8 row by row).
+    # AVX2 takes a whole block of 16 rows per pass (statistics tables shared by its halves; 4-bit statistic codes
+    # excepted: two 8-row passes), one row of X (decode) or 2..4 (prefill slices) at a time: the same integer sums
+    # and fp32 steps per row, so a row of a multi-row call equals the one-row call bit for bit (X is quantized to
+    # int8 row by row).
     monkeypatch.setenv("QCOMPILER_CPU_ISA", "avx2")
     monkeypatch.setenv("QCOMPILER_CPU_REQUIRE_PACKED", "1")
     w = random_weight(N=70, K=K, bits=bits, group_size=group_size, stat_bits=stats[0], stat_group_size=stats[1],
                       outlier_rate=0.02, permute=True, bias=True, seed=bits * 10 + group_size + stats[0])
-    x = _x((2, K), seed=3)
+    # (M < 4: from 4 rows on, the outliers are added through X transposed, in fp32 per row, not in fp64 totals)
+    x = _x((3, K), seed=3)
     y1 = _run(w, x[:1], accuracy_level=4)
-    y2 = _run(w, x, accuracy_level=4)
-    np.testing.assert_array_equal(y1[0], y2[0])
+    for M in (2, 3):  # both halves per pass at 2..4 rows too (prefill slices)
+        np.testing.assert_array_equal(y1[0], _run(w, x[:M], accuracy_level=4)[0])
+    np.testing.assert_array_equal(_run(w, x[2:3], accuracy_level=4)[0], _run(w, x, accuracy_level=4)[2])
     assert not np.array_equal(y1[0], w.matmul(x[:1])[0])  # the int8 path ran
 
 

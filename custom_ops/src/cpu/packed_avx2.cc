@@ -239,9 +239,7 @@ QC_AVX2 void GemvInt82(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
 // (a 3-bit code indexes an 8-lane register; vpermps reads the low 3 bits, so the zero code in bits 4..6 of a scale
 // index does not disturb it).
 template <bool CODED>
-QC_AVX2_INLINE void FinishGroupBlock2(const PackedGemvArgs& a, int64_t blk, int64_t g, const __m256* t, __m256* y) {
-  const PackedWeights& w = *a.w;
-  __m256 s[2], z[2];
+QC_AVX2_INLINE void GroupStatsBlock2(const PackedWeights& w, int64_t blk, int64_t g, __m256* s, __m256* z) {
   if (CODED) {
     const float* v = CodedStatValues(w, blk, g);
     const __m256 iota = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
@@ -267,6 +265,12 @@ QC_AVX2_INLINE void FinishGroupBlock2(const PackedGemvArgs& a, int64_t blk, int6
       z[L] = _mm256_loadu_ps(v + kPackRows + L * kHalf);
     }
   }
+}
+
+template <bool CODED>
+QC_AVX2_INLINE void FinishGroupBlock2(const PackedGemvArgs& a, int64_t blk, int64_t g, const __m256* t, __m256* y) {
+  __m256 s[2], z[2];
+  GroupStatsBlock2<CODED>(*a.w, blk, g, s, z);
   const __m256 xg = _mm256_set1_ps(a.xg[g]);
   for (int L = 0; L < 2; ++L) y[L] = _mm256_fmadd_ps(s[L], _mm256_fnmadd_ps(z[L], xg, t[L]), y[L]);
 }
@@ -325,16 +329,93 @@ QC_AVX2 void GemvInt8Block2(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
   }
 }
 
+// GemvInt8Block2 for MM = 2..4 rows of X (prefill slices): the two halves decode their codes once per chunk and
+// every row's x broadcast serves both; the integer sums stay in registers (2 halves × MM rows), the fp32 sums (t)
+// and y live in small arrays (AVX2's 16 registers hold no more). Same values as GemvInt82<MM, HALF, CODED, CODES3>.
+template <int MM, bool HALF, bool CODED, bool CODES3>
+QC_AVX2 void GemvInt8BlockRows2(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
+  const PackedWeights& w = *a.w;
+  constexpr int H = HALF ? 2 : 1;          // groups per chunk
+  constexpr int WH = 4 / H;                // words per group phase of a chunk
+  constexpr int W = CODES3 ? 3 : 4;        // words per chunk and lane
+  const int64_t chunks_per_group = HALF ? 1 : w.group_size / spqr::kChunk;
+  const int64_t block_words = w.chunks * W * kPackRows;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const uint32_t* nib = (CODES3 ? w.codes3.data() : w.nibbles.data()) + blk * block_words;
+    __m256 y[2][MM];
+    for (auto& yl : y)
+      for (auto& v : yl) v = _mm256_setzero_ps();
+    for (int64_t c0 = 0, g = 0; c0 < w.chunks; c0 += chunks_per_group, g += H) {
+      __m256 t[H][2][MM];
+      for (auto& th : t)
+        for (auto& tl : th)
+          for (auto& v : tl) v = _mm256_setzero_ps();
+      for (int64_t c = c0, c1 = std::min(w.chunks, c0 + chunks_per_group); c < c1; ++c) {
+        const int32_t* xq = a.xq + c * 8 * MM;
+        const uint32_t* ahead = nib + (c + kPrefetchChunks) * W * kPackRows;
+        for (int i = 0; i < W; ++i) _mm_prefetch(reinterpret_cast<const char*>(ahead + i * kPackRows), _MM_HINT_T0);
+        for (int h = 0; h < H; ++h) {
+          __m256i acc[2][MM];
+          for (auto& al : acc)
+            for (auto& v : al) v = _mm256_setzero_si256();
+#pragma GCC unroll 4
+          for (int i = h * WH; i < (h + 1) * WH; ++i) {
+            __m256i lo[2], hi[2];
+            for (int L = 0; L < 2; ++L) QuadPair2<CODES3>(nib + c * W * kPackRows + L * kHalf, i, lo[L], hi[L]);
+#pragma GCC unroll 4
+            for (int m = 0; m < MM; ++m) {
+              const __m256i xl = _mm256_set1_epi32(xq[(2 * i) * MM + m]), xh = _mm256_set1_epi32(xq[(2 * i + 1) * MM + m]);
+              for (int L = 0; L < 2; ++L) {
+                acc[L][m] = _mm256_add_epi16(
+                    acc[L][m], _mm256_add_epi16(_mm256_maddubs_epi16(lo[L], xl), _mm256_maddubs_epi16(hi[L], xh)));
+              }
+            }
+          }
+#pragma GCC unroll 4
+          for (int m = 0; m < MM; ++m) {
+            const __m256 xd = _mm256_set1_ps(a.xd[(c * H + h) * MM + m]);
+            for (int L = 0; L < 2; ++L) {
+              t[h][L][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(acc[L][m], ones)), xd, t[h][L][m]);
+            }
+          }
+        }
+      }
+      for (int h = 0; h < H && g + h < w.G; ++h) {
+        __m256 s[2], z[2];
+        GroupStatsBlock2<CODED>(w, blk, g + h, s, z);
+#pragma GCC unroll 4
+        for (int m = 0; m < MM; ++m) {
+          const __m256 xg = _mm256_set1_ps(a.xg[m * a.xg_stride + g + h]);
+          for (int L = 0; L < 2; ++L) y[L][m] = _mm256_fmadd_ps(s[L], _mm256_fnmadd_ps(z[L], xg, t[h][L][m]), y[L][m]);
+        }
+      }
+    }
+    for (int m = 0; m < MM; ++m) {
+      for (int L = 0; L < 2; ++L) _mm256_storeu_ps(a.y + m * a.y_stride + (blk - b0) * kPackRows + L * kHalf, y[L][m]);
+    }
+  }
+}
+
 template <bool HALF, bool CODED, bool CODES3>
 constexpr PackedGemvFn kInt8Fns2[kPackedAvx2MaxRows + 1] = {
     nullptr, &GemvInt82<1, HALF, CODED, CODES3>, &GemvInt82<2, HALF, CODED, CODES3>,
     &GemvInt82<3, HALF, CODED, CODES3>, &GemvInt82<4, HALF, CODED, CODES3>};
+
+template <bool HALF, bool CODED, bool CODES3>
+constexpr PackedGemvFn kInt8BlockFns2[kPackedAvx2MaxRows + 1] = {
+    nullptr, &GemvInt8Block2<HALF, CODED, CODES3>, &GemvInt8BlockRows2<2, HALF, CODED, CODES3>,
+    &GemvInt8BlockRows2<3, HALF, CODED, CODES3>, &GemvInt8BlockRows2<4, HALF, CODED, CODES3>};
 
 template <bool CODES3>
 PackedGemvFn Int8FnFor2(bool half, bool coded, int64_t M, int64_t stat_bits) {
   if (M == 1 && (!coded || stat_bits <= 3)) {  // a whole block per pass (4-bit statistic codes: 16 values)
     if (half) return coded ? &GemvInt8Block2<true, true, CODES3> : &GemvInt8Block2<true, false, CODES3>;
     return coded ? &GemvInt8Block2<false, true, CODES3> : &GemvInt8Block2<false, false, CODES3>;
+  }
+  if (!coded || stat_bits <= 3) {  // 2..4 rows: the same, both halves per pass
+    if (half) return coded ? kInt8BlockFns2<true, true, CODES3>[M] : kInt8BlockFns2<true, false, CODES3>[M];
+    return coded ? kInt8BlockFns2<false, true, CODES3>[M] : kInt8BlockFns2<false, false, CODES3>[M];
   }
   if (half) return coded ? kInt8Fns2<true, true, CODES3>[M] : kInt8Fns2<true, false, CODES3>[M];
   return coded ? kInt8Fns2<false, true, CODES3>[M] : kInt8Fns2<false, false, CODES3>[M];
