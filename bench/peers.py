@@ -59,13 +59,36 @@ LLAMACPP_DIR = REPO / "build" / "llamacpp"
 LLAMACPP_SDIST = "llama-cpp-python==0.3.36"  # vendors llama.cpp's source (its vendor/llama.cpp)
 LLAMACPP_BIN = LLAMACPP_DIR / "build" / "bin"
 LLAMACPP_SRC = LLAMACPP_DIR / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
-# CPU features spelled out instead of GGML_NATIVE: this VM advertises AMX, and ggml's AMX kernels die of SIGILL on it
-# (`ggml_backend_amx_mul_mat`, `tilezero`); every AVX-512 feature it has is on, so the repacked layouts stay in use.
-LLAMACPP_CMAKE = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
-                  "-DGGML_F16C=ON", "-DGGML_BMI2=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON",
-                  "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON", "-DGGML_AVX_VNNI=ON", "-DGGML_AMX_TILE=OFF",
-                  "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                  "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF"]
+# CPU features spelled out instead of GGML_NATIVE, from this CPU's flags (llamacpp_cmake): a Xeon VM here advertises
+# AMX, and ggml's AMX kernels die of SIGILL on it (`ggml_backend_amx_mul_mat`, `tilezero`), so AMX stays off; every
+# AVX-512 feature the CPU has is on (the repacked layouts stay in use), none it lacks (an AMD EPYC Zen 3 VM here has
+# AVX2 only).
+LLAMACPP_CMAKE_BASE = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON",
+                       "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
+                       "-DGGML_AMX_BF16=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                       "-DBUILD_SHARED_LIBS=OFF"]
+# ggml option -> the /proc/cpuinfo flag it needs
+LLAMACPP_CPU_OPTIONS = {"GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi", "GGML_AVX512_VNNI": "avx512_vnni",
+                        "GGML_AVX512_BF16": "avx512_bf16", "GGML_AVX_VNNI": "avx_vnni"}
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's /proc/cpuinfo flags (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def llamacpp_cmake(flags: set[str]) -> list[str]:
+    """llama.cpp's CMake options for a CPU with `flags`: LLAMACPP_CMAKE_BASE plus each optional ISA it has."""
+    return LLAMACPP_CMAKE_BASE + [f"-D{opt}={'ON' if flag in flags else 'OFF'}"
+                                  for opt, flag in LLAMACPP_CPU_OPTIONS.items()]
+
+
 LLAMACPP_TARGETS = ["llama-bench", "llama-quantize", "llama-imatrix", "llama-perplexity"]
 DATA_FALLBACK = Path("/work/shared/data")
 # our rows: `qcompiler export SOURCE FLAGS -o build/peers/ours/LABEL` (`--prepare` exports the missing ones), with the
@@ -332,7 +355,7 @@ class Preparer:
 
     def llama_cpp(self) -> None:
         """llama.cpp from the llama-cpp-python sdist on PyPI (`pip download`), built with CMake into
-        build/llamacpp/build (`LLAMACPP_CMAKE`; ~10 min on 2 cores)."""
+        build/llamacpp/build (`llamacpp_cmake`; ~10 min on 2 cores)."""
         if not (LLAMACPP_SRC / "CMakeLists.txt").exists():
             LLAMACPP_DIR.mkdir(parents=True, exist_ok=True)
             _run("pip download", [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
@@ -343,7 +366,7 @@ class Preparer:
             with tarfile.open(sdist) as tar:
                 tar.extractall(LLAMACPP_DIR, filter="data")
         build = LLAMACPP_BIN.parent
-        _run("cmake configure", ["cmake", "-S", LLAMACPP_SRC, "-B", build, *LLAMACPP_CMAKE],
+        _run("cmake configure", ["cmake", "-S", LLAMACPP_SRC, "-B", build, *llamacpp_cmake(cpu_flags())],
              log=self.dir / "logs" / "llamacpp-cmake.log")
         _run("cmake build", ["cmake", "--build", build, "-j", os.cpu_count() or 2, "--target",
                              *LLAMACPP_TARGETS], log=self.dir / "logs" / "llamacpp-build.log")

@@ -257,3 +257,14 @@ def test_default_output_never_overwrites_a_report(tmp_path):
     assert peers.default_output(tmp_path, day) == tmp_path / "peers-2026-12-06-2.md"
     (tmp_path / "peers-2026-12-06-2.json").write_text("{}")
     assert peers.default_output(tmp_path, day) == tmp_path / "peers-2026-12-06-3.md"
+
+
+def test_llamacpp_cmake_turns_on_only_what_the_cpu_has():
+    # llama.cpp is built for the machine it is measured on: AVX-512 options where the CPU has them (a Sapphire Rapids
+    # VM), off on an AVX2-only CPU (an AMD EPYC Zen 3 VM: an AVX-512 build dies of SIGILL there); AMX always off.
+    zen3 = {"avx", "avx2", "fma", "f16c", "bmi2"}
+    spr = zen3 | {"avx512f", "avx512vbmi", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile"}
+    assert "-DGGML_AVX512=OFF" in peers.llamacpp_cmake(zen3) and "-DGGML_AVX512_VNNI=OFF" in peers.llamacpp_cmake(zen3)
+    assert "-DGGML_AVX512=ON" in peers.llamacpp_cmake(spr) and "-DGGML_AVX512_BF16=ON" in peers.llamacpp_cmake(spr)
+    for flags in (zen3, spr):
+        assert "-DGGML_AMX_TILE=OFF" in peers.llamacpp_cmake(flags) and "-DGGML_AVX2=ON" in peers.llamacpp_cmake(flags)
