@@ -558,9 +558,8 @@ PackedGemvFn PackedGemvAvx2(const PackedWeights&, int64_t) { return nullptr; }
 #endif
 
 // The AVX2 table (cpu_kernels.h): the packed GEMV (fp32 and int8 activations) for up to kPackedAvx2MaxRows rows of X
-// per slice, at any M (prefill too: on SmolLM2's 4-bit export with int8 activations, a 64-token prompt ran at 2.2x the
-// speed of the portable GEMM on the stored layout, 200 against 90 tok/s on a 2-core AMD EPYC (Zen 3), alternating
-// fresh processes), outliers per row with F16C; empty without AVX2 + FMA.
+// per slice, at any M (prefill too, where the portable GEMM on the stored layout had run: bench/results/ab-2026-12-07-*),
+// outliers per row with F16C; empty without AVX2 + FMA.
 const CpuKernels& Avx2Kernels() {
   static const CpuKernels k = [] {
     CpuKernels t;
