@@ -80,8 +80,11 @@ RTN_RTOL = 5e-4
 # CPU): between 1 and 2 threads the outlier count moved by 5.6e-4, avg bits by 3.9e-5, the mean relative weight
 # error by 4.0e-5, and, the changed roundings compounding over 30 layers, the 4-window perplexity by 8.2e-3 and the
 # greedy tokens from the 6th on. With the thread count fixed the export is bit-identical from run to run; the
-# tolerances cover another summation order.
-SPQR_RTOL = {"avg_bits": 2e-4, "rel_error": 2e-4, "outliers": 2e-3, "ppl": 2.5e-2}
+# tolerances cover another summation order. Another CPU: on a 2-core AMD EPYC (Zen 3) VM (2026-12-07, CI on a fresh
+# clone) the bits, weight error and outlier count stayed within these tolerances but the 4-window perplexity came out
+# 2.9 % lower (39.013 against the stored 40.171, from the Xeon), so ppl is held to 5 %: it still catches a broken
+# export (RTN 3-bit: 54.2; the ppl of a wrong kernel or fold is off by far more).
+SPQR_RTOL = {"avg_bits": 2e-4, "rel_error": 2e-4, "outliers": 2e-3, "ppl": 5e-2}
 GREEDY_COMPARED = {"rtn": GREEDY, "spqr": 5}  # leading greedy tokens compared exactly
 ORT_TORCH_RTOL = 1e-4  # the same folder in ONNX Runtime and in PyTorch, ppl and each window's mean NLL
 
