@@ -570,7 +570,9 @@ const CpuKernels& Avx2Kernels() {
     t.packed_gemv_int8 = &PackedGemvInt8Avx2;
     t.packed_gemv_any_rows = true;
     t.int8_codes3 = true;
-    t.packed_int8_inputs = &Int8InputsAvx2Any;
+#if defined(QC_HAVE_AVX2_BUILD)
+    t.packed_int8_inputs = &Int8InputsAvx2Any;  // x86-64 builds only (the other entries have stubs below)
+#endif
     t.outlier_rows = PackedOutlierRowsF16c();
     return t;
   }();
