@@ -4,7 +4,8 @@ quality side by side, all measured in one run on one machine.
 Rows (the table's "built from / how" column says what each is and how it was made):
 
 - ours: `qcompiler export` folders (`--ours LABEL=FOLDER`, default: those of build/peers/ours/{fp32, spqr-w4,
-  spqr-w4-head4, spqr-w3, spqr-w3-head4} that exist), run through `qcompiler.runtime.generate.Generator` (what
+  spqr-w4-head4, spqr-w4-headg4, spqr-w4-head8, spqr-w3, spqr-w3-head4} and their `-a4` copies that exist; `head4`:
+  `--lm-head rtn` 4-bit, `headg4`: `--lm-head gptq` 4-bit, `head8`: `--lm-head rtn` 8-bit), run through `qcompiler.runtime.generate.Generator` (what
   `qcompiler generate` runs), and with `--drivers qcompiler,genai` also through onnxruntime-genai's Generator on the
   folder's genai_config.json (rows `...@genai`; this checkout's op library registered by absolute path, since a
   folder carries the copy made when it was exported);
@@ -94,6 +95,8 @@ DATA_FALLBACK = Path("/work/shared/data")
 # our rows: `qcompiler export SOURCE FLAGS -o build/peers/ours/LABEL` (`--prepare` exports the missing ones), with the
 # calibration of README's quality tables (bench/quality.py: 32 windows of 512 tokens of WikiText-2 validation, seed 0)
 HEAD4 = ["--lm-head", "rtn", "--lm-head-bits", "4", "--lm-head-group-size", "32"]
+HEAD4_GPTQ = ["--lm-head", "gptq", "--lm-head-bits", "4", "--lm-head-group-size", "32"]  # on the calibration windows
+HEAD8 = ["--lm-head", "rtn", "--lm-head-bits", "8", "--lm-head-group-size", "128"]
 CALIBRATION = ["--nsamples", "32", "--seqlen", "512"]
 OURS_BUILDS: dict[str, list[str]] = {
     "fp32": ["--method", "none"],
@@ -101,13 +104,17 @@ OURS_BUILDS: dict[str, list[str]] = {
     "spqr-w4-head4": ["--method", "spqr", "--accuracy-level", "0", *CALIBRATION, *HEAD4],
     "spqr-w3-head4": ["--method", "spqr", "--preset", "sub4", *CALIBRATION, *HEAD4],
     "spqr-w4": ["--method", "spqr", "--accuracy-level", "0", *CALIBRATION],
+    "spqr-w4-headg4": ["--method", "spqr", "--accuracy-level", "0", *CALIBRATION, *HEAD4_GPTQ],
+    "spqr-w4-head8": ["--method", "spqr", "--accuracy-level", "0", *CALIBRATION, *HEAD8],
     "spqr-w3": ["--method", "spqr", "--preset", "sub4", *CALIBRATION],
 }
 # rows derived from a built row: its folder with `accuracy_level` 4 on every SpQRMatMul (int8 activations in the CPU
 # kernel) — the graph `--accuracy-level 4` exports (the set-accuracy-level pass runs last), without quantizing again
 OURS_DERIVED: dict[str, tuple[str, int]] = {"spqr-w4-head4-a4": ("spqr-w4-head4", 4),
                                             "spqr-w3-head4-a4": ("spqr-w3-head4", 4),
-                                            "spqr-w4-a4": ("spqr-w4", 4)}
+                                            "spqr-w4-a4": ("spqr-w4", 4),
+                                            "spqr-w4-headg4-a4": ("spqr-w4-headg4", 4),
+                                            "spqr-w4-head8-a4": ("spqr-w4-head8", 4)}
 OURS_DEFAULT = [*OURS_BUILDS, *OURS_DERIVED]
 NICE = ["nice", "-n", "10"]  # heavy build steps yield to interactive work on this shared 2-core machine
 

@@ -78,13 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="named settings of the method, overridden by explicit flags (spqr: near-lossless = the "
                         "defaults, sub4 = 3-bit codes under 3.9 bits/param)")
     e.add_argument("--force", action="store_true", help="replace an existing output folder")
-    e.add_argument("--lm-head", default="keep", choices=("keep", "rtn"),
-                   help="quantize the output projection too (a tied embedding keeps its table for the lookup): rtn = "
-                        "min-max round-to-nearest with --lm-head-bits / --lm-head-group-size (default: keep, at the "
-                        "export dtype)")
-    e.add_argument("--lm-head-bits", type=int, default=4, help="lm_head code width: 2, 3 or 4 (default: 4)")
+    e.add_argument("--lm-head", default="keep", choices=("keep", "rtn", "gptq"),
+                   help="quantize the output projection too (a tied embedding's lookup then reads the same quantized "
+                        "table): rtn = min-max round-to-nearest, gptq = GPTQ calibrated on the final hidden states "
+                        "of the calibration windows, with --lm-head-bits / --lm-head-group-size (default: keep, at "
+                        "the export dtype)")
+    e.add_argument("--lm-head-bits", type=int, default=4, help="lm_head code width: 2, 3, 4 or 8 (default: 4)")
     e.add_argument("--lm-head-group-size", type=int, default=32,
                    help="lm_head input features per scale/zero group (default: 32)")
+    e.add_argument("--lm-head-nsamples", type=int, default=None,
+                   help="--lm-head gptq: calibration windows for its Hessian (default: all of --nsamples)")
+    e.add_argument("--lm-head-act-order", action="store_true",
+                   help="--lm-head gptq: columns by decreasing Hessian diagonal (a tied embedding then keeps a float "
+                        "table: the lookup cannot read a permuted one)")
     e.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
                    help="activations/unquantized weights of the graph: fp32 (CPU default) or fp16 (GPU deployment)")
     cal = e.add_argument_group("calibration (methods that need data)")
@@ -210,7 +216,8 @@ def _lm_head_config(args: argparse.Namespace):
         return None
     from qcompiler.quantize.lm_head import LMHeadConfig
 
-    return LMHeadConfig(method=args.lm_head, bits=args.lm_head_bits, group_size=args.lm_head_group_size)
+    return LMHeadConfig(method=args.lm_head, bits=args.lm_head_bits, group_size=args.lm_head_group_size,
+                        nsamples=args.lm_head_nsamples, act_order=args.lm_head_act_order)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

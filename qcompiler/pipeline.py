@@ -78,7 +78,9 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
     if method_cls.learns_transforms and dtype != "fp32":
         raise QCompilerError("--dtype fp16 is not supported with transform methods (affinequant): the fold passes "
                              "are exact in fp32 only")
-    calibration = resolve_calibration(method, calibration) if method_cls.needs_calibration else None
+    head_calibrated = lm_head is not None and lm_head.needs_calibration
+    calibration = resolve_calibration(method if method_cls.needs_calibration else f"--lm-head {lm_head.method}",
+                                      calibration) if method_cls.needs_calibration or head_calibrated else None
     hf_config = load_config(source)
     family = family_for(hf_config)
     memory = estimate_memory(hf_config, method_cls, calibrated=method_cls.needs_calibration, nsamples=nsamples,
@@ -96,7 +98,8 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
         if calibration else None
 
     with clock("quantize", f"quantizing with {method} ({config})"):
-        result = method_cls(config).quantize(model, family, calibration=calib, progress=not quiet)
+        result = method_cls(config).quantize(model, family, calibration=calib if method_cls.needs_calibration
+                                             else None, progress=not quiet)
     if not result.layers and method_cls.quantizes:
         raise QCompilerError("no linear layer was quantized (nothing to export)")
     head = None
@@ -104,7 +107,7 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
         from qcompiler.quantize.lm_head import describe, quantize_lm_head
 
         with clock("lm_head", "quantizing the lm_head"):
-            head = quantize_lm_head(model, family, lm_head)
+            head = quantize_lm_head(model, family, lm_head, calibration=calib, progress=not quiet)
         clock.say(describe(head))
 
     with clock("export", "exporting to ONNX"):

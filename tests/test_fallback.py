@@ -19,7 +19,7 @@ from tests.builders import random_weight
 from tests.builders import single_op_model
 from qcompiler.validate import random_feeds
 
-CASES = list(itertools.product([2, 3, 4], [0, 2, 3, 4], [False, True], [False, True], [False, True]))
+CASES = list(itertools.product([2, 3, 4, 8], [0, 2, 3, 4], [False, True], [False, True], [False, True]))
 
 
 def _stock(model: onnx.ModelProto) -> ort.InferenceSession:

@@ -116,7 +116,7 @@ def cases(draw) -> Case:
     return Case(
         N=draw(st.one_of(st.integers(1, 48), st.sampled_from([64, 100, 129]))),
         K=K,
-        bits=draw(st.sampled_from([2, 3, 4])),
+        bits=draw(st.sampled_from([2, 3, 4, 8])),
         group_size=draw(st.one_of(st.sampled_from([8, 16, 32, 64, 128]), st.integers(1, 80))),
         stat_bits=draw(st.sampled_from([0, 2, 3, 4])),
         stat_group_size=draw(st.sampled_from([4, 8, 16, 32, 17])),
@@ -193,7 +193,7 @@ def test_valid_configurations_match_the_reference(mode):
         return
     assert len(ran) >= N_VALID
     # the strategy reaches what it claims to (a fixed, derandomized run would otherwise hide a dead branch)
-    assert {c.bits for c in ran} == {2, 3, 4} and {c.stat_bits for c in ran} == {0, 2, 3, 4}
+    assert {c.bits for c in ran} == {2, 3, 4, 8} and {c.stat_bits for c in ran} == {0, 2, 3, 4}
     assert any(c.outlier_rate > 0 and c.permute for c in ran) and any(math.prod(c.lead) == 0 for c in ran)
     assert {c.isa for c in ran} == {"auto", "avx512-rows", "portable"} and {c.dtype for c in ran} == {"float32", "float16"}
 
@@ -302,9 +302,9 @@ def _attr_N(m, w, rng):
 
 
 def _attr_bits(m, w, rng):
-    b = int(rng.choice([b for b in (0, 1, 2, 3, 4, 5, 8, -3) if b != w.bits]))
+    b = int(rng.choice([b for b in (0, 1, 2, 3, 4, 5, 7, 8, 16, -3) if b != w.bits]))
     _set_attr(m, "bits", b)
-    return r"bits must be 2, 3 or 4" if b not in (2, 3, 4) else r"input qweight has shape"
+    return r"bits must be 2, 3, 4 or 8" if b not in (2, 3, 4, 8) else r"input qweight has shape"
 
 
 def _attr_group(m, w, rng):

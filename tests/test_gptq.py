@@ -44,7 +44,7 @@ def test_registry_and_contract():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"bits": 5}, r"^bits must be 2, 3 or 4 \(got 5\)$"),
+        ({"bits": 5}, r"^bits must be 2, 3, 4 or 8 \(got 5\)$"),
         ({"group_size": 0}, "group size must be a positive integer"),
         ({"percdamp": -0.1}, "percdamp"),
         ({"percdamp": float("nan")}, "percdamp"),

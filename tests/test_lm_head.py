@@ -1,4 +1,4 @@
-"""`--lm-head rtn` (qcompiler/quantize/lm_head.py): the output projection becomes one more SpQRMatMul, validated like
+"""`--lm-head rtn|gptq` (qcompiler/quantize/lm_head.py): the output projection becomes one more SpQRMatMul, validated like
 the decoder's linears and reported apart from them in quant_config.json. A tied embedding is served from it
 (passes/embed_from_lm_head.py: `qcompiler::SpQRGather` over the SpQRMatMul's initializers, the float table gone); an
 untied one keeps its table."""
@@ -12,6 +12,8 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+
+from tests.helpers import VOCAB
 
 HEAD = ("--lm-head", "rtn", "--lm-head-bits", "4", "--lm-head-group-size", "16")
 RTN = ("--bits", "3", "--group-size", "16")
@@ -96,7 +98,7 @@ def test_gather_function_matches_the_reference():
     from qcompiler.graph.gather_op import INPUT_NAMES, gather_function, reference
     from tests.builders import random_weight
 
-    for bits in (2, 3, 4):
+    for bits in (2, 3, 4, 8):
         w = random_weight(N=37, K=72, bits=bits, group_size=16, stat_bits=0, stat_group_size=16, outlier_rate=0.0,
                           permute=False, seed=bits)
         inits = [numpy_helper.from_array(a, n) for n, a in
@@ -117,10 +119,102 @@ def test_gather_function_matches_the_reference():
 def test_lm_head_errors(tiny_dirs, tmp_path, capsys):
     from tests.helpers import run_cli
 
-    code, _, err = run_cli(capsys, "export", tiny_dirs("llama"), "--lm-head", "rtn", "--lm-head-bits", "8",
+    code, _, err = run_cli(capsys, "export", tiny_dirs("llama"), "--lm-head", "rtn", "--lm-head-bits", "6",
                            "-o", tmp_path / "a", "-q")
     assert code != 0 and "bits" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "export", tiny_dirs("llama"), "--method", "affinequant", "--lm-head", "rtn",
                            "-o", tmp_path / "b", "-q")
     assert code != 0 and "--lm-head is not supported" in err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    code, _, err = run_cli(capsys, "export", tiny_dirs("llama"), "--lm-head", "gptq", "--lm-head-nsamples", "0",
+                           "-o", tmp_path / "c", "-q")
+    assert code != 0 and "--lm-head-nsamples" in err and len(err.strip().splitlines()) == 1
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_head_hessian_is_the_final_hidden_states():
+    """`head_hessian` = 2/n Σ x xᵀ over the lm_head's inputs, which are the model's last hidden states (after the
+    final norm), and the lm_head itself never runs."""
+    from qcompiler.models.families import family_for
+    from qcompiler.quantize.calibration import head_hessian
+    from tests.helpers import tiny_model
+
+    model = tiny_model("llama3")
+    family = family_for(model.config)
+    windows = [torch.randint(3, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(i))
+               for i in range(3)]
+    calls = []
+    handle = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    H = head_hessian(model, family, windows, progress=False)
+    handle.remove()
+    assert not calls
+    with torch.no_grad():
+        x = torch.cat([model(w, output_hidden_states=True).hidden_states[-1][0] for w in windows])
+    assert torch.allclose(H, 2 / len(windows) * x.T @ x, rtol=1e-4, atol=1e-5)
+    assert torch.equal(H, H.T)
+
+
+def test_gptq_lm_head_lowers_the_output_error():
+    """GPTQ's objective on the lm_head, tr((Ŵ − W) H (Ŵ − W)ᵀ) over its calibration inputs, below RTN's at the same
+    grid, bits and group size; the tied embedding reads the same decoded table."""
+    from qcompiler.models.families import family_for
+    from qcompiler.quantize.calibration import head_hessian
+    from qcompiler.quantize.lm_head import LMHeadConfig, quantize_lm_head
+    from tests.helpers import tiny_model
+
+    windows = [torch.randint(3, VOCAB, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    source = tiny_model("llama3")
+    family = family_for(source.config)
+    w = source.lm_head.weight.detach().clone()
+    H = head_hessian(source, family, windows, progress=False)
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model = tiny_model("llama3")
+        cfg = LMHeadConfig(method=method, bits=3, group_size=16, round_zero=True)
+        result = quantize_lm_head(model, family, cfg, calibration=windows, progress=False)
+        d = model.lm_head.weight.detach() - w
+        errors[method] = float(torch.einsum("nk,kl,nl->", d, H, d))
+        assert result.tied and torch.equal(model.get_input_embeddings().weight, model.lm_head.weight)
+        assert np.array_equal(result.weight.dequantize(), model.lm_head.weight.detach().numpy())
+        assert result.weight.perm is None  # act_order off: the gather can serve the tied table
+    assert errors["gptq"] < 0.9 * errors["rtn"], errors
+
+
+def test_gptq_lm_head_export(tiny_dirs, tmp_path, text_file):
+    """`--lm-head gptq` on an RTN decoder: calibrated from --calibration (the decoder's method needs none), the tied
+    embedding served by SpQRGather, the folder validated, quant_config.json names the settings and the windows."""
+    from qcompiler.cli import main
+
+    out = tmp_path / "out"
+    assert main(["export", str(tiny_dirs("llama3")), "--method", "rtn", *RTN, "--lm-head", "gptq",
+                 "--lm-head-bits", "4", "--lm-head-group-size", "16", "--calibration", str(text_file), "--nsamples",
+                 "3", "--seqlen", "32", "--lm-head-nsamples", "2", "-o", str(out), "-q"]) == 0
+    cfg = json.loads((out / "quant_config.json").read_text())
+    head = cfg["lm_head"]
+    assert head["method"] == "gptq" and head["tied"] and head["embedding"] == "SpQRGather"
+    assert head["hessian_windows"] == 2 and head["round_zero"] is True and head["loss"] > 0
+    assert cfg["calibration"]["nsamples"] == 3 and cfg["validation"]["passed"]
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert [n.op_type for n in proto.graph.node if n.op_type == "SpQRGather"] == ["SpQRGather"]
+
+
+def test_8bit_lm_head_export(tiny_export):
+    """`--lm-head-bits 8`: byte codes (docs/spqr-format.md) through the CPU kernel's row path and SpQRGather's w8
+    function; the decoded table is the 8-bit grid of the source (error of 255 steps, not more), validated in ORT."""
+    from qcompiler.graph.format import DOMAIN, OP_TYPE
+    from qcompiler.graph.onnx_op import weight_from_node
+    from tests.helpers import tiny_model
+
+    folder = tiny_export("llama3", "rtn", *RTN, "--lm-head", "rtn", "--lm-head-bits", "8", "--lm-head-group-size", "32")
+    cfg = json.loads((folder / "quant_config.json").read_text())
+    assert cfg["lm_head"]["bits"] == 8 and cfg["lm_head"]["embedding"] == "SpQRGather"
+    assert cfg["validation"]["passed"]
+    proto = onnx.load(str(folder / "model.onnx"))
+    inits = {t.name: t for t in proto.graph.initializer}
+    node = next(n for n in proto.graph.node if n.name == "lm_head/SpQRMatMul" and n.domain == DOMAIN
+                and n.op_type == OP_TYPE)
+    head = weight_from_node(node, inits)
+    w = tiny_model("llama3").lm_head.weight.detach().numpy()
+    err = np.abs(head.dequantize() - w).max()
+    assert head.bits == 8 and 0 < err <= np.abs(w).max() / 255 * 1.01
+    assert [n.overload for n in proto.graph.node if n.op_type == "SpQRGather"] == ["w8"]
+    assert cfg["lm_head"]["avg_bits"] == pytest.approx(8 + 32 / 32, abs=0.01)

@@ -29,9 +29,9 @@ def test_registry():
         get_method("nope")
 
 
-@pytest.mark.parametrize("bits", [5, 1, 8])
+@pytest.mark.parametrize("bits", [5, 1, 16])
 def test_invalid_bits(bits):
-    with pytest.raises(QCompilerError, match=rf"^bits must be 2, 3 or 4 \(got {bits}\)$"):
+    with pytest.raises(QCompilerError, match=rf"^bits must be 2, 3, 4 or 8 \(got {bits}\)$"):
         RTNConfig(bits=bits)
 
 

@@ -261,7 +261,7 @@ def test_registry_and_defaults():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(bits=5), r"^bits must be 2, 3 or 4 \(got 5\)$"),
+        (dict(bits=5), r"^bits must be 2, 3, 4 or 8 \(got 5\)$"),
         (dict(group_size=4), r"^group_size must be an integer in 8\.\.128 \(got 4\)$"),
         (dict(group_size=256), r"^group_size must be an integer in 8\.\.128 \(got 256\)$"),
         (dict(stat_group_size=7), r"^stat_group_size must be an integer in 8\.\.128 \(got 7\)$"),

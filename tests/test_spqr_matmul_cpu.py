@@ -34,7 +34,7 @@ def _x(shape, dtype=np.float32, seed=1) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- numerics vs reference
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [8, 16, 32, 64, 128])
 def test_bits_and_group_sizes(bits, group_size):
     # K=576: β1=128 leaves a ragged last group of 64; outliers/perm/bias vary with the case.
@@ -117,7 +117,7 @@ def _has_avx512() -> bool:
 
 
 @pytest.mark.skipif(not _has_avx512(), reason="the packed GEMV kernel needs AVX-512 (F, BW, VL, DQ)")
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size,K", [(16, 600), (16, 584), (32, 600), (64, 600), (128, 576)])
 @pytest.mark.parametrize("stats", ["coded-b16", "coded-b32", "coded-b48", "split-b8", "fp16"])
 @pytest.mark.parametrize("M", [1, 2, 7])
@@ -341,7 +341,7 @@ def test_index_inputs_fed_at_run_time_are_checked_on_every_call():
 def test_bad_attribute_fails_at_session_creation():
     w = random_weight(N=8, K=64, bits=4, group_size=32, seed=0)
     w.bits = 5
-    with pytest.raises(Exception, match="bits must be 2, 3 or 4, got 5"):
+    with pytest.raises(Exception, match="bits must be 2, 3, 4 or 8, got 5"):
         ops.session(single_op_model(w).SerializeToString())
 
 

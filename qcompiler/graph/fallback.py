@@ -83,11 +83,13 @@ class FunctionBody:
 
     def unpack(self, packed: str, bits: int, n_codes: str) -> str:
         """uint8 `[R, ceil(C/32)·4·bits]` → uint8 codes `[R, C]` (C = the 1-D tensor `n_codes`); the inverse of
-        `format.pack_codes`: 4-bit: byte i holds codes i and 16+i; 2-bit: byte i holds codes i, 8+i, 16+i, 24+i;
+        `format.pack_codes`: 8-bit: byte i is code i; 4-bit: byte i holds codes i and 16+i; 2-bit: byte i holds codes i, 8+i, 16+i, 24+i;
         3-bit: a 2-bit plane of the low bits, then a little-endian uint32 whose bit i is bit 2 of code i."""
         u8 = np.uint8
         p = self.op("Reshape", packed, self.const([0, -1, 4 * bits], np.int64))  # [R, chunks, 4·bits]
-        if bits == 4:
+        if bits == 8:
+            codes = p
+        elif bits == 4:
             codes = self.op("Concat", self.op("BitwiseAnd", p, self.const(15, u8)),
                             self.op("BitShift", p, self.const(4, u8), direction="RIGHT"), axis=-1)
         else:

@@ -18,7 +18,7 @@ DOMAIN = "qcompiler"
 OP_TYPE = "SpQRMatMul"
 OPSET_VERSION = 1
 CHUNK = 32  # codes per packing chunk
-SUPPORTED_BITS = (2, 3, 4)
+SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_STAT_BITS = (0, 2, 3, 4)
 
 # Input names in positional order (the node's inputs follow this order; optional ones may be "").
@@ -63,7 +63,7 @@ def packed_row_bytes(n_codes: int, bits: int) -> int:
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     """Pack integer codes `[R, C]` (values in [0, 2**bits)) into uint8 `[R, ceil(C/32)*4*bits]`.
 
-    Layout per 32-code chunk (see docs/spqr-format.md): 4-bit: byte i = c_i | c_{16+i} << 4;
+    Layout per 32-code chunk (see docs/spqr-format.md): 8-bit: byte i = c_i; 4-bit: byte i = c_i | c_{16+i} << 4;
     2-bit: byte i = c_i | c_{8+i} << 2 | c_{16+i} << 4 | c_{24+i} << 6; 3-bit: the 2-bit plane of the low
     two bits followed by a little-endian uint32 whose bit i is bit 2 of c_i.
     """
@@ -79,7 +79,9 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     padded = np.zeros((rows, n_chunks * CHUNK), dtype=np.uint32)
     padded[:, :cols] = codes
     c = padded.reshape(rows, n_chunks, CHUNK)
-    if bits == 4:
+    if bits == 8:
+        out = c.astype(np.uint8)
+    elif bits == 4:
         out = (c[..., :16] | (c[..., 16:] << 4)).astype(np.uint8)
     else:
         low = c & 3
@@ -106,7 +108,9 @@ def unpack_codes(packed: np.ndarray, bits: int, n_codes: int) -> np.ndarray:
     if packed.shape != (rows, n_chunks * 4 * bits):
         raise ValueError(f"packed shape {packed.shape} does not match {n_codes} codes of {bits} bits")
     p = packed.reshape(rows, n_chunks, 4 * bits)
-    if bits == 4:
+    if bits == 8:
+        codes = p
+    elif bits == 4:
         codes = np.concatenate([p & 15, p >> 4], axis=-1)
     else:
         b = p[..., :8]

@@ -400,3 +400,38 @@ def _install(path: str, linear: torch.nn.Linear, result: LayerQuantization) -> N
             f"{result.packed.K}], the weight is {list(shape)}"
         )
     linear.weight.copy_(result.evaluated.to(device=linear.weight.device, dtype=linear.weight.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------- lm_head
+def head_hessian(model: torch.nn.Module, family: Family, calibration: Sequence[torch.Tensor], *,
+                 progress: bool = True) -> torch.Tensor:
+    """H = 2/n Σ x xᵀ of the lm_head's input (the final norm's output) over the calibration windows, float32 `[K, K]`.
+
+    The whole model runs forward on each window as it is now (after the decoder's quantization: the lm_head is
+    calibrated on the hidden states the quantized decoder produces, as GPTQ's sequential order would); a forward
+    pre-hook on the lm_head adds its input and stops the forward, so the vocabulary projection (and its
+    `[seqlen, vocab]` logits) never runs."""
+    if not calibration:
+        raise QCompilerError("the lm_head's calibration needs at least one token window")
+    head = get_module(model, family.lm_head)
+    hessian = Hessian(head.in_features, device=head.weight.device)
+    device = next(model.parameters()).device
+
+    def hook(_module, args):
+        hessian.add(args[0], 1)
+        raise _StopForward
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad(), calibration_mode(model):
+            for w in tqdm(calibration, desc="lm_head hessian", disable=not progress, unit="window"):
+                try:
+                    model(input_ids=torch.as_tensor(w).reshape(1, -1).to(device), use_cache=False)
+                except _StopForward:
+                    continue
+                raise QCompilerError(f"the model's forward never reached {family.lm_head}")
+    finally:
+        handle.remove()
+    H = hessian.value()
+    check_finite(H, f"the input Hessian of {family.lm_head}")
+    return H

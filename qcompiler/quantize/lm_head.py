@@ -5,6 +5,10 @@ a step reads in fp32). It is quantized after the method has quantized the decode
 
 - `rtn`: min-max round-to-nearest per group of `group_size` input features (the RTN method's arithmetic), fp16
   scale and zero per group (4 bits, group 32: 5 bits per parameter).
+- `gptq`: GPTQ (qcompiler/quantize/methods/gptq.py, the same grid and storage) calibrated on the lm_head's own input:
+  the final norm's output over the calibration windows, computed by the model as the decoder's method left it
+  (`qcompiler.quantize.calibration.head_hessian`). Columns in their own order by default (`act_order=False`): a
+  permuted table could not serve a tied embedding's lookup, which reads rows as stored.
 
 A tied lm_head (the embedding table, Llama 3.2 / SmolLM2 / Gemma) stays one table, quantized: the embedding's lookup
 reads the same decoded rows (as llama.cpp's tied `token_embd`). In PyTorch both modules get the decoded weight (the
@@ -15,7 +19,7 @@ SpQRMatMul initializers (`qcompiler::SpQRGather`), so the folder stores the tabl
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -25,7 +29,7 @@ from qcompiler.models.families import Family, get_module
 from qcompiler.quantize.methods.base import (check_bits, check_group_size, dequantize_groups, layer_report,
                                              round_to_nearest, to_spqr_weight)
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -33,22 +37,38 @@ class LMHeadConfig:
     """How the lm_head is quantized (`--lm-head METHOD --lm-head-bits B --lm-head-group-size G`).
 
     Attributes:
-        method: "rtn".
-        bits: code width, 2, 3 or 4.
+        method: "rtn" or "gptq".
+        bits: code width, 2, 3, 4 or 8.
         group_size: input features per scale/zero group.
-        round_zero: integer zero points (GPTQ's quantizer); False: the exact per-group min-max range.
+        round_zero: integer zero points (GPTQ's quantizer); False: the exact per-group min-max range. None: the
+            method's own (rtn False, gptq True).
+        act_order: gptq: columns by decreasing Hessian diagonal (stored as the op's permutation; a tied embedding
+            then keeps its float table, the gather cannot serve a permuted one).
+        percdamp: gptq: diagonal damping, a fraction of the mean of diag(H).
+        nsamples: gptq: calibration windows for the Hessian (the first ones of the export's); None: all of them.
     """
 
     method: str = "rtn"
     bits: int = 4
     group_size: int = 32
-    round_zero: bool = False
+    round_zero: Optional[bool] = None
+    act_order: bool = False
+    percdamp: float = 0.01
+    nsamples: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise QCompilerError(f"--lm-head must be one of {', '.join(METHODS)}, got {self.method!r}")
         check_bits(self.bits)
         check_group_size(self.group_size)
+        if self.nsamples is not None and self.nsamples < 1:
+            raise QCompilerError(f"--lm-head-nsamples must be at least 1 (got {self.nsamples})")
+        if not 0 <= self.percdamp < 1:
+            raise QCompilerError(f"lm_head percdamp must be in [0, 1) (got {self.percdamp})")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq"
 
 
 @dataclasses.dataclass
@@ -83,24 +103,41 @@ def untie(model: torch.nn.Module, linear: torch.nn.Linear) -> bool:
     return True
 
 
-def quantize_lm_head(model: torch.nn.Module, family: Family, config: LMHeadConfig) -> LMHeadResult:
-    """Quantize `model`'s lm_head in place (its weight becomes the evaluated one) and return it as a layer."""
+def quantize_lm_head(model: torch.nn.Module, family: Family, config: LMHeadConfig, *,
+                     calibration: Optional[Sequence[torch.Tensor]] = None, progress: bool = True) -> LMHeadResult:
+    """Quantize `model`'s lm_head in place (its weight becomes the evaluated one) and return it as a layer.
+    `calibration`: token windows `LongTensor [1, seqlen]` (gptq; the first `config.nsamples` are used)."""
     linear = get_module(model, family.lm_head)
     if not isinstance(linear, torch.nn.Linear):
         raise QCompilerError(f"--lm-head: {family.lm_head} is not a linear layer ({type(linear).__name__})")
+    if config.needs_calibration and not calibration:
+        raise QCompilerError(f"--lm-head {config.method} needs calibration windows")
+    round_zero = config.round_zero if config.round_zero is not None else config.method == "gptq"
+    if config.method == "gptq":  # the Hessian first: the forward runs while the model is still tied as loaded
+        from qcompiler.quantize.calibration import head_hessian
+        from qcompiler.quantize.methods.gptq import gptq_quantize_layer
+
+        windows = list(calibration)[: config.nsamples] if config.nsamples is not None else list(calibration)
+        H = head_hessian(model, family, windows, progress=progress)
     tied = untie(model, linear)
     w = linear.weight.detach()
-    codes, scale, zero = round_to_nearest(w, bits=config.bits, group_size=config.group_size,
-                                          round_zero=config.round_zero)
-    evaluated = dequantize_groups(codes, scale, zero, config.group_size)
-    packed = to_spqr_weight(codes, scale, zero, bits=config.bits, group_size=config.group_size, bias=linear.bias)
-    report = layer_report(w, evaluated, packed)
+    if config.method == "gptq":
+        solved = gptq_quantize_layer(w, H, bits=config.bits, group_size=config.group_size, act_order=config.act_order,
+                                     percdamp=config.percdamp, round_zero=round_zero, bias=linear.bias)
+        evaluated, packed, report = solved.evaluated, solved.packed, solved.report
+        report["hessian_windows"] = len(windows)
+    else:
+        codes, scale, zero = round_to_nearest(w, bits=config.bits, group_size=config.group_size,
+                                              round_zero=round_zero)
+        evaluated = dequantize_groups(codes, scale, zero, config.group_size)
+        packed = to_spqr_weight(codes, scale, zero, bits=config.bits, group_size=config.group_size, bias=linear.bias)
+        report = layer_report(w, evaluated, packed)
     with torch.no_grad():
         linear.weight.copy_(evaluated.to(linear.weight.dtype))
         if tied:  # one table: the lookup reads the quantized rows too
             model.get_input_embeddings().weight.copy_(evaluated.to(linear.weight.dtype))
     return LMHeadResult(path=family.lm_head, weight=packed, report=report, tied=tied,
-                        config=dataclasses.asdict(config))
+                        config={**dataclasses.asdict(config), "round_zero": round_zero})
 
 
 def describe(result: Optional[LMHeadResult]) -> str:

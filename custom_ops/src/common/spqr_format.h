@@ -25,7 +25,7 @@ constexpr int kActivationSiluMul = 1;
 struct Attributes {
   int64_t K = 0;                // input features
   int64_t N = 0;                // output features
-  int64_t bits = 0;             // weight code width: 2, 3 or 4
+  int64_t bits = 0;             // weight code width: 2, 3, 4 or 8
   int64_t group_size = 0;       // beta1: columns per first-level group
   int64_t stat_bits = 0;        // 0: fp16 scales/zeros; 2..4: quantized with second-level stats
   int64_t stat_group_size = 0;  // beta2: output rows per second-level stats group
@@ -44,6 +44,7 @@ SPQR_HD int64_t PackedRowBytes(int64_t n_codes, int64_t bits) { return (n_codes 
 SPQR_HD uint32_t ExtractCode(const uint8_t* row, int bits, int64_t idx) {
   const uint8_t* chunk = row + (idx / kChunk) * 4 * bits;
   const int i = static_cast<int>(idx % kChunk);
+  if (bits == 8) return chunk[i];
   if (bits == 4) return i < 16 ? (chunk[i] & 15u) : (chunk[i - 16] >> 4);
   uint32_t code = (chunk[i & 7] >> (2 * (i >> 3))) & 3u;
   if (bits == 3) {
@@ -55,6 +56,10 @@ SPQR_HD uint32_t ExtractCode(const uint8_t* row, int bits, int64_t idx) {
 
 // All 32 codes of one packed chunk (sequential decode; written so that the compiler vectorizes each loop).
 inline void DecodeChunk(const uint8_t* chunk, int bits, uint8_t* out /*[32]*/) {
+  if (bits == 8) {  // byte i is code i
+    for (int i = 0; i < kChunk; ++i) out[i] = chunk[i];
+    return;
+  }
   if (bits == 4) {
     for (int i = 0; i < 16; ++i) out[i] = chunk[i] & 15;
     for (int i = 0; i < 16; ++i) out[16 + i] = chunk[i] >> 4;

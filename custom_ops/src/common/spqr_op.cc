@@ -125,7 +125,7 @@ Attributes ReadAttributes(const OrtKernelInfo* info, const std::string& prefix) 
   // Index inputs (row pointers, permutation) are int32: larger dims cannot be addressed (and would overflow sizes).
   constexpr int64_t kMaxDim = 2147483647;
   if (a.K > kMaxDim || a.N > kMaxDim) bad << "K and N must be at most " << kMaxDim << " (K=" << a.K << ", N=" << a.N << "); ";
-  if (a.bits < 2 || a.bits > 4) bad << "bits must be 2, 3 or 4, got " << a.bits << "; ";
+  if ((a.bits < 2 || a.bits > 4) && a.bits != 8) bad << "bits must be 2, 3, 4 or 8, got " << a.bits << "; ";
   if (a.group_size <= 0) bad << "group_size must be positive, got " << a.group_size << "; ";
   if (!(a.stat_bits == 0 || (a.stat_bits >= 2 && a.stat_bits <= 4)))
     bad << "stat_bits must be 0, 2, 3 or 4, got " << a.stat_bits << "; ";

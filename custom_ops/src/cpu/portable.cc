@@ -64,7 +64,13 @@ struct ChunkDecoder {
     const Q4 v = Q4{} + q;
     return (U8)v;  // same-size vector cast: a bit cast (GCC/Clang vector extensions), no aliasing through a reference
   }
+  const uint8_t* bytes = nullptr;  // BITS=8: the chunk (each lane group loads its own 8 bytes)
+
   void Load(const uint8_t* chunk) {
+    if (BITS == 8) {
+      bytes = chunk;
+      return;
+    }
     lo = Words(chunk);
     if (BITS == 4) {
       hi = Words(chunk + 8);
@@ -76,7 +82,9 @@ struct ChunkDecoder {
   V8 Lanes(int s) const {
     const U8 byte_shift = {0, 0, 8, 8, 16, 16, 24, 24};
     U8 v;
-    if (BITS == 4) {
+    if (BITS == 8) {  // bytes 8s..8s+7 as {w0, w1} words: lane i reads byte i/2 of word i%2, code 8s + kLaneCode[i]
+      v = (Words(bytes + 8 * s) >> byte_shift) & 255u;
+    } else if (BITS == 4) {
       v = ((s & 1 ? hi : lo) >> (byte_shift + 4 * (s >> 1))) & 15u;
     } else {
       v = (lo >> (byte_shift + 2 * s)) & 3u;
@@ -338,7 +346,8 @@ constexpr GemvRowFn kGemvRowFor[kGemmMinRows] = {nullptr,
                                                  &GemvRow<BITS, 7>};
 
 GemvRowFn GemvRowFor(int64_t bits, int64_t M) {
-  return bits == 2 ? kGemvRowFor<2>[M] : bits == 3 ? kGemvRowFor<3>[M] : kGemvRowFor<4>[M];
+  return bits == 2 ? kGemvRowFor<2>[M] : bits == 3 ? kGemvRowFor<3>[M] : bits == 8 ? kGemvRowFor<8>[M]
+                                                                         : kGemvRowFor<4>[M];
 }
 
 }  // namespace

@@ -69,7 +69,7 @@ using PrefillLarge = PrefillTile<128, 128, 2, 4>;
 
 // Whether the prefill kernel takes `a` (a 32-column chunk must meet at most two groups).
 inline bool UsesPrefill(const SpQRMatMulArgs& a) {
-  return a.x_is_half && a.M >= kPrefillMinRows && (a.group_size == 16 || a.group_size >= 32);
+  return a.x_is_half && a.bits <= 4 && a.M >= kPrefillMinRows && (a.group_size == 16 || a.group_size >= 32);
 }
 
 // Enqueues the prefill kernel for `a` with its large tile (PrefillLarge) or its small one, after permuting X's

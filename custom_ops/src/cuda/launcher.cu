@@ -123,12 +123,12 @@ int LaunchProduct(const SpQRMatMulArgs& args, const env::CudaSwitches& switches,
       args.stat_bits ? groups * ((args.N + args.stat_group_size - 1) / args.stat_group_size) * 8 : 0;
   const bool gemv_groups = (args.group_size == 16 || args.group_size % 32 == 0) && stat_bytes < (int64_t{1} << 31) &&
                            stats2_bytes < (int64_t{1} << 31);
-  if (UsesPrefill(args)) {
+  if (UsesPrefill(args)) {  // (2..4-bit codes, as the decode GEMV; 8-bit codes: the generic rows kernel)
     const bool large = switches.prefill_tile != 0 ? switches.prefill_tile == 128
                                                   : PrefillUsesLargeTile(args.M, args.N, MultiprocessorCount());
     const int err = LaunchPrefill(args, large, s);
     if (err != 0) return err;
-  } else if (args.M <= kGemvMaxRows && gemv_groups) {
+  } else if (args.bits <= 4 && args.M <= kGemvMaxRows && gemv_groups) {
     // QCOMPILER_CUDA_GEMV_ROWS where the tile offers it, else the cost model's choice
     const int mt = args.M <= 1 ? 1 : args.M <= 2 ? 2 : args.M <= 4 ? 4 : 8;
     int r = switches.gemv_rows;

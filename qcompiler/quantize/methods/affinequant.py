@@ -80,7 +80,7 @@ class AffineQuantConfig:
     """Settings of `AffineQuant` (defaults: the reference's LLaMA w4a16g128 script, diagonal norm transforms).
 
     Attributes:
-        bits: weight code width, 2, 3 or 4.
+        bits: weight code width, 2, 3, 4 or 8.
         group_size: input features per LWC / scale-zero group (0: one group per row).
         epochs: training epochs per decoder layer (reference: 20; 40 for 2-bit).
         let_lr: learning rate of the transforms and shifts (AdamW).
@@ -99,7 +99,7 @@ class AffineQuantConfig:
             quantized linear's input (w4a4), in training, in the merged model and in the graph (qcompiler/graph/actquant.py).
     """
 
-    bits: int = dataclasses.field(default=4, metadata={"help": "weight code width: 2, 3 or 4"})
+    bits: int = dataclasses.field(default=4, metadata={"help": "weight code width: 2, 3, 4 or 8"})
     group_size: int = dataclasses.field(default=128, metadata={"help": "input features per group (0: per row)"})
     epochs: int = dataclasses.field(default=20, metadata={"help": "training epochs per decoder layer"})
     let_lr: float = dataclasses.field(default=5e-3, metadata={"help": "learning rate of the transforms"})

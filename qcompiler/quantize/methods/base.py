@@ -88,7 +88,7 @@ class Method(abc.ABC):
 
 def check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
-        raise QCompilerError(f"bits must be 2, 3 or 4 (got {bits})")
+        raise QCompilerError(f"bits must be 2, 3, 4 or 8 (got {bits})")
 
 
 def check_group_size(group_size: int) -> None:

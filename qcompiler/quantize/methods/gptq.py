@@ -53,7 +53,7 @@ class GPTQConfig:
     """Settings of `GPTQ`.
 
     Attributes:
-        bits: code width of the weights, 2, 3 or 4.
+        bits: code width of the weights, 2, 3, 4 or 8.
         group_size: stored columns (input features, in act_order's permuted order) per scale/zero group; the last
             group may be ragged.
         act_order: quantize input features in order of decreasing Hessian diagonal (stored as the op's `perm`).
@@ -66,7 +66,7 @@ class GPTQConfig:
             per-group [min, max] range with a real-valued fp16 zero.
     """
 
-    bits: int = dataclasses.field(default=4, metadata={"help": "weight code width: 2, 3 or 4"})
+    bits: int = dataclasses.field(default=4, metadata={"help": "weight code width: 2, 3, 4 or 8"})
     group_size: int = dataclasses.field(default=128, metadata={"help": "input features per scale/zero group"})
     act_order: bool = dataclasses.field(
         default=True, metadata={"help": "quantize input features by decreasing Hessian diagonal"}

@@ -31,14 +31,14 @@ class RTNConfig:
     """Settings of `RTN`.
 
     Attributes:
-        bits: code width of the weights, 2, 3 or 4.
+        bits: code width of the weights, 2, 3, 4 or 8.
         group_size: columns (input features) per scale/zero group; the last group may be ragged.
         round_zero: integer zero points with the range widened to include 0 (GPTQ's quantizer). False: exact
             per-group [min, max] range with a real-valued fp16 zero (lossless at 4 bits / group 32 on GGUF Q4_1
             weights, and lower error at small groups in general).
     """
 
-    bits: int = dataclasses.field(default=4, metadata={"help": "weight code width: 2, 3 or 4"})
+    bits: int = dataclasses.field(default=4, metadata={"help": "weight code width: 2, 3, 4 or 8"})
     group_size: int = dataclasses.field(default=128, metadata={"help": "input features per scale/zero group"})
     round_zero: bool = dataclasses.field(
         default=True, metadata={"help": "integer zero points, range includes 0 (GPTQ); --no-round-zero: exact min-max"}

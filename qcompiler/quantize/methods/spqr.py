@@ -79,7 +79,7 @@ class SpQRConfig:
     --percdamp 1e0`, round_zero off).
 
     Attributes:
-        bits: code width of the weights, 2, 3 or 4.
+        bits: code width of the weights, 2, 3, 4 or 8.
         group_size: β1, input features per first-level scale/zero group (8…128; the last group may be ragged).
         stat_bits: code width of the first-level scale and zero (2…4; SpQR's bilevel statistics), or 0 to store
             them as fp16.
@@ -97,7 +97,7 @@ class SpQRConfig:
             (faster, usually worse).
     """
 
-    bits: int = dataclasses.field(default=4, metadata={"help": "weight code width: 2, 3 or 4"})
+    bits: int = dataclasses.field(default=4, metadata={"help": "weight code width: 2, 3, 4 or 8"})
     group_size: int = dataclasses.field(
         default=16, metadata={"help": "input features per scale/zero group (SpQR: beta1, 8-128)"}
     )
