@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lm-head-group-size", type=int, default=32,
                    help="lm_head input features per scale/zero group (default: 32)")
     e.add_argument("--lm-head-nsamples", type=int, default=16,
-                   help="--lm-head gptq: calibration windows for its Hessian, the first of --nsamples (default: 16; "
-                        "each costs a forward of the whole model)")
+                   help="--lm-head gptq after rtn/none: calibration windows for its Hessian, the first of --nsamples "
+                        "(default: 16; each costs a forward of the whole model; after gptq/spqr the decoder's "
+                        "calibration gives it over all windows)")
     e.add_argument("--lm-head-act-order", action="store_true",
                    help="--lm-head gptq: columns by decreasing Hessian diagonal (a tied embedding then keeps a float "
                         "table: the lookup cannot read a permuted one)")

@@ -107,7 +107,8 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
         from qcompiler.quantize.lm_head import describe, quantize_lm_head
 
         with clock("lm_head", "quantizing the lm_head"):
-            head = quantize_lm_head(model, family, lm_head, calibration=calib, progress=not quiet)
+            head = quantize_lm_head(model, family, lm_head, calibration=calib, hessian=result.head_hessian,
+                                    hessian_windows=result.head_windows, progress=not quiet)
         clock.say(describe(head))
 
     with clock("export", "exporting to ONNX"):

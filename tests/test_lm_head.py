@@ -192,6 +192,7 @@ def test_gptq_lm_head_export(tiny_dirs, tmp_path, text_file):
     head = cfg["lm_head"]
     assert head["method"] == "gptq" and head["tied"] and head["embedding"] == "SpQRGather"
     assert head["hessian_windows"] == 2 and head["round_zero"] is False and head["loss"] > 0
+    assert head["hessian_from"] == "a forward of the model"
     assert cfg["calibration"]["nsamples"] == 3 and cfg["validation"]["passed"]
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert [n.op_type for n in proto.graph.node if n.op_type == "SpQRGather"] == ["SpQRGather"]
@@ -218,3 +219,20 @@ def test_8bit_lm_head_export(tiny_export):
     assert head.bits == 8 and 0 < err <= np.abs(w).max() / 255 * 1.01
     assert [n.overload for n in proto.graph.node if n.op_type == "SpQRGather"] == ["w8"]
     assert cfg["lm_head"]["avg_bits"] == pytest.approx(8 + 32 / 32, abs=0.01)
+
+
+def test_engine_head_hessian_equals_the_forward():
+    """The block-sequential engine's `head_hessian` (final norm over the last layer's outputs, all windows) equals
+    the Hessian a forward of the quantized model gives at the lm_head's input."""
+    from qcompiler.models.families import family_for
+    from qcompiler.quantize.calibration import head_hessian
+    from qcompiler.quantize.methods.gptq import GPTQ, GPTQConfig
+    from tests.helpers import tiny_model
+
+    model = tiny_model("llama3")
+    family = family_for(model.config)
+    windows = [torch.randint(3, VOCAB, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    result = GPTQ(GPTQConfig(bits=3, group_size=16)).quantize(model, family, calibration=windows, progress=False)
+    assert result.head_windows == 3 and result.head_hessian.shape == (64, 64)
+    H = head_hessian(model, family, windows, progress=False)  # after: the model is the quantized one
+    assert torch.allclose(result.head_hessian, H, rtol=1e-4, atol=1e-5 * float(H.abs().max()))

@@ -16,7 +16,9 @@ Per decoder layer:
    exception) as soon as every hooked group has seen its input: the rest of the layer is not computed.
 2. `solver(path, linear, H)` quantizes each linear of the stage; its `evaluated` weight replaces `linear.weight`,
    so the next stage's inputs come from the quantized linears.
-3. A last forward of the quantized layer produces the next layer's inputs (skipped after the last layer).
+3. A last forward of the quantized layer produces the next layer's inputs. After the last layer, the final norm over
+   those outputs gives the lm_head's input Hessian (`QuantizationResult.head_hessian`, for `--lm-head gptq`: one
+   layer's forward more than the layers need, instead of a forward of the whole model later).
 
 While the engine runs, a model loaded with eager attention is switched to SDPA attention if it supports it (the
 same math up to fp32 rounding, without materializing `[heads, seqlen, seqlen]` scores) and switched back at the end.
@@ -336,6 +338,7 @@ def quantize_blockwise(
                  time.perf_counter() - tick)
         outputs = torch.empty_like(inputs.hidden)
         layers = list(iter_layers(model, family))
+        head = _norm_and_head(model, family, inputs.hidden.shape[-1])
         bar = tqdm(layers, desc=desc, disable=not progress, unit="layer")
         for index, (layer_path, layer) in enumerate(bar):
             tick = time.perf_counter()
@@ -361,7 +364,7 @@ def quantize_blockwise(
                     report[path] = result.report
                     errors.append(float(result.report.get("rel_error", float("nan"))))
                 del jobs
-            if index + 1 < len(layers):
+            if index + 1 < len(layers) or head is not None:
                 t = time.perf_counter()
                 _run_chunks(layer, inputs, chunk_windows, out=outputs)
                 t_forward += time.perf_counter() - t
@@ -372,7 +375,29 @@ def quantize_blockwise(
             bar.set_postfix(rel_error=f"{mean_err:.4f}")
             log.info("%s: %s: %d linears, mean rel_error %.4f, %.1fs (forward %.1fs, solve %.1fs)", desc,
                      layer_path, len(errors), mean_err, seconds, t_forward, seconds - t_forward)
-    return QuantizationResult(layers=layers_out, config={}, report=report)
+        head_H = None
+        if head is not None:
+            norm, linear = head
+            hessian = Hessian(linear.in_features, device=linear.weight.device)
+            dtype = next(norm.parameters(), linear.weight).dtype
+            for a, b in inputs.chunks(chunk_windows):
+                hessian.add(norm(inputs.hidden[a:b].to(dtype)), b - a)
+            head_H = hessian.value()
+            check_finite(head_H, f"the input Hessian of {family.lm_head}")
+    return QuantizationResult(layers=layers_out, config={}, report=report, head_hessian=head_H,
+                              head_windows=inputs.hidden.shape[0] if head_H is not None else 0)
+
+
+def _norm_and_head(model: torch.nn.Module, family: Family, hidden: int):
+    """(final norm, lm_head) where the lm_head reads the final norm's output directly (a linear of `hidden` inputs:
+    a projection between them, as OPT's `project_out`, changes the width), else None."""
+    try:
+        norm, head = get_module(model, family.final_norm), get_module(model, family.lm_head)
+    except (AttributeError, QCompilerError):
+        return None
+    if not isinstance(head, torch.nn.Linear) or head.in_features != hidden:
+        return None
+    return norm, head
 
 
 def _solve_all(solver: LayerSolver, jobs: list, parallel: int) -> list:

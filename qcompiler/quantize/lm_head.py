@@ -6,8 +6,9 @@ a step reads in fp32). It is quantized after the method has quantized the decode
 - `rtn`: min-max round-to-nearest per group of `group_size` input features (the RTN method's arithmetic), fp16
   scale and zero per group (4 bits, group 32: 5 bits per parameter).
 - `gptq`: GPTQ (qcompiler/quantize/methods/gptq.py, the same grid and storage) calibrated on the lm_head's own input:
-  the final norm's output over the calibration windows, computed by the model as the decoder's method left it
-  (`qcompiler.quantize.calibration.head_hessian`). Columns in their own order by default (`act_order=False`): a
+  the final norm's output over the calibration windows, as the quantized decoder computes it (the block-sequential
+  engine's `QuantizationResult.head_hessian` after GPTQ / SpQR; else `qcompiler.quantize.calibration.head_hessian`,
+  a forward of the model). Columns in their own order by default (`act_order=False`): a
   permuted table could not serve a tied embedding's lookup, which reads rows as stored.
 
 A tied lm_head (the embedding table, Llama 3.2 / SmolLM2 / Gemma) stays one table, quantized: the embedding's lookup
@@ -46,9 +47,10 @@ class LMHeadConfig:
         act_order: gptq: columns by decreasing Hessian diagonal (stored as the op's permutation; a tied embedding
             then keeps its float table, the gather cannot serve a permuted one).
         percdamp: gptq: diagonal damping, a fraction of the mean of diag(H).
-        nsamples: gptq: calibration windows for the Hessian (the first ones of the export's; None: all of them).
-            A `[K, K]` Hessian needs far fewer tokens than the decoder's calibration, and each window costs a full
-            forward of the model (SmolLM2-135M: ~7 s per 2048-token window on 2 cores).
+        nsamples: gptq after a method without calibration (rtn, none): windows of the model's own forward for the
+            Hessian (the first ones of the export's; None: all of them; each costs a forward of the whole model,
+            SmolLM2-135M: ~4-7 s per 2048-token window on 2 cores). After GPTQ / SpQR the Hessian comes with the
+            decoder's calibration, over all its windows, at the cost of one layer's forward.
     """
 
     method: str = "rtn"
@@ -107,28 +109,36 @@ def untie(model: torch.nn.Module, linear: torch.nn.Linear) -> bool:
 
 
 def quantize_lm_head(model: torch.nn.Module, family: Family, config: LMHeadConfig, *,
-                     calibration: Optional[Sequence[torch.Tensor]] = None, progress: bool = True) -> LMHeadResult:
+                     calibration: Optional[Sequence[torch.Tensor]] = None, hessian: Optional[torch.Tensor] = None,
+                     hessian_windows: int = 0, progress: bool = True) -> LMHeadResult:
     """Quantize `model`'s lm_head in place (its weight becomes the evaluated one) and return it as a layer.
-    `calibration`: token windows `LongTensor [1, seqlen]` (gptq; the first `config.nsamples` are used)."""
+
+    gptq: `hessian` (`QuantizationResult.head_hessian`, over `hessian_windows` windows) where the decoder's method
+    computed it, else the forward of `qcompiler.quantize.calibration.head_hessian` over the first `config.nsamples`
+    of `calibration` (token windows `LongTensor [1, seqlen]`)."""
     linear = get_module(model, family.lm_head)
     if not isinstance(linear, torch.nn.Linear):
         raise QCompilerError(f"--lm-head: {family.lm_head} is not a linear layer ({type(linear).__name__})")
-    if config.needs_calibration and not calibration:
+    if config.needs_calibration and not calibration and hessian is None:
         raise QCompilerError(f"--lm-head {config.method} needs calibration windows")
     round_zero = config.round_zero
     if config.method == "gptq":  # the Hessian first: the forward runs while the model is still tied as loaded
         from qcompiler.quantize.calibration import head_hessian
         from qcompiler.quantize.methods.gptq import gptq_quantize_layer
 
-        windows = list(calibration)[: config.nsamples] if config.nsamples is not None else list(calibration)
-        H = head_hessian(model, family, windows, progress=progress)
+        if hessian is not None:
+            H, n_windows = hessian, hessian_windows
+        else:
+            windows = list(calibration)[: config.nsamples] if config.nsamples is not None else list(calibration)
+            H, n_windows = head_hessian(model, family, windows, progress=progress), len(windows)
     tied = untie(model, linear)
     w = linear.weight.detach()
     if config.method == "gptq":
         solved = gptq_quantize_layer(w, H, bits=config.bits, group_size=config.group_size, act_order=config.act_order,
                                      percdamp=config.percdamp, round_zero=round_zero, bias=linear.bias)
         evaluated, packed, report = solved.evaluated, solved.packed, solved.report
-        report["hessian_windows"] = len(windows)
+        report["hessian_windows"] = n_windows
+        report["hessian_from"] = "the decoder's calibration" if hessian is not None else "a forward of the model"
     else:
         codes, scale, zero = round_to_nearest(w, bits=config.bits, group_size=config.group_size,
                                               round_zero=round_zero)

@@ -34,6 +34,10 @@ class QuantizationResult:
             (`qcompiler.quantize.transforms.TransformPlan`; methods with `learns_transforms`), else None. The model
             was merged in place; the export carries the transforms as nodes on the full-precision weights for the
             fold passes.
+        head_hessian: `H = 2/n Σ x xᵀ` `[K, K]` of the lm_head's input over all calibration windows — the quantized
+            decoder's final hidden states after the final norm — where the block-sequential engine ran
+            (`quantize_blockwise`), else None; `--lm-head gptq` uses it instead of a forward of its own.
+        head_windows: the windows `head_hessian` is over.
     """
 
     layers: dict[str, SpQRWeight]
@@ -42,6 +46,8 @@ class QuantizationResult:
     totals: dict[str, float] = dataclasses.field(default_factory=dict)
     activation_bits: int = 16
     transforms: Optional[TransformPlan] = None
+    head_hessian: Optional[torch.Tensor] = None
+    head_windows: int = 0
 
     def __post_init__(self) -> None:
         if not self.totals:
