@@ -99,8 +99,9 @@ def test_default_ours_and_selection(tmp_path):
         (tmp_path / "ours" / name / "model.onnx").write_bytes(b"")
     (tmp_path / "ours" / "spqr-w4").mkdir()  # no model.onnx: not an export
     ours = peers.default_ours(tmp_path / "ours")  # every build of OURS_BUILDS, present or not (--prepare makes them)
-    assert [label for label, _ in ours] == ["fp32", "spqr-w4-head4", "spqr-w3-head4", "spqr-w4", "spqr-w3",
-                                            "spqr-w4-head4-a4", "spqr-w3-head4-a4", "spqr-w4-a4"]
+    assert [label for label, _ in ours] == ["fp32", "spqr-w4-head4", "spqr-w3-head4", "spqr-w4", "spqr-w4-headg4",
+                                            "spqr-w4-head8", "spqr-w3", "spqr-w4-head4-a4", "spqr-w3-head4-a4",
+                                            "spqr-w4-a4", "spqr-w4-headg4-a4", "spqr-w4-head8-a4"]
     ours = [o for o in ours if o[0] in ("fp32", "spqr-w3")]
     rows = peers.all_peers(ours, tmp_path)
     labels = [r.label for r in rows]
