@@ -122,27 +122,25 @@ def quantize_lm_head(model: torch.nn.Module, family: Family, config: LMHeadConfi
         raise QCompilerError(f"--lm-head: {family.lm_head} is not a linear layer ({type(linear).__name__})")
     if config.needs_calibration and not calibration and hessian is None:
         raise QCompilerError(f"--lm-head {config.method} needs calibration windows")
-    round_zero = config.round_zero
-    if config.method == "gptq":  # the Hessian first: the forward runs while the model is still tied as loaded
-        from qcompiler.quantize.calibration import head_hessian
-        from qcompiler.quantize.methods.gptq import gptq_quantize_layer
-
-        if hessian is not None:
-            H, n_windows = hessian, hessian_windows
-        else:
-            windows = list(calibration)[: config.nsamples] if config.nsamples is not None else list(calibration)
-            H, n_windows = head_hessian(model, family, windows, progress=progress), len(windows)
     tied = untie(model, linear)
     w = linear.weight.detach()
     if config.method == "gptq":
-        solved = gptq_quantize_layer(w, H, bits=config.bits, group_size=config.group_size, act_order=config.act_order,
-                                     percdamp=config.percdamp, round_zero=round_zero, bias=linear.bias)
+        from qcompiler.quantize.calibration import head_hessian
+        from qcompiler.quantize.methods.gptq import gptq_quantize_layer
+
+        from_decoder = hessian is not None
+        if not from_decoder:
+            windows = list(calibration)[: config.nsamples] if config.nsamples is not None else list(calibration)
+            hessian, hessian_windows = head_hessian(model, family, windows, progress=progress), len(windows)
+        solved = gptq_quantize_layer(w, hessian, bits=config.bits, group_size=config.group_size,
+                                     act_order=config.act_order, percdamp=config.percdamp,
+                                     round_zero=config.round_zero, bias=linear.bias)
         evaluated, packed, report = solved.evaluated, solved.packed, solved.report
-        report["hessian_windows"] = n_windows
-        report["hessian_from"] = "the decoder's calibration" if hessian is not None else "a forward of the model"
+        report["hessian_windows"] = hessian_windows
+        report["hessian_from"] = "the decoder's calibration" if from_decoder else "a forward of the model"
     else:
         codes, scale, zero = round_to_nearest(w, bits=config.bits, group_size=config.group_size,
-                                              round_zero=round_zero)
+                                              round_zero=config.round_zero)
         evaluated = dequantize_groups(codes, scale, zero, config.group_size)
         packed = to_spqr_weight(codes, scale, zero, bits=config.bits, group_size=config.group_size, bias=linear.bias)
         report = layer_report(w, evaluated, packed)
