@@ -52,8 +52,13 @@ SPQR_PRESETS = {
     "spqr-w4": dict(bits=4, group_size=16, stat_bits=3, stat_group_size=16, outlier_rate=0.01, permute=True),
 }
 SPQR_PRESETS["spqr-w3-a4"] = SPQR_PRESETS["spqr-w3"]  # the same weight with accuracy_level 4 (int8 activations)
-SPQR_ACCURACY_LEVEL = {"spqr-w3-a4": 4}
-NBITS_PRESETS = {"nbits-a0": 0, "nbits-a4": 4}
+SPQR_PRESETS["spqr-w4-a4"] = SPQR_PRESETS["spqr-w4"]
+# the quantized lm_head's tables (`--lm-head rtn --lm-head-bits 8`: 8-bit, 128-column groups; `--lm-head gptq`: 4-bit,
+# 32-column groups; fp16 statistics, no outliers, stored column order), with int8 activations
+SPQR_PRESETS["head-w8-a4"] = dict(bits=8, group_size=128, stat_bits=0, outlier_rate=0.0, permute=False)
+SPQR_PRESETS["head-w4-a4"] = dict(bits=4, group_size=32, stat_bits=0, outlier_rate=0.0, permute=False)
+SPQR_ACCURACY_LEVEL = {"spqr-w3-a4": 4, "spqr-w4-a4": 4, "head-w8-a4": 4, "head-w4-a4": 4}
+NBITS_PRESETS = {"nbits-a0": (0, 4), "nbits-a4": (4, 4), "nbits8-a4": (4, 8)}  # (accuracy_level, bits), block 32
 VARIANTS = ["fp32", *SPQR_PRESETS, *NBITS_PRESETS]
 
 
@@ -85,9 +90,9 @@ def build(variant: str, K: int, N: int, w32: np.ndarray) -> onnx.ModelProto:
         import onnxruntime.quantization.matmul_nbits_quantizer as mnq
 
         logging.getLogger().setLevel(logging.WARNING)  # the module configures INFO logging on import
-        level = NBITS_PRESETS[variant]
-        cfg = mnq.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=False, accuracy_level=level, bits=4)
-        q = mnq.MatMulNBitsQuantizer(_matmul_model(w32), bits=4, block_size=32, is_symmetric=False,
+        level, bits = NBITS_PRESETS[variant]
+        cfg = mnq.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=False, accuracy_level=level, bits=bits)
+        q = mnq.MatMulNBitsQuantizer(_matmul_model(w32), bits=bits, block_size=32, is_symmetric=False,
                                      accuracy_level=level, algo_config=cfg)
         with contextlib.redirect_stdout(io.StringIO()):
             q.process()

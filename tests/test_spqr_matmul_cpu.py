@@ -376,7 +376,7 @@ _INT8_PATHS = [
 ]
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size,K", [(16, 600), (16, 584), (64, 600), (128, 576)])
 @pytest.mark.parametrize("stats", [(3, 16), (3, 32), (0, 16), (3, 8)])
 @pytest.mark.parametrize("isa,M", _INT8_PATHS)
@@ -445,7 +445,7 @@ def _int8_emulation(w, x: np.ndarray) -> np.ndarray:
     return y
 
 
-@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("bits", [3, 4, 8])
 @pytest.mark.parametrize("group_size,K", [(16, 600), (64, 600)])
 @pytest.mark.parametrize("isa,M", _INT8_PATHS)
 def test_int8_path_matches_its_emulation(bits, group_size, K, isa, M, monkeypatch):
@@ -465,7 +465,7 @@ def test_int8_path_matches_its_emulation(bits, group_size, K, isa, M, monkeypatc
 
 
 @pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="needs AVX2")
-@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("bits", [3, 4, 8])
 @pytest.mark.parametrize("group_size,K", [(16, 600), (64, 600)])
 @pytest.mark.parametrize("stats", [(3, 16), (2, 32), (4, 16), (0, 16), (3, 8)])
 def test_avx2_int8_one_row_equals_a_row_of_two(bits, group_size, K, stats, monkeypatch):

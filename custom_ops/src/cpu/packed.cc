@@ -55,6 +55,22 @@ void PackNibbles(const spqr::Attributes& a, const uint8_t* qweight, PackedWeight
   }
 }
 
+void PackBytes(const spqr::Attributes& a, const uint8_t* qweight, PackedWeights& w) {
+  const int64_t row_bytes = spqr::PackedRowBytes(a.K, 8);
+  for (int64_t n = 0; n < a.N; ++n) {
+    const int64_t blk = n / kPackRows, lane = n % kPackRows;
+    for (int64_t c = 0; c < w.chunks; ++c) {
+      const uint8_t* q = qweight + n * row_bytes + c * spqr::kChunk;  // 8-bit rows: byte i is code i
+      uint32_t* dst = w.bytes.data() + ((blk * w.chunks + c) * 8) * kPackRows + lane;
+      for (int i = 0; i < 8; ++i) {
+        uint32_t word;
+        std::memcpy(&word, q + 4 * i, 4);  // little-endian: byte b = column 4i + b
+        dst[i * kPackRows] = word;
+      }
+    }
+  }
+}
+
 void PackCodes3(const spqr::Attributes& a, const uint8_t* qweight, PackedWeights& w) {
   const int64_t row_bytes = spqr::PackedRowBytes(a.K, 3);
   uint8_t q[spqr::kChunk];
@@ -125,7 +141,10 @@ PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void
   w.G = a.n_groups();
   w.chunks = (a.K + spqr::kChunk - 1) / spqr::kChunk;
   w.blocks = (a.N + kPackRows - 1) / kPackRows;
-  if (int8 && int8_codes3 && a.bits == 3) {
+  if (int8 && a.bits == 8) {
+    w.bytes.assign(static_cast<size_t>(w.blocks * w.chunks * 8 * kPackRows), 0u);
+    PackBytes(a, qweight, w);
+  } else if (int8 && int8_codes3 && a.bits == 3) {
     w.codes3.assign(static_cast<size_t>(w.blocks * w.chunks * 3 * kPackRows), 0u);
     PackCodes3(a, qweight, w);
   } else if (int8) {

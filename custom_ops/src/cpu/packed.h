@@ -109,6 +109,10 @@ struct PackedWeights {
   // bit 6, f7's at bit 7), so one shift and AND give a quad's 4 codes per lane as bytes (two shifts, two ANDs and
   // an OR for quads 6 and 7).
   PackedVector<uint32_t> codes3;
+  // int8 path, 8-bit codes (where the ISA's int8 kernels take them, CpuKernels::int8_codes8): [blocks][chunks][8][16];
+  // word i of a lane holds the codes of columns 4i..4i+3, byte b = column 4i + b (the stored bytes, regrouped by
+  // block: 8 bits a weight in memory, as stored).
+  PackedVector<uint32_t> bytes;
   PackedVector<uint8_t> stat_codes;  // coded_stats: [blocks][G][16] (scale code | zero code << 4)
   // coded_stats: [blocks >> stat_shift][G][4] (ss, sz, zs, zz): one row per second-level group of rows (2^stat_shift
   // blocks share it; shift 0 where stat_group_size / 16 is not a power of two); else [blocks][G][2][16] (s, z) where
@@ -138,8 +142,21 @@ inline bool Packable(const spqr::Attributes& a) {
          a.K <= (int64_t{1} << 31) && a.N <= (int64_t{1} << 31);
 }
 
+// Whether the packed int8 path can take this node's 8-bit codes (group size 16 or a multiple of 32; any
+// statistics): only with int8 activations (accuracy_level 4; the fp32 packed kernels are 2..4-bit).
+inline bool PackableBytes(const spqr::Attributes& a) {
+  return a.bits == 8 && (a.group_size == 16 || a.group_size % 32 == 0) && a.K <= (int64_t{1} << 31) &&
+         a.N <= (int64_t{1} << 31);
+}
+
+// 32-bit words per chunk and lane of the packed codes the kernels read (the block's cache lines per chunk).
+inline int64_t PackedWordsPerChunk(const PackedWeights& w) {
+  return !w.bytes.empty() ? 8 : !w.codes3.empty() ? 3 : !w.nibbles.empty() ? 4 : w.bits;
+}
+
 // Packs the constant inputs (scales/zeros: fp16 [G, N] or packed codes; stats2: fp16 [G, N2, 4] or nullptr):
-// `codes` for the fp32 path, or with `int8` `nibbles` (`codes3` for 3-bit codes with `int8_codes3`).
+// `codes` for the fp32 path, or with `int8` `nibbles` (`codes3` for 3-bit codes with `int8_codes3`, `bytes` for
+// 8-bit codes).
 PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void* scales, const void* zeros,
                    const uint16_t* stats2, bool int8 = false, bool int8_codes3 = false);
 
@@ -217,14 +234,17 @@ HalvesToFloatsFn HalvesToFloatsAvx512();
 constexpr int kPackedAvx2MaxRows = 4;
 PackedGemvFn PackedGemvAvx2(const PackedWeights& w, int64_t M);
 bool PackedAvx2Available();  // x86-64 with AVX2 + FMA
-// The int8 path on AVX2 + FMA (vpmaddubsw; w.nibbles), for M = 1..kPackedAvx2MaxRows, or nullptr.
+// The int8 path on AVX2 + FMA (vpmaddubsw on w.nibbles or w.codes3; vpmaddwd on w.bytes), for M =
+// 1..kPackedAvx2MaxRows (w.bytes: 1..kPackedBytesMaxRows), or nullptr. With w.bytes it also serves the AVX-512 table
+// (no AVX-512 kernel of its own for 8-bit codes yet).
+constexpr int kPackedBytesMaxRows = 4;
 PackedGemvFn PackedGemvInt8Avx2(const PackedWeights& w, int64_t M);
 
 // Whether this CPU/build has the AVX-512 packed kernels (F, BW, VL, DQ).
 bool PackedAvx512Available();
 // Whether this CPU/build has the int8 path (AVX512-VNNI).
 bool PackedInt8Available();
-// The int8 path (needs AVX512-VNNI and w.nibbles), or nullptr.
+// The int8 path (needs AVX512-VNNI and w.nibbles; w.bytes: PackedGemvInt8Avx2), or nullptr.
 PackedGemvFn PackedGemvVnni(const PackedWeights& w, int64_t M);
 
 }  // namespace Cpu

@@ -397,6 +397,85 @@ QC_AVX2 void GemvInt8BlockRows2(const PackedGemvArgs& a, int64_t b0, int64_t b1)
   }
 }
 
+// int8 path for 8-bit codes (PackedWeights::bytes: word i of a lane = the codes of columns 4i..4i+3, one byte each).
+// vpmaddubsw would saturate (2 · 255 · 127 > 2^15), so the codes are widened instead: the word's codes 0 and 2 (AND
+// 0x00FF00FF) and 1 and 3 (a 16-bit shift right by 8) as int16 pairs, each multiplied by the matching pair of int8
+// x sign-extended to int16 (prepared once per call: xe = (x0, x2), xo = (x1, x3) of each quad) and summed into int32
+// by vpmaddwd: exact, no saturation (a chunk's sum per lane is at most 32 · 255 · 127). A whole block (both halves of
+// 8 rows) per pass, MM rows of X; the fp32 steps per chunk and group are GemvInt82's (FinishGroup2).
+template <int MM, bool HALF, bool CODED>
+QC_AVX2 void GemvBytes2(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
+  const PackedWeights& w = *a.w;
+  constexpr int H = HALF ? 2 : 1;
+  constexpr int W = 8;  // words per chunk and lane
+  const int64_t chunks_per_group = HALF ? 1 : w.group_size / spqr::kChunk;
+  const int64_t block_words = w.chunks * W * kPackRows;
+  // x as int16 pairs: pairs[2 j] = (x0, x2), pairs[2 j + 1] = (x1, x3) of word j of xq ([chunks][8][MM])
+  thread_local std::vector<int32_t> pairs;
+  const size_t words = static_cast<size_t>(w.chunks * 8 * MM);
+  if (pairs.size() < 2 * words) pairs.resize(2 * words);
+  for (size_t j = 0; j < words; ++j) {
+    const uint32_t v = static_cast<uint32_t>(a.xq[j]);
+    const auto half = [v](int b) { return static_cast<uint32_t>(static_cast<uint16_t>(static_cast<int16_t>(static_cast<int8_t>(v >> (8 * b))))); };
+    pairs[2 * j] = static_cast<int32_t>(half(0) | half(2) << 16);
+    pairs[2 * j + 1] = static_cast<int32_t>(half(1) | half(3) << 16);
+  }
+  const __m256i even = _mm256_set1_epi32(0x00FF00FF);
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const uint32_t* q = w.bytes.data() + blk * block_words;
+    __m256 y[2][MM] = {};  // zeros
+    for (int64_t c0 = 0, g = 0; c0 < w.chunks; c0 += chunks_per_group, g += H) {
+      __m256 t[H][2][MM] = {};
+      for (int64_t c = c0, c1 = std::min(w.chunks, c0 + chunks_per_group); c < c1; ++c) {
+        __m256i acc[H][2][MM] = {};
+        // the chunk kPrefetchChunks ahead (W lines), past the block's end in the next block (prefetches never fault)
+        const uint32_t* ahead = q + (c + kPrefetchChunks) * W * kPackRows;
+        for (int i = 0; i < W; ++i) _mm_prefetch(reinterpret_cast<const char*>(ahead + i * kPackRows), _MM_HINT_T0);
+        const int32_t* xp = pairs.data() + c * 8 * MM * 2;
+#pragma GCC unroll 8
+        for (int i = 0; i < W; ++i) {
+          const int h = HALF && i >= 4 ? 1 : 0;
+          __m256i lo[2], hi[2];
+          for (int L = 0; L < 2; ++L) {
+            const __m256i z = LoadWord2(q + c * W * kPackRows + L * kHalf, i);
+            lo[L] = _mm256_and_si256(z, even);
+            hi[L] = _mm256_srli_epi16(z, 8);
+          }
+#pragma GCC unroll 4
+          for (int m = 0; m < MM; ++m) {
+            const __m256i xe = _mm256_set1_epi32(xp[(i * MM + m) * 2]), xo = _mm256_set1_epi32(xp[(i * MM + m) * 2 + 1]);
+            for (int L = 0; L < 2; ++L) {
+              acc[h][L][m] = _mm256_add_epi32(
+                  acc[h][L][m], _mm256_add_epi32(_mm256_madd_epi16(lo[L], xe), _mm256_madd_epi16(hi[L], xo)));
+            }
+          }
+        }
+        for (int h = 0; h < H; ++h) {
+#pragma GCC unroll 4
+          for (int m = 0; m < MM; ++m) {
+            const __m256 xd = _mm256_set1_ps(a.xd[(c * H + h) * MM + m]);
+            for (int L = 0; L < 2; ++L) {
+              t[h][L][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[h][L][m]), xd, t[h][L][m]);
+            }
+          }
+        }
+      }
+      for (int L = 0; L < 2; ++L) {
+        FinishGroup2<MM, CODED>(a, blk, g, L, t[0][L], y[L]);
+        if (HALF && g + 1 < w.G) FinishGroup2<MM, CODED>(a, blk, g + 1, L, t[H - 1][L], y[L]);
+      }
+    }
+    for (int m = 0; m < MM; ++m) {
+      for (int L = 0; L < 2; ++L) _mm256_storeu_ps(a.y + m * a.y_stride + (blk - b0) * kPackRows + L * kHalf, y[L][m]);
+    }
+  }
+}
+
+template <bool HALF, bool CODED>
+constexpr PackedGemvFn kBytesFns2[kPackedBytesMaxRows + 1] = {
+    nullptr, &GemvBytes2<1, HALF, CODED>, &GemvBytes2<2, HALF, CODED>, &GemvBytes2<3, HALF, CODED>,
+    &GemvBytes2<4, HALF, CODED>};
+
 template <bool HALF, bool CODED, bool CODES3>
 constexpr PackedGemvFn kInt8Fns2[kPackedAvx2MaxRows + 1] = {
     nullptr, &GemvInt82<1, HALF, CODED, CODES3>, &GemvInt82<2, HALF, CODED, CODES3>,
@@ -540,10 +619,17 @@ PackedGemvFn PackedGemvAvx2(const PackedWeights& w, int64_t M) {
 }
 
 PackedGemvFn PackedGemvInt8Avx2(const PackedWeights& w, int64_t M) {
-  const bool codes3 = !w.codes3.empty();
-  if (!PackedAvx2Available() || M < 1 || M > kPackedAvx2MaxRows || (w.nibbles.empty() && !codes3)) return nullptr;
+  const bool codes3 = !w.codes3.empty(), bytes = !w.bytes.empty();
+  if (!PackedAvx2Available() || M < 1 || M > kPackedAvx2MaxRows || (w.nibbles.empty() && !codes3 && !bytes)) {
+    return nullptr;
+  }
   const bool half = w.group_size == 16;
   if (!half && w.group_size % spqr::kChunk != 0) return nullptr;
+  if (bytes) {
+    if (M > kPackedBytesMaxRows) return nullptr;
+    if (half) return w.coded_stats ? kBytesFns2<true, true>[M] : kBytesFns2<true, false>[M];
+    return w.coded_stats ? kBytesFns2<false, true>[M] : kBytesFns2<false, false>[M];
+  }
   return codes3 ? Int8FnFor2<true>(half, w.coded_stats, M, w.stat_bits)
                 : Int8FnFor2<false>(half, w.coded_stats, M, w.stat_bits);
 }
@@ -570,6 +656,7 @@ const CpuKernels& Avx2Kernels() {
     t.packed_gemv_int8 = &PackedGemvInt8Avx2;
     t.packed_gemv_any_rows = true;
     t.int8_codes3 = true;
+    t.int8_codes8 = true;
 #if defined(QC_HAVE_AVX2_BUILD)
     t.packed_int8_inputs = &Int8InputsAvx2Any;  // x86-64 builds only (the other entries have stubs below)
 #endif

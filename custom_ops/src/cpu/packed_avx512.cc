@@ -515,6 +515,7 @@ bool PackedInt8Available() {
 }
 
 PackedGemvFn PackedGemvVnni(const PackedWeights& w, int64_t M) {
+  if (PackedInt8Available() && !w.bytes.empty()) return PackedGemvInt8Avx2(w, M);  // 8-bit codes: the AVX2 kernel
   if (!PackedInt8Available() || w.nibbles.empty() || M < 1 || M > kPackedMaxRows) return nullptr;
   const bool half = w.group_size == 16;
   if (!half && w.group_size % spqr::kChunk != 0) return nullptr;
@@ -547,6 +548,7 @@ const CpuKernels& Avx512Kernels() {
     t.packed_max_rows = kPackedMaxRows;
     t.packed_gemv = &PackedGemvAvx512;
     t.packed_gemv_int8 = PackedInt8Available() ? &PackedGemvVnni : nullptr;
+    t.int8_codes8 = PackedAvx2Available();  // 8-bit codes: AVX2's vpmaddwd kernel (packed_avx2.cc)
     t.packed_int8_inputs = PackedInt8InputsAvx512();
     t.packed_gemv_any_rows = true;
     t.packed_decode = &PackedDecodeAvx512;

@@ -128,11 +128,15 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
       constant_[i] = is_constant != 0;
     }
     // The packed decode path needs the weight tensors to be initializers (packed once, reused every call).
-    allow_packed_ = isa_->packed_gemv != nullptr && Packable(attrs_) && constant_[spqr::kQWeight] && constant_[spqr::kScales] &&
-                    constant_[spqr::kZeros] && (attrs_.stat_bits == 0 || constant_[spqr::kStats2]);
     // accuracy_level 4: int8 activations where the table has a packed int8 kernel (AVX512-VNNI; AVX2 on CPUs
-    // without AVX-512), else fp32 as level 0 (AVX-512 without VNNI, portable builds).
-    int8_ = allow_packed_ && attrs_.accuracy_level == 4 && isa_->packed_gemv_int8 != nullptr;
+    // without AVX-512), else fp32 as level 0 (AVX-512 without VNNI, portable builds). 8-bit codes: packed only on
+    // that int8 path (int8_codes8), else the row kernels on the stored layout.
+    const bool int8_kernel = attrs_.accuracy_level == 4 && isa_->packed_gemv_int8 != nullptr;
+    allow_packed_ = isa_->packed_gemv != nullptr &&
+                    (Packable(attrs_) || (int8_kernel && isa_->int8_codes8 && PackableBytes(attrs_))) &&
+                    constant_[spqr::kQWeight] && constant_[spqr::kScales] && constant_[spqr::kZeros] &&
+                    (attrs_.stat_bits == 0 || constant_[spqr::kStats2]);
+    int8_ = allow_packed_ && int8_kernel;
     int8_inputs_ = isa_->packed_int8_inputs != nullptr ? isa_->packed_int8_inputs : &PackedGemvInt8Inputs;
   }
 
@@ -295,7 +299,8 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     // The packed GEMV in slices of up to packed_max_rows rows (AVX2: decode-sized M only; the portable GEMM above)
     if (allow_packed_ && gemm_decode == nullptr && (isa.packed_gemv_any_rows || M < kGemmMinRows)) {
       const PackedWeights& pw = Packed(b);
-      const int64_t max_rows = isa.packed_max_rows;
+      const int64_t max_rows =
+          pw.bytes.empty() ? isa.packed_max_rows : std::min<int64_t>(isa.packed_max_rows, kPackedBytesMaxRows);
       const int64_t slices = (M + max_rows - 1) / max_rows;
       for (int64_t i = 0; i < slices; ++i) {
         slice_rows.push_back(M / slices + (i < M % slices ? 1 : 0));
@@ -449,7 +454,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
         j.halves_to_floats = isa.halves_to_floats;
         j.packed_task_blocks = kPackTaskBlocks;
         if (j.packed_slices > 1) {  // several slices: bigger tasks (at least 8 of them)
-          const int64_t block_bytes = pw.chunks * (!int8_ ? pw.bits : pw.codes3.empty() ? 4 : 3) * kPackRows * 4;
+          const int64_t block_bytes = pw.chunks * PackedWordsPerChunk(pw) * kPackRows * 4;
           j.packed_task_blocks = std::clamp(std::min(kPackTaskBytes / block_bytes, (pw.blocks + 7) / 8), kPackTaskBlocks,
                                             kPackTaskMaxBlocks);
         }
