@@ -54,9 +54,11 @@ SPQR_PRESETS = {
 SPQR_PRESETS["spqr-w3-a4"] = SPQR_PRESETS["spqr-w3"]  # the same weight with accuracy_level 4 (int8 activations)
 SPQR_PRESETS["spqr-w4-a4"] = SPQR_PRESETS["spqr-w4"]
 # the quantized lm_head's tables (`--lm-head rtn --lm-head-bits 8`: 8-bit, 128-column groups; `--lm-head gptq`: 4-bit,
-# 32-column groups; fp16 statistics, no outliers, stored column order), with int8 activations
-SPQR_PRESETS["head-w8-a4"] = dict(bits=8, group_size=128, stat_bits=0, outlier_rate=0.0, permute=False)
-SPQR_PRESETS["head-w4-a4"] = dict(bits=4, group_size=32, stat_bits=0, outlier_rate=0.0, permute=False)
+# 32-column groups; fp16 statistics, no outliers, stored column order), with fp32 and with int8 activations
+SPQR_PRESETS["head-w8"] = dict(bits=8, group_size=128, stat_bits=0, outlier_rate=0.0, permute=False)
+SPQR_PRESETS["head-w4"] = dict(bits=4, group_size=32, stat_bits=0, outlier_rate=0.0, permute=False)
+SPQR_PRESETS["head-w8-a4"] = SPQR_PRESETS["head-w8"]
+SPQR_PRESETS["head-w4-a4"] = SPQR_PRESETS["head-w4"]
 SPQR_ACCURACY_LEVEL = {"spqr-w3-a4": 4, "spqr-w4-a4": 4, "head-w8-a4": 4, "head-w4-a4": 4}
 NBITS_PRESETS = {"nbits-a0": (0, 4), "nbits-a4": (4, 4), "nbits8-a4": (4, 8)}  # (accuracy_level, bits), block 32
 VARIANTS = ["fp32", *SPQR_PRESETS, *NBITS_PRESETS]

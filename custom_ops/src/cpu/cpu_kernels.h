@@ -26,8 +26,10 @@ struct CpuKernels {
   PackedGemvFn (*packed_gemv_int8)(const PackedWeights& w, int64_t M) = nullptr;
   // Whether packed_gemv_int8 reads 3-bit codes as PackedWeights::codes3 (3 bits a weight in memory; else nibbles).
   bool int8_codes3 = false;
-  // Whether packed_gemv_int8 takes 8-bit codes (PackedWeights::bytes, slices of at most kPackedBytesMaxRows rows).
+  // Whether packed_gemv_int8 takes 8-bit codes (PackedWeights::bytes, slices of at most kPackedBytesMaxRows rows),
+  // and whether packed_gemv does (PackedWeights::codes, 4 codes a word); else 8-bit codes take the row kernels.
   bool int8_codes8 = false;
+  bool fp32_codes8 = false;
   // X's preparation for packed_gemv_int8 (its int8 codes, scales and group sums), else PackedGemvInt8Inputs.
   PackedInt8InputsFn packed_int8_inputs = nullptr;
   // Whether slices of the packed GEMV also take M >= kGemmMinRows rows of X (else the portable GEMM does).

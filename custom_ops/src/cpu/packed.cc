@@ -155,6 +155,7 @@ PackedWeights Pack(const spqr::Attributes& a, const uint8_t* qweight, const void
     if (a.bits == 2) PackCodes<2>(a, qweight, w);
     if (a.bits == 3) PackCodes<3>(a, qweight, w);
     if (a.bits == 4) PackCodes<4>(a, qweight, w);
+    if (a.bits == 8) PackCodes<8>(a, qweight, w);
   }
 
   const int64_t G = w.G;

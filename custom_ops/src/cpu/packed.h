@@ -6,7 +6,7 @@
 //
 // - codes: [blocks][chunks][bits][16] uint32, block = 16 output rows, chunk = 32 columns (the storage chunk).
 //   Lane r of word w holds row (16·block + r)'s 32 codes of the chunk as 32·bits contiguous bits, in the order
-//   given by PieceOf: 2-bit codes 16 per word, 4-bit 8 per word, 3-bit 10 per word (codes 30 and 31 fill the
+//   given by PieceOf: 2-bit codes 16 per word, 4-bit 8 per word, 8-bit 4 per word, 3-bit 10 per word (codes 30 and 31 fill the
 //   two spare bits of each of the three words). A code is read as `float(word & mask)` (the field left in place,
 //   an exact power-of-two multiple of the code) times a copy of x scaled by the inverse power of two, so decoding
 //   costs one AND and one conversion per 16 weights.
@@ -142,9 +142,9 @@ inline bool Packable(const spqr::Attributes& a) {
          a.K <= (int64_t{1} << 31) && a.N <= (int64_t{1} << 31);
 }
 
-// Whether the packed int8 path can take this node's 8-bit codes (group size 16 or a multiple of 32; any
-// statistics): only with int8 activations (accuracy_level 4; the fp32 packed kernels are 2..4-bit).
-inline bool PackableBytes(const spqr::Attributes& a) {
+// Whether the packed paths can take this node's 8-bit codes (group size 16 or a multiple of 32; any statistics), on
+// ISA tables with kernels for them (CpuKernels::int8_codes8, fp32_codes8).
+inline bool PackableCodes8(const spqr::Attributes& a) {
   return a.bits == 8 && (a.group_size == 16 || a.group_size % 32 == 0) && a.K <= (int64_t{1} << 31) &&
          a.N <= (int64_t{1} << 31);
 }

@@ -614,6 +614,7 @@ PackedGemvFn PackedGemvAvx2(const PackedWeights& w, int64_t M) {
     case 2: return FnFor2<2>(half, w.coded_stats, M);
     case 3: return FnFor2<3>(half, w.coded_stats, M);
     case 4: return FnFor2<4>(half, w.coded_stats, M);
+    case 8: return FnFor2<8>(half, w.coded_stats, M);
     default: return nullptr;
   }
 }
@@ -657,6 +658,7 @@ const CpuKernels& Avx2Kernels() {
     t.packed_gemv_any_rows = true;
     t.int8_codes3 = true;
     t.int8_codes8 = true;
+    t.fp32_codes8 = true;
 #if defined(QC_HAVE_AVX2_BUILD)
     t.packed_int8_inputs = &Int8InputsAvx2Any;  // x86-64 builds only (the other entries have stubs below)
 #endif

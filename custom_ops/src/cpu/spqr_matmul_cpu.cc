@@ -130,10 +130,10 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     // The packed decode path needs the weight tensors to be initializers (packed once, reused every call).
     // accuracy_level 4: int8 activations where the table has a packed int8 kernel (AVX512-VNNI; AVX2 on CPUs
     // without AVX-512), else fp32 as level 0 (AVX-512 without VNNI, portable builds). 8-bit codes: packed only on
-    // that int8 path (int8_codes8), else the row kernels on the stored layout.
+    // the ISA tables that have kernels for them (int8_codes8, fp32_codes8), else the row kernels on the stored layout.
     const bool int8_kernel = attrs_.accuracy_level == 4 && isa_->packed_gemv_int8 != nullptr;
-    allow_packed_ = isa_->packed_gemv != nullptr &&
-                    (Packable(attrs_) || (int8_kernel && isa_->int8_codes8 && PackableBytes(attrs_))) &&
+    const bool codes8 = PackableCodes8(attrs_) && (int8_kernel ? isa_->int8_codes8 : isa_->fp32_codes8);
+    allow_packed_ = isa_->packed_gemv != nullptr && (Packable(attrs_) || codes8) &&
                     constant_[spqr::kQWeight] && constant_[spqr::kScales] && constant_[spqr::kZeros] &&
                     (attrs_.stat_bits == 0 || constant_[spqr::kStats2]);
     int8_ = allow_packed_ && int8_kernel;
