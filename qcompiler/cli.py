@@ -80,12 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace an existing output folder")
     e.add_argument("--lm-head", default="keep", choices=("keep", "rtn", "gptq"),
                    help="quantize the output projection too (a tied embedding's lookup then reads the same quantized "
-                        "table): rtn = min-max round-to-nearest, gptq = GPTQ calibrated on the final hidden states "
-                        "of the calibration windows, with --lm-head-bits / --lm-head-group-size (default: keep, at "
-                        "the export dtype)")
-    e.add_argument("--lm-head-bits", type=int, default=4, help="lm_head code width: 2, 3, 4 or 8 (default: 4)")
-    e.add_argument("--lm-head-group-size", type=int, default=32,
-                   help="lm_head input features per scale/zero group (default: 32)")
+                        "table): rtn = min-max round-to-nearest (8-bit by default: lossless on SmolLM2, "
+                        "docs/methods.md), gptq = GPTQ calibrated on the final hidden states of the "
+                        "calibration windows (4-bit by default), with --lm-head-bits / --lm-head-group-size "
+                        "(default: keep, at the export dtype)")
+    e.add_argument("--lm-head-bits", type=int, default=None,
+                   help="lm_head code width: 2, 3, 4 or 8 (default: 8 for rtn, lossless; 4 for gptq)")
+    e.add_argument("--lm-head-group-size", type=int, default=None,
+                   help="lm_head input features per scale/zero group (default: 128 for 8-bit codes, else 32)")
     e.add_argument("--lm-head-nsamples", type=int, default=16,
                    help="--lm-head gptq after rtn/none: calibration windows for its Hessian, the first of --nsamples "
                         "(default: 16; each costs a forward of the whole model; after gptq/spqr the decoder's "
@@ -116,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="4: SpQRMatMul may quantize its input to int8 per 32 (β1 = 16: 16) columns on CPUs with "
                           "AVX512-VNNI or AVX2 (faster decode, some accuracy cost: docs/kernels.md); 0: fp32 "
                           "activations; validation runs at level 0 (default: 4 for --method spqr with 4-bit codes, "
-                          "where its measured perplexity cost is under 0.5 %, else 0)")
+                          "where its measured perplexity cost is under 0.5 %%, else 0)")
     adv.add_argument("--no-fallback", dest="fallback", action="store_false",
                      help="omit the portable ONNX functions that let the model run without the op library")
     adv.add_argument("--no-contrib-ops", dest="contrib_ops", action="store_false",

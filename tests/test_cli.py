@@ -206,3 +206,14 @@ def test_transform_methods_get_a_wider_relative_tolerance(tiny_dirs, text_file, 
                         "--epochs", "0", "--calibration", text_file, "--nsamples", 2, "--seqlen", 32, "-o", out, "-q")
     assert code == 0, err
     assert json.loads((out / "quant_config.json").read_text())["validation"]["rtol"] == 1e-3
+
+
+@pytest.mark.parametrize("command", [[], ["export"], ["eval"], ["generate"], ["inspect"]])
+def test_help_of_every_command_prints(command, capsys):
+    # argparse formats each help string with %-substitution: a bare "%" in one (e.g. "0.5 %, else") crashed
+    # `qcompiler export --help` with a ValueError instead of printing it
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and (not command or "--" in out)

@@ -198,6 +198,21 @@ def test_gptq_lm_head_export(tiny_dirs, tmp_path, text_file):
     assert [n.op_type for n in proto.graph.node if n.op_type == "SpQRGather"] == ["SpQRGather"]
 
 
+@pytest.mark.parametrize("flags,expected", [
+    (("--lm-head", "rtn"), ("rtn", 8, 128)),  # measured lossless (qcompiler/quantize/lm_head.py: DEFAULT_BITS)
+    (("--lm-head", "gptq"), ("gptq", 4, 32)),
+    (("--lm-head", "rtn", "--lm-head-bits", "4"), ("rtn", 4, 32)),  # the group follows the width given
+    (("--lm-head", "gptq", "--lm-head-bits", "8"), ("gptq", 8, 128)),
+    (("--lm-head", "rtn", "--lm-head-group-size", "64"), ("rtn", 8, 64)),
+])
+def test_lm_head_defaults_per_method(flags, expected):
+    from qcompiler.cli import _lm_head_config, build_parser
+
+    cfg = _lm_head_config(build_parser().parse_args(["export", "MODEL", "-o", "OUT", *flags]))
+    assert (cfg.method, cfg.bits, cfg.group_size) == expected
+    assert _lm_head_config(build_parser().parse_args(["export", "MODEL", "-o", "OUT"])) is None  # keep
+
+
 def test_8bit_lm_head_export(tiny_export):
     """`--lm-head-bits 8`: byte codes (docs/spqr-format.md) through the CPU kernel's row path and SpQRGather's w8
     function; the decoded table is the 8-bit grid of the source (error of 255 steps, not more), validated in ORT."""

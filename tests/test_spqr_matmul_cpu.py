@@ -117,7 +117,7 @@ def _has_avx512() -> bool:
 
 
 @pytest.mark.skipif(not _has_avx512(), reason="the packed GEMV kernel needs AVX-512 (F, BW, VL, DQ)")
-@pytest.mark.parametrize("bits", [2, 3, 4])  # (8-bit codes with fp32 X: the AVX-512 table's row kernels)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])  # (8-bit codes: the AVX2 kernels serve the AVX-512 table)
 @pytest.mark.parametrize("group_size,K", [(16, 600), (16, 584), (32, 600), (64, 600), (128, 576)])
 @pytest.mark.parametrize("stats", ["coded-b16", "coded-b32", "coded-b48", "split-b8", "fp16"])
 @pytest.mark.parametrize("M", [1, 2, 7])

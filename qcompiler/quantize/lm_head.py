@@ -31,6 +31,18 @@ from qcompiler.quantize.methods.base import (check_bits, check_group_size, dequa
                                              round_to_nearest, to_spqr_weight)
 
 METHODS = ("rtn", "gptq")
+# Code width where --lm-head-bits is not given, per method, chosen by measurement (SmolLM2-135M, tied table,
+# WikiText-2 40 × 512). rtn: 8 bits, lossless (PyTorch, decoder fp32: 29.168 against 29.188,
+# bench/results/lm-head-probe-2026-12-07.md; ONNX Runtime with the 4-bit SpQR decoder and int8 X: 31.027 against the
+# fp32 table's 31.034 at 1.43× its decode speed, bench/results/peers-2026-12-07-head8.md) where 4-bit RTN costs +6.8 %.
+# gptq: 4 bits, a third of RTN's 4-bit cost (+3.0 %) at half the 8-bit table's bytes.
+DEFAULT_BITS = {"rtn": 8, "gptq": 4}
+
+
+def default_group_size(bits: int) -> int:
+    """Input features per group where --lm-head-group-size is not given: 128 for 8-bit codes (the measured lossless
+    table: 8.25 stored bits a parameter), else 32 (the measured 4-bit setting)."""
+    return 128 if bits == 8 else 32
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,8 +51,8 @@ class LMHeadConfig:
 
     Attributes:
         method: "rtn" or "gptq".
-        bits: code width, 2, 3, 4 or 8.
-        group_size: input features per scale/zero group.
+        bits: code width, 2, 3, 4 or 8; None: the method's measured default (`DEFAULT_BITS`: rtn 8, gptq 4).
+        group_size: input features per scale/zero group; None: `default_group_size(bits)` (128 at 8 bits, else 32).
         round_zero: integer zero points (GPTQ's quantizer); False (the default for both methods): the exact
             per-group min-max range (SmolLM2-135M, tied table, gptq 4-bit: 30.052 against 30.013 perplexity with
             integer zeros, bench/results/lm-head-probe-2026-12-07.md; at 3 bits the exact range was 2 % better in
@@ -55,8 +67,8 @@ class LMHeadConfig:
     """
 
     method: str = "rtn"
-    bits: int = 4
-    group_size: int = 32
+    bits: Optional[int] = None
+    group_size: Optional[int] = None
     round_zero: bool = False
     act_order: bool = False
     percdamp: float = 0.01
@@ -65,6 +77,10 @@ class LMHeadConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise QCompilerError(f"--lm-head must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.bits is None:
+            object.__setattr__(self, "bits", DEFAULT_BITS[self.method])
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", default_group_size(self.bits))
         check_bits(self.bits)
         check_group_size(self.group_size)
         if self.nsamples is not None and self.nsamples < 1:

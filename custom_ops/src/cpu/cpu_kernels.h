@@ -26,7 +26,7 @@ struct CpuKernels {
   PackedGemvFn (*packed_gemv_int8)(const PackedWeights& w, int64_t M) = nullptr;
   // Whether packed_gemv_int8 reads 3-bit codes as PackedWeights::codes3 (3 bits a weight in memory; else nibbles).
   bool int8_codes3 = false;
-  // Whether packed_gemv_int8 takes 8-bit codes (PackedWeights::bytes, slices of at most kPackedBytesMaxRows rows),
+  // Whether packed_gemv_int8 takes 8-bit codes (PackedWeights::bytes, slices of at most kPackedCodes8MaxRows rows),
   // and whether packed_gemv does (PackedWeights::codes, 4 codes a word); else 8-bit codes take the row kernels.
   bool int8_codes8 = false;
   bool fp32_codes8 = false;

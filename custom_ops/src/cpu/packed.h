@@ -235,9 +235,10 @@ constexpr int kPackedAvx2MaxRows = 4;
 PackedGemvFn PackedGemvAvx2(const PackedWeights& w, int64_t M);
 bool PackedAvx2Available();  // x86-64 with AVX2 + FMA
 // The int8 path on AVX2 + FMA (vpmaddubsw on w.nibbles or w.codes3; vpmaddwd on w.bytes), for M =
-// 1..kPackedAvx2MaxRows (w.bytes: 1..kPackedBytesMaxRows), or nullptr. With w.bytes it also serves the AVX-512 table
-// (no AVX-512 kernel of its own for 8-bit codes yet).
-constexpr int kPackedBytesMaxRows = 4;
+// 1..kPackedAvx2MaxRows (w.bytes: 1..kPackedCodes8MaxRows), or nullptr. With 8-bit codes (w.bytes, and w.codes at
+// bits 8 through PackedGemvAvx2) the AVX2 kernels also serve the AVX-512 table (no AVX-512 kernels of its own for
+// them yet), so its slices of 8-bit codes are at most kPackedCodes8MaxRows rows too.
+constexpr int kPackedCodes8MaxRows = 4;
 PackedGemvFn PackedGemvInt8Avx2(const PackedWeights& w, int64_t M);
 
 // Whether this CPU/build has the AVX-512 packed kernels (F, BW, VL, DQ).

@@ -472,7 +472,7 @@ QC_AVX2 void GemvBytes2(const PackedGemvArgs& a, int64_t b0, int64_t b1) {
 }
 
 template <bool HALF, bool CODED>
-constexpr PackedGemvFn kBytesFns2[kPackedBytesMaxRows + 1] = {
+constexpr PackedGemvFn kBytesFns2[kPackedCodes8MaxRows + 1] = {
     nullptr, &GemvBytes2<1, HALF, CODED>, &GemvBytes2<2, HALF, CODED>, &GemvBytes2<3, HALF, CODED>,
     &GemvBytes2<4, HALF, CODED>};
 
@@ -627,7 +627,7 @@ PackedGemvFn PackedGemvInt8Avx2(const PackedWeights& w, int64_t M) {
   const bool half = w.group_size == 16;
   if (!half && w.group_size % spqr::kChunk != 0) return nullptr;
   if (bytes) {
-    if (M > kPackedBytesMaxRows) return nullptr;
+    if (M > kPackedCodes8MaxRows) return nullptr;
     if (half) return w.coded_stats ? kBytesFns2<true, true>[M] : kBytesFns2<true, false>[M];
     return w.coded_stats ? kBytesFns2<false, true>[M] : kBytesFns2<false, false>[M];
   }

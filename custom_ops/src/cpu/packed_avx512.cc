@@ -433,6 +433,7 @@ PackedMicroFn PackedMicroAvx512(int mr) {
 }
 
 PackedGemvFn PackedGemvAvx512(const PackedWeights& w, int64_t M) {
+  if (CpuHasAvx512() && w.bits == 8) return PackedGemvAvx2(w, M);  // 8-bit codes: the AVX2 kernel
   if (!CpuHasAvx512() || M < 1 || M > kPackedMaxRows) return nullptr;
   const bool half = w.group_size == 16;
   if (!half && w.group_size % spqr::kChunk != 0) return nullptr;
@@ -548,7 +549,10 @@ const CpuKernels& Avx512Kernels() {
     t.packed_max_rows = kPackedMaxRows;
     t.packed_gemv = &PackedGemvAvx512;
     t.packed_gemv_int8 = PackedInt8Available() ? &PackedGemvVnni : nullptr;
-    t.int8_codes8 = PackedAvx2Available();  // 8-bit codes: AVX2's vpmaddwd kernel (packed_avx2.cc)
+    // 8-bit codes: AVX2's kernels (packed_avx2.cc: vpmaddwd on int8 X, conversions on fp32 X), slices of at most
+    // kPackedCodes8MaxRows rows; no AVX-512 kernel of their own yet
+    t.int8_codes8 = PackedAvx2Available();
+    t.fp32_codes8 = PackedAvx2Available();
     t.packed_int8_inputs = PackedInt8InputsAvx512();
     t.packed_gemv_any_rows = true;
     t.packed_decode = &PackedDecodeAvx512;

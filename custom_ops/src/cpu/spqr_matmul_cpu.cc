@@ -300,7 +300,7 @@ struct SpQRMatMulCpuKernel : spqr::KernelBase<SpQRMatMulCpuKernel> {
     if (allow_packed_ && gemm_decode == nullptr && (isa.packed_gemv_any_rows || M < kGemmMinRows)) {
       const PackedWeights& pw = Packed(b);
       const int64_t max_rows =
-          pw.bytes.empty() ? isa.packed_max_rows : std::min<int64_t>(isa.packed_max_rows, kPackedBytesMaxRows);
+          pw.bits != 8 ? isa.packed_max_rows : std::min<int64_t>(isa.packed_max_rows, kPackedCodes8MaxRows);
       const int64_t slices = (M + max_rows - 1) / max_rows;
       for (int64_t i = 0; i < slices; ++i) {
         slice_rows.push_back(M / slices + (i < M % slices ? 1 : 0));
