@@ -78,12 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="named settings of the method, overridden by explicit flags (spqr: near-lossless = the "
                         "defaults, sub4 = 3-bit codes under 3.9 bits/param)")
     e.add_argument("--force", action="store_true", help="replace an existing output folder")
-    e.add_argument("--lm-head", default="keep", choices=("keep", "rtn", "gptq"),
+    e.add_argument("--lm-head", default="auto", choices=("auto", "keep", "rtn", "gptq"),
                    help="quantize the output projection too (a tied embedding's lookup then reads the same quantized "
                         "table): rtn = min-max round-to-nearest (8-bit by default: lossless on SmolLM2, "
                         "docs/methods.md), gptq = GPTQ calibrated on the final hidden states of the "
-                        "calibration windows (4-bit by default), with --lm-head-bits / --lm-head-group-size "
-                        "(default: keep, at the export dtype)")
+                        "calibration windows (4-bit by default), with --lm-head-bits / --lm-head-group-size; "
+                        "keep = at the export dtype (default: auto = rtn for --method spqr with 4-bit codes, where "
+                        "it was measured lossless and faster; keep for the rest and for --dtype fp16)")
     e.add_argument("--lm-head-bits", type=int, default=None,
                    help="lm_head code width: 2, 3, 4 or 8 (default: 8 for rtn, lossless; 4 for gptq)")
     e.add_argument("--lm-head-group-size", type=int, default=None,
@@ -217,6 +218,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _lm_head_config(args: argparse.Namespace):
     if args.lm_head == "keep":
+        if args.lm_head_bits is not None or args.lm_head_group_size is not None:
+            raise QCompilerError("--lm-head-bits / --lm-head-group-size need --lm-head rtn or gptq (--lm-head keep "
+                                 "keeps the table)")
         return None
     from qcompiler.quantize.lm_head import LMHeadConfig
 

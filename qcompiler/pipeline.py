@@ -56,7 +56,8 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
            memory_check: bool = True, offload_weights: bool = False, fallback: bool = True, contrib_ops: bool = True,
            lm_head: Optional[Any] = None, quiet: bool = False) -> ExportReport:
     """Quantize `source` with `method` and write an ONNX folder to `output`. See `qcompiler export --help`.
-    `lm_head`: a `qcompiler.quantize.lm_head.LMHeadConfig` to quantize the output projection too (None: kept).
+    `lm_head`: a `qcompiler.quantize.lm_head.LMHeadConfig` to quantize the output projection too (None: kept; method
+    "auto": the method's measured default, `LMHeadConfig.resolve_auto`).
     `accuracy_level`: None = the method's measured default for `method_options` (`Method.default_accuracy_level`)."""
     from qcompiler.data import calibration_windows, resolve_calibration
     from qcompiler.models.families import family_for, quantizable_linears
@@ -69,6 +70,9 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
     check_output(output, force=force)
     method_cls = get_method(method)
     config = method_cls.Config(**method_options)
+    head_by_default = lm_head is not None and lm_head.method == "auto"
+    if lm_head is not None:
+        lm_head = lm_head.resolve_auto(method_cls, config, dtype=dtype)
     if accuracy_level is None:
         accuracy_level = method_cls.default_accuracy_level(config, lm_head=lm_head is not None)
     tolerance = validation.Tolerance.for_export(dtype, atol=atol, rtol=rtol, transforms=method_cls.learns_transforms)
@@ -109,7 +113,8 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
         with clock("lm_head", "quantizing the lm_head"):
             head = quantize_lm_head(model, family, lm_head, calibration=calib, hessian=result.head_hessian,
                                     hessian_windows=result.head_windows, progress=not quiet)
-        clock.say(describe(head))
+        clock.say(describe(head) + ("; the default of this method (--lm-head keep: the table at the export dtype)"
+                                    if head_by_default else ""))
 
     with clock("export", "exporting to ONNX"):
         # the weights stay in the exporter's file until emit copies them (no second copy of the model in memory);

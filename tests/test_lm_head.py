@@ -210,7 +210,35 @@ def test_lm_head_defaults_per_method(flags, expected):
 
     cfg = _lm_head_config(build_parser().parse_args(["export", "MODEL", "-o", "OUT", *flags]))
     assert (cfg.method, cfg.bits, cfg.group_size) == expected
-    assert _lm_head_config(build_parser().parse_args(["export", "MODEL", "-o", "OUT"])) is None  # keep
+    assert _lm_head_config(build_parser().parse_args(["export", "MODEL", "-o", "OUT", "--lm-head", "keep"])) is None
+
+
+def test_lm_head_auto_is_the_methods_measured_default():
+    """No --lm-head: `auto`, which the method resolves (Method.default_lm_head): the 8-bit rtn table for SpQR's 4-bit
+    codes (measured lossless and faster there), the table kept elsewhere (SpQR 3-bit, whose int8 default holds only
+    without a quantized head; RTN / GPTQ; transform methods; fp16 graphs)."""
+    from qcompiler import QCompilerError
+    from qcompiler.cli import _lm_head_config, build_parser
+    from qcompiler.quantize.methods import get_method
+
+    auto = _lm_head_config(build_parser().parse_args(["export", "MODEL", "-o", "OUT"]))
+    assert auto.method == "auto"
+    spqr = get_method("spqr")
+    head = auto.resolve_auto(spqr, spqr.Config(), dtype="fp32")
+    assert (head.method, head.bits, head.group_size) == ("rtn", 8, 128)
+    assert auto.resolve_auto(spqr, spqr.Config(), dtype="fp16") is None
+    assert auto.resolve_auto(spqr, spqr.Config(**spqr.presets["sub4"]), dtype="fp32") is None
+    for name in ("rtn", "gptq", "none", "affinequant", "affinequant+spqr"):
+        method = get_method(name)
+        assert auto.resolve_auto(method, method.Config(), dtype="fp32") is None, name
+    given = _lm_head_config(build_parser().parse_args(["export", "MODEL", "-o", "OUT", "--lm-head-bits", "4"]))
+    assert given.resolve_auto(spqr, spqr.Config(), dtype="fp32").bits == 4  # the width given applies to auto's rtn
+    rtn = get_method("rtn")
+    with pytest.raises(QCompilerError, match="need --lm-head rtn or gptq"):
+        given.resolve_auto(rtn, rtn.Config(), dtype="fp32")  # auto keeps RTN's head: the flag would be ignored
+    with pytest.raises(QCompilerError, match="need --lm-head rtn or gptq"):
+        _lm_head_config(build_parser().parse_args(["export", "MODEL", "-o", "OUT", "--lm-head", "keep",
+                                                   "--lm-head-bits", "8"]))
 
 
 def test_8bit_lm_head_export(tiny_export):

@@ -85,3 +85,9 @@ def test_spqr_export_default_accuracy_level(flags, level, tiny_dirs, text_file, 
     from qcompiler.runtime.generate import Generator
 
     assert ("SpQRMatMul activations: int8" if level else "SpQRMatMul activations: fp32") in Generator(out).describe()
+    # the lm_head: 4-bit codes quantize it by default (--lm-head auto: the 8-bit rtn table); sub4 keeps it unless asked
+    head = cfg.get("lm_head")
+    assert (head is not None) == ("sub4" not in flags or "--lm-head" in flags)
+    if head is not None:
+        assert (head["method"], head["bits"], head["group_size"]) == ("rtn", 8, 128)
+        assert "the default of this method" in said.out + said.err or "--lm-head" in flags

@@ -31,6 +31,7 @@ from qcompiler.quantize.methods.base import (check_bits, check_group_size, dequa
                                              round_to_nearest, to_spqr_weight)
 
 METHODS = ("rtn", "gptq")
+AUTO = "auto"  # `--lm-head auto` (the CLI's default): the export's method decides (`Method.default_lm_head`)
 # Code width where --lm-head-bits is not given, per method, chosen by measurement (SmolLM2-135M, tied table,
 # WikiText-2 40 × 512). rtn: 8 bits, lossless (PyTorch, decoder fp32: 29.168 against 29.188,
 # bench/results/lm-head-probe-2026-12-07.md; ONNX Runtime with the 4-bit SpQR decoder and int8 X: 31.027 against the
@@ -50,7 +51,8 @@ class LMHeadConfig:
     """How the lm_head is quantized (`--lm-head METHOD --lm-head-bits B --lm-head-group-size G`).
 
     Attributes:
-        method: "rtn" or "gptq".
+        method: "rtn" or "gptq"; "auto": the export's method decides (`resolve_auto`), bits and group size resolved
+            then.
         bits: code width, 2, 3, 4 or 8; None: the method's measured default (`DEFAULT_BITS`: rtn 8, gptq 4).
         group_size: input features per scale/zero group; None: `default_group_size(bits)` (128 at 8 bits, else 32).
         round_zero: integer zero points (GPTQ's quantizer); False (the default for both methods): the exact
@@ -75,8 +77,11 @@ class LMHeadConfig:
     nsamples: Optional[int] = 16
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise QCompilerError(f"--lm-head must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in (*METHODS, AUTO):
+            raise QCompilerError(f"--lm-head must be one of {', '.join((AUTO, 'keep', *METHODS))}, got "
+                                 f"{self.method!r}")
+        if self.method == AUTO:
+            return
         if self.bits is None:
             object.__setattr__(self, "bits", DEFAULT_BITS[self.method])
         if self.group_size is None:
@@ -91,6 +96,20 @@ class LMHeadConfig:
     @property
     def needs_calibration(self) -> bool:
         return self.method == "gptq"
+
+    def resolve_auto(self, method_cls, method_config, *, dtype: str) -> Optional["LMHeadConfig"]:
+        """The settings an `auto` config stands for in an export with `method_cls(method_config)` at `dtype`: the
+        method's `default_lm_head` (fp32 graphs of methods without learned transforms; fp16 exports are for GPUs,
+        where the 8-bit codes' kernel has not run yet), else None (the table kept). Other configs: themselves."""
+        if self.method != AUTO:
+            return self
+        chosen = None if dtype != "fp32" or method_cls.learns_transforms else method_cls.default_lm_head(method_config)
+        if chosen is None:
+            if self.bits is not None or self.group_size is not None:
+                raise QCompilerError("--lm-head-bits / --lm-head-group-size need --lm-head rtn or gptq: the default "
+                                     "(auto) keeps this export's lm_head")
+            return None
+        return dataclasses.replace(self, method=chosen)
 
 
 @dataclasses.dataclass

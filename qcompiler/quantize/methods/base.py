@@ -74,6 +74,13 @@ class Method(abc.ABC):
         measured at ≤ 0.5 %, else 0 (fp32 activations)."""
         return 0
 
+    @classmethod
+    def default_lm_head(cls, config: Any) -> Optional[str]:
+        """`--lm-head` method for an export with `config` when `--lm-head` is not given (`auto`, fp32 graphs only): a
+        method of `qcompiler.quantize.lm_head` (its own default width) only where the whole default export was
+        measured with and without it, else None (the table kept at the export dtype)."""
+        return None
+
     @abc.abstractmethod
     def quantize(
         self,

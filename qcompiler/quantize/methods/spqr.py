@@ -451,6 +451,14 @@ class SpQR(Method):
             return 4
         return 4 if config.bits == 3 and not lm_head else 0
 
+    @classmethod
+    def default_lm_head(cls, config: SpQRConfig) -> Optional[str]:
+        # 4-bit codes (near-lossless, int8 X): the 8-bit rtn table measured lossless and faster, SmolLM2-135M on the
+        # AVX2 VM (bench/results/peers-2026-12-07-head8.md): 31.027 against 31.034 perplexity with the fp32 table,
+        # decode 1.43× / 1.57× (1 / 2 threads), session memory 132 against 235 MB, folder 94.5 against 178.5 MB.
+        # 3-bit codes: their int8 default holds only without a quantized head (default_accuracy_level), so no head.
+        return "rtn" if config.bits >= 4 else None
+
     def quantize(
         self,
         model: torch.nn.Module,
