@@ -279,3 +279,25 @@ def test_engine_head_hessian_equals_the_forward():
     assert result.head_windows == 3 and result.head_hessian.shape == (64, 64)
     H = head_hessian(model, family, windows, progress=False)  # after: the model is the quantized one
     assert torch.allclose(result.head_hessian, H, rtol=1e-4, atol=1e-5 * float(H.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2", "mistral-swa", "phi3", "gemma2", "gemma3_text", "smollm3", "granite",
+                                  "opt"])
+def test_8bit_lm_head_on_every_family(kind, tiny_dirs, tmp_path):
+    """The 8-bit table `--method spqr` (4-bit codes) now quantizes by default, on each family the tests build (llama
+    and llama3 above): the export validates in ONNX Runtime against PyTorch (Gemma's scaled embedding and logit
+    soft-capping, Granite's multipliers, OPT's project_out included), a tied table is stored once and served by
+    SpQRGather, an untied one keeps the embedding's table."""
+    from qcompiler.cli import main
+    from tests.helpers import tiny_model
+
+    out = tmp_path / "out"
+    assert main(["export", str(tiny_dirs(kind)), "--method", "rtn", *RTN, "--lm-head", "rtn", "-o", str(out),
+                 "-q"]) == 0
+    cfg = json.loads((out / "quant_config.json").read_text())
+    head = cfg["lm_head"]
+    assert cfg["validation"]["passed"] and (head["bits"], head["group_size"]) == (8, 128)
+    tied = bool(getattr(tiny_model(kind).config, "tie_word_embeddings", False))
+    assert head["tied"] is tied and head["embedding"] == ("SpQRGather" if tied else "table")
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert [n.overload for n in proto.graph.node if n.op_type == "SpQRGather"] == (["w8"] if tied else [])
