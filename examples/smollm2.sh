@@ -5,7 +5,8 @@
 # Usage: bash examples/smollm2.sh [METHOD [EXPORT FLAGS...]]
 #   bash examples/smollm2.sh                                   # spqr, near-lossless preset (the default; int8
 #                                                              # activations in ONNX Runtime: its perplexity ~0.3 %
-#                                                              # above PyTorch's; add --accuracy-level 0 for fp32)
+#                                                              # above PyTorch's; add --accuracy-level 0 for fp32;
+#                                                              # the lm_head as an 8-bit table, --lm-head keep: fp32)
 #   bash examples/smollm2.sh spqr --preset sub4                # SpQR 3-bit (int8 activations too, ~0.3 %)
 #   bash examples/smollm2.sh gptq --bits 3 --group-size 64
 #   bash examples/smollm2.sh rtn --bits 4 --group-size 16
