@@ -136,18 +136,17 @@ inline const float* CodedStatValues(const PackedWeights& w, int64_t blk, int64_t
   return w.stat_values.data() + ((blk >> w.stat_shift) * w.G + g) * 4;
 }
 
-// Whether the packed GEMV path can take this node (group size 16 or a multiple of 32; any statistics).
-inline bool Packable(const spqr::Attributes& a) {
-  return (a.bits >= 2 && a.bits <= 4) && (a.group_size == 16 || a.group_size % 32 == 0) &&
-         a.K <= (int64_t{1} << 31) && a.N <= (int64_t{1} << 31);
+// Whether the packed layouts can hold this node's groups (group size 16 or a multiple of 32; any statistics).
+inline bool PackableShape(const spqr::Attributes& a) {
+  return (a.group_size == 16 || a.group_size % 32 == 0) && a.K <= (int64_t{1} << 31) && a.N <= (int64_t{1} << 31);
 }
 
-// Whether the packed paths can take this node's 8-bit codes (group size 16 or a multiple of 32; any statistics), on
-// ISA tables with kernels for them (CpuKernels::int8_codes8, fp32_codes8).
-inline bool PackableCodes8(const spqr::Attributes& a) {
-  return a.bits == 8 && (a.group_size == 16 || a.group_size % 32 == 0) && a.K <= (int64_t{1} << 31) &&
-         a.N <= (int64_t{1} << 31);
-}
+// Whether the packed GEMV path can take this node (2..4-bit codes, PackableShape).
+inline bool Packable(const spqr::Attributes& a) { return a.bits >= 2 && a.bits <= 4 && PackableShape(a); }
+
+// Whether the packed paths can take this node's 8-bit codes (PackableShape), on ISA tables with kernels for them
+// (CpuKernels::int8_codes8, fp32_codes8).
+inline bool PackableCodes8(const spqr::Attributes& a) { return a.bits == 8 && PackableShape(a); }
 
 // 32-bit words per chunk and lane of the packed codes the kernels read (the block's cache lines per chunk).
 inline int64_t PackedWordsPerChunk(const PackedWeights& w) {
