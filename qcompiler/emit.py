@@ -96,6 +96,9 @@ def export_record(*, source: str, family, method: str, config, method_options: d
         "contrib_ops": sorted({n.op_type for n in proto.graph.node if n.domain == "com.microsoft"}),
         "layers": jsonable(result.report) if getattr(result, "report", None) else {},
     }
+    allocation = getattr(result, "config", {}).get("allocation")
+    if isinstance(allocation, dict):  # --target-bits: the realized average and each setting's share
+        record["allocation"] = jsonable(allocation)
     if lm_head is not None:
         record["lm_head"] = {**jsonable(lm_head.config), "tied": lm_head.tied, **jsonable(lm_head.report),
                              "embedding": "SpQRGather" if served else "table"}

@@ -106,6 +106,10 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
                                              else None, progress=not quiet)
     if not result.layers and method_cls.quantizes:
         raise QCompilerError("no linear layer was quantized (nothing to export)")
+    if isinstance(result.config.get("allocation"), dict):  # --target-bits: what each setting got
+        from qcompiler.quantize.allocation import describe as describe_allocation
+
+        clock.say(describe_allocation(result.config["allocation"]) or "")
     head = None
     if lm_head is not None:
         from qcompiler.quantize.lm_head import describe, quantize_lm_head

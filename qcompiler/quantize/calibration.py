@@ -305,6 +305,7 @@ def quantize_blockwise(
     progress: bool = True,
     desc: str = "",
     parallel_solves: int = 1,
+    install: bool = True,
 ) -> QuantizationResult:
     """Quantize every quantizable linear of `model` layer by layer on calibration data (see the module docstring).
 
@@ -322,6 +323,9 @@ def quantize_blockwise(
         parallel_solves: solve up to this many linears of a stage concurrently, in threads, with torch on one
             intra-op thread each (for solvers made of many small ops, such as SpQR's column loop, which cannot use
             intra-op threads; results are identical and installed in the same order).
+        install: replace each linear's weight by its evaluated weight (False: the model stays as it is, each
+            layer's successors are calibrated on its full-precision outputs, and the lm_head's Hessian is skipped;
+            for probes that try settings without committing to one).
 
     Returns:
         `QuantizationResult` with `layers` and `report` per module path and an empty `config` (the method fills it).
@@ -338,7 +342,7 @@ def quantize_blockwise(
                  time.perf_counter() - tick)
         outputs = torch.empty_like(inputs.hidden)
         layers = list(iter_layers(model, family))
-        head = _norm_and_head(model, family, inputs.hidden.shape[-1])
+        head = _norm_and_head(model, family, inputs.hidden.shape[-1]) if install else None
         bar = tqdm(layers, desc=desc, disable=not progress, unit="layer")
         for index, (layer_path, layer) in enumerate(bar):
             tick = time.perf_counter()
@@ -359,7 +363,8 @@ def quantize_blockwise(
                         jobs.append((f"{layer_path}.{name}", linear, h))
                 del hessians
                 for (path, linear, _), result in zip(jobs, _solve_all(solver, jobs, parallel_solves)):
-                    _install(path, linear, result)
+                    if install:
+                        _install(path, linear, result)
                     layers_out[path] = result.packed
                     report[path] = result.report
                     errors.append(float(result.report.get("rel_error", float("nan"))))

@@ -143,7 +143,26 @@ def deployment_summary(path: str | Path) -> list[str]:
         fallback += "" if set(overloads) <= defined else " — some nodes have no function"
     else:
         fallback = "none (needs the op library; exported with --no-fallback or by an older qcompiler)"
-    return [f"graph dtype: {dtype}",
-            f"portable fallback functions: {fallback}",
+    lines = [f"graph dtype: {dtype}",
+             f"portable fallback functions: {fallback}",
             f"op library in folder: {'libqcompiler_ops.so' if (folder / 'libqcompiler_ops.so').is_file() else 'no'}",
-            f"onnxruntime-genai config: {'genai_config.json' if (folder / 'genai_config.json').is_file() else 'no'}"]
+             f"onnxruntime-genai config: {'genai_config.json' if (folder / 'genai_config.json').is_file() else 'no'}"]
+    allocation = allocation_summary(folder)
+    if allocation:
+        lines.append(allocation)
+    return lines
+
+
+def allocation_summary(folder: Path) -> Optional[str]:
+    """`--target-bits` exports: the realized average and each setting's share, from quant_config.json (the
+    per-node bits, β1 and statistics above show which setting each linear got), else None."""
+    import json
+
+    from qcompiler.quantize.allocation import describe
+
+    try:
+        record = json.loads((folder / "quant_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    allocation = record.get("allocation")
+    return describe(allocation) if isinstance(allocation, dict) else None

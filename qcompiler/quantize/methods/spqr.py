@@ -95,6 +95,11 @@ class SpQRConfig:
             does not pass `--true-sequential`): one calibration forward per layer instead of one per group.
         simplified_outliers: skip the leave-one-out outlier pre-detection when fitting a group's quantizer
             (faster, usually worse).
+        target_bits: average stored bits per decoder-linear parameter to reach (None: every linear gets the
+            settings above). Set, each linear gets one of the settings of `qcompiler.quantize.allocation.MENU`
+            (bits, β1, β2, τ, act-order) chosen by a measured sensitivity so that the stored bits average this
+            value; `act_order`, `percdamp`, `block_size`, `true_sequential`, `simplified_outliers` and
+            `stat_bits` still apply to all of them.
     """
 
     bits: int = dataclasses.field(default=4, metadata={"help": "weight code width: 2, 3, 4 or 8"})
@@ -123,6 +128,10 @@ class SpQRConfig:
     simplified_outliers: bool = dataclasses.field(
         default=False, metadata={"help": "(spqr) skip leave-one-out outlier detection when fitting groups"}
     )
+    target_bits: float | None = dataclasses.field(
+        default=None, metadata={"help": "(spqr) average stored bits per decoder-linear parameter: each linear's "
+                                        "bits, groups and outliers are chosen by measured sensitivity to reach it"}
+    )
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -138,6 +147,9 @@ class SpQRConfig:
             raise QCompilerError(f"percdamp must be a finite number >= 0 (got {self.percdamp})")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise QCompilerError(f"block_size must be a positive integer (got {self.block_size})")
+        if self.target_bits is not None and not (isinstance(self.target_bits, (int, float))
+                                                 and 2.0 <= self.target_bits <= 16.0):
+            raise QCompilerError(f"target_bits must be a number of bits per parameter in 2..16 (got {self.target_bits})")
 
 
 # ---------------------------------------------------------------------------------------------------- group grids
@@ -446,7 +458,9 @@ class SpQR(Method):
         # SmolLM2-135M, WikiText-2 40 × 512 (bench/results/peers-2026-12-06-int8x16.md, int8 X per 16 columns):
         # 4-bit codes (near-lossless) cost +0.32 % with the fp32 lm_head and +0.48 % with the 4-bit one. 3-bit codes
         # (sub4): +0.34 % with the fp32 lm_head (bench/results/quality-2026-12-06-int8x16.md) but +0.62 % with the
-        # 4-bit one (peers-2026-12-06-int8x16.md); 2-bit codes: not measured
+        # 4-bit one (peers-2026-12-06-int8x16.md); 2-bit codes and --target-bits mixes: not measured
+        if config.target_bits is not None:
+            return 0
         if config.bits >= 4:
             return 4
         return 4 if config.bits == 3 and not lm_head else 0
@@ -457,6 +471,9 @@ class SpQR(Method):
         # AVX2 VM (bench/results/peers-2026-12-07-head8.md): 31.027 against 31.034 perplexity with the fp32 table,
         # decode 1.43× / 1.57× (1 / 2 threads), session memory 132 against 235 MB, folder 94.5 against 178.5 MB.
         # 3-bit codes: their int8 default holds only without a quantized head (default_accuracy_level), so no head.
+        # --target-bits mixes: not measured with a quantized head.
+        if config.target_bits is not None:
+            return None
         return "rtn" if config.bits >= 4 else None
 
     def quantize(
@@ -470,6 +487,8 @@ class SpQR(Method):
         if not calibration:
             raise QCompilerError("spqr needs calibration data (token windows)")
         cfg = self.config
+        if cfg.target_bits is not None:
+            return self._quantize_to_target(model, family, calibration, progress=progress)
 
         def solve(path: str, linear: torch.nn.Linear, H: torch.Tensor) -> LayerQuantization:
             result = spqr_quantize_layer(linear.weight.detach(), H, config=cfg, bias=linear.bias)
@@ -493,3 +512,42 @@ class SpQR(Method):
             t["layers"], t["avg_bits"], t["rel_error"], 100 * t["outlier_share"],
         )
         return result
+
+    def _quantize_to_target(self, model: torch.nn.Module, family, calibration: Sequence[torch.Tensor], *,
+                            progress: bool) -> QuantizationResult:
+        """`--target-bits`: probe every linear under each menu setting, then SpQR layer by layer with the setting
+        the closed-loop budget gives it (qcompiler/quantize/allocation.py, sensitivity.py)."""
+        from qcompiler.quantize.allocation import MENU, BitBudget, describe, layer_prefix
+        from qcompiler.quantize.sensitivity import probe
+
+        cfg = self.config
+        configs = [dataclasses.replace(cfg, target_bits=None, **choice.settings) for choice in MENU]
+        probe_configs = [dataclasses.replace(c, simplified_outliers=True) for c in configs]
+        parallel = max(1, torch.get_num_threads())
+        found = probe(model, family, calibration,
+                      lambda path, linear, H, c: spqr_quantize_layer(linear.weight.detach(), H, config=probe_configs[c]),
+                      len(MENU), progress=progress, parallel_solves=parallel)
+        budget = BitBudget(found.options, target_bits=float(cfg.target_bits),
+                           layer_of=lambda path: layer_prefix(path, family.layers), names=[c.name for c in MENU])
+
+        def solve(path: str, linear: torch.nn.Linear, H: torch.Tensor) -> LayerQuantization:
+            c = budget.choice_for(path)
+            result = spqr_quantize_layer(linear.weight.detach(), H, config=configs[c], bias=linear.bias)
+            result.report["setting"] = MENU[c].name
+            budget.record(path, c, sum(result.packed.stored_bits().values()))
+            r = result.report
+            log.info("%s [%dx%d]: %s, rel error %.4f, outliers %.3f%%, %.3f bits, %.1fs", path, r["N"], r["K"],
+                     MENU[c].name, r["rel_error"], 100 * r["outlier_share"], r["avg_bits"], r["seconds"])
+            return result
+
+        result = quantize_blockwise(
+            model, family, calibration, solve, true_sequential=cfg.true_sequential, progress=progress,
+            desc=f"spqr target {cfg.target_bits:g} bits", parallel_solves=parallel,
+        )
+        summary = budget.summary()
+        result.config = {"method": self.name, **dataclasses.asdict(cfg),
+                         "allocation": {**summary, "menu": {c.name: c.settings for c in MENU},
+                                        "probe_seconds": found.seconds}}
+        log.info("spqr: %s", describe(summary))
+        return result
+

@@ -1,0 +1,138 @@
+"""How much each linear's quantization error would cost the model's loss, per candidate setting (`--target-bits`).
+
+The estimate of quantizing linear `l` (weight `W [N, K]`) to `Ŵ` is the Fisher-weighted output error
+
+    s = Σ_n F_n · (ΔW H ΔWᵀ)_nn,    ΔW = W − Ŵ,    F_n = Σ_t (∂ℓ_t / ∂y_tn)²,    H = 2/n Σ x xᵀ
+
+— the second-order (empirical Fisher) loss increase `½ Σ_t (g_tᵀ ΔW x_t)²`, with the output gradients `g` taken
+independent of the inputs `x` and across output channels (as HAWQ / SqueezeLLM-style sensitivities do). `F` comes
+from one forward and backward of the full-precision model per probe window (`output_fisher`), `H` from the same
+block-sequential engine the methods use, on the full-precision model (`probe`); `Ŵ` is the candidate setting's
+SpQR result with the simplified outlier detection (the column loop without the leave-one-out fits). Both use a
+subset of the calibration windows (`PROBE_WINDOWS` × at most `PROBE_TOKENS`): the allocation needs the ranking of
+layers and settings, not the Hessians SpQR itself is calibrated on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from qcompiler import QCompilerError
+from qcompiler.models.families import Family, quantizable_linears
+from qcompiler.quantize.allocation import LayerOptions
+from qcompiler.quantize.calibration import LayerQuantization, calibration_mode, quantize_blockwise
+
+log = logging.getLogger(__name__)
+
+PROBE_WINDOWS = 16  # calibration windows the probe uses (the first ones)
+PROBE_TOKENS = 512  # tokens per probe window (a window's prefix)
+
+
+def probe_windows(calibration: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The first `PROBE_WINDOWS` calibration windows, each cut to its first `PROBE_TOKENS` tokens."""
+    return [torch.as_tensor(w).reshape(1, -1)[:, :PROBE_TOKENS] for w in list(calibration)[:PROBE_WINDOWS]]
+
+
+def output_fisher(model: torch.nn.Module, family: Family, windows: Sequence[torch.Tensor], *,
+                  progress: bool = True) -> dict[str, torch.Tensor]:
+    """`F_n = Σ_t (∂ℓ_t / ∂y_tn)²` per quantizable linear (float32 `[out_features]`), ℓ_t the next-token NLL of
+    token t (summed over each window, so a token's gradient is not scaled by the window length).
+
+    The parameters are frozen during the backward (no weight gradients are computed); the graph starts at the
+    embedding's output."""
+    linears = quantizable_linears(model, family)
+    fisher = {path: torch.zeros(lin.out_features, dtype=torch.float32) for path, lin in linears.items()}
+
+    def keep_grad(path: str):
+        def add(g: torch.Tensor) -> None:  # returns None: the gradient flows on unchanged
+            fisher[path].add_(g.detach().float().reshape(-1, g.shape[-1]).square().sum(0).cpu())
+
+        def hook(_module, _args, out):
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                out.register_hook(add)
+        return hook
+
+    def start_graph(_module, _args, out):
+        return out.detach().requires_grad_(True)
+
+    embeddings = model.get_input_embeddings()
+    if embeddings is None:
+        raise QCompilerError("the model has no input embeddings to start the sensitivity probe's backward from")
+    frozen = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    handles = [embeddings.register_forward_hook(start_graph)]
+    handles += [lin.register_forward_hook(keep_grad(path)) for path, lin in linears.items()]
+    device = next(model.parameters()).device
+    try:
+        with calibration_mode(model), torch.enable_grad():
+            for w in tqdm(windows, desc="sensitivity (gradients)", disable=not progress, unit="window"):
+                ids = torch.as_tensor(w).reshape(1, -1).to(device)
+                logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+                loss = torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:], reduction="sum")
+                loss.backward()
+                del logits, loss
+    finally:
+        for h in handles:
+            h.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(frozen[name])
+    return fisher
+
+
+def weighted_error(delta: torch.Tensor, H: torch.Tensor, fisher: torch.Tensor) -> float:
+    """`Σ_n F_n (ΔW H ΔWᵀ)_nn` for `delta = ΔW [N, K]`, `H [K, K]`, `fisher = F [N]`."""
+    rows = ((delta.float() @ H.float()) * delta.float()).sum(dim=1)
+    return float((fisher.to(rows.device).float() * rows).sum())
+
+
+@dataclasses.dataclass
+class Probe:
+    """What `probe` measured.
+
+    Attributes:
+        options: module path → `LayerOptions` (costs and stored bits per setting), in quantization order.
+        seconds: {"gradients", "settings"} wall time of the two parts.
+    """
+
+    options: dict[str, LayerOptions]
+    seconds: dict[str, float]
+
+
+def probe(model: torch.nn.Module, family: Family, calibration: Sequence[torch.Tensor],
+          quantize_layer: Callable[[str, torch.nn.Linear, torch.Tensor, int], LayerQuantization], n_settings: int, *,
+          progress: bool = True, parallel_solves: int = 1) -> Probe:
+    """Cost and stored bits of every quantizable linear under each of `n_settings` settings, on the full-precision
+    model (which is left unchanged).
+
+    `quantize_layer(path, linear, H, setting)` quantizes one linear with one setting (it must not modify `H`)."""
+    windows = probe_windows(calibration)
+    tick = time.perf_counter()
+    fisher = output_fisher(model, family, windows, progress=progress)
+    t_grad = time.perf_counter() - tick
+    options: dict[str, LayerOptions] = {}
+
+    def measure(path: str, linear: torch.nn.Linear, H: torch.Tensor) -> LayerQuantization:
+        W = linear.weight.detach().float()
+        costs = np.zeros(n_settings)
+        bits = np.zeros(n_settings)
+        result: Optional[LayerQuantization] = None
+        for c in range(n_settings):
+            result = quantize_layer(path, linear, H, c)
+            costs[c] = weighted_error(W - result.evaluated, H, fisher[path])
+            bits[c] = sum(result.packed.stored_bits().values())
+        options[path] = LayerOptions(params=W.numel(), costs=costs, bits=bits)
+        return result
+
+    tick = time.perf_counter()
+    quantize_blockwise(model, family, windows, measure, true_sequential=False, progress=progress,
+                       desc="sensitivity (settings)", parallel_solves=parallel_solves, install=False)
+    order = list(quantizable_linears(model, family))
+    return Probe(options={p: options[p] for p in order if p in options},
+                 seconds={"gradients": t_grad, "settings": time.perf_counter() - tick})
