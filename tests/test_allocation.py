@@ -155,8 +155,10 @@ def test_target_bits_export(tiny_dirs, tmp_path, text_file, capsys):
         names = {c.name for c in MENU}
         assert {layer["setting"] for layer in record["layers"].values()} <= names
         assert record["allocation"]["target_bits"] == target
-        # the tiny model's 14 linears of 2-12k parameters: one linear's change of setting moves the average ~0.1
-        assert abs(record["avg_bits"] - target) < 0.15
+        # the tiny model's 14 linears of 2-12k parameters: one linear's change of setting moves the average by
+        # 0.1-0.5 bits, and its last layer is a sixth of the budget (the 30-layer models land within 0.01:
+        # bench/results/pareto-*.md; the closed loop at that scale: test_budget_closes_the_loop_on_realized_bits)
+        assert abs(record["avg_bits"] - target) < 0.3
         assert record["allocation"]["realized_bits"] == pytest.approx(record["avg_bits"])
         assert record["validation"]["passed"]
         assert "--target-bits" in allocation_summary(out)

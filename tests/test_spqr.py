@@ -14,7 +14,8 @@ from qcompiler.models.families import family_for, quantizable_linears
 from qcompiler.quantize.methods import get_method
 from qcompiler.quantize.methods.base import dequantize_groups, round_to_nearest
 from qcompiler.quantize.methods.gptq import gptq_quantize_layer
-from qcompiler.quantize.methods.spqr import SpQR, SpQRConfig, leave_one_out_reduction, paper_avg_bits, spqr_quantize_layer
+from qcompiler.quantize.methods.spqr import (SpQR, SpQRConfig, leave_one_out_reduction, paper_avg_bits, spqr_quantize_layer,
+                                            spqr_round_layer)
 
 INF = float("inf")
 
@@ -134,6 +135,26 @@ def test_paper_formula_matches_stored_bits_up_to_row_pointers_and_perm():
     assert r.report["paper_avg_bits"] == pytest.approx(paper)
     assert paper_avg_bits(bits=4, group_size=16, stat_bits=0, stat_group_size=16, outlier_share=0) == 6.0
     assert r.report["avg_bits"] == pytest.approx(paper + (32 * (N + 1) + 32 * K) / (N * K))
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("stat_bits, tau", [(0, INF), (3, 0.2), (3, INF)])
+def test_round_layer_is_the_format_without_error_feedback(act_order, stat_bits, tau):
+    """The probe's feedback-free variant: decodes bit for bit to what it evaluated, equals SpQR with a diagonal
+    Hessian's worth of feedback (huge damping: no error propagates), and is worse than SpQR proper."""
+    W, H, X = _problem()
+    cfg = SpQRConfig(bits=3, stat_bits=stat_bits, outlier_threshold=tau, act_order=act_order,
+                     simplified_outliers=True)
+    r = spqr_round_layer(W, H, config=cfg)
+    assert np.array_equal(r.packed.dequantize(), r.evaluated.numpy())
+    if tau == INF:  # (with outliers the damping also changes U's diagonal, hence the threshold: only without)
+        damped = spqr_quantize_layer(W, H, config=SpQRConfig(bits=3, stat_bits=stat_bits, outlier_threshold=tau,
+                                                               act_order=act_order, percdamp=1e9))
+        assert torch.allclose(damped.evaluated, r.evaluated, atol=1e-6)
+        if act_order is False:  # in input order, bit for bit
+            assert np.array_equal(r.packed.dequantize(), damped.packed.dequantize())
+    full = spqr_quantize_layer(W, H, config=cfg)
+    assert _output_error(X, W, full.evaluated) < _output_error(X, W, r.evaluated)
 
 
 def test_spqr_beats_rtn_on_correlated_inputs():

@@ -32,24 +32,33 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    """One menu entry: a name (recorded per layer in quant_config.json) and the `SpQRConfig` fields it sets."""
+    """One menu entry: a name (recorded per layer in quant_config.json), the `SpQRConfig` fields it sets, and
+    whether the probe runs SpQR proper on it (`reference`: the settings of the same input order are ranked by their
+    error-feedback-free cost scaled by the reference's SpQR / feedback-free ratio; sensitivity.py)."""
 
     name: str
     settings: dict[str, Any]
+    reference: bool = False
 
 
 # Ordered by increasing stored bits. Outliers cost 32 bits each (fp16 delta + column index), so the low-bit settings
-# keep fewer of them (higher τ) or none. 4-bit without act-order keeps groups aligned with the input order (a model
-# whose weights already sit on a 32-column grid, e.g. a GGUF Q4_* source, is re-quantized almost exactly).
+# keep fewer of them (higher τ) or none. The in-order settings keep groups aligned with the input order: a model whose
+# weights already sit on a 32-column grid (e.g. a GGUF Q4_* source) is re-quantized almost exactly by them, exactly
+# with fp16 statistics. 8-bit codes serve the most sensitive linears at high targets.
 MENU: tuple[Choice, ...] = (
     Choice("w2g32", {"bits": 2, "group_size": 32, "stat_group_size": 32, "outlier_threshold": float("inf")}),
     Choice("w2g16", {"bits": 2, "group_size": 16, "stat_group_size": 32, "outlier_threshold": 1.0}),
     Choice("w3g32", {"bits": 3, "group_size": 32, "stat_group_size": 32, "outlier_threshold": 0.5}),
-    Choice("w3g16", {"bits": 3, "group_size": 16, "stat_group_size": 32, "outlier_threshold": 0.3}),
+    Choice("w3g16", {"bits": 3, "group_size": 16, "stat_group_size": 32, "outlier_threshold": 0.3}, reference=True),
     Choice("w4g32", {"bits": 4, "group_size": 32, "stat_group_size": 16, "outlier_threshold": 0.3}),
     Choice("w4g32-inorder", {"bits": 4, "group_size": 32, "stat_group_size": 16, "outlier_threshold": 0.3,
-                             "act_order": False}),
+                             "act_order": False}, reference=True),
+    Choice("w4g32-inorder-s4", {"bits": 4, "group_size": 32, "stat_bits": 4, "stat_group_size": 16,
+                                "outlier_threshold": 0.3, "act_order": False}),
     Choice("w4g16", {"bits": 4, "group_size": 16, "stat_group_size": 16, "outlier_threshold": 0.2}),
+    Choice("w4g32-inorder-fp16", {"bits": 4, "group_size": 32, "stat_bits": 0, "outlier_threshold": float("inf"),
+                                  "act_order": False}),
+    Choice("w8g128", {"bits": 8, "group_size": 128, "stat_bits": 0, "outlier_threshold": float("inf")}),
 )
 
 

@@ -323,9 +323,9 @@ def quantize_blockwise(
         parallel_solves: solve up to this many linears of a stage concurrently, in threads, with torch on one
             intra-op thread each (for solvers made of many small ops, such as SpQR's column loop, which cannot use
             intra-op threads; results are identical and installed in the same order).
-        install: replace each linear's weight by its evaluated weight (False: the model stays as it is, each
-            layer's successors are calibrated on its full-precision outputs, and the lm_head's Hessian is skipped;
-            for probes that try settings without committing to one).
+        install: replace each linear's weight by its evaluated weight (False: the solver's return value is ignored,
+            the model stays as it is, each layer's successors see its full-precision outputs, and the lm_head's
+            Hessian is skipped; for probes that try settings without committing to one).
 
     Returns:
         `QuantizationResult` with `layers` and `report` per module path and an empty `config` (the method fills it).
@@ -363,8 +363,9 @@ def quantize_blockwise(
                         jobs.append((f"{layer_path}.{name}", linear, h))
                 del hessians
                 for (path, linear, _), result in zip(jobs, _solve_all(solver, jobs, parallel_solves)):
-                    if install:
-                        _install(path, linear, result)
+                    if not install:  # a probe: it keeps what it measured itself
+                        continue
+                    _install(path, linear, result)
                     layers_out[path] = result.packed
                     report[path] = result.report
                     errors.append(float(result.report.get("rel_error", float("nan"))))

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from qcompiler import QCompilerError
 from qcompiler.models.families import Family, quantizable_linears
 from qcompiler.quantize.allocation import LayerOptions
-from qcompiler.quantize.calibration import LayerQuantization, calibration_mode, quantize_blockwise
+from qcompiler.quantize.calibration import calibration_mode, quantize_blockwise
 
 log = logging.getLogger(__name__)
 
@@ -106,32 +106,25 @@ class Probe:
 
 
 def probe(model: torch.nn.Module, family: Family, calibration: Sequence[torch.Tensor],
-          quantize_layer: Callable[[str, torch.nn.Linear, torch.Tensor, int], LayerQuantization], n_settings: int, *,
+          measure: Callable[[str, torch.nn.Linear, torch.Tensor, torch.Tensor], tuple[np.ndarray, np.ndarray]], *,
           progress: bool = True, parallel_solves: int = 1) -> Probe:
-    """Cost and stored bits of every quantizable linear under each of `n_settings` settings, on the full-precision
-    model (which is left unchanged).
-
-    `quantize_layer(path, linear, H, setting)` quantizes one linear with one setting (it must not modify `H`)."""
+    """Costs and stored bits of every quantizable linear under each setting, on the full-precision model (which is
+    left unchanged): `measure(path, linear, H, F)` → `(costs [C], bits [C])` for one linear, given its input Hessian
+    `H` (it must not modify it) and its output Fisher `F [out_features]` (`output_fisher`; `weighted_error` turns a
+    candidate weight into its cost)."""
     windows = probe_windows(calibration)
     tick = time.perf_counter()
     fisher = output_fisher(model, family, windows, progress=progress)
     t_grad = time.perf_counter() - tick
     options: dict[str, LayerOptions] = {}
 
-    def measure(path: str, linear: torch.nn.Linear, H: torch.Tensor) -> LayerQuantization:
-        W = linear.weight.detach().float()
-        costs = np.zeros(n_settings)
-        bits = np.zeros(n_settings)
-        result: Optional[LayerQuantization] = None
-        for c in range(n_settings):
-            result = quantize_layer(path, linear, H, c)
-            costs[c] = weighted_error(W - result.evaluated, H, fisher[path])
-            bits[c] = sum(result.packed.stored_bits().values())
-        options[path] = LayerOptions(params=W.numel(), costs=costs, bits=bits)
-        return result
+    def solve(path: str, linear: torch.nn.Linear, H: torch.Tensor) -> None:
+        costs, bits = measure(path, linear, H, fisher[path])
+        options[path] = LayerOptions(params=linear.weight.numel(), costs=np.asarray(costs, dtype=np.float64),
+                                     bits=np.asarray(bits, dtype=np.float64))
 
     tick = time.perf_counter()
-    quantize_blockwise(model, family, windows, measure, true_sequential=False, progress=progress,
+    quantize_blockwise(model, family, windows, solve, true_sequential=False, progress=progress,
                        desc="sensitivity (settings)", parallel_solves=parallel_solves, install=False)
     order = list(quantizable_linears(model, family))
     return Probe(options={p: options[p] for p in order if p in options},

@@ -309,19 +309,24 @@ def spqr_quantize_layer(
         return _spqr_quantize_layer(weight, H, config=config, bias=bias)
 
 
-def _spqr_quantize_layer(
-    weight: torch.Tensor, H: torch.Tensor, *, config: SpQRConfig, bias: Optional[torch.Tensor]
-) -> LayerQuantization:
-    tick = time.perf_counter()
-    cfg = config
+@dataclasses.dataclass
+class _Prepared:
+    """What both layer solvers start from: the weight in quantization order (dead inputs zeroed), the permutation,
+    the upper Cholesky factor `U` of the damped H⁻¹ and the absolute outlier threshold (inf: no outliers)."""
+
+    W: torch.Tensor
+    perm: Optional[torch.Tensor]
+    U: torch.Tensor
+    diag_u: torch.Tensor
+    threshold: float
+
+
+def _prepare(weight: torch.Tensor, H: torch.Tensor, cfg: SpQRConfig) -> _Prepared:
     W = weight.detach().to(dtype=torch.float32, copy=True)
     N, K = W.shape
     if H.shape != (K, K):
         raise QCompilerError(f"Hessian shape {tuple(H.shape)} does not match in_features {K}")
     H = H.detach().to(dtype=torch.float32, device=W.device, copy=True)
-    maxq = 2**cfg.bits - 1
-    gs = cfg.group_size
-
     perm = None
     if cfg.act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
@@ -334,16 +339,35 @@ def _spqr_quantize_layer(
     W[:, dead] = 0.0
     U = inverse_hessian_cholesky(H)
     diag_u = torch.diag(U)
-    del H
-
-    outliers_on = cfg.outlier_threshold != float("inf")
     threshold = float("inf")
-    if outliers_on:
-        outlier_scale = (W.var(dim=0) / diag_u.square()).mean().item()
-        threshold = cfg.outlier_threshold * outlier_scale
-    detect_in_fit = outliers_on and not cfg.simplified_outliers
+    if cfg.outlier_threshold != float("inf"):
+        threshold = cfg.outlier_threshold * (W.var(dim=0) / diag_u.square()).mean().item()
+    return _Prepared(W=W, perm=perm, U=U, diag_u=diag_u, threshold=threshold)
 
-    G = math.ceil(K / gs)
+
+def _fit_grid(group: torch.Tensor, diag_u: torch.Tensor, cfg: SpQRConfig, threshold: float) -> GroupGrid:
+    """The grid of one group fit on its current weights `[N, g]`, after the leave-one-out outlier pre-detection
+    (unless simplified or without outliers)."""
+    if threshold != float("inf") and not cfg.simplified_outliers:
+        likely = leave_one_out_reduction(group, diag_u, bits=cfg.bits) > threshold
+        keep = (~likely).to(torch.float32)
+        mean_kept = (group * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp_min(1)
+        group = torch.where(likely, mean_kept, group)
+    return fit_group_grid(group, bits=cfg.bits, stat_bits=cfg.stat_bits, stat_group_size=cfg.stat_group_size)
+
+
+def _spqr_quantize_layer(
+    weight: torch.Tensor, H: torch.Tensor, *, config: SpQRConfig, bias: Optional[torch.Tensor]
+) -> LayerQuantization:
+    tick = time.perf_counter()
+    cfg = config
+    prep = _prepare(weight, H, cfg)
+    W, U, diag_u, threshold = prep.W, prep.U, prep.diag_u, prep.threshold
+    N, K = W.shape
+    maxq = 2**cfg.bits - 1
+    gs = cfg.group_size
+    outliers_on = threshold != float("inf")
+
     codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
     deltas = torch.zeros(N, K, dtype=torch.float32, device=W.device)  # fp16-exact additive outlier values, stored order
     grids: list[GroupGrid] = []
@@ -363,14 +387,7 @@ def _spqr_quantize_layer(
                 group = W1[:, i : i + gs]
                 if j + gs > b1 and b1 < K:
                     group = torch.cat([group, W[:, b1 : j + gs]], dim=1)
-                if detect_in_fit:
-                    likely = leave_one_out_reduction(group, diag_u[j : j + gs], bits=cfg.bits) > threshold
-                    keep = (~likely).to(torch.float32)
-                    mean_kept = (group * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp_min(1)
-                    group = torch.where(likely, mean_kept, group)
-                grid = fit_group_grid(
-                    group, bits=cfg.bits, stat_bits=cfg.stat_bits, stat_group_size=cfg.stat_group_size
-                )
+                grid = _fit_grid(group, diag_u[j : j + gs], cfg, threshold)
                 grids.append(grid)
                 scale, zero, safe_scale = grid.scale, grid.zero, grid.scale.clamp_min(_EPS)
             w = W1[:, i]
@@ -391,7 +408,49 @@ def _spqr_quantize_layer(
         W[:, b0:b1] = W1
         W[:, b1:].addmm_(errors, U[b0:b1, b1:], alpha=-1.0)  # lazy batch update of the columns after the block
 
-    assert len(grids) == G
+    return _pack(weight, W, codes, deltas if outliers_on else None, grids, prep, cfg, bias, tick)
+
+
+def spqr_round_layer(weight: torch.Tensor, H: torch.Tensor, *, config: SpQRConfig) -> LayerQuantization:
+    """SpQR's format without the error feedback: every group's grid fit, outliers chosen and codes rounded on the
+    original weights, a group at a time (no column loop). The sensitivity probe of `--target-bits` uses it to
+    rank settings (qcompiler/quantize/sensitivity.py); same result type, with `packed.dequantize()` equal to
+    `evaluated` bit for bit."""
+    with _single_thread():
+        tick = time.perf_counter()
+        cfg = config
+        prep = _prepare(weight, H, cfg)
+        W, diag_u, threshold = prep.W, prep.diag_u, prep.threshold
+        N, K = W.shape
+        maxq = 2**cfg.bits - 1
+        outliers_on = threshold != float("inf")
+        codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
+        deltas = torch.zeros(N, K, dtype=torch.float32, device=W.device)
+        grids: list[GroupGrid] = []
+        for j0 in range(0, K, cfg.group_size):
+            j1 = min(j0 + cfg.group_size, K)
+            w = W[:, j0:j1]
+            grid = _fit_grid(w, diag_u[j0:j1], cfg, threshold)
+            grids.append(grid)
+            scale, zero = grid.scale[:, None], grid.zero[:, None]
+            q = torch.round(w / grid.scale.clamp_min(_EPS)[:, None] + zero).clamp_(0, maxq)
+            value = scale * (q - zero)
+            if outliers_on:
+                is_outlier = ((w - value) / diag_u[j0:j1]).square() > threshold
+                delta = torch.where(is_outlier, to_fp16_grid(w - value), 0.0)
+                deltas[:, j0:j1] = delta
+                value = value + delta
+            codes[:, j0:j1] = q
+            W[:, j0:j1] = value
+        return _pack(weight, W, codes, deltas if outliers_on else None, grids, prep, cfg, None, tick)
+
+
+def _pack(weight: torch.Tensor, W: torch.Tensor, codes: torch.Tensor, deltas: Optional[torch.Tensor],
+          grids: list[GroupGrid], prep: _Prepared, cfg: SpQRConfig, bias: Optional[torch.Tensor],
+          tick: float) -> LayerQuantization:
+    """The layer in `SpQRMatMul` form, its evaluated weight in the original column order and its report."""
+    N, K = W.shape
+    assert len(grids) == math.ceil(K / cfg.group_size)
     scales = torch.stack([g.scale_stored for g in grids], dim=1).cpu().numpy()  # [N, G]
     zeros = torch.stack([g.zero_stored for g in grids], dim=1).cpu().numpy()
     stats2 = None
@@ -399,19 +458,20 @@ def _spqr_quantize_layer(
         scales, zeros = scales.astype(np.float16), zeros.astype(np.float16)  # exact: fp16-representable values
     else:
         stats2 = torch.stack([g.stats2 for g in grids], dim=0).cpu().numpy().astype(np.float16)  # [G, N2, 4]
+    perm = prep.perm
     perm_np = None
     if perm is not None and not torch.equal(perm, torch.arange(K, device=perm.device)):
         perm_np = perm.cpu().numpy()
     packed = SpQRWeight.from_codes(
         codes=codes.cpu().numpy(),
         bits=cfg.bits,
-        group_size=gs,
+        group_size=cfg.group_size,
         scales=scales,
         zeros=zeros,
         stat_bits=cfg.stat_bits,
         stat_group_size=cfg.stat_group_size,
         stats2=stats2,
-        outliers=deltas.cpu().numpy() if outliers_on else None,
+        outliers=deltas.cpu().numpy() if deltas is not None else None,
         perm=perm_np,
         bias=None if bias is None else bias.detach().float().cpu().numpy(),
     )
@@ -422,12 +482,12 @@ def _spqr_quantize_layer(
     report = layer_report(weight, evaluated, packed)
     report["paper_avg_bits"] = paper_avg_bits(
         bits=cfg.bits,
-        group_size=gs,
+        group_size=cfg.group_size,
         stat_bits=cfg.stat_bits,
         stat_group_size=cfg.stat_group_size,
         outlier_share=report["outlier_share"],
     )
-    report["outlier_threshold"] = threshold if outliers_on else None  # absolute: τ · outlier scale
+    report["outlier_threshold"] = prep.threshold if deltas is not None else None  # absolute: τ · outlier scale
     report["seconds"] = time.perf_counter() - tick
     return LayerQuantization(evaluated=evaluated, packed=packed, report=report)
 
@@ -518,15 +578,31 @@ class SpQR(Method):
         """`--target-bits`: probe every linear under each menu setting, then SpQR layer by layer with the setting
         the closed-loop budget gives it (qcompiler/quantize/allocation.py, sensitivity.py)."""
         from qcompiler.quantize.allocation import MENU, BitBudget, describe, layer_prefix
-        from qcompiler.quantize.sensitivity import probe
+        from qcompiler.quantize.sensitivity import probe, weighted_error
 
         cfg = self.config
         configs = [dataclasses.replace(cfg, target_bits=None, **choice.settings) for choice in MENU]
-        probe_configs = [dataclasses.replace(c, simplified_outliers=True) for c in configs]
+        # each setting's reference: the one of the same input order that SpQR proper runs on
+        refs = {c.act_order: i for i, (c, choice) in enumerate(zip(configs, MENU)) if choice.reference}
+        reference = [refs.get(c.act_order, i) for i, c in enumerate(configs)]
+
+        def measure(path: str, linear: torch.nn.Linear, H: torch.Tensor, fisher: torch.Tensor):
+            W = linear.weight.detach().float()
+            costs, bits = np.zeros(len(configs)), np.zeros(len(configs))
+            for i, c in enumerate(configs):  # without the leave-one-out fits: they would cost more than the rest
+                r = spqr_round_layer(W, H, config=dataclasses.replace(c, simplified_outliers=True))
+                costs[i] = weighted_error(W - r.evaluated, H, fisher)
+                bits[i] = sum(r.packed.stored_bits().values())
+            for i in sorted(set(reference)):  # SpQR's error feedback lowers the cost by a per-linear factor
+                full = spqr_quantize_layer(W, H, config=dataclasses.replace(configs[i], simplified_outliers=True))
+                ratio = weighted_error(W - full.evaluated, H, fisher) / costs[i] if costs[i] > 0 else 1.0
+                for j, ref in enumerate(reference):
+                    if ref == i:
+                        costs[j] *= ratio
+            return costs, bits
+
         parallel = max(1, torch.get_num_threads())
-        found = probe(model, family, calibration,
-                      lambda path, linear, H, c: spqr_quantize_layer(linear.weight.detach(), H, config=probe_configs[c]),
-                      len(MENU), progress=progress, parallel_solves=parallel)
+        found = probe(model, family, calibration, measure, progress=progress, parallel_solves=parallel)
         budget = BitBudget(found.options, target_bits=float(cfg.target_bits),
                            layer_of=lambda path: layer_prefix(path, family.layers), names=[c.name for c in MENU])
 
@@ -550,4 +626,3 @@ class SpQR(Method):
                                         "probe_seconds": found.seconds}}
         log.info("spqr: %s", describe(summary))
         return result
-
