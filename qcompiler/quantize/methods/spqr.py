@@ -339,10 +339,14 @@ def _prepare(weight: torch.Tensor, H: torch.Tensor, cfg: SpQRConfig) -> _Prepare
     W[:, dead] = 0.0
     U = inverse_hessian_cholesky(H)
     diag_u = torch.diag(U)
-    threshold = float("inf")
-    if cfg.outlier_threshold != float("inf"):
-        threshold = cfg.outlier_threshold * (W.var(dim=0) / diag_u.square()).mean().item()
-    return _Prepared(W=W, perm=perm, U=U, diag_u=diag_u, threshold=threshold)
+    return _Prepared(W=W, perm=perm, U=U, diag_u=diag_u, threshold=_threshold(W, diag_u, cfg))
+
+
+def _threshold(W: torch.Tensor, diag_u: torch.Tensor, cfg: SpQRConfig) -> float:
+    """τ in absolute units: τ · mean_j(var_n(W[:, j]) / U_jj²); inf without outliers."""
+    if cfg.outlier_threshold == float("inf"):
+        return float("inf")
+    return cfg.outlier_threshold * (W.var(dim=0) / diag_u.square()).mean().item()
 
 
 def _fit_grid(group: torch.Tensor, diag_u: torch.Tensor, cfg: SpQRConfig, threshold: float) -> GroupGrid:
@@ -411,15 +415,25 @@ def _spqr_quantize_layer(
     return _pack(weight, W, codes, deltas if outliers_on else None, grids, prep, cfg, bias, tick)
 
 
-def spqr_round_layer(weight: torch.Tensor, H: torch.Tensor, *, config: SpQRConfig) -> LayerQuantization:
+def spqr_round_layer(weight: torch.Tensor, H: torch.Tensor, *, config: SpQRConfig,
+                     cache: Optional[dict] = None) -> LayerQuantization:
     """SpQR's format without the error feedback: every group's grid fit, outliers chosen and codes rounded on the
     original weights, a group at a time (no column loop). The sensitivity probe of `--target-bits` uses it to
     rank settings (qcompiler/quantize/sensitivity.py); same result type, with `packed.dequantize()` equal to
-    `evaluated` bit for bit."""
+    `evaluated` bit for bit. `cache`: a dict kept across calls on the same `weight` and `H` (the permutation and
+    the Cholesky factor are computed once per input order and damping)."""
     with _single_thread():
         tick = time.perf_counter()
         cfg = config
-        prep = _prepare(weight, H, cfg)
+        key = (cfg.act_order, cfg.percdamp)
+        if cache is not None and key in cache:
+            base = cache[key]
+            prep = _Prepared(W=base.W.clone(), perm=base.perm, U=base.U, diag_u=base.diag_u,
+                             threshold=_threshold(base.W, base.diag_u, cfg))
+        else:
+            prep = _prepare(weight, H, cfg)
+            if cache is not None:
+                cache[key] = dataclasses.replace(prep, W=prep.W.clone())
         W, diag_u, threshold = prep.W, prep.diag_u, prep.threshold
         N, K = W.shape
         maxq = 2**cfg.bits - 1
@@ -589,8 +603,9 @@ class SpQR(Method):
         def measure(path: str, linear: torch.nn.Linear, H: torch.Tensor, fisher: torch.Tensor):
             W = linear.weight.detach().float()
             costs, bits = np.zeros(len(configs)), np.zeros(len(configs))
+            cache: dict = {}
             for i, c in enumerate(configs):  # without the leave-one-out fits: they would cost more than the rest
-                r = spqr_round_layer(W, H, config=dataclasses.replace(c, simplified_outliers=True))
+                r = spqr_round_layer(W, H, config=dataclasses.replace(c, simplified_outliers=True), cache=cache)
                 costs[i] = weighted_error(W - r.evaluated, H, fisher)
                 bits[i] = sum(r.packed.stored_bits().values())
             for i in sorted(set(reference)):  # SpQR's error feedback lowers the cost by a per-linear factor
