@@ -204,6 +204,8 @@ def render(result: dict) -> str:
         if "llama-perplexity" in (ppl.get("protocol") or ""):
             runtime = "llama-perplexity (not comparable)"
         how = r["how"] + (f"; {P.gguf_types_text(r)}" if r["kind"] == "llamacpp" else "")
+        if r.get("settings"):
+            how += "; settings " + ", ".join(f"{k} {v:g} %" for k, v in r["settings"].items())
         err = r.get("missing") or r.get("ppl_error")
         lines.append(f"| {r['label']} | {runtime} | {_f(r.get('bits_linears'), '.3f')} | {_f(r.get('bits_all'), '.3f')}"
                      f" | {_f(ppl.get('ppl'), '.3f')} | {_f(r.get('export_seconds'), '.0f')} | "
@@ -329,6 +331,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if r["kind"] == "ours" and "export_seconds" not in r:
             r["export_seconds"] = export_seconds_from_log(args.peers_dir / "logs" / f"pareto-{r['label'][5:]}.log")
     present = run.describe()
+    for r in run.result["rows"]:
+        if r["kind"] == "ours":
+            r.update(allocation_of(Path(r["path"])))
     run.write()
     run.quality(present)
     run.write()
@@ -336,6 +341,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(render(run.result))
     P._say(f"wrote {run.out}, {run.out.with_suffix('.json').name}, {run.out.with_suffix('.png').name}")
     return 0
+
+
+def allocation_of(folder: Path) -> dict[str, Any]:
+    """A `--target-bits` export's settings: `settings` (share of the decoder-linear parameters per setting, %) and
+    `by_projection` (per linear name, e.g. v_proj, how many layers took each setting), from its quant_config.json;
+    {} for other exports."""
+    record = P._read_json(folder / "quant_config.json") or {}
+    allocation = record.get("allocation")
+    if not isinstance(allocation, dict):
+        return {}
+    params = sum(v["params"] for v in allocation["settings"].values()) or 1
+    shares = {name: round(100 * v["params"] / params, 1) for name, v in
+              sorted(allocation["settings"].items(), key=lambda kv: -kv[1]["params"])}
+    by_projection: dict[str, dict[str, int]] = {}
+    for path, layer in sorted((record.get("layers") or {}).items()):
+        if "setting" in layer:
+            counts = by_projection.setdefault(path.rsplit(".", 1)[-1], {})
+            counts[layer["setting"]] = counts.get(layer["setting"], 0) + 1
+    return {"settings": shares, "by_projection": by_projection, "probe_seconds": allocation.get("probe_seconds")}
 
 
 def export_seconds_from_log(log: Path) -> Optional[float]:

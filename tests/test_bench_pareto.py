@@ -75,3 +75,19 @@ def test_export_seconds_from_log(tmp_path, text, expected):
     got = pareto.export_seconds_from_log(log)
     assert got == (pytest.approx(expected) if expected is not None else None)
     assert pareto.export_seconds_from_log(tmp_path / "missing.log") is None
+
+
+def test_allocation_of_a_target_bits_folder(tmp_path):
+    import json
+
+    (tmp_path / "quant_config.json").write_text(json.dumps({
+        "allocation": {"settings": {"w3g32": {"linears": 2, "params": 300}, "w4g32-inorder-fp16": {"linears": 1,
+                                                                                                  "params": 100}},
+                       "probe_seconds": {"gradients": 1.0, "settings": 2.0}},
+        "layers": {"model.layers.0.self_attn.v_proj": {"setting": "w4g32-inorder-fp16"},
+                   "model.layers.0.self_attn.q_proj": {"setting": "w3g32"},
+                   "model.layers.1.self_attn.q_proj": {"setting": "w3g32"}}}))
+    got = pareto.allocation_of(tmp_path)
+    assert got["settings"] == {"w3g32": 75.0, "w4g32-inorder-fp16": 25.0}
+    assert got["by_projection"] == {"q_proj": {"w3g32": 2}, "v_proj": {"w4g32-inorder-fp16": 1}}
+    assert pareto.allocation_of(tmp_path / "missing") == {}
