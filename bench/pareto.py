@@ -234,7 +234,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = {"ours": ("qcompiler (SpQR)", "o", "tab:red"), "llamacpp": ("llama.cpp (imatrix)", "s", "tab:blue"),
+    families = {"ours": ("qcompiler (SpQR)", "o", "tab:red"), "llamacpp": ("llama.cpp", "s", "tab:blue"),
                 "genai": ("onnxruntime-genai builder", "^", "tab:green"), "ort": ("ORT MatMulNBits", "v", "tab:gray")}
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     for ax, key, title in zip(axes, ("bits_linears", "bits_all"), ("decoder linears", "all tensors")):
@@ -334,6 +334,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for r in run.result["rows"]:
         if r["kind"] == "ours":
             r.update(allocation_of(Path(r["path"])))
+        elif r["kind"] == "llamacpp" and Path(r["path"]).exists() and not has_imatrix(Path(r["path"])):
+            # a file bench/peers.py made without the importance matrix (its Q4_K_M, Q8_0, Q4_0 rows)
+            r["how"] = r["how"].replace(" --imatrix", " without an importance matrix (bench/peers.py's file)")
     run.write()
     run.quality(present)
     run.write()
@@ -341,6 +344,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(render(run.result))
     P._say(f"wrote {run.out}, {run.out.with_suffix('.json').name}, {run.out.with_suffix('.png').name}")
     return 0
+
+
+def has_imatrix(path: Path) -> bool:
+    """The GGUF was quantized with an importance matrix (llama-quantize records `quantize.imatrix.*`)."""
+    import gguf
+
+    return any(key.startswith("quantize.imatrix.") for key in gguf.GGUFReader(str(path)).fields)
 
 
 def allocation_of(folder: Path) -> dict[str, Any]:
