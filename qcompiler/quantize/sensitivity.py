@@ -7,10 +7,11 @@ The estimate of quantizing linear `l` (weight `W [N, K]`) to `Ŵ` is the Fisher-
 — the second-order (empirical Fisher) loss increase `½ Σ_t (g_tᵀ ΔW x_t)²`, with the output gradients `g` taken
 independent of the inputs `x` and across output channels (as HAWQ / SqueezeLLM-style sensitivities do). `F` comes
 from one forward and backward of the full-precision model per probe window (`output_fisher`), `H` from the same
-block-sequential engine the methods use, on the full-precision model (`probe`); `Ŵ` is the candidate setting's
-SpQR result with the simplified outlier detection (the column loop without the leave-one-out fits). Both use a
-subset of the calibration windows (`PROBE_WINDOWS` × at most `PROBE_TOKENS`): the allocation needs the ranking of
-layers and settings, not the Hessians SpQR itself is calibrated on.
+block-sequential engine the methods use, on the full-precision model (`probe`); `Ŵ` comes from the method's
+`measure` callback (SpQR: its format without error feedback per setting, scaled by SpQR proper on a reference
+setting; `SpQR._quantize_to_target`). Both use a subset of the calibration windows (`PROBE_WINDOWS` × at most
+`PROBE_TOKENS`): the allocation needs the ranking of layers and settings, not the Hessians SpQR itself is
+calibrated on.
 """
 
 from __future__ import annotations
