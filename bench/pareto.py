@@ -30,11 +30,9 @@ Writes bench/results/pareto-DATE.md, .json and .png (`-o` for another name); the
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -285,21 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
 class Run(P.Run):
     """bench/peers.py's run (sizes, bits, cached perplexities) with this table and the plot."""
 
-    def write(self) -> None:
+    def render(self) -> str:
         self.result["verdict"] = verdict(self.result["rows"])
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.result["updated"] = datetime.datetime.now().isoformat(timespec="seconds")
-        self.out.write_text(render(self.result))
-        self.out.with_suffix(".json").write_text(json.dumps(self.result, indent=1, default=str) + "\n")
-
-
-def default_output(results: Path, today: Optional[datetime.date] = None) -> Path:
-    stem = f"pareto-{today or datetime.date.today()}"
-    path, n = results / f"{stem}.md", 1
-    while path.exists() or path.with_suffix(".json").exists():
-        n += 1
-        path = results / f"{stem}-{n}.md"
-    return path
+        return render(self.result)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -313,16 +299,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except P.BenchError as e:
         print(f"bench/pareto.py: error: {e}", file=sys.stderr)
         return 2
-    args.output = str(args.output or default_output(REPO / "bench" / "results"))
+    args.output = str(args.output or P.default_output(REPO / "bench" / "results", stem="pareto"))
     run = Run(args, rows, argv)
     run.result["command"] = ".venv/bin/python -m bench.pareto " + " ".join(argv)
     if args.prepare:
-        t = time.perf_counter()
         builder = Builder(args, args.peers_dir)
-        builder.build(rows)
-        run.timed("prepare", time.perf_counter() - t)
-        run.result["prepare"] = {"timings": builder.timings, "errors": builder.errors}
-        run.result["notes"] += [f"prepare {k} failed: {v}" for k, v in builder.errors.items()]
+        P.prepare(run, builder, lambda b: b.build(rows))
         for r in run.result["rows"]:
             name = r["label"].removeprefix("ours-")
             if name in builder.export_seconds:

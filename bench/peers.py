@@ -864,10 +864,10 @@ def _op_library_sha256() -> str:
     return hashlib.sha256(library_path().read_bytes()).hexdigest()[:16]
 
 
-def default_output(results: Path, today: Optional[datetime.date] = None) -> Path:
+def default_output(results: Path, today: Optional[datetime.date] = None, stem: str = "peers") -> Path:
     """peers-DATE.md in `results`, or peers-DATE-2.md, -3, ... where that report exists already (a second run on the
     same day, e.g. `--prepare` to add a row, never overwrites a report)."""
-    stem = f"peers-{today or datetime.date.today()}"
+    stem = f"{stem}-{today or datetime.date.today()}"
     path, n = results / f"{stem}.md", 1
     while path.exists() or path.with_suffix(".json").exists():
         n += 1
@@ -1150,10 +1150,14 @@ class Run:
     def row(self, peer: Peer) -> dict:
         return next(r for r in self.result["rows"] if r["label"] == peer.label)
 
+    def render(self) -> str:
+        """The markdown report of the result so far."""
+        return render_table(self.result)
+
     def write(self) -> None:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.result["updated"] = datetime.datetime.now().isoformat(timespec="seconds")
-        self.out.write_text(render_table(self.result))
+        self.out.write_text(self.render())
         self.out.with_suffix(".json").write_text(json.dumps(self.result, indent=1, default=str) + "\n")
 
     def timed(self, name: str, seconds: float) -> None:
@@ -1245,6 +1249,15 @@ class Run:
         self.timed("speed", time.perf_counter() - t0)
 
 
+def prepare(run: Run, prep: Preparer, build) -> None:
+    """`build(prep)`, timed into `run`, with the preparer's step timings and errors recorded in its result."""
+    t = time.perf_counter()
+    build(prep)
+    run.timed("prepare", time.perf_counter() - t)
+    run.result["prepare"] = {"timings": prep.timings, "errors": prep.errors}
+    run.result["notes"] += [f"prepare {k} failed: {v}" for k, v in prep.errors.items()]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -1269,12 +1282,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         run.result["notes"].append(f"no `qcompiler export` folder found under {args.peers_dir / 'ours'} "
                                    "(pass --ours LABEL=FOLDER)")
     if args.prepare:
-        t = time.perf_counter()
-        prep = Preparer(args, args.peers_dir)
-        prep.run(peers)
-        run.timed("prepare", time.perf_counter() - t)
-        run.result["prepare"] = {"timings": prep.timings, "errors": prep.errors}
-        run.result["notes"] += [f"prepare {k} failed: {v}" for k, v in prep.errors.items()]
+        prepare(run, Preparer(args, args.peers_dir), lambda prep: prep.run(peers))
     present = run.describe()
     run.write()
     if not args.skip_ppl:
