@@ -4,8 +4,11 @@ builder and ONNX Runtime's MatMulNBits quantizer, every row measured in one run 
 Rows (built into build/peers by `--prepare` where missing; the builds and the perplexity cache are bench/peers.py's):
 
 - ours: `qcompiler export` with `--target-bits` 2.5, 3.0, 3.5, 4.0, 4.5 and the presets (near-lossless, sub4), all
-  with the fp32 lm_head (`--lm-head keep`) and fp32 activations (`--accuracy-level 0`), calibration 32 × 512 tokens
-  of WikiText-2 validation (bench/peers.py's `CALIBRATION`); in ONNX Runtime with the op library;
+  with the 8-bit lm_head/embedding table (`--lm-head rtn`: the GGUFs' Q8_0 token_embd counterpart, measured lossless)
+  and fp32 activations (`--accuracy-level 0`), calibration 32 × 512 tokens of WikiText-2 validation
+  (bench/peers.py's `CALIBRATION`); in ONNX Runtime with the op library. A target row built after another one
+  reuses that one's sensitivity probe (`--sensitivity`, same model and calibration; its "export s" then excludes
+  the probe, the row says so);
 - llama.cpp: `llama-quantize` of the F32 GGUF to every type in `GGUF_TYPES`, each with the importance matrix of
   bench/peers.py (`llama-imatrix` on WikiText-2 validation); perplexity with the GGUF's weights dequantized by
   transformers in PyTorch fp32 (llama.cpp's own `llama-perplexity` where transformers cannot read a type, marked);
@@ -41,7 +44,7 @@ from bench import peers as P
 REPO = P.REPO
 ROOT = P.PEERS_DIR
 TARGETS = (2.5, 3.0, 3.5, 4.0, 4.5)
-FLAGS_COMMON = [*P.CALIBRATION, *P.KEEP, "--accuracy-level", "0"]
+FLAGS_COMMON = [*P.CALIBRATION, "--lm-head", "rtn", "--accuracy-level", "0"]
 OURS_POINTS: dict[str, list[str]] = {
     **{f"spqr-target{t:g}": ["--method", "spqr", "--target-bits", f"{t:g}", *FLAGS_COMMON] for t in TARGETS},
     "spqr-near-lossless": ["--method", "spqr", *FLAGS_COMMON],
@@ -87,6 +90,9 @@ class Builder(P.Preparer):
 
     def export(self, name: str, flags: list[str], folder: Path) -> None:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        probed = measured_probe(folder.parent) if "--target-bits" in flags else None
+        if probed is not None:
+            flags = [*flags, "--sensitivity", str(probed)]
         self.export_seconds[name] = P._run(
             f"qcompiler export ({name})", [sys.executable, "-m", "qcompiler.cli", "export", self.args.source, *flags,
                                            "-o", folder, "--force"], log=self.dir / "logs" / f"pareto-{name}.log")
@@ -204,6 +210,8 @@ def render(result: dict) -> str:
         how = r["how"] + (f"; {P.gguf_types_text(r)}" if r["kind"] == "llamacpp" else "")
         if r.get("settings"):
             how += "; settings " + ", ".join(f"{k} {v:g} %" for k, v in r["settings"].items())
+        if r.get("probe_from"):
+            how += f"; probe reused from {Path(r['probe_from']).parent.name} (`--sensitivity`: export s without it)"
         err = r.get("missing") or r.get("ppl_error")
         lines.append(f"| {r['label']} | {runtime} | {_f(r.get('bits_linears'), '.3f')} | {_f(r.get('bits_all'), '.3f')}"
                      f" | {_f(ppl.get('ppl'), '.3f')} | {_f(r.get('export_seconds'), '.0f')} | "
@@ -351,7 +359,18 @@ def allocation_of(folder: Path) -> dict[str, Any]:
         if "setting" in layer:
             counts = by_projection.setdefault(path.rsplit(".", 1)[-1], {})
             counts[layer["setting"]] = counts.get(layer["setting"], 0) + 1
-    return {"settings": shares, "by_projection": by_projection, "probe_seconds": allocation.get("probe_seconds")}
+    return {"settings": shares, "by_projection": by_projection, "probe_seconds": allocation.get("probe_seconds"),
+            "probe_from": allocation.get("probe_from")}
+
+
+def measured_probe(root: Path) -> Optional[Path]:
+    """A target row's folder under `root` whose export measured its sensitivity probe (not reused), if any."""
+    for t in TARGETS:
+        folder = root / f"spqr-target{t:g}"
+        allocation = (P._read_json(folder / "quant_config.json") or {}).get("allocation") or {}
+        if allocation.get("probe") and not allocation.get("probe_from"):
+            return folder
+    return None
 
 
 def export_seconds_from_log(log: Path) -> Optional[float]:

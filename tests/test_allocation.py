@@ -164,6 +164,48 @@ def test_target_bits_export(tiny_dirs, tmp_path, text_file, capsys):
         assert "--target-bits" in allocation_summary(out)
     err = {t: np.mean([layer["rel_error"] for layer in r["layers"].values()]) for t, r in records.items()}
     assert err[4.0] < err[2.75]
+    assert records[2.75]["allocation"]["probe"] == records[4.0]["allocation"]["probe"] | {
+        "seconds": records[2.75]["allocation"]["probe"]["seconds"]}  # the probe does not depend on the target
+
+    # --sensitivity: the 4.0 export again on the 2.75 export's probe gives the same allocation without probing
+    out = tmp_path / "tb4-reused"
+    assert main(["export", str(tiny_dirs("llama")), "--method", "spqr", "--target-bits", "4.0",
+                 "--sensitivity", str(tmp_path / "tb2.75"), "--calibration", str(text_file), "--nsamples", "4",
+                 "--seqlen", "64", "-o", str(out), "-q"]) == 0
+    reused = json.loads((out / "quant_config.json").read_text())
+    assert reused["allocation"]["probe_from"] == str(tmp_path / "tb2.75" / "quant_config.json")
+    assert reused["allocation"]["probe_seconds"] == {}
+    assert {p: layer["setting"] for p, layer in reused["layers"].items()} == \
+        {p: layer["setting"] for p, layer in records[4.0]["layers"].items()}
+    assert reused["avg_bits"] == records[4.0]["avg_bits"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "1"], "another calibration"),             # other probe windows
+    (["--sensitivity", "NOWHERE"], "no quant_config.json there"),
+    (["--percdamp", "0.5"], "another menu of settings"),  # the settings the costs were measured with
+])
+def test_sensitivity_refuses_a_probe_of_something_else(tiny_dirs, tmp_path, text_file, capsys, flags, message):
+    """A reused probe must have been measured on the same weights, probe windows and settings: else a one-line
+    error and no output folder."""
+    from qcompiler.cli import main
+
+    common = ["--method", "spqr", "--target-bits", "3", "--calibration", str(text_file), "--nsamples", "2",
+              "--seqlen", "32", "-q"]
+    first = tmp_path / "first"
+    assert main(["export", str(tiny_dirs("llama")), *common, "-o", str(first)]) == 0
+    out = tmp_path / "second"
+    flags = [f.replace("NOWHERE", str(tmp_path / "nowhere")) for f in flags]
+    if "--sensitivity" not in flags:
+        flags = [*flags, "--sensitivity", str(first)]
+    capsys.readouterr()
+    assert main(["export", str(tiny_dirs("llama")), *common, *flags, "-o", str(out)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and message in err[-1]
+    assert not out.exists()
+    with pytest.raises(Exception, match="give --target-bits too"):
+        from qcompiler.quantize.methods.spqr import SpQRConfig
+        SpQRConfig(sensitivity=str(first))
 
 
 def test_target_bits_below_the_menu_is_one_line_error(tiny_dirs, tmp_path, text_file, capsys):

@@ -60,8 +60,9 @@ def test_rows_cover_every_point_once():
     assert {f"llama.cpp-{t}" for t in pareto.GGUF_TYPES} <= set(labels)
     assert sum(label.startswith("genai-") for label in labels) == 6
     assert sum(label.startswith("ort-") for label in labels) == 4
-    for name, flags in pareto.OURS_POINTS.items():  # every row of ours: fp32 head, fp32 activations, one calibration
-        assert flags[flags.index("--lm-head") + 1] == "keep" and flags[flags.index("--accuracy-level") + 1] == "0"
+    for name, flags in pareto.OURS_POINTS.items():  # every row of ours: 8-bit head, fp32 activations, one calibration
+        assert flags[flags.index("--lm-head") + 1] == "rtn" and flags[flags.index("--accuracy-level") + 1] == "0"
+        assert "--lm-head-bits" not in flags  # rtn's default: the 8-bit table
         assert "--nsamples" in flags and ("--target-bits" in flags) == name.startswith("spqr-target")
 
 
@@ -91,3 +92,20 @@ def test_allocation_of_a_target_bits_folder(tmp_path):
     assert got["settings"] == {"w3g32": 75.0, "w4g32-inorder-fp16": 25.0}
     assert got["by_projection"] == {"q_proj": {"w3g32": 2}, "v_proj": {"w4g32-inorder-fp16": 1}}
     assert pareto.allocation_of(tmp_path / "missing") == {}
+
+
+def test_measured_probe_is_a_target_folder_that_probed(tmp_path):
+    """Only a target row whose own export measured its probe is offered for reuse (not one that reused another's,
+    nor an export without a probe)."""
+    import json
+
+    def write(name: str, allocation: dict) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "quant_config.json").write_text(json.dumps({"allocation": allocation}))
+
+    assert pareto.measured_probe(tmp_path) is None
+    write("spqr-target2.5", {"probe": {"linears": {}}, "probe_from": "/x/quant_config.json"})  # itself a reuse
+    write("spqr-target3", {"settings": {}})  # no probe recorded
+    assert pareto.measured_probe(tmp_path) is None
+    write("spqr-target4", {"probe": {"linears": {}}, "probe_from": None})
+    assert pareto.measured_probe(tmp_path) == tmp_path / "spqr-target4"

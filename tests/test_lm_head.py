@@ -215,7 +215,7 @@ def test_lm_head_defaults_per_method(flags, expected):
 
 def test_lm_head_auto_is_the_methods_measured_default():
     """No --lm-head: `auto`, which the method resolves (Method.default_lm_head): the 8-bit rtn table for SpQR's 4-bit
-    codes (measured lossless and faster there), the table kept elsewhere (SpQR 3-bit, whose int8 default holds only
+    codes and --target-bits mixes (measured lossless), the table kept elsewhere (SpQR 3-bit, whose int8 default holds only
     without a quantized head; RTN / GPTQ; transform methods; fp16 graphs)."""
     from qcompiler import QCompilerError
     from qcompiler.cli import _lm_head_config, build_parser
@@ -228,6 +228,8 @@ def test_lm_head_auto_is_the_methods_measured_default():
     assert (head.method, head.bits, head.group_size) == ("rtn", 8, 128)
     assert auto.resolve_auto(spqr, spqr.Config(), dtype="fp16") is None
     assert auto.resolve_auto(spqr, spqr.Config(**spqr.presets["sub4"]), dtype="fp32") is None
+    head = auto.resolve_auto(spqr, spqr.Config(target_bits=3.0), dtype="fp32")  # mixes: lossless 8-bit table too
+    assert (head.method, head.bits, head.group_size) == ("rtn", 8, 128)
     for name in ("rtn", "gptq", "none", "affinequant", "affinequant+spqr"):
         method = get_method(name)
         assert auto.resolve_auto(method, method.Config(), dtype="fp32") is None, name

@@ -12,14 +12,22 @@ block-sequential engine the methods use, on the full-precision model (`probe`); 
 setting; `SpQR._quantize_to_target`). Both use a subset of the calibration windows (`PROBE_WINDOWS` × at most
 `PROBE_TOKENS`): the allocation needs the ranking of layers and settings, not the Hessians SpQR itself is
 calibrated on.
+
+The probe does not depend on the target, so an export can reuse an earlier one's (`--sensitivity FOLDER`, as
+llama.cpp's `--imatrix` file): `probe_record` stores it in `quant_config.json` with the fingerprint `probe_key` of
+what it was measured on (the linears' weights, the probe windows, the menu's settings), `load_probe` refuses a record
+whose fingerprint differs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +42,7 @@ log = logging.getLogger(__name__)
 
 PROBE_WINDOWS = 16  # calibration windows the probe uses (the first ones)
 PROBE_TOKENS = 512  # tokens per probe window (a window's prefix)
+PROBE_FORMAT = 1  # version of the stored record (`probe_record`)
 
 
 def probe_windows(calibration: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -99,11 +108,13 @@ class Probe:
 
     Attributes:
         options: module path → `LayerOptions` (costs and stored bits per setting), in quantization order.
-        seconds: {"gradients", "settings"} wall time of the two parts.
+        seconds: {"gradients", "settings"} wall time of the two parts (of the probe that measured them).
+        source: the quant_config.json it was read from (`load_probe`); None where measured by this export.
     """
 
     options: dict[str, LayerOptions]
     seconds: dict[str, float]
+    source: Optional[str] = None
 
 
 def probe(model: torch.nn.Module, family: Family, calibration: Sequence[torch.Tensor],
@@ -130,3 +141,63 @@ def probe(model: torch.nn.Module, family: Family, calibration: Sequence[torch.Te
     order = list(quantizable_linears(model, family))
     return Probe(options={p: options[p] for p in order if p in options},
                  seconds={"gradients": t_grad, "settings": time.perf_counter() - tick})
+
+
+def probe_key(model: torch.nn.Module, family: Family, calibration: Sequence[torch.Tensor], *,
+              settings: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Fingerprint of what `probe` measures on: sha256 of the quantizable linears' weights (as float32, with their
+    paths), of the probe windows' tokens, and the settings (one JSON-able dict per menu entry)."""
+    weights = hashlib.sha256()
+    for path, linear in quantizable_linears(model, family).items():
+        weights.update(path.encode())
+        weights.update(linear.weight.detach().float().contiguous().cpu().numpy().tobytes())
+    tokens = hashlib.sha256()
+    for w in probe_windows(calibration):
+        tokens.update(w.to(torch.int64).contiguous().numpy().tobytes())
+    return {"format": PROBE_FORMAT, "weights": weights.hexdigest()[:16], "windows": tokens.hexdigest()[:16],
+            "settings": [{k: _json_value(v) for k, v in s.items()} for s in settings]}
+
+
+def _json_value(v: Any) -> Any:
+    """As quant_config.json stores it: non-finite floats as text ("inf"), the rest as is."""
+    return str(v) if isinstance(v, float) and not np.isfinite(v) else v
+
+
+def probe_record(found: Probe, key: dict[str, Any]) -> dict[str, Any]:
+    """The probe as JSON (`quant_config.json` → `allocation.probe`); floats round-trip exactly."""
+    return {"key": key, "seconds": found.seconds,
+            "linears": {p: {"costs": o.costs.tolist(), "bits": o.bits.tolist()} for p, o in found.options.items()}}
+
+
+_KEY_NAMES = {"format": "record format", "weights": "model (its linears' weights differ)",
+              "windows": "calibration (its probe windows' tokens differ)", "settings": "menu of settings"}
+
+
+def load_probe(source: str | Path, key: dict[str, Any], model: torch.nn.Module, family: Family) -> Probe:
+    """The probe an earlier export stored (`source`: its folder or its quant_config.json), after checking it was
+    measured on what `key` describes; a one-line `QCompilerError` otherwise."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "quant_config.json"
+    if not path.is_file():
+        raise QCompilerError(f"--sensitivity {source}: no quant_config.json there (give an earlier --target-bits "
+                             "export's folder)")
+    try:
+        record = json.loads(path.read_text()).get("allocation", {}).get("probe")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise QCompilerError(f"--sensitivity {source}: unreadable quant_config.json ({e})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("linears"), dict):
+        raise QCompilerError(f"--sensitivity {source}: no sensitivity probe recorded there (an export with "
+                             "--target-bits records one)")
+    stored = record.get("key") or {}
+    for field, name in _KEY_NAMES.items():
+        if stored.get(field) != key[field]:
+            raise QCompilerError(f"--sensitivity {source}: probed on another {name}; drop --sensitivity to probe "
+                                 "this export")
+    linears = quantizable_linears(model, family)
+    if set(record["linears"]) != set(linears):
+        raise QCompilerError(f"--sensitivity {source}: its linears are not this model's")
+    options = {p: LayerOptions(params=linears[p].weight.numel(), costs=np.asarray(record["linears"][p]["costs"],
+                                                                                   dtype=np.float64),
+                               bits=np.asarray(record["linears"][p]["bits"], dtype=np.float64)) for p in linears}
+    return Probe(options=options, seconds=dict(record.get("seconds") or {}), source=str(path))

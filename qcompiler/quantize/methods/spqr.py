@@ -100,6 +100,9 @@ class SpQRConfig:
             (bits, β1, β2, τ, act-order) chosen by a measured sensitivity so that the stored bits average this
             value; `act_order`, `percdamp`, `block_size`, `true_sequential`, `simplified_outliers` and
             `stat_bits` still apply to all of them.
+        sensitivity: with `target_bits`: an earlier `--target-bits` export (folder or its quant_config.json) whose
+            probe to reuse instead of measuring one (`qcompiler.quantize.sensitivity.load_probe`: refused unless
+            measured on the same weights, probe windows and menu).
     """
 
     bits: int = dataclasses.field(default=4, metadata={"help": "weight code width: 2, 3, 4 or 8"})
@@ -132,6 +135,11 @@ class SpQRConfig:
         default=None, metadata={"help": "(spqr) average stored bits per decoder-linear parameter: each linear's "
                                         "bits, groups and outliers are chosen by measured sensitivity to reach it"}
     )
+    sensitivity: str | None = dataclasses.field(
+        default=None, metadata={"help": "(spqr) with --target-bits: reuse the sensitivity probe of an earlier "
+                                        "--target-bits export of the same model and calibration (its folder), "
+                                        "so another target costs the SpQR pass only"}
+    )
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -150,6 +158,8 @@ class SpQRConfig:
         if self.target_bits is not None and not (isinstance(self.target_bits, (int, float))
                                                  and 2.0 <= self.target_bits <= 16.0):
             raise QCompilerError(f"target_bits must be a number of bits per parameter in 2..16 (got {self.target_bits})")
+        if self.sensitivity is not None and self.target_bits is None:
+            raise QCompilerError("--sensitivity reuses a --target-bits probe: give --target-bits too")
 
 
 # ---------------------------------------------------------------------------------------------------- group grids
@@ -545,9 +555,12 @@ class SpQR(Method):
         # AVX2 VM (bench/results/peers-2026-12-07-head8.md): 31.027 against 31.034 perplexity with the fp32 table,
         # decode 1.43× / 1.57× (1 / 2 threads), session memory 132 against 235 MB, folder 94.5 against 178.5 MB.
         # 3-bit codes: their int8 default holds only without a quantized head (default_accuracy_level), so no head.
-        # --target-bits mixes: not measured with a quantized head.
+        # --target-bits mixes (fp32 activations): the 8-bit table is lossless whatever the decoder — 29.168 against
+        # 29.188 with the fp32 decoder (bench/results/lm-head-probe-2026-12-07.md), 30.860 against 30.880 with the
+        # near-lossless one in ONNX Runtime (peers-2026-12-07-level0.md) —, and it puts the embedding/lm_head at
+        # 8.25 bits like the GGUFs' Q8_0 token_embd (bench/results/pareto-*.md, "all tensors").
         if config.target_bits is not None:
-            return None
+            return "rtn"
         return "rtn" if config.bits >= 4 else None
 
     def quantize(
@@ -592,10 +605,10 @@ class SpQR(Method):
         """`--target-bits`: probe every linear under each menu setting, then SpQR layer by layer with the setting
         the closed-loop budget gives it (qcompiler/quantize/allocation.py, sensitivity.py)."""
         from qcompiler.quantize.allocation import MENU, BitBudget, describe, layer_prefix
-        from qcompiler.quantize.sensitivity import probe, weighted_error
+        from qcompiler.quantize.sensitivity import load_probe, probe, probe_key, probe_record, weighted_error
 
         cfg = self.config
-        configs = [dataclasses.replace(cfg, target_bits=None, **choice.settings) for choice in MENU]
+        configs = [dataclasses.replace(cfg, target_bits=None, sensitivity=None, **choice.settings) for choice in MENU]
         # each setting's reference: the one of the same input order that SpQR proper runs on
         refs = {c.act_order: i for i, (c, choice) in enumerate(zip(configs, MENU)) if choice.reference}
         reference = [refs.get(c.act_order, i) for i, c in enumerate(configs)]
@@ -617,7 +630,12 @@ class SpQR(Method):
             return costs, bits
 
         parallel = max(1, torch.get_num_threads())
-        found = probe(model, family, calibration, measure, progress=progress, parallel_solves=parallel)
+        key = probe_key(model, family, calibration, settings=[dataclasses.asdict(c) for c in configs])
+        if cfg.sensitivity is not None:
+            found = load_probe(cfg.sensitivity, key, model, family)
+            log.info("spqr: sensitivity probe reused from %s", found.source)
+        else:
+            found = probe(model, family, calibration, measure, progress=progress, parallel_solves=parallel)
         budget = BitBudget(found.options, target_bits=float(cfg.target_bits),
                            layer_of=lambda path: layer_prefix(path, family.layers), names=[c.name for c in MENU])
 
@@ -638,6 +656,7 @@ class SpQR(Method):
         summary = budget.summary()
         result.config = {"method": self.name, **dataclasses.asdict(cfg),
                          "allocation": {**summary, "menu": {c.name: c.settings for c in MENU},
-                                        "probe_seconds": found.seconds}}
+                                        "probe_seconds": found.seconds if found.source is None else {},
+                                        "probe_from": found.source, "probe": probe_record(found, key)}}
         log.info("spqr: %s", describe(summary))
         return result
