@@ -3,7 +3,7 @@ builder and ONNX Runtime's MatMulNBits quantizer, every row measured in one run 
 
 Rows (built into build/peers by `--prepare` where missing; the builds and the perplexity cache are bench/peers.py's):
 
-- ours: `qcompiler export` with `--target-bits` 2.5, 3.0, 3.5, 3.75, 4.0, 4.25, 4.5 and the presets (near-lossless,
+- ours: `qcompiler export` with `--target-bits` 2.5, 3.0, 3.5, 3.75, 4.0, 4.25, 4.5, 5 and the presets (near-lossless,
   sub4), all with the 8-bit lm_head/embedding table (`--lm-head rtn`: the GGUFs' Q8_0 token_embd counterpart,
   measured lossless) and fp32 activations (`--accuracy-level 0`), calibration 32 × 512 tokens of WikiText-2 validation
   (bench/peers.py's `CALIBRATION`); in ONNX Runtime with the op library. A target row built after another one
@@ -43,7 +43,7 @@ from bench import peers as P
 
 REPO = P.REPO
 ROOT = P.PEERS_DIR
-TARGETS = (2.5, 3.0, 3.5, 3.75, 4.0, 4.25, 4.5)  # the issue's five, and two where llama.cpp's files sit
+TARGETS = (2.5, 3.0, 3.5, 3.75, 4.0, 4.25, 4.5, 5.0)  # the issue's five; 3.75-5: where llama.cpp's files sit
 FLAGS_COMMON = [*P.CALIBRATION, "--lm-head", "rtn", "--accuracy-level", "0"]
 OURS_POINTS: dict[str, list[str]] = {
     **{f"spqr-target{t:g}": ["--method", "spqr", "--target-bits", f"{t:g}", *FLAGS_COMMON] for t in TARGETS},
