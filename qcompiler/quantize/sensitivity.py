@@ -147,6 +147,8 @@ def probe_key(model: torch.nn.Module, family: Family, calibration: Sequence[torc
               settings: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Fingerprint of what `probe` measures on: sha256 of the quantizable linears' weights (as float32, with their
     paths), of the probe windows' tokens, and the settings (one JSON-able dict per menu entry)."""
+    from qcompiler.emit import jsonable  # at call time: emit imports the graph stack
+
     weights = hashlib.sha256()
     for path, linear in quantizable_linears(model, family).items():
         weights.update(path.encode())
@@ -155,12 +157,7 @@ def probe_key(model: torch.nn.Module, family: Family, calibration: Sequence[torc
     for w in probe_windows(calibration):
         tokens.update(w.to(torch.int64).contiguous().numpy().tobytes())
     return {"format": PROBE_FORMAT, "weights": weights.hexdigest()[:16], "windows": tokens.hexdigest()[:16],
-            "settings": [{k: _json_value(v) for k, v in s.items()} for s in settings]}
-
-
-def _json_value(v: Any) -> Any:
-    """As quant_config.json stores it: non-finite floats as text ("inf"), the rest as is."""
-    return str(v) if isinstance(v, float) and not np.isfinite(v) else v
+            "settings": jsonable(list(settings))}  # as quant_config.json stores it ("inf" as text)
 
 
 def probe_record(found: Probe, key: dict[str, Any]) -> dict[str, Any]:
