@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
     cal.add_argument("--seqlen", type=int, default=2048, help="calibration window length (default: 2048)")
     cal.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
+    cal.add_argument("--device", default="auto",
+                     help="where calibration and the solvers run, one decoder layer at a time: cpu, cuda, cuda:N, or "
+                          "auto (default: the first CUDA device PyTorch sees, else the CPU; affinequant: the CPU)")
     adv = e.add_argument_group("advanced")
     adv.add_argument("--verify-each", action="store_true", help="run onnx.checker and pass postconditions after each pass")
     adv.add_argument("--dump-dir", default=None, help="write the graph after each pass to this folder")
@@ -199,6 +202,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         nsamples=args.nsamples,
         seqlen=args.seqlen,
         seed=args.seed,
+        device=args.device,
         verify_each=args.verify_each,
         dump_dir=args.dump_dir,
         validate=args.validate,

@@ -75,8 +75,10 @@ def attention_record(family, config) -> Optional[dict]:
 
 
 def export_record(*, source: str, family, method: str, config, method_options: dict, result, model, manifest: dict,
-                  memory, proto: onnx.ModelProto, calibration: Optional[dict], lm_head=None) -> dict:
-    """The content of quant_config.json (before emit adds the library and the validation)."""
+                  memory, proto: onnx.ModelProto, calibration: Optional[dict], lm_head=None,
+                  device: Optional[str] = None) -> dict:
+    """The content of quant_config.json (before emit adds the library and the validation). `device`: where the
+    quantization ran (`--device`)."""
     avg_bits, params = average_bits(result, model)
     served = any(n.op_type == "SpQRGather" and n.domain == "qcompiler" for n in proto.graph.node)
     record = {
@@ -117,6 +119,8 @@ def export_record(*, source: str, family, method: str, config, method_options: d
         }
     if calibration is not None:
         record["calibration"] = calibration
+    if device is not None:
+        record["device"] = device
     return record
 
 

@@ -50,26 +50,30 @@ class ExportReport:
 
 def export(source: str, *, output: str, method: str, method_options: dict[str, Any], force: bool = False,
            calibration: Optional[str] = None, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
-           verify_each: bool = False, dump_dir: Optional[str] = None, validate: bool = True,
-           atol: Optional[float] = None, rtol: Optional[float] = None, dtype: str = "fp32",
+           device: Optional[str] = "auto", verify_each: bool = False, dump_dir: Optional[str] = None,
+           validate: bool = True, atol: Optional[float] = None, rtol: Optional[float] = None, dtype: str = "fp32",
            accuracy_level: Optional[int] = None,
            memory_check: bool = True, offload_weights: bool = False, fallback: bool = True, contrib_ops: bool = True,
            lm_head: Optional[Any] = None, quiet: bool = False) -> ExportReport:
     """Quantize `source` with `method` and write an ONNX folder to `output`. See `qcompiler export --help`.
     `lm_head`: a `qcompiler.quantize.lm_head.LMHeadConfig` to quantize the output projection too (None: kept; method
     "auto": the method's measured default, `LMHeadConfig.resolve_auto`).
+    `device`: where calibration and the solvers run (`qcompiler.quantize.device.resolve_device`; "auto" picks the CPU
+    for methods whose solvers run there only).
     `accuracy_level`: None = the method's measured default for `method_options` (`Method.default_accuracy_level`)."""
     from qcompiler.data import calibration_windows, resolve_calibration
     from qcompiler.models.families import family_for, quantizable_linears
     from qcompiler.models.loading import load_config
     from qcompiler.models.preflight import check_linear_sizes, check_memory, estimate_memory
     from qcompiler.passes import PassContext, PassManager
+    from qcompiler.quantize.device import resolve_device
     from qcompiler.quantize.methods import get_method
 
     # fail fast on everything that can be checked before loading a model
     check_output(output, force=force)
     method_cls = get_method(method)
     config = method_cls.Config(**method_options)
+    compute = resolve_device("cpu" if device in (None, "auto") and not method_cls.device_solvers else device)
     head_by_default = lm_head is not None and lm_head.method == "auto"
     if lm_head is not None:
         lm_head = lm_head.resolve_auto(method_cls, config, dtype=dtype)
@@ -101,9 +105,10 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
     calib = calibration_windows(calibration, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed) \
         if calibration else None
 
-    with clock("quantize", f"quantizing with {method} ({config})"):
+    on = "" if compute.type == "cpu" else f" on {compute}"
+    with clock("quantize", f"quantizing with {method} ({config}){on}"):
         result = method_cls(config).quantize(model, family, calibration=calib if method_cls.needs_calibration
-                                             else None, progress=not quiet)
+                                             else None, progress=not quiet, device=compute)
     if not result.layers and method_cls.quantizes:
         raise QCompilerError("no linear layer was quantized (nothing to export)")
     if isinstance(result.config.get("allocation"), dict):  # --target-bits: what each setting got
@@ -142,6 +147,7 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
         record = emit.export_record(
             source=source, family=family, method=method, config=config, method_options=method_options,
             result=result, model=model, manifest=exported.manifest, memory=memory, proto=run.model, lm_head=head,
+            device=str(compute),
             calibration={"path": str(calibration), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
             if calib is not None else None)
         checked = emit.write_folder(output, force=force, proto=run.model, tokenizer=tokenizer,

@@ -153,6 +153,7 @@ def export_model(
     transforms: Optional[list] = None,
     borrow_weights: bool = False,
     fused_attention: bool = False,
+    per_layer: bool = True,
 ) -> ExportResult:
     """Export `model` (a HF causal LM, eval mode, fp32 or fp16) with KV cache; rename linear weights; build manifest.
 
@@ -162,6 +163,8 @@ def export_model(
     into the proto, which would hold a second copy of the model next to PyTorch's; passes read them from there.
     `fused_attention`: each attention as one `com.microsoft::GroupQueryAttention` (`qcompiler.graph.gqa`) instead of
     the modeling code's standard ops (heads whose size is not a multiple of 16 keep standard ops, with a warning).
+    `per_layer`: trace one decoder layer per kind and stamp it out (`qcompiler.graph.stamp`), where it applies (not
+    with `transforms`); False: trace the whole model.
     """
     layout = KVLayout.from_config(model.config)
     if fused_attention:
@@ -171,6 +174,48 @@ def export_model(
             log.warning("head size %d is not a multiple of %d (ONNX Runtime's GroupQueryAttention needs it): "
                         "attention stays in standard ops", layout.head_dim, HEAD_SIZE_MULTIPLE)
             fused_attention = False
+    dtype = next(model.parameters()).dtype
+    proto = weights = None
+    plan = None
+    if per_layer and not transforms:
+        from qcompiler.graph.stamp import plan_for
+
+        plan = plan_for(model)
+    if plan is not None:
+        from qcompiler.graph.stamp import CannotStamp, stamp, template
+
+        try:
+            with template(model, plan) as traced:
+                proto, weights = _trace(model, dataclasses.replace(layout, num_layers=traced.layers), opset=opset,
+                                        sample_seq=sample_seq, sample_past=sample_past, borrow_weights=borrow_weights,
+                                        fused_attention=fused_attention)
+            stamp(proto, plan, model, traced, folder=weights.name if weights is not None else None)
+            log.info("export: traced %d of %d decoder layers, stamped out the rest", len(plan.templates),
+                     len(plan.kind_of))
+        except CannotStamp as e:
+            log.info("export: per-layer construction does not apply (%s); tracing the whole model", e)
+            if weights is not None:
+                weights.cleanup()
+            proto = weights = None
+    if proto is None:
+        proto, weights = _trace(model, layout, opset=opset, sample_seq=sample_seq, sample_past=sample_past,
+                                borrow_weights=borrow_weights, fused_attention=fused_attention)
+    _name_dims(proto, layout)
+    manifest = _build_manifest(proto, model)
+    if transforms:
+        from qcompiler.graph.export_affine import tag_transforms
+
+        manifest["affine"] = tag_transforms(proto, manifest, transforms)
+    manifest["kv"] = dataclasses.asdict(layout)
+    manifest["dtype"] = str(dtype).replace("torch.", "")
+    return ExportResult(model=proto, manifest=manifest, weights=weights)
+
+
+def _trace(model: torch.nn.Module, layout: KVLayout, *, opset: int, sample_seq: int, sample_past: int,
+           borrow_weights: bool, fused_attention: bool
+           ) -> tuple[onnx.ModelProto, Optional[tempfile.TemporaryDirectory]]:
+    """`torch.onnx.export(dynamo=True)` of `model` behind the flat KV-cache interface: the proto, and with
+    `borrow_weights` the temporary folder its weights are borrowed from (else None: weights inline)."""
     wrapper = KVCacheWrapper(model, layout, fused_attention=fused_attention).eval()
     dtype = next(model.parameters()).dtype
     batch = 2
@@ -228,18 +273,9 @@ def export_model(
         from qcompiler.graph.external import borrow
 
         borrow(proto, tmp)
-    else:
-        weights.cleanup()
-        weights = None
-    _name_dims(proto, layout)
-    manifest = _build_manifest(proto, model)
-    if transforms:
-        from qcompiler.graph.export_affine import tag_transforms
-
-        manifest["affine"] = tag_transforms(proto, manifest, transforms)
-    manifest["kv"] = dataclasses.asdict(layout)
-    manifest["dtype"] = str(dtype).replace("torch.", "")
-    return ExportResult(model=proto, manifest=manifest, weights=weights)
+        return proto, weights
+    weights.cleanup()
+    return proto, None
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ from qcompiler.models.families import Family, get_module, iter_layers, layer_lin
 from qcompiler.graph.format import SpQRWeight
 from qcompiler.models.offload import release_free_memory
 from qcompiler.models.preflight import check_finite
+from qcompiler.quantize.device import home_device, on_device, to_device
 from qcompiler.quantize.result import QuantizationResult
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,10 @@ class LayerInputs:
     hidden: torch.Tensor
     calls: list[tuple[tuple, dict[str, Any]]]
     call_of: list[int]
+
+    def to(self, device: torch.device) -> "LayerInputs":
+        """The same inputs with every tensor on `device` (`--device`)."""
+        return LayerInputs(hidden=self.hidden.to(device), calls=to_device(self.calls, device), call_of=self.call_of)
 
     def chunks(self, max_windows: int) -> list[tuple[int, int]]:
         """`[start, end)` window ranges of at most `max_windows` consecutive windows sharing one call."""
@@ -306,6 +311,7 @@ def quantize_blockwise(
     desc: str = "",
     parallel_solves: int = 1,
     install: bool = True,
+    device: Optional[torch.device] = None,
 ) -> QuantizationResult:
     """Quantize every quantizable linear of `model` layer by layer on calibration data (see the module docstring).
 
@@ -326,6 +332,8 @@ def quantize_blockwise(
         install: replace each linear's weight by its evaluated weight (False: the solver's return value is ignored,
             the model stays as it is, each layer's successors see its full-precision outputs, and the lm_head's
             Hessian is skipped; for probes that try settings without committing to one).
+        device: where the Hessians, solves and forwards run (`--device`, qcompiler/quantize/device.py): the layer
+            inputs move there once, each decoder layer while it is quantized; None: where the model is.
 
     Returns:
         `QuantizationResult` with `layers` and `report` per module path and an empty `config` (the method fills it).
@@ -333,9 +341,17 @@ def quantize_blockwise(
     desc = desc or "calibrating"
     layers_out: dict[str, SpQRWeight] = {}
     report: dict[str, dict] = {}
+    timings: dict[str, dict[str, float]] = {}
     with torch.no_grad(), calibration_mode(model):
         tick = time.perf_counter()
         inputs = capture_layer_inputs(model, family, calibration)
+        home = home_device(model)
+        if device is not None and device != home:
+            inputs = inputs.to(device)
+        else:
+            device = None
+        if device is not None and device.type != "cpu":
+            parallel_solves = 1  # the threads exist to use CPU cores a column loop leaves idle
         seqlen = inputs.hidden.shape[1]
         chunk_windows = max(1, CHUNK_TOKENS // seqlen)
         log.info("%s: captured %d windows x %d tokens in %.1fs", desc, inputs.hidden.shape[0], seqlen,
@@ -347,51 +363,55 @@ def quantize_blockwise(
         for index, (layer_path, layer) in enumerate(bar):
             tick = time.perf_counter()
             check_finite(inputs.hidden, f"the input of {layer_path}")
-            t_forward = 0.0
-            linears = layer_linears(layer, family)
-            groups = [[(name, linears[name]) for name in group] for group in family.sequential]
-            stages = [[g] for g in groups] if true_sequential else [groups]
-            errors = []
-            for stage in stages:
-                t = time.perf_counter()
-                hessians = collect_hessians(layer, [[lin for _, lin in g] for g in stage], inputs, chunk_windows)
-                t_forward += time.perf_counter() - t
-                jobs = []
-                for group, H in zip(stage, hessians):
-                    for j, (name, linear) in enumerate(group):
-                        h = H if j == len(group) - 1 else H.clone()  # a solver may modify its H
-                        jobs.append((f"{layer_path}.{name}", linear, h))
-                del hessians
-                for (path, linear, _), result in zip(jobs, _solve_all(solver, jobs, parallel_solves)):
-                    if not install:  # a probe: it keeps what it measured itself
-                        continue
-                    _install(path, linear, result)
-                    layers_out[path] = result.packed
-                    report[path] = result.report
-                    errors.append(float(result.report.get("rel_error", float("nan"))))
-                del jobs
-            if index + 1 < len(layers) or head is not None:
-                t = time.perf_counter()
-                _run_chunks(layer, inputs, chunk_windows, out=outputs)
-                t_forward += time.perf_counter() - t
-                inputs.hidden, outputs = outputs, inputs.hidden
+            with on_device(layer, device):
+                t_forward = 0.0
+                linears = layer_linears(layer, family)
+                groups = [[(name, linears[name]) for name in group] for group in family.sequential]
+                stages = [[g] for g in groups] if true_sequential else [groups]
+                errors = []
+                for stage in stages:
+                    t = time.perf_counter()
+                    hessians = collect_hessians(layer, [[lin for _, lin in g] for g in stage], inputs, chunk_windows)
+                    t_forward += time.perf_counter() - t
+                    jobs = []
+                    for group, H in zip(stage, hessians):
+                        for j, (name, linear) in enumerate(group):
+                            h = H if j == len(group) - 1 else H.clone()  # a solver may modify its H
+                            jobs.append((f"{layer_path}.{name}", linear, h))
+                    del hessians
+                    for (path, linear, _), result in zip(jobs, _solve_all(solver, jobs, parallel_solves)):
+                        if not install:  # a probe: it keeps what it measured itself
+                            continue
+                        _install(path, linear, result)
+                        layers_out[path] = result.packed
+                        report[path] = result.report
+                        errors.append(float(result.report.get("rel_error", float("nan"))))
+                    del jobs
+                if index + 1 < len(layers) or head is not None:
+                    t = time.perf_counter()
+                    _run_chunks(layer, inputs, chunk_windows, out=outputs)
+                    t_forward += time.perf_counter() - t
+                    inputs.hidden, outputs = outputs, inputs.hidden
             release_free_memory()
             mean_err = sum(errors) / max(len(errors), 1)
             seconds = time.perf_counter() - tick
+            timings[layer_path] = {"seconds": seconds, "forward": t_forward, "solve": seconds - t_forward}
             bar.set_postfix(rel_error=f"{mean_err:.4f}")
             log.info("%s: %s: %d linears, mean rel_error %.4f, %.1fs (forward %.1fs, solve %.1fs)", desc,
                      layer_path, len(errors), mean_err, seconds, t_forward, seconds - t_forward)
         head_H = None
         if head is not None:
             norm, linear = head
-            hessian = Hessian(linear.in_features, device=linear.weight.device)
+            hessian = Hessian(linear.in_features, device=inputs.hidden.device)
             dtype = next(norm.parameters(), linear.weight).dtype
-            for a, b in inputs.chunks(chunk_windows):
-                hessian.add(norm(inputs.hidden[a:b].to(dtype)), b - a)
-            head_H = hessian.value()
+            with on_device(norm, device):
+                for a, b in inputs.chunks(chunk_windows):
+                    hessian.add(norm(inputs.hidden[a:b].to(dtype)), b - a)
+            head_H = hessian.value().to(home)
             check_finite(head_H, f"the input Hessian of {family.lm_head}")
     return QuantizationResult(layers=layers_out, config={}, report=report, head_hessian=head_H,
-                              head_windows=inputs.hidden.shape[0] if head_H is not None else 0)
+                              head_windows=inputs.hidden.shape[0] if head_H is not None else 0,
+                              layer_seconds=timings)
 
 
 def _norm_and_head(model: torch.nn.Module, family: Family, hidden: int):

@@ -38,6 +38,8 @@ class QuantizationResult:
             decoder's final hidden states after the final norm — where the block-sequential engine ran
             (`quantize_blockwise`), else None; `--lm-head gptq` uses it instead of a forward of its own.
         head_windows: the windows `head_hessian` is over.
+        layer_seconds: decoder layer path → {"seconds": wall time, "forward": of its calibration forwards, "solve":
+            the rest} where the block-sequential engine ran, else empty.
     """
 
     layers: dict[str, SpQRWeight]
@@ -48,6 +50,7 @@ class QuantizationResult:
     transforms: Optional[TransformPlan] = None
     head_hessian: Optional[torch.Tensor] = None
     head_windows: int = 0
+    layer_seconds: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.totals:

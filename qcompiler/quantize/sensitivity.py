@@ -119,11 +119,12 @@ class Probe:
 
 def probe(model: torch.nn.Module, family: Family, calibration: Sequence[torch.Tensor],
           measure: Callable[[str, torch.nn.Linear, torch.Tensor, torch.Tensor], tuple[np.ndarray, np.ndarray]], *,
-          progress: bool = True, parallel_solves: int = 1) -> Probe:
+          progress: bool = True, parallel_solves: int = 1, device: Optional[torch.device] = None) -> Probe:
     """Costs and stored bits of every quantizable linear under each setting, on the full-precision model (which is
     left unchanged): `measure(path, linear, H, F)` → `(costs [C], bits [C])` for one linear, given its input Hessian
     `H` (it must not modify it) and its output Fisher `F [out_features]` (`output_fisher`; `weighted_error` turns a
-    candidate weight into its cost)."""
+    candidate weight into its cost). `device`: where the settings pass runs (`quantize_blockwise`); the gradients
+    run where the model is."""
     windows = probe_windows(calibration)
     tick = time.perf_counter()
     fisher = output_fisher(model, family, windows, progress=progress)
@@ -137,7 +138,7 @@ def probe(model: torch.nn.Module, family: Family, calibration: Sequence[torch.Te
 
     tick = time.perf_counter()
     quantize_blockwise(model, family, windows, solve, true_sequential=False, progress=progress,
-                       desc="sensitivity (settings)", parallel_solves=parallel_solves, install=False)
+                       desc="sensitivity (settings)", parallel_solves=parallel_solves, install=False, device=device)
     order = list(quantizable_linears(model, family))
     return Probe(options={p: options[p] for p in order if p in options},
                  seconds={"gradients": t_grad, "settings": time.perf_counter() - tick})

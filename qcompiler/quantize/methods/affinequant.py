@@ -59,6 +59,7 @@ from qcompiler.quantize.methods.base import (
     QuantizationResult,
     check_bits,
     check_group_size,
+    cpu_only,
     dequantize_groups,
     layer_report,
     quantize_codes,
@@ -407,6 +408,7 @@ class AffineQuant(Method):
     Config = AffineQuantConfig
     needs_calibration = True
     learns_transforms = True
+    device_solvers = False  # the training loop runs on the CPU (qcompiler/quantize/device.py)
     # Its full-precision copies, the copy exported with transforms, the per-block training state (fold passes spill
     # the weights they rewrite to a file): SmolLM2-135M 3.10 GB (1 epoch, 8 × 256), the 0.98 GB synthetic LLaMA
     # 4.72 GB (0 epochs) → at most 4.6× + base; 6× keeps a margin.
@@ -433,10 +435,11 @@ class AffineQuant(Method):
         "w4a4": {"bits": 4, "group_size": 0, "abits": 4, "epochs": 20, "aug_loss": True, "sf": 0.1},
     }
 
-    def quantize(self, model, family, *, calibration=None, progress=True) -> QuantizationResult:
+    def quantize(self, model, family, *, calibration=None, progress=True, device=None) -> QuantizationResult:
         from tqdm.auto import tqdm
 
         cfg: AffineQuantConfig = self.config
+        cpu_only(self.name, device)
         if not calibration:
             raise QCompilerError("affinequant needs calibration windows")
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

@@ -20,7 +20,7 @@ from qcompiler import QCompilerError
 from qcompiler.models.families import get_module
 from qcompiler.quantize.methods import register_method
 from qcompiler.quantize.methods.affinequant import AffineQuant, AffineQuantConfig
-from qcompiler.quantize.methods.base import Method, QuantizationResult
+from qcompiler.quantize.methods.base import Method, QuantizationResult, cpu_only
 from qcompiler.quantize.methods.spqr import SpQR, SpQRConfig
 
 # AffineQuant's training settings the combination takes over (its `bits`/`group_size` are SpQR's; `let`, `lwc` and
@@ -69,21 +69,23 @@ class AffineQuantSpQR(Method):
     Config = AffineQuantSpQRConfig
     needs_calibration = True
     learns_transforms = True
+    device_solvers = False  # the training loop runs on the CPU (qcompiler/quantize/device.py)
     # AffineQuant's training and transforms dominate the peak (SpQR's per-layer state is smaller)
     memory_param_factor = AffineQuant.memory_param_factor
     memory_offload_param_factor = AffineQuant.memory_offload_param_factor
     memory_activation_copies = AffineQuant.memory_activation_copies
     presets = {"sub4": {"bits": 3, "stat_group_size": 32, "outlier_threshold": 0.3}}
 
-    def quantize(self, model, family, *, calibration=None, progress=True) -> QuantizationResult:
+    def quantize(self, model, family, *, calibration=None, progress=True, device=None) -> QuantizationResult:
         if not calibration:
             raise QCompilerError("affinequant+spqr needs calibration windows")
+        cpu_only(self.name, device)
         cfg = self.config
         stage1 = AffineQuant(cfg.affinequant()).quantize(model, family, calibration=calibration, progress=progress)
         with torch.no_grad():  # back to the transformed full-precision weights (what SpQR must quantize)
             for path, W in stage1.transforms.expected.items():
                 get_module(model, path).weight.copy_(torch.from_numpy(W))
-        stage2 = SpQR(cfg.spqr()).quantize(model, family, calibration=calibration, progress=progress)
+        stage2 = SpQR(cfg.spqr()).quantize(model, family, calibration=calibration, progress=progress, device=device)
         for path, w in stage2.layers.items():
             b = stage1.transforms.expected_bias.get(path)
             if (w.bias is None) != (b is None):

@@ -63,6 +63,8 @@ class Method(abc.ABC):
     memory_offload_param_factor: ClassVar[Optional[float]] = None
     # the layer inputs and outputs of the calibration engine (qcompiler/quantize/calibration.py), plus a margin
     memory_activation_copies: ClassVar[int] = 3
+    # the solvers run on `--device` (the calibration engine's methods); False: on the CPU only (`cpu_only`)
+    device_solvers: ClassVar[bool] = True
 
     def __init__(self, config: Optional[Any] = None):
         self.config = config if config is not None else self.Config()
@@ -89,8 +91,17 @@ class Method(abc.ABC):
         *,
         calibration: Optional[Sequence[torch.Tensor]] = None,
         progress: bool = True,
+        device: Optional[torch.device] = None,
     ) -> QuantizationResult:
-        """Quantize `model` (a HF causal LM of `family`) in place; return the per-layer op representation."""
+        """Quantize `model` (a HF causal LM of `family`) in place; return the per-layer op representation.
+        `device`: where the solvers run (`--device`, qcompiler/quantize/device.py); None: where the model is."""
+
+
+def cpu_only(method: str, device: Optional[torch.device]) -> None:
+    """One-line error for `--device` other than the CPU with a method whose solver runs on the CPU only."""
+    if device is not None and torch.device(device).type != "cpu":
+        raise QCompilerError(f"--device {device}: {method} trains its transforms on the CPU only for now "
+                             "(--device cpu; gptq, spqr and rtn run on a GPU)")
 
 
 def check_bits(bits: int) -> None:

@@ -254,6 +254,7 @@ class GPTQ(Method):
         *,
         calibration: Optional[Sequence[torch.Tensor]] = None,
         progress: bool = True,
+        device: Optional[torch.device] = None,
     ) -> QuantizationResult:
         cfg = self.config
         if not calibration:
@@ -280,6 +281,7 @@ class GPTQ(Method):
             true_sequential=cfg.true_sequential,
             progress=progress,
             desc=f"gptq {cfg.bits}-bit g{cfg.group_size}",
+            device=device,
         )
         result.config = {"method": self.name, **dataclasses.asdict(cfg)}
         return result

@@ -36,5 +36,6 @@ class NoQuantization(Method):
         *,
         calibration: Optional[Sequence[torch.Tensor]] = None,
         progress: bool = True,
+        device: Optional[torch.device] = None,
     ) -> QuantizationResult:
         return QuantizationResult(layers={}, config={"method": self.name}, report={})

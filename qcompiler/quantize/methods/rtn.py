@@ -73,17 +73,18 @@ class RTN(Method):
         *,
         calibration: Optional[Sequence[torch.Tensor]] = None,
         progress: bool = True,
+        device: Optional[torch.device] = None,
     ) -> QuantizationResult:
         cfg = self.config
         layers, report = {}, {}
         linears = quantizable_linears(model, family)
         for path, linear in tqdm(linears.items(), desc=f"rtn {cfg.bits}-bit g{cfg.group_size}", disable=not progress):
-            w = linear.weight.detach()
+            w = linear.weight.detach() if device is None else linear.weight.detach().to(device)
             codes, scale, zero = round_to_nearest(w, bits=cfg.bits, group_size=cfg.group_size, round_zero=cfg.round_zero)
             evaluated = dequantize_groups(codes, scale, zero, cfg.group_size)
             packed = to_spqr_weight(codes, scale, zero, bits=cfg.bits, group_size=cfg.group_size, bias=linear.bias)
             report[path] = layer_report(w, evaluated, packed)
             with torch.no_grad():
-                linear.weight.copy_(evaluated.to(linear.weight.dtype))
+                linear.weight.copy_(evaluated.to(device=linear.weight.device, dtype=linear.weight.dtype))
             layers[path] = packed
         return QuantizationResult(layers=layers, config={"method": self.name, **dataclasses.asdict(cfg)}, report=report)

@@ -570,12 +570,13 @@ class SpQR(Method):
         *,
         calibration: Optional[Sequence[torch.Tensor]] = None,
         progress: bool = True,
+        device: Optional[torch.device] = None,
     ) -> QuantizationResult:
         if not calibration:
             raise QCompilerError("spqr needs calibration data (token windows)")
         cfg = self.config
         if cfg.target_bits is not None:
-            return self._quantize_to_target(model, family, calibration, progress=progress)
+            return self._quantize_to_target(model, family, calibration, progress=progress, device=device)
 
         def solve(path: str, linear: torch.nn.Linear, H: torch.Tensor) -> LayerQuantization:
             result = spqr_quantize_layer(linear.weight.detach(), H, config=cfg, bias=linear.bias)
@@ -590,7 +591,7 @@ class SpQR(Method):
         desc = f"spqr w{cfg.bits} g{cfg.group_size} s{cfg.stat_bits}/{cfg.stat_group_size} tau {cfg.outlier_threshold}"
         result = quantize_blockwise(
             model, family, calibration, solve, true_sequential=cfg.true_sequential, progress=progress, desc=desc,
-            parallel_solves=max(1, torch.get_num_threads()),
+            parallel_solves=max(1, torch.get_num_threads()), device=device,
         )
         result.config = {"method": self.name, **dataclasses.asdict(cfg)}
         t = result.totals
@@ -601,7 +602,7 @@ class SpQR(Method):
         return result
 
     def _quantize_to_target(self, model: torch.nn.Module, family, calibration: Sequence[torch.Tensor], *,
-                            progress: bool) -> QuantizationResult:
+                            progress: bool, device: Optional[torch.device] = None) -> QuantizationResult:
         """`--target-bits`: probe every linear under each menu setting, then SpQR layer by layer with the setting
         the closed-loop budget gives it (qcompiler/quantize/allocation.py, sensitivity.py)."""
         from qcompiler.quantize.allocation import MENU, BitBudget, describe, layer_prefix
@@ -635,7 +636,8 @@ class SpQR(Method):
             found = load_probe(cfg.sensitivity, key, model, family)
             log.info("spqr: sensitivity probe reused from %s", found.source)
         else:
-            found = probe(model, family, calibration, measure, progress=progress, parallel_solves=parallel)
+            found = probe(model, family, calibration, measure, progress=progress, parallel_solves=parallel,
+                          device=device)
         budget = BitBudget(found.options, target_bits=float(cfg.target_bits),
                            layer_of=lambda path: layer_prefix(path, family.layers), names=[c.name for c in MENU])
 
@@ -651,7 +653,7 @@ class SpQR(Method):
 
         result = quantize_blockwise(
             model, family, calibration, solve, true_sequential=cfg.true_sequential, progress=progress,
-            desc=f"spqr target {cfg.target_bits:g} bits", parallel_solves=parallel,
+            desc=f"spqr target {cfg.target_bits:g} bits", parallel_solves=parallel, device=device,
         )
         summary = budget.summary()
         result.config = {"method": self.name, **dataclasses.asdict(cfg),
