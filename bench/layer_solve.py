@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     g = torch.Generator().manual_seed(args.seed)
     windows = [torch.randint(0, args.vocab, (1, args.seqlen), generator=g) for _ in range(args.nsamples)]
-    runs = []
+    runs: list = []
+    text = ""
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         tick = time.perf_counter()
         model = build(args)
@@ -91,11 +92,20 @@ def main(argv=None) -> int:
                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB})
         print(json.dumps(runs[-1]["layers"], indent=1), flush=True)
         del model, result
+        text = write(out_md, args, runs, device, argv or sys.argv[1:])  # after each method: a long run keeps them
+
+    print(text)
+    return 0
+
+
+def write(out_md: Path, args, runs: list, device, argv) -> str:
+    """The results table (.md) and data (.json) of the runs so far."""
+    import torch
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(device), "cpu": cpu,
-            "cores": torch.get_num_threads(), "torch": torch.__version__, "argv": argv or sys.argv[1:],
+            "cores": torch.get_num_threads(), "torch": torch.__version__, "argv": argv,
             "shape": {"hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads,
                       "kv_heads": args.kv_heads, "vocab": args.vocab, "layers": args.layers},
             "calibration": f"{args.nsamples} × {args.seqlen} random token ids (seed {args.seed})"}
@@ -106,7 +116,7 @@ def main(argv=None) -> int:
              f"vocabulary {args.vocab}, random weights ({runs[0]['params_per_layer'] / 1e6:.0f}M parameters per "
              f"decoder layer); calibration {meta['calibration']}. \"forward\" = the engine's calibration forwards "
              "(Hessians, next layer's inputs), \"solve\" = the rest (the solvers).", "",
-             "| method | layer | seconds | forward | solve | bits/param | mean rel. error | peak RSS |",
+             "| method | layer | seconds | forward | solve | bits/param | mean rel. error | process peak RSS so far |",
              "|---|---|--:|--:|--:|--:|--:|--:|"] if runs else []
     for run in runs:
         for layer, t in run["layers"].items():
@@ -116,8 +126,7 @@ def main(argv=None) -> int:
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(text)
     out_md.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1, default=str) + "\n")
-    print(text)
-    return 0
+    return text
 
 
 if __name__ == "__main__":
