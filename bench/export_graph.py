@@ -19,6 +19,7 @@ import datetime
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,8 +34,6 @@ def run_graph(proto, layout, vocab: int, *, seq: int = 7, past: int = 5, seed: i
     import onnxruntime as ort
 
     from qcompiler.graph.external import save_with_external_data
-
-    import tempfile
 
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as d:

@@ -74,6 +74,7 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
     method_cls = get_method(method)
     config = method_cls.Config(**method_options)
     compute = resolve_device("cpu" if device in (None, "auto") and not method_cls.device_solvers else device)
+    method_cls.check_device(compute)
     head_by_default = lm_head is not None and lm_head.method == "auto"
     if lm_head is not None:
         lm_head = lm_head.resolve_auto(method_cls, config, dtype=dtype)

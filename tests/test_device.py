@@ -18,7 +18,6 @@ from qcompiler.models.families import family_for
 from qcompiler.quantize.calibration import LayerInputs
 from qcompiler.quantize.device import on_device, resolve_device, to_device
 from qcompiler.quantize.methods import get_method
-from qcompiler.quantize.methods.base import cpu_only
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -92,10 +91,12 @@ def test_cpu_device_equals_the_default(method, options):
 
 
 def test_transform_methods_refuse_another_device():
-    cpu_only("affinequant", None)
-    cpu_only("affinequant", torch.device("cpu"))
+    affinequant = get_method("affinequant")
+    affinequant.check_device(None)
+    affinequant.check_device(torch.device("cpu"))
+    get_method("spqr").check_device(torch.device("cuda"))  # its solvers run there
     with pytest.raises(QCompilerError, match="affinequant trains its transforms on the CPU only"):
-        cpu_only("affinequant", torch.device("cuda"))
+        affinequant.check_device(torch.device("cuda"))
 
 
 @pytest.mark.parametrize("flags, words", [

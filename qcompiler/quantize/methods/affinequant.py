@@ -59,7 +59,6 @@ from qcompiler.quantize.methods.base import (
     QuantizationResult,
     check_bits,
     check_group_size,
-    cpu_only,
     dequantize_groups,
     layer_report,
     quantize_codes,
@@ -439,7 +438,7 @@ class AffineQuant(Method):
         from tqdm.auto import tqdm
 
         cfg: AffineQuantConfig = self.config
-        cpu_only(self.name, device)
+        self.check_device(device)
         if not calibration:
             raise QCompilerError("affinequant needs calibration windows")
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

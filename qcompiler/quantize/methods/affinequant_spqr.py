@@ -20,7 +20,7 @@ from qcompiler import QCompilerError
 from qcompiler.models.families import get_module
 from qcompiler.quantize.methods import register_method
 from qcompiler.quantize.methods.affinequant import AffineQuant, AffineQuantConfig
-from qcompiler.quantize.methods.base import Method, QuantizationResult, cpu_only
+from qcompiler.quantize.methods.base import Method, QuantizationResult
 from qcompiler.quantize.methods.spqr import SpQR, SpQRConfig
 
 # AffineQuant's training settings the combination takes over (its `bits`/`group_size` are SpQR's; `let`, `lwc` and
@@ -79,7 +79,7 @@ class AffineQuantSpQR(Method):
     def quantize(self, model, family, *, calibration=None, progress=True, device=None) -> QuantizationResult:
         if not calibration:
             raise QCompilerError("affinequant+spqr needs calibration windows")
-        cpu_only(self.name, device)
+        self.check_device(device)
         cfg = self.config
         stage1 = AffineQuant(cfg.affinequant()).quantize(model, family, calibration=calibration, progress=progress)
         with torch.no_grad():  # back to the transformed full-precision weights (what SpQR must quantize)

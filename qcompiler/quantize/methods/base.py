@@ -63,7 +63,7 @@ class Method(abc.ABC):
     memory_offload_param_factor: ClassVar[Optional[float]] = None
     # the layer inputs and outputs of the calibration engine (qcompiler/quantize/calibration.py), plus a margin
     memory_activation_copies: ClassVar[int] = 3
-    # the solvers run on `--device` (the calibration engine's methods); False: on the CPU only (`cpu_only`)
+    # the solvers run on `--device` (the calibration engine's methods); False: on the CPU only (`check_device`)
     device_solvers: ClassVar[bool] = True
 
     def __init__(self, config: Optional[Any] = None):
@@ -75,6 +75,14 @@ class Method(abc.ABC):
         `--accuracy-level` is not given: 4 (int8 activations in the CPU kernel) only where its perplexity cost was
         measured at ≤ 0.5 %, else 0 (fp32 activations)."""
         return 0
+
+    @classmethod
+    def check_device(cls, device: Optional[torch.device]) -> None:
+        """One-line error for a `--device` other than the CPU where the method's solvers run on the CPU only
+        (`device_solvers` False)."""
+        if not cls.device_solvers and device is not None and torch.device(device).type != "cpu":
+            raise QCompilerError(f"--device {device}: {cls.name} trains its transforms on the CPU only for now "
+                                 "(--device cpu; gptq, spqr and rtn run on a GPU)")
 
     @classmethod
     def default_lm_head(cls, config: Any) -> Optional[str]:
@@ -95,13 +103,6 @@ class Method(abc.ABC):
     ) -> QuantizationResult:
         """Quantize `model` (a HF causal LM of `family`) in place; return the per-layer op representation.
         `device`: where the solvers run (`--device`, qcompiler/quantize/device.py); None: where the model is."""
-
-
-def cpu_only(method: str, device: Optional[torch.device]) -> None:
-    """One-line error for `--device` other than the CPU with a method whose solver runs on the CPU only."""
-    if device is not None and torch.device(device).type != "cpu":
-        raise QCompilerError(f"--device {device}: {method} trains its transforms on the CPU only for now "
-                             "(--device cpu; gptq, spqr and rtn run on a GPU)")
 
 
 def check_bits(bits: int) -> None:
