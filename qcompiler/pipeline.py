@@ -127,6 +127,10 @@ def export(source: str, *, output: str, method: str, method_options: dict[str, A
                                     if head_by_default else ""))
 
     with clock("export", "exporting to ONNX"):
+        if offload_weights and result.transforms is None and dtype == "fp32":
+            from qcompiler.models.offload import export_layout
+
+            export_layout(model)  # the per-layer export then refers to the store's bytes instead of copying them
         # the weights stay in the exporter's file until emit copies them (no second copy of the model in memory);
         # --verify-each runs the proto in ONNX Runtime from memory, so it needs them inline
         exported = _export_graph(model, result, dtype=dtype, borrow_weights=not verify_each,

@@ -99,6 +99,7 @@ def validate_logits(
                             else np.float32),
     }
     got = sess.run(["logits"], feeds)[0]
+    del sess  # its weights (the whole quantized model, pre-packed) are not held during the PyTorch forward
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.float().numpy()
     return float(np.max(np.abs(got.astype(np.float32) - ref))), float(np.max(np.abs(ref)))

@@ -180,6 +180,86 @@ def test_copy_of_an_offloaded_model_is_file_backed_and_shares_the_store(tiny_dir
     assert keep(None, t) is not t and torch.equal(keep(None, t), t)
 
 
+
+def _root(a):
+    """The object at the bottom of a NumPy array's `base` chain (an mmap for file-backed arrays)."""
+    while True:
+        if isinstance(a, memoryview):
+            a = a.obj
+        elif getattr(a, "base", None) is not None:
+            a = a.base
+        else:
+            return a
+
+
+def test_quantized_layers_of_an_offloaded_model_are_file_pages(tiny_dirs):
+    """RTN on an offloaded model: each SpQRWeight's arrays are copy-on-write mappings of an unlinked file (not
+    anonymous memory), equal to the in-memory run's; writing one leaves the other layers alone; without offload the
+    layers stay ordinary arrays."""
+    import mmap
+
+    import numpy as np
+
+    from qcompiler.models.families import family_for
+    from qcompiler.quantize.methods import get_method
+
+    rtn = get_method("rtn")
+    model, _ = load_offloaded(str(tiny_dirs("llama")), progress=False)
+    family = family_for(model.config)
+    spilled = rtn(rtn.Config(bits=4, group_size=16)).quantize(model, family, progress=False).layers
+    plain_model, _ = load_model(str(tiny_dirs("llama")), progress=False)
+    plain = rtn(rtn.Config(bits=4, group_size=16)).quantize(plain_model, family, progress=False).layers
+    assert spilled.keys() == plain.keys() and spilled
+    for path, w in spilled.items():
+        ref = plain[path]
+        for name in ("qweight", "scales", "zeros"):
+            a = getattr(w, name)
+            assert isinstance(_root(a), mmap.mmap) and not isinstance(_root(getattr(ref, name)), mmap.mmap)
+            assert np.array_equal(a, getattr(ref, name)) and a.dtype == getattr(ref, name).dtype
+    maps = open("/proc/self/maps").read()
+    assert "qcompiler-layer-" in maps and "(deleted)" in maps  # unlinked files, mapped
+    first, second = list(spilled.values())[:2]
+    before = second.qweight.copy()
+    first.qweight[...] = 0
+    assert not first.qweight.any() and np.array_equal(second.qweight, before)
+
+
+def test_export_of_an_offloaded_model_borrows_its_linear_weights_from_the_store(tiny_dirs):
+    """`export_layout` lays each (untied) linear weight out transposed in the store, values unchanged; the per-layer
+    export then points every decoder linear's initializer at the store file instead of copying it, and the bytes
+    it points at are the initializer the exporter would have written."""
+    import os
+
+    import numpy as np
+
+    from qcompiler.graph.export import export_model
+    from qcompiler.graph.external import is_borrowed, tensor_array
+    from qcompiler.models.offload import export_layout, file_range
+
+    model, _ = load_offloaded(str(tiny_dirs("llama")), progress=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    assert export_layout(model) == len(linears) - tied
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert not q.is_contiguous() and q.t().is_contiguous()
+    assert file_range(model, q.detach().numpy().T) is not None
+    exported = export_model(model, borrow_weights=True)
+    store = os.path.basename(model.qcompiler_store.path)
+    linears = exported.manifest["linears"]
+    inits = {t.name: t for t in exported.model.graph.initializer}
+    for module, entry in linears.items():
+        if not module.startswith("model.layers."):
+            continue
+        t = inits[entry["weight"]]
+        location = {e.key: e.value for e in t.external_data}["location"]
+        assert is_borrowed(t) and location == store, module
+        W = dict(model.named_parameters())[module + ".weight"].detach().numpy()
+        assert np.array_equal(tensor_array(t), W.T if entry["weight_layout"] == "KxN" else W), module
+    assert export_layout(load_model(str(tiny_dirs("llama")), progress=False)[0]) == 0  # not offloaded
+
 def test_offload_needs_a_local_safetensors_folder_or_gguf(tiny_dirs, tmp_path):
     with pytest.raises(QCompilerError, match=r"^model path not found: .*nowhere\.gguf$"):
         load_offloaded(str(tmp_path / "nowhere.gguf"), progress=False)

@@ -168,6 +168,32 @@ def test_available_memory_is_capped_by_the_cgroup_limit(monkeypatch):
     assert preflight.available_memory() > 123 * 1024**2
 
 
+
+def test_available_memory_sees_a_memory_cgroup_around_the_process(tmp_path):
+    """In a real memory cgroup (v1 or v2, made by the bench's MemoryCap where the tree is writable), a child's
+    `available_memory` is at most the cap (not the machine's free memory) and not eaten by a file it read."""
+    import os
+    import sys
+
+    from bench.large_model import MemoryCap, run_child
+
+    try:
+        cap = MemoryCap(2**30)
+    except SystemExit as e:
+        pytest.skip(f"no writable memory cgroup here: {e}")
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(64 * 2**20))
+    code = (f"from qcompiler.models.preflight import available_memory; open({str(blob)!r}, 'rb').read(); "
+            "print(available_memory())")
+    try:
+        run = run_child([sys.executable, "-c", code], tmp_path / "log", cap)
+    finally:
+        cap.close()
+    assert run["code"] == 0, (tmp_path / "log").read_text()
+    seen = int((tmp_path / "log").read_text().split()[-1])
+    assert 2**28 < seen <= 2**30
+
+
 # The memory model of before issue 24 (preflight's tables keyed by method name): the values each method class now
 # declares (`Method.memory_*`) must reproduce it.
 _PARAM_FACTOR = {"affinequant": 6.0, "affinequant+spqr": 6.0}

@@ -48,6 +48,12 @@ SPILL_FILE = "qcompiler-spill.data"
 SIZE_THRESHOLD = 1024  # onnx.save's default: initializers whose raw bytes object is at least this big go external
 
 
+
+def goes_external(nbytes: int) -> bool:
+    """Whether `onnx.save` (and `spill`, `save_with_external_data`) moves a tensor of `nbytes` raw bytes to the data
+    file: its bytes object is at least `SIZE_THRESHOLD` bytes."""
+    return sys.getsizeof(b"") + nbytes >= SIZE_THRESHOLD
+
 def spill(t: onnx.TensorProto, folder: str) -> None:
     """Move inline tensor `t`'s bytes to the end of `folder`'s spill file and borrow them from there (a pass's new
     weight replacing a borrowed one stays out of memory too). Only tensors `onnx.save` would move to external data
@@ -66,6 +72,21 @@ def spill(t: onnx.TensorProto, folder: str) -> None:
         entry = t.external_data.add()
         entry.key, entry.value = key, str(value)
 
+
+
+def file_tensor(name: str, array: np.ndarray, path: str, offset: int) -> onnx.TensorProto:
+    """A borrowed tensor named `name` whose bytes are `array`'s, already at `offset` of file `path` (no copy: e.g. a
+    weight of an offloaded model's store, `qcompiler.models.offload.file_range`)."""
+    t = onnx.TensorProto()
+    t.name = name
+    t.dims.extend(array.shape)
+    t.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", os.path.basename(path)), ("offset", offset), ("length", array.nbytes),
+                       ("basepath", os.path.dirname(os.path.abspath(path)))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, str(value)
+    return t
 
 def borrowed_from(t: onnx.TensorProto) -> Optional[str]:
     """The folder borrowed tensor `t` reads from (None when `t` is not borrowed)."""

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 import torch
 
-from qcompiler.graph.external import spill, tensor_array
+from qcompiler.graph.external import file_tensor, goes_external, spill, tensor_array
 
 DOMAIN = "qcompiler.stamp"
 MARK_IN, MARK_OUT = "LayerInput", "LayerOutput"
@@ -231,8 +231,10 @@ def stamp(proto: onnx.ModelProto, plan: StampPlan, model: torch.nn.Module, trace
           folder: Optional[str]) -> None:
     """Turn the traced template `proto` (in place) into the full model's graph (see the module docstring).
     `folder`: where the template's weights are borrowed from (`qcompiler.graph.external.borrow`); the stamped layers'
-    weights are spilled there too. None: weights inline."""
+    weights are spilled there too, except those an offloaded model's store already holds as the graph stores them
+    (`qcompiler.models.offload.export_layout`), which are borrowed from the store. None: weights inline."""
     from qcompiler.models.families import get_module
+    from qcompiler.models.offload import file_range
 
     g = proto.graph
     K = traced.layers
@@ -363,9 +365,14 @@ def stamp(proto: onnx.ModelProto, plan: StampPlan, model: torch.nn.Module, trace
         for name, weight in owned[p].items():
             new = fqn_i + name[len(fqn_t):] if name.startswith(fqn_t) else f"layers.{i}.{name}"
             rename[name] = new
-            t = onnx.numpy_helper.from_array(weight.make(params[weight.param].detach().cpu().numpy()), new)
-            if folder is not None:
-                spill(t, folder)
+            array = weight.make(params[weight.param].detach().cpu().numpy())
+            where = file_range(model, array) if folder is not None and goes_external(array.nbytes) else None
+            if where is not None:  # already in the offloaded model's store file, laid out as the exporter stores it
+                t = file_tensor(new, array, *where)
+            else:
+                t = onnx.numpy_helper.from_array(array, new)
+                if folder is not None:
+                    spill(t, folder)
             new_inits.append(t)
         pattern = re.compile(rf"({module}\.){p}(?=[.:/\s]|$)")
         for c in sorted(members[p]):

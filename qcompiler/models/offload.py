@@ -9,7 +9,9 @@ in memory is about one decoder layer, the activations and what is not a weight (
 validation session), not the fp32 model. Peak RSS still counts the file pages while memory is plentiful; the
 anonymous high-water mark (`peak_anon_gb`) is what the mapping saves. Model-sized copies made after loading
 (AffineQuant's full-precision parameters and transformed weights, the full-precision model it exports) go to
-unlinked spill stores next to the weights (`spill_store`, `keep`, `copy_model`).
+unlinked spill stores next to the weights (`spill_store`, `keep`, `copy_model`), and so do the quantized layers as
+each is made (`keep_arrays`). Before the export, `export_layout` transposes the linear weights in place in the store
+(the layout ONNX's MatMul reads), so the per-layer export refers to the store's bytes instead of copying them.
 
 Sources: local HF folders with safetensors weights (`model.safetensors` or a sharded index) and local GGUF files
 (dequantized one tensor at a time, converted and named as transformers' GGUF loader does). Hub ids need a download:
@@ -107,6 +109,84 @@ def copy_model(model):
         memo[id(p)] = torch.nn.Parameter(keep(spill, p), requires_grad=p.requires_grad)
     return copy.deepcopy(model, memo)
 
+
+
+def keep_arrays(model, obj):
+    """For an offloaded model (`load_offloaded`), dataclass `obj` (a quantized layer, `SpQRWeight`) with its NumPy
+    arrays moved to file pages: one unlinked file next to the weights, mapped copy-on-write (reading pages in from
+    the file; a write makes a private copy, the file never changes). The compressed layers grow with the model
+    (≈ 0.53 bytes per parameter at 4 bits, group 128: 3.7 GB for an 8B model) and live until the export is written,
+    so they must not stay in anonymous memory. Without offload, `obj` itself."""
+    import dataclasses
+    import mmap
+
+    import numpy as np
+
+    store = getattr(model, "qcompiler_store", None)
+    if store is None:
+        return obj
+    arrays = {f.name: v for f in dataclasses.fields(obj)
+              if isinstance(v := getattr(obj, f.name), np.ndarray) and v.nbytes}
+    if not arrays:
+        return obj
+    fd, path = tempfile.mkstemp(prefix="qcompiler-layer-", suffix=".bin", dir=store.folder)
+    try:
+        with os.fdopen(fd, "wb+") as f:
+            offsets = {}
+            for name, v in arrays.items():
+                f.seek(-(-f.tell() // 64) * 64)
+                offsets[name] = f.tell()
+                f.write(np.ascontiguousarray(v).tobytes())
+            f.flush()
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    finally:
+        os.unlink(path)
+    return dataclasses.replace(obj, **{name: np.frombuffer(mapped, dtype=v.dtype, count=v.size,
+                                                           offset=offsets[name]).reshape(v.shape)
+                                       for name, v in arrays.items()})
+
+
+def file_range(model, array) -> Optional[tuple[str, int]]:
+    """`(path, byte offset)` of C-contiguous NumPy `array` inside offloaded `model`'s weight store file, or None (not
+    offloaded, or the array is not a contiguous range of the store): an export can point at those bytes instead of
+    copying them."""
+    store = getattr(model, "qcompiler_store", None)
+    if store is None or not array.flags.c_contiguous or not os.path.exists(store.path):
+        return None
+    base = store.flat.data_ptr()
+    addr = array.__array_interface__["data"][0]
+    if base <= addr and addr + array.nbytes <= base + store.flat.numel() * store.flat.element_size():
+        return store.path, addr - base
+    return None
+
+
+def export_layout(model) -> int:
+    """Lay an offloaded model's linear weights out in its store as the ONNX exporter stores them, transposed
+    (`[in, out]`, MatMul's right operand), each Parameter becoming the `[out, in]` transposed view of its own bytes.
+    Values do not change, and the per-layer export (`qcompiler.graph.stamp`) then refers to the store's bytes instead
+    of copying every decoder weight into its own file (28 GB for Llama-3-8B). Run after quantization (a transposed
+    weight changes summation orders in PyTorch's matmuls, not results beyond rounding). Weights shared by several
+    modules (tied embeddings) keep their layout. Returns how many weights were laid out; 0 without offload."""
+    store = getattr(model, "qcompiler_store", None)
+    if store is None:
+        return 0
+    users: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        users[id(p)] = users.get(id(p), 0) + 1
+    n = 0
+    with torch.no_grad():
+        for module in model.modules():
+            p = getattr(module, "weight", None)
+            if (not isinstance(module, torch.nn.Linear) or p is None or p.dim() != 2 or users.get(id(p)) != 1
+                    or not p.is_contiguous() or file_range(model, p.detach().numpy()) is None):
+                continue
+            out_f, in_f = p.shape
+            value = p.detach().clone()
+            p.data = p.data.view(-1).view(in_f, out_f).t()  # the same bytes, read [in, out]
+            p.data.copy_(value)
+            del value
+            n += 1
+    return n
 
 def _checkpoint_files(folder: Path) -> dict[str, Path]:
     """tensor name → safetensors file."""

@@ -81,20 +81,53 @@ def estimate_memory(config: Any, method: Any, *, calibrated: bool, nsamples: int
     return MemoryEstimate(params=params, param_bytes=param_bytes, activation_bytes=activation_bytes, total=total)
 
 
-def _cgroup_headroom() -> Optional[int]:
-    """Bytes left under this process's cgroup v2 memory limit (containers), or None without a limit."""
+def _cgroup_memory_files() -> list[tuple[str, str, str]]:
+    """(limit, usage, stat) file paths of the memory cgroups this process is in, innermost first: cgroup v2 (the
+    namespace root, as containers see it, and this process's own path) or v1's memory controller."""
     try:
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
-        if limit == "max":
-            return None
-        return max(0, int(limit) - int(open("/sys/fs/cgroup/memory.current").read().strip()))
-    except (OSError, ValueError):
-        return None
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            base = "/sys/fs/cgroup"
+            names = ("memory.max", "memory.current", "memory.stat")
+        elif "memory" in controllers.split(","):  # v1
+            base = "/sys/fs/cgroup/memory"
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat")
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):  # a limit may be set on any ancestor
+            folder = os.path.join(base, *parts[:depth])
+            out.append(tuple(os.path.join(folder, n) for n in names))
+    return out
+
+
+def _cgroup_headroom() -> Optional[int]:
+    """Bytes left under the tightest memory cgroup limit this process is in (containers, `--memory` caps), or None
+    without a limit. Reclaimable page cache (inactive file pages) does not count as used."""
+    best = None
+    for limit_file, usage_file, stat_file in _cgroup_memory_files():
+        try:
+            limit = open(limit_file).read().strip()
+            if limit == "max" or int(limit) >= 2**62:  # v1 writes "no limit" as a huge number
+                continue
+            used = int(open(usage_file).read().strip())
+            stat = dict(line.split() for line in open(stat_file).read().splitlines() if line.count(" ") == 1)
+            used -= int(stat.get("inactive_file", stat.get("total_inactive_file", 0)))
+            room = max(0, int(limit) - used)
+            best = room if best is None else min(best, room)
+        except (OSError, ValueError):
+            continue
+    return best
 
 
 def available_memory() -> Optional[int]:
-    """Bytes of memory available to a new allocation (MemAvailable + free swap on Linux, capped by a cgroup v2
-    memory limit), or None if unknown."""
+    """Bytes of memory available to a new allocation (MemAvailable + free swap on Linux, capped by the memory
+    cgroup limits this process is under, v1 or v2), or None if unknown."""
     try:
         info = {}
         with open("/proc/meminfo") as f:

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from qcompiler import QCompilerError
 from qcompiler.models.families import Family, get_module, iter_layers, layer_linears
 from qcompiler.graph.format import SpQRWeight
-from qcompiler.models.offload import release_free_memory
+from qcompiler.models.offload import keep_arrays, release_free_memory
 from qcompiler.models.preflight import check_finite
 from qcompiler.quantize.device import home_device, on_device, to_device
 from qcompiler.quantize.result import QuantizationResult
@@ -383,7 +383,7 @@ def quantize_blockwise(
                         if not install:  # a probe: it keeps what it measured itself
                             continue
                         _install(path, linear, result)
-                        layers_out[path] = result.packed
+                        layers_out[path] = keep_arrays(model, result.packed)
                         report[path] = result.report
                         errors.append(float(result.report.get("rel_error", float("nan"))))
                     del jobs

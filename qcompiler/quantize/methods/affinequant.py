@@ -49,7 +49,7 @@ from qcompiler.graph import fold
 from qcompiler.models import offload
 from qcompiler.graph.actquant import install_act_quant
 from qcompiler.quantize.calibration import calibration_mode, layer_output, capture_layer_inputs
-from qcompiler.models.offload import keep, store_numel
+from qcompiler.models.offload import keep, keep_arrays, store_numel
 from qcompiler.models.preflight import check_finite
 from qcompiler.models.families import Family, get_module, iter_layers, layer_linears
 from qcompiler.quantize.transforms import AffineTransforms, HeadTransform, NormTransform, TransformPlan, head_pair
@@ -532,7 +532,7 @@ class AffineQuant(Method):
                         codes = quantize_codes(W, scale[:, gi], zero[:, gi], bits=cfg.bits)
                         evaluated = dequantize_groups(codes, scale, zero, gs)
                         packed = to_spqr_weight(codes, scale, zero, bits=cfg.bits, group_size=gs, bias=b)
-                        layers_out[full] = packed
+                        layers_out[full] = keep_arrays(model, packed)
                         report[full] = layer_report(W, evaluated, packed)
                         plan.expected[full] = keep(spill, W).numpy()  # what the graph holds once the passes folded
                         if b is not None:

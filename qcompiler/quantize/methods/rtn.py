@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qcompiler.models.families import Family, quantizable_linears
+from qcompiler.models.offload import keep_arrays
 from qcompiler.quantize.methods import register_method
 from qcompiler.quantize.methods.base import (
     Method,
@@ -86,5 +87,5 @@ class RTN(Method):
             report[path] = layer_report(w, evaluated, packed)
             with torch.no_grad():
                 linear.weight.copy_(evaluated.to(device=linear.weight.device, dtype=linear.weight.dtype))
-            layers[path] = packed
+            layers[path] = keep_arrays(model, packed)
         return QuantizationResult(layers=layers, config={"method": self.name, **dataclasses.asdict(cfg)}, report=report)
