@@ -3,7 +3,8 @@
 Matching is structural plus the export manifest: the manifest names each linear's weight initializer; the node
 consuming it as its second input is the linear. Before rewriting, the pass checks that the initializer equals the
 weight the quantizer evaluated (`SpQRWeight.dequantize()`), so a wrong module mapping or a graph transform that
-moved weights is caught here instead of as a perplexity regression.
+moved weights is caught here instead of as a perplexity regression. The new initializers go to the replaced weight's
+file when it is borrowed (`qcompiler.graph.edit.spill`): a whole model's compressed layers never sit in memory.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
-from qcompiler.graph.edit import const, copy_value_info, node_from_proto, remove_unused_initializers, users
+from qcompiler.graph.edit import (borrowed_from, const, copy_value_info, node_from_proto, remove_unused_initializers,
+                                  spill, users)
 from qcompiler.graph.format import DOMAIN, OP_TYPE, OPSET_VERSION, SpQRWeight
 from qcompiler.graph.onnx_op import spqr_node
 
@@ -107,8 +110,10 @@ class ReplaceLinear(Pass):
             if entry.get("namespace"):
                 proto.metadata_props.add(key="namespace", value=entry["namespace"])
             values = {}
+            folder = borrowed_from(w_value.const_value)  # the replaced weight's file: the new ones go there too
             for t in tensors:  # after the graph's own initializers (the unused ones are dropped below)
-                values[t.name] = ir.Value(name=t.name, const_value=ir.serde.deserialize_tensor(t))
+                tensor = spill(onnx.numpy_helper.to_array(t), t.name, folder) if folder is not None else None
+                values[t.name] = ir.Value(name=t.name, const_value=tensor or ir.serde.deserialize_tensor(t))
                 graph.register_initializer(values[t.name])
             new_node = node_from_proto(proto, [node.inputs[0], *(values.get(n) for n in proto.input[1:])])
             copy_value_info(out, new_node.outputs[0])  # the output keeps its name, and its value_info entry

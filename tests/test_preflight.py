@@ -177,12 +177,12 @@ def test_available_memory_sees_a_memory_cgroup_around_the_process(tmp_path):
 
     from bench.large_model import MemoryCap, run_child
 
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(64 * 2**20))
     try:
         cap = MemoryCap(2**30)
     except SystemExit as e:
         pytest.skip(f"no writable memory cgroup here: {e}")
-    blob = tmp_path / "blob"
-    blob.write_bytes(os.urandom(64 * 2**20))
     code = (f"from qcompiler.models.preflight import available_memory; open({str(blob)!r}, 'rb').read(); "
             "print(available_memory())")
     try:
