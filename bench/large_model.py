@@ -226,7 +226,8 @@ def main(argv=None) -> int:
     try:
         src, out = work / "src", work / "out"
         t = time.perf_counter()
-        if not (src / "config.json").exists():
+        reused = (src / "config.json").exists()
+        if not reused:
             params = make_source(src, vocab=args.vocab, hidden=args.hidden, layers=args.layers,
                                  intermediate=args.intermediate, seed=0, heads=args.heads, kv_heads=args.kv_heads,
                                  dtype=args.source_dtype, shard_gb=args.shard_gb)
@@ -244,8 +245,10 @@ def main(argv=None) -> int:
                             f"{hf.num_hidden_layers} layers, {hf.num_attention_heads}/{hf.num_key_value_heads} heads, "
                             "untied embeddings"),
                  ("parameters", f"{params / 1e6:.0f}M ({params * 4 / GB:.2f} GB fp32)"),
-                 ("source folder", f"{_size(src) / GB:.2f} GB, {str(hf.dtype or 'float32').removeprefix('torch.')} in {shards} safetensors "
-                                   f"shard(s) (written in {time.perf_counter() - t:.0f} s)")]
+                 ("source folder", f"{_size(src) / GB:.2f} GB, {str(hf.dtype or 'float32').removeprefix('torch.')} "
+                                   f"in {shards} safetensors shard(s) ("
+                                   + ("reused from --keep" if reused else f"written in {time.perf_counter() - t:.0f} s")
+                                   + ")")]
         if cap:
             rows.append(("memory cap", f"{args.memory_cap:g} GiB ({cap.limit / GB:.2f} GB): a memory cgroup around the "
                                        "export and the reload (page cache counts and is reclaimed under it)"))
