@@ -82,9 +82,12 @@ RTN_RTOL = 5e-4
 # greedy tokens from the 6th on. With the thread count fixed the export is bit-identical from run to run; the
 # tolerances cover another summation order. Another CPU: on a 2-core AMD EPYC (Zen 3) VM (2026-12-07, CI on a fresh
 # clone) the bits, weight error and outlier count stayed within these tolerances but the 4-window perplexity came out
-# 2.9 % lower (39.013 against the stored 40.171, from the Xeon), so ppl is held to 5 %: it still catches a broken
-# export (RTN 3-bit: 54.2; the ppl of a wrong kernel or fold is off by far more).
-SPQR_RTOL = {"avg_bits": 2e-4, "rel_error": 2e-4, "outliers": 2e-3, "ppl": 5e-2}
+# 2.9 % lower (39.013 against the stored 40.171, from the Xeon), and on an AVX-512 AMD EPYC VM (2026-12-08, CI on
+# a fresh clone, the same at the previous commit) 6.8 % lower (37.440), bits, weight error, outliers, greedy tokens
+# and ORT-vs-PyTorch agreement again within their tolerances: sub4 at 8 × 256 calibration tokens swings that much
+# with the summation order. So ppl is held to 10 %: it still catches a broken export (RTN 3-bit: 54.2, +35 %; the
+# ppl of a wrong kernel or fold is off by far more), and ORT against PyTorch on the same folder is held to 1e-4.
+SPQR_RTOL = {"avg_bits": 2e-4, "rel_error": 2e-4, "outliers": 2e-3, "ppl": 1e-1}
 GREEDY_COMPARED = {"rtn": GREEDY, "spqr": 5}  # leading greedy tokens compared exactly
 ORT_TORCH_RTOL = 1e-4  # the same folder in ONNX Runtime and in PyTorch, ppl and each window's mean NLL
 
