@@ -10,14 +10,13 @@ replaced by a value that stays on disk (`set_const`), the stable topological ord
 from __future__ import annotations
 
 import os
-import sys
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qcompiler.graph.external import SIZE_THRESHOLD, SPILL_FILE
+from qcompiler.graph.external import SPILL_FILE, goes_external
 
 
 class PassError(RuntimeError):
@@ -133,10 +132,10 @@ def borrowed_from(tensor) -> Optional[str]:
 
 def spill(value: np.ndarray, name: str, folder: str) -> Optional[ir.ExternalTensor]:
     """Append `value`'s bytes to `folder`'s spill file and return an `ir.ExternalTensor` reading them, for tensors
-    `onnx.save` would move to external data (`sys.getsizeof(bytes) >= SIZE_THRESHOLD`; else None: stays inline)."""
-    raw = value.tobytes()
-    if sys.getsizeof(raw) < SIZE_THRESHOLD:
+    `onnx.save` would move to external data (`goes_external`; else None: stays inline)."""
+    if not goes_external(value.nbytes):
         return None
+    raw = value.tobytes()
     with open(os.path.join(folder, SPILL_FILE), "ab") as f:
         offset = f.tell()
         f.write(raw)

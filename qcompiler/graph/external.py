@@ -48,17 +48,17 @@ SPILL_FILE = "qcompiler-spill.data"
 SIZE_THRESHOLD = 1024  # onnx.save's default: initializers whose raw bytes object is at least this big go external
 
 
-
 def goes_external(nbytes: int) -> bool:
     """Whether `onnx.save` (and `spill`, `save_with_external_data`) moves a tensor of `nbytes` raw bytes to the data
     file: its bytes object is at least `SIZE_THRESHOLD` bytes."""
     return sys.getsizeof(b"") + nbytes >= SIZE_THRESHOLD
 
+
 def spill(t: onnx.TensorProto, folder: str) -> None:
     """Move inline tensor `t`'s bytes to the end of `folder`'s spill file and borrow them from there (a pass's new
     weight replacing a borrowed one stays out of memory too). Only tensors `onnx.save` would move to external data
     (`sys.getsizeof(raw_data) >= SIZE_THRESHOLD`): the saved layout is unchanged."""
-    if not t.HasField("raw_data") or sys.getsizeof(t.raw_data) < SIZE_THRESHOLD:
+    if not t.HasField("raw_data") or not goes_external(len(t.raw_data)):
         return
     with open(os.path.join(folder, SPILL_FILE), "ab") as f:
         offset = f.tell()
@@ -71,7 +71,6 @@ def spill(t: onnx.TensorProto, folder: str) -> None:
                        ("basepath", os.path.abspath(folder))):
         entry = t.external_data.add()
         entry.key, entry.value = key, str(value)
-
 
 
 def file_tensor(name: str, array: np.ndarray, path: str, offset: int) -> onnx.TensorProto:
@@ -87,6 +86,7 @@ def file_tensor(name: str, array: np.ndarray, path: str, offset: int) -> onnx.Te
         entry = t.external_data.add()
         entry.key, entry.value = key, str(value)
     return t
+
 
 def borrowed_from(t: onnx.TensorProto) -> Optional[str]:
     """The folder borrowed tensor `t` reads from (None when `t` is not borrowed)."""

@@ -110,7 +110,6 @@ def copy_model(model):
     return copy.deepcopy(model, memo)
 
 
-
 def keep_arrays(model, obj):
     """For an offloaded model (`load_offloaded`), dataclass `obj` (a quantized layer, `SpQRWeight`) with its NumPy
     arrays moved to file pages: one unlinked file next to the weights, mapped copy-on-write (reading pages in from
@@ -187,6 +186,7 @@ def export_layout(model) -> int:
             del value
             n += 1
     return n
+
 
 def _checkpoint_files(folder: Path) -> dict[str, Path]:
     """tensor name → safetensors file."""
